@@ -1,0 +1,201 @@
+"""Image decoding and the PIL resizes of the original recipes, as small pure functions on the CPU.
+
+The original OLA-VLM code resizes with PIL (`img.resize(...)` and transformers' PIL image processors), so
+every op here is a PIL operation with a uint8 result, reproduced bit-exactly: the same output size rule, the
+same resampling filter, no `reducing_gap`. Normalisation is not done here: uint8 arrays go to the device and
+the teachers normalise there (4x fewer bytes to move than float32).
+
+Used by the extraction's decode workers (through `teachers`), by the trainer's data workers (base encoder
+preprocessing), and by the tests' references. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompression bombs)
+
+
+class BadImage(ValueError):
+    """A sample's image cannot be used; the message is the reason recorded in errors.jsonl."""
+
+
+def resolve_inside(image_folder: str | Path, relpath: str) -> Path:
+    """The image's path, refused if it would leave the image folder (absolute paths, '..', symlinks out)."""
+    root = Path(image_folder).resolve()
+    if not relpath or Path(relpath).is_absolute():
+        raise BadImage(f"image path {relpath!r} is not relative to the image folder")
+    path = (root / relpath).resolve()
+    if path != root and root not in path.parents:
+        raise BadImage(f"image path {relpath!r} escapes the image folder")
+    return path
+
+
+def read_image_bytes(image_folder: str | Path, relpath: str, max_bytes: int = 256 << 20) -> bytes:
+    path = resolve_inside(image_folder, relpath)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise BadImage(f"image file not found: {relpath}") from None
+    except OSError as e:
+        raise BadImage(f"image file unreadable: {relpath}: {e.strerror or e}") from None
+    if size == 0:
+        raise BadImage(f"image file is empty: {relpath}")
+    if size > max_bytes:
+        raise BadImage(f"image file is {size} bytes, over the {max_bytes}-byte cap: {relpath}")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BadImage(f"image file unreadable: {relpath}: {e.strerror or e}") from None
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to an RGB PIL image, exactly like the original's `Image.open(path).convert('RGB')`.
+
+    The pixel count is checked from the header before any pixel is decoded, so a decompression bomb costs
+    nothing. Grayscale, palette, alpha, CMYK and 16-bit images are converted by PIL's `convert('RGB')`, as the
+    original does (alpha is dropped, not composited).
+    """
+    if not data:
+        raise BadImage("image file is empty")
+    saved = Image.MAX_IMAGE_PIXELS
+    try:
+        # Our own cap replaces PIL's global one (which warns at 89 Mpx and raises at 179 Mpx).
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w < 1 or h < 1:
+                raise BadImage(f"image has no pixels ({w}x{h})")
+            if w * h > max_pixels:
+                raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels is over the cap of {max_pixels}")
+            im.load()
+            return im.convert("RGB")
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (no decoder recognises the bytes)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated data, broken headers, bad modes
+        raise BadImage(f"undecodable image: {e}") from None
+    except Image.DecompressionBombError as e:  # pragma: no cover - our cap runs first
+        raise BadImage(f"decompression bomb: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+# ---- the recipes' geometric ops (PIL in, PIL out; sizes follow transformers' rules exactly) -------------
+
+
+def shortest_edge_size(width: int, height: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """Output (width, height) for a shortest-edge resize, with transformers' rounding.
+
+    Without `max_size`: CLIPImageProcessor's rule (`get_resize_output_image_size`, default_to_square=False):
+    the short side becomes `size`, the long side `int(size * long / short)`.
+    With `max_size`: OneFormer/DETR's rule (`get_size_with_aspect_ratio`).
+    """
+    if max_size is None:
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size, int(size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    raw = None
+    lo, hi = float(min(height, width)), float(max(height, width))
+    if hi / lo * size > max_size:
+        raw = max_size * lo / hi
+        size = int(round(raw))
+    if (height <= width and height == size) or (width <= height and width == size):
+        return width, height
+    if width < height:
+        ow = size
+        oh = int((raw if raw is not None else size) * height / width)
+    else:
+        oh = size
+        ow = int((raw if raw is not None else size) * width / height)
+    return ow, oh
+
+
+def resize(img: Image.Image, width: int, height: int, resample: str) -> Image.Image:
+    return img.resize((width, height), RESAMPLE[resample])
+
+
+def resize_shortest_edge(img: Image.Image, size: int, resample: str, max_size: int | None = None) -> Image.Image:
+    return resize(img, *shortest_edge_size(img.width, img.height, size, max_size), resample)
+
+
+def center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """transformers' centre crop: top-left corner at ((W - w) // 2, (H - h) // 2); an image smaller than the
+    crop is first centred on a black canvas (padding rounded up on the top/left), as transformers does."""
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    if left >= 0 and top >= 0:
+        return img.crop((left, top, left + width, top + height))
+    canvas_w, canvas_h = max(width, img.width), max(height, img.height)
+    pad_left, pad_top = -(-(canvas_w - img.width) // 2), -(-(canvas_h - img.height) // 2)
+    canvas = Image.new(img.mode, (canvas_w, canvas_h))
+    canvas.paste(img, (pad_left, pad_top))
+    left, top = left + pad_left, top + pad_top
+    return canvas.crop((left, top, left + width, top + height))
+
+
+@dataclass(frozen=True)
+class Op:
+    """One geometric op of a recipe, as written in a teacher manifest."""
+
+    op: str
+    params: dict
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        p = self.params
+        if self.op == "resize":
+            return resize(img, p["width"], p["height"], p["resample"])
+        if self.op == "resize_shortest_edge":
+            return resize_shortest_edge(img, p["size"], p["resample"], p.get("max_size"))
+        if self.op == "center_crop":
+            return center_crop(img, p["width"], p["height"])
+        raise ValueError(f"unknown image op {self.op!r}")
+
+
+OP_PARAMS = {
+    "resize": ({"width", "height", "resample"}, set()),
+    "resize_shortest_edge": ({"size", "resample"}, {"max_size"}),
+    "center_crop": ({"width", "height"}, set()),
+}
+
+
+def parse_ops(specs: list[dict], where: str) -> tuple[Op, ...]:
+    """Validate a manifest's `ops:` list into callables; errors name the manifest location."""
+    ops = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "op" not in spec:
+            raise ValueError(f"{where}[{i}]: expected a mapping with an 'op' key, got {spec!r}")
+        name = spec["op"]
+        if name not in OP_PARAMS:
+            raise ValueError(f"{where}[{i}]: unknown op {name!r}; known: {', '.join(OP_PARAMS)}")
+        required, optional = OP_PARAMS[name]
+        params = {k: v for k, v in spec.items() if k != "op"}
+        missing, extra = required - params.keys(), params.keys() - required - optional
+        if missing or extra:
+            raise ValueError(f"{where}[{i}] ({name}): missing {sorted(missing)}, unexpected {sorted(extra)}")
+        if "resample" in params and params["resample"] not in RESAMPLE:
+            raise ValueError(f"{where}[{i}]: unknown resample {params['resample']!r}; known: {', '.join(RESAMPLE)}")
+        ops.append(Op(name, params))
+    return tuple(ops)
+
+
+def apply_ops(img: Image.Image, ops: tuple[Op, ...]) -> np.ndarray:
+    """Run a recipe's ops on an RGB image; returns a contiguous uint8 (H, W, 3) array."""
+    for op in ops:
+        img = op(img)
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,243 @@
+"""Teacher manifests: the declarative definition of what each teacher computes (YAML under manifests/teachers/).
+
+A manifest names, per task (gen, depth, seg): the weights (HF repo id + subfolder + revision, or a local
+path), the preprocessing (PIL ops, channel order, rescale, mean/std), the feature definition, the output shape,
+plus the stored dtype. `fidelity` picks between the original recipe, quirks included (default), and the
+corrected one; each quirk says which field it sets and why.
+
+The resolved spec of a teacher (fidelity applied) is its recipe; recipe + weights hash is its identity, which
+the store records and every reader checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.imageops import Op, parse_ops
+
+FORMAT = "olaf.teachers/1"
+TASKS = ("gen", "depth", "seg")  # canonical order everywhere (store columns, sequence layout)
+FIDELITIES = ("original", "corrected")
+STORED_DTYPES = ("float16", "bfloat16")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MANIFEST = REPO_ROOT / "manifests" / "teachers" / "ola_vlm.yaml"
+
+
+class ManifestError(ValueError):
+    """A teacher manifest is malformed or asks for something olaf does not know."""
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where a teacher's weights come from: a local folder, or an HF repo (+ subfolder, revision)."""
+
+    repo_id: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" for model.fp16.safetensors, as diffusers' variant="fp16"
+    path: str | None = None
+
+    def describe(self) -> str:
+        if self.path:
+            return f"local path {self.path}"
+        sub = f", subfolder {self.subfolder}" if self.subfolder else ""
+        var = f", variant {self.variant}" if self.variant else ""
+        return f"HF repo {self.repo_id}{sub}{var} (revision {self.revision or 'main'})"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    ops: tuple[Op, ...]
+    input_size: tuple[int, int]  # (height, width) every op list must end at
+    channel_order: str  # "RGB", or "BGR" for a network that sees R and B swapped
+    rescale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    task: str
+    architecture: str
+    weights: WeightsRef
+    preprocess: Preprocess
+    feature: dict
+    output_shape: tuple[int, int]
+    fidelity: str
+    quirks_applied: tuple[str, ...]
+    raw: dict = field(repr=False, compare=False)  # resolved YAML of this teacher, as recorded in stores
+
+    def recipe(self) -> dict:
+        """Everything that defines the computed target except the weights' bytes. Fidelity enters only through
+        the fields its quirks set, so a teacher without quirks has one recipe under both fidelities."""
+        r = copy.deepcopy(self.raw)
+        r.pop("quirks", None)
+        r["task"] = self.task
+        r["quirks_applied"] = list(self.quirks_applied)
+        return r
+
+    def recipe_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.recipe(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherManifest:
+    name: str
+    fidelity: str
+    stored_dtype: str
+    teachers: dict[str, TeacherSpec]
+    source: str  # where it was read from
+    description: str = ""
+
+    def select(self, tasks: list[str] | tuple[str, ...]) -> list[TeacherSpec]:
+        unknown = [t for t in tasks if t not in self.teachers]
+        if unknown:
+            raise ManifestError(
+                f"unknown teacher(s) {', '.join(map(repr, unknown))}: {self.source} defines "
+                f"{', '.join(self.teachers)} (the tasks olaf knows are {', '.join(TASKS)})"
+            )
+        return [self.teachers[t] for t in TASKS if t in tasks]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "fidelity": self.fidelity,
+            "stored_dtype": self.stored_dtype,
+            "description": self.description,
+            "teachers": {t: s.recipe() for t, s in self.teachers.items()},
+        }
+
+
+def _get(d: dict, key: str, where: str, typ=None):
+    if key not in d:
+        raise ManifestError(f"{where}: missing '{key}'")
+    v = d[key]
+    if typ is not None and not isinstance(v, typ):
+        raise ManifestError(f"{where}.{key}: expected {typ.__name__ if isinstance(typ, type) else typ}, got {v!r}")
+    return v
+
+
+def _set_dotted(d: dict, dotted: str, value: Any, where: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if not isinstance(d.get(p), dict):
+            raise ManifestError(f"{where}: quirk field '{dotted}' does not exist")
+        d = d[p]
+    if leaf not in d:
+        raise ManifestError(f"{where}: quirk field '{dotted}' does not exist")
+    d[leaf] = value
+
+
+def _apply_fidelity(task: str, raw: dict, fidelity: str, where: str) -> tuple[dict, tuple[str, ...]]:
+    """Set every quirk's field to its `original` or `corrected` value; returns the resolved dict."""
+    raw = copy.deepcopy(raw)
+    applied = []
+    for i, q in enumerate(raw.get("quirks") or []):
+        qw = f"{where}.quirks[{i}]"
+        if not isinstance(q, dict) or not {"field", "original", "corrected"} <= q.keys():
+            raise ManifestError(f"{qw}: a quirk needs 'field', 'original' and 'corrected' (and 'why')")
+        _set_dotted(raw, q["field"], q[fidelity], qw)
+        if fidelity == "original":
+            applied.append(q["field"])
+    return raw, tuple(applied)
+
+
+def _parse_teacher(task: str, raw: dict, fidelity: str, where: str) -> TeacherSpec:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: expected a mapping")
+    resolved, applied = _apply_fidelity(task, raw, fidelity, where)
+    w = _get(resolved, "weights", where, dict)
+    weights = WeightsRef(
+        repo_id=w.get("repo_id"), subfolder=w.get("subfolder"), revision=w.get("revision"),
+        variant=w.get("variant"), path=w.get("path"),
+    )
+    if bool(weights.repo_id) == bool(weights.path):
+        raise ManifestError(f"{where}.weights: give exactly one of 'repo_id' or 'path'")
+    pre = _get(resolved, "preprocess", where, dict)
+    pw = f"{where}.preprocess"
+    try:
+        ops = parse_ops(_get(pre, "ops", pw, list), f"{pw}.ops")
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    size = tuple(_get(pre, "input_size", pw, list))
+    order = _get(pre, "channel_order", pw, str)
+    if order not in ("RGB", "BGR"):
+        raise ManifestError(f"{pw}.channel_order: expected RGB or BGR, got {order!r}")
+    mean, std = tuple(_get(pre, "mean", pw, list)), tuple(_get(pre, "std", pw, list))
+    if len(mean) != 3 or len(std) != 3 or len(size) != 2:
+        raise ManifestError(f"{pw}: mean and std need 3 values, input_size 2")
+    shape = tuple(_get(resolved, "output_shape", where, list))
+    if len(shape) != 2 or not all(isinstance(x, int) and x > 0 for x in shape):
+        raise ManifestError(f"{where}.output_shape: expected [tokens, width], got {shape}")
+    resolved.pop("quirks", None)
+    return TeacherSpec(
+        task=task,
+        architecture=_get(resolved, "architecture", where, str),
+        weights=weights,
+        preprocess=Preprocess(
+            ops=ops,
+            input_size=(int(size[0]), int(size[1])),
+            channel_order=order,
+            rescale=float(pre.get("rescale", 1 / 255)),
+            mean=tuple(float(x) for x in mean),
+            std=tuple(float(x) for x in std),
+        ),
+        feature=dict(_get(resolved, "feature", where, dict)),
+        output_shape=(int(shape[0]), int(shape[1])),
+        fidelity=fidelity,
+        quirks_applied=applied,
+        raw=resolved,
+    )
+
+
+def parse_manifest(data: dict, source: str = "<manifest>", fidelity: str | None = None) -> TeacherManifest:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: expected a YAML mapping at the top level")
+    fmt = data.get("format")
+    if fmt != FORMAT:
+        raise ManifestError(f"{source}: format is {fmt!r}; this olaf reads {FORMAT!r}")
+    fidelity = fidelity or data.get("fidelity", "original")
+    if fidelity not in FIDELITIES:
+        raise ManifestError(f"{source}: fidelity must be one of {', '.join(FIDELITIES)}, got {fidelity!r}")
+    stored = data.get("stored_dtype", "float16")
+    if stored not in STORED_DTYPES:
+        raise ManifestError(f"{source}: stored_dtype must be one of {', '.join(STORED_DTYPES)}, got {stored!r}")
+    teachers_raw = _get(data, "teachers", source, dict)
+    unknown = [t for t in teachers_raw if t not in TASKS]
+    if unknown:
+        raise ManifestError(f"{source}: unknown teacher(s) {unknown}; olaf's tasks are {', '.join(TASKS)}")
+    teachers = {
+        t: _parse_teacher(t, teachers_raw[t], fidelity, f"{source}: teachers.{t}") for t in TASKS if t in teachers_raw
+    }
+    return TeacherManifest(
+        name=str(data.get("name", Path(source).stem)), fidelity=fidelity, stored_dtype=stored, teachers=teachers,
+        source=source, description=str(data.get("description", "")),
+    )
+
+
+def load_manifest(path: str | Path | None = None, fidelity: str | None = None) -> TeacherManifest:
+    """Read a teacher manifest (default: manifests/teachers/ola_vlm.yaml). Relative local weight paths are
+    resolved against the manifest's own folder, so a manifest and its weights can move together."""
+    path = Path(path) if path else DEFAULT_MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"teacher manifest not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: not valid YAML: {e}") from None
+    for spec in (data or {}).get("teachers", {}).values() if isinstance(data, dict) else []:
+        w = spec.get("weights") if isinstance(spec, dict) else None
+        if isinstance(w, dict) and w.get("path") and not Path(w["path"]).is_absolute():
+            w["path"] = str((path.parent / w["path"]).resolve())
+    return parse_manifest(data, source=str(path), fidelity=fidelity)

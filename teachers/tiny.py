@@ -1,0 +1,76 @@
+"""Tiny random-weight stand-ins for the three teachers, for tests and the demo.
+
+    python -m teachers.tiny OUT_DIR [--seed 0]
+
+Builds each teacher's real HF model class from a real config class (same token grids: 224 px / patch 14 for
+gen, 336 px / patch 14 with 24 blocks for depth, 800 px / Swin stage-4 25x25 for seg; small widths), saves it
+with `save_pretrained` exactly as the hub checkpoints are laid out, and writes OUT_DIR/teachers.yaml: the
+default manifest's recipes with the weights pointing at these folders. The targets they give are meaningless:
+they exist so that every other part of olaf runs its real code paths without downloading anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from teachers import depth, gen, seg
+from teachers.manifest import DEFAULT_MANIFEST, load_manifest
+
+TINY_BUILDERS = {"gen": gen.tiny_model, "depth": depth.tiny_model, "seg": seg.tiny_model}
+STAND_IN_NOTE = "RANDOM-WEIGHT STAND-INS built by teachers.tiny: targets are meaningless, for tests and demos only"
+
+
+def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None) -> Path:
+    """Write the tiny teachers and OUT_DIR/teachers.yaml; returns the manifest path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load(DEFAULT_MANIFEST.read_text())
+    data["name"] = "ola_vlm_tiny_random"
+    data["description"] = STAND_IN_NOTE
+    if fidelity:
+        data["fidelity"] = fidelity
+    for task, make in TINY_BUILDERS.items():
+        torch.manual_seed(seed + {"gen": 0, "depth": 1, "seg": 2}[task])
+        model = make().eval()
+        spec = data["teachers"][task]
+        variant = spec["weights"].get("variant")
+        if variant == "fp16":  # as the real image encoder is published: fp16 weights in model.fp16.safetensors
+            model = model.half()
+        model.save_pretrained(out / task, variant=variant)
+        spec["weights"] = {"path": task, **({"variant": variant} if variant else {})}
+        spec["output_shape"] = [spec["output_shape"][0], _output_width(task, model)]
+    path = out / "teachers.yaml"
+    header = f"# {STAND_IN_NOTE}\n# Recipes are those of {DEFAULT_MANIFEST.name}; only weights and widths differ.\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120), encoding="utf-8")
+    load_manifest(path)  # what we wrote must parse
+    return path
+
+
+def _output_width(task: str, model) -> int:
+    cfg = model.config
+    if task == "gen":
+        return cfg.projection_dim
+    if task == "depth":
+        return cfg.backbone_config.hidden_size
+    return cfg.backbone_config.embed_dim * 2 ** (len(cfg.backbone_config.depths) - 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m teachers.tiny", description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="folder for the tiny checkpoints and teachers.yaml")
+    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    p.add_argument("--fidelity", choices=["original", "corrected"], default=None,
+                   help="recipe fidelity to write into the manifest (default: the manifest's, original)")
+    args = p.parse_args(argv)
+    path = build(args.out_dir, seed=args.seed, fidelity=args.fidelity)
+    print(f"wrote {path}\nNOTE: {STAND_IN_NOTE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny teachers and small LLaVA-format datasets, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a hub: every model is built locally from config classes.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """OUT/teachers.yaml + OUT/{gen,depth,seg}: random-weight stand-ins saved with save_pretrained."""
+    from teachers.tiny import build
+
+    out = tmp_path_factory.mktemp("tiny_teachers")
+    return build(out)
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory):
+    """A 24-sample LLaVA-format dataset with 7 broken and 7 awkward-but-valid images mixed in."""
+    from pipeline.sample import generate
+
+    out = tmp_path_factory.mktemp("sample_ds")
+    json_path = generate(out, num_samples=24, seed=11, bad=7, odd=7)
+    return json_path, out / "images"

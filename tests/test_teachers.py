@@ -1,0 +1,234 @@
+"""Teachers: batched adapters equal a straightforward per-image reference of the original recipe."""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from pipeline import sample
+from teachers.base import preprocess
+from teachers.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
+from teachers.registry import load_teachers
+from teachers.weights import WeightsNotFound
+
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def mixed_images() -> list[Image.Image]:
+    """Decoded exactly as the original does: Image.open(...).convert('RGB'), over awkward inputs."""
+    import random
+
+    rng = random.Random(5)
+    raw = [sample.draw_scene(sample.random_scene(rng)) for _ in range(3)]
+    for kind in sample.ODD_KINDS:  # grayscale, palette, rgba, cmyk, 16-bit, 1 pixel, extreme aspect
+        img, ext, _ = sample._odd_image(kind, rng)
+        raw.append(img)
+    out = []
+    for img in raw:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG" if img.mode not in ("CMYK",) else "JPEG")
+        out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert {im.size for im in out} >= {(1, 1)} and len({im.size for im in out}) >= 8
+    return out
+
+
+# ---- the reference: one image at a time, the original's code path written out -------------------------------
+
+def ref_gen(folder, images):
+    from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                 resample=3, do_center_crop=True, do_normalize=True, do_resize=True)
+    model = CLIPVisionModelWithProjection.from_pretrained(folder / "gen", variant="fp16").float().eval()
+    with torch.no_grad():
+        return [model(proc(images=img, return_tensors="pt").pixel_values).image_embeds for img in images]
+
+
+def ref_depth(folder, images, swap_rb=True):
+    from transformers import DepthAnythingForDepthEstimation
+
+    backbone = DepthAnythingForDepthEstimation.from_pretrained(folder / "depth").backbone.eval()
+    emb = backbone.embeddings
+
+    def original_interpolate(embeddings, height, width):  # DINOv2's interpolate_pos_encoding, offset 0.1
+        pos = emb.position_embeddings.float()
+        n = pos.shape[1] - 1
+        m = math.sqrt(n)
+        w0, h0 = height // 14 + 0.1, width // 14 + 0.1
+        patch = F.interpolate(pos[:, 1:].reshape(1, int(m), int(m), -1).permute(0, 3, 1, 2),
+                              scale_factor=(w0 / m, h0 / m), mode="bicubic", antialias=False)
+        return torch.cat((pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])), dim=1)
+
+    emb.interpolate_pos_encoding = original_interpolate
+    outs = []
+    for img in images:
+        arr = np.array(img.resize((336, 336)))  # PIL's default filter for RGB: bicubic
+        if swap_rb:
+            arr = arr[..., ::-1]  # cv2.cvtColor(rgb_array, COLOR_BGR2RGB)
+        x = ((arr / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32)
+        with torch.no_grad():
+            hs = backbone(torch.from_numpy(x)[None], output_hidden_states=True).hidden_states
+            feats = [backbone.layernorm(hs[i + 1])[:, 1:] for i in (4, 11, 17, 23)]
+        outs.append(((feats[0] + feats[1] + feats[2] + feats[3]) / 4)[0])
+    return outs
+
+
+def ref_seg(folder, images):
+    from transformers import OneFormerForUniversalSegmentation, OneFormerImageProcessorPil
+
+    proc = OneFormerImageProcessorPil()  # shortest edge 800 (max 1333), bilinear, ImageNet mean/std
+    model = OneFormerForUniversalSegmentation.from_pretrained(folder / "seg").eval()
+    outs = []
+    for img in images:
+        inputs = proc(images=img.resize((768, 768)), task_inputs=["panoptic"], return_tensors="pt")
+        with torch.no_grad():
+            fmap = model.model.pixel_level_module.encoder(inputs["pixel_values"]).feature_maps[-1]
+            fmap = F.interpolate(fmap, size=(24, 24), mode="bilinear", align_corners=False)
+        outs.append(fmap.flatten(2).transpose(1, 2)[0])
+    return outs
+
+
+def batched(teacher, images, batch_size=4):
+    outs = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.stack([preprocess(teacher.spec, im) for im in images[i:i + batch_size]]))
+        outs.append(teacher(x))
+    return torch.cat(outs)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_teachers):
+    return load_teachers(load_manifest(tiny_teachers), ["gen", "depth", "seg"])
+
+
+@pytest.fixture(scope="module")
+def images():
+    return mixed_images()
+
+
+@pytest.mark.parametrize("task", ["gen", "depth", "seg"])
+def test_batched_equals_per_image_reference(task, loaded, images, tiny_teachers):
+    folder = tiny_teachers.parent
+    # one target per image, stacked: gen (1, D), depth (576, D), seg (576, C) each
+    ref = torch.stack({"gen": ref_gen, "depth": ref_depth, "seg": ref_seg}[task](folder, images))
+    got = batched(loaded[task], images)
+    assert got.shape == ref.shape == (len(images), *loaded[task].spec.output_shape)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def test_preprocessing_is_bit_exact_uint8(loaded, images):
+    """The CPU resizes give exactly the uint8 pixels of the original's PIL calls."""
+    from transformers import CLIPImageProcessorPil, OneFormerImageProcessorPil
+
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
+                                 do_rescale=False, do_normalize=False)
+    one = OneFormerImageProcessorPil(do_rescale=False, do_normalize=False)
+    for img in images:
+        want_gen = clip(images=img, return_tensors="np").pixel_values[0].transpose(1, 2, 0)
+        assert np.array_equal(preprocess(loaded["gen"].spec, img), want_gen.astype(np.uint8))
+        assert np.array_equal(preprocess(loaded["depth"].spec, img), np.array(img.resize((336, 336))))
+        want_seg = one(images=img.resize((768, 768)), task_inputs=["panoptic"], return_tensors="np")
+        assert np.array_equal(preprocess(loaded["seg"].spec, img), want_seg.pixel_values[0].transpose(1, 2, 0))
+
+
+def test_corrected_fidelity_swaps_back_to_rgb(tiny_teachers, images):
+    original = load_manifest(tiny_teachers)
+    corrected = load_manifest(tiny_teachers, fidelity="corrected")
+    assert original.teachers["depth"].preprocess.channel_order == "BGR"
+    assert corrected.teachers["depth"].preprocess.channel_order == "RGB"
+    assert corrected.teachers["depth"].recipe_hash() != original.teachers["depth"].recipe_hash()
+    assert original.teachers["depth"].quirks_applied == ("preprocess.channel_order",)
+    depth = load_teachers(corrected, ["depth"])["depth"]
+    ref = torch.stack(ref_depth(tiny_teachers.parent, images[:3], swap_rb=False))
+    torch.testing.assert_close(batched(depth, images[:3]), ref, rtol=1e-4, atol=1e-5)
+    # the other teachers have no quirk: same recipe either way
+    assert corrected.teachers["seg"].recipe_hash() == original.teachers["seg"].recipe_hash()
+
+
+def test_save_load_round_trip_and_weights_hash(tiny_teachers, tmp_path, loaded):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_teachers.parent, copy)
+    again = load_teachers(load_manifest(copy / "teachers.yaml"), ["gen", "depth", "seg"])
+    x = torch.from_numpy(np.stack([preprocess(loaded["depth"].spec, img) for img in mixed_images()[:2]]))
+    for task in ("gen", "depth", "seg"):
+        assert again[task].weights_sha256 == loaded[task].weights_sha256
+    torch.testing.assert_close(again["depth"](x), loaded["depth"](x), rtol=0, atol=0)
+    # different weights, different hash
+    from teachers.tiny import build
+
+    other = build(tmp_path / "other", seed=1)
+    assert load_teachers(load_manifest(other), ["gen"])["gen"].weights_sha256 != loaded["gen"].weights_sha256
+
+
+def test_missing_checkpoint_errors_are_clear(tmp_path, tiny_teachers):
+    data = yaml.safe_load(tiny_teachers.read_text())
+    data["teachers"]["seg"]["weights"] = {"path": str(tmp_path / "nowhere")}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(WeightsNotFound, match=r"teacher 'seg'.*nowhere.*does not exist"):
+        load_teachers(load_manifest(tmp_path / "m.yaml"), ["seg"])
+    # an HF id that is not cached, offline: names the repo and how to get it
+    real = load_manifest(DEFAULT_MANIFEST)
+    with pytest.raises(WeightsNotFound) as e:
+        load_teachers(real, ["depth"])
+    msg = str(e.value)
+    assert "depth-anything/Depth-Anything-V2-Large-hf" in msg and "huggingface-cli download" in msg
+    # the wrong checkpoint for an architecture: missing tensors, not random layers
+    data["teachers"]["seg"]["weights"] = {"path": str(tiny_teachers.parent / "depth")}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(WeightsNotFound):
+        load_teachers(load_manifest(tmp_path / "w.yaml"), ["seg"])
+
+
+def test_unknown_teacher_and_bad_manifests(tmp_path, tiny_teachers):
+    m = load_manifest(tiny_teachers)
+    with pytest.raises(ManifestError, match=r"unknown teacher.*'sam'.*defines gen, depth, seg"):
+        load_teachers(m, ["gen", "sam"])
+    bad = yaml.safe_load(tiny_teachers.read_text())
+    bad["teachers"]["depth"]["preprocess"]["ops"][0]["resample"] = "magic"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ManifestError, match="unknown resample 'magic'"):
+        load_manifest(tmp_path / "b.yaml")
+    bad = yaml.safe_load(tiny_teachers.read_text())
+    bad["format"] = "olaf.teachers/99"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ManifestError, match="olaf.teachers/1"):
+        load_manifest(tmp_path / "c.yaml")
+
+
+def test_default_manifest_matches_the_spec():
+    m = load_manifest()
+    assert [t for t in m.teachers] == ["gen", "depth", "seg"]
+    assert m.teachers["gen"].output_shape == (1, 1024)
+    assert m.teachers["depth"].output_shape == (576, 1024)
+    assert m.teachers["seg"].output_shape == (576, 1536)
+    assert m.teachers["depth"].feature["blocks"] == [4, 11, 17, 23]
+    assert m.teachers["depth"].preprocess.channel_order == "BGR"
+    assert m.teachers["seg"].preprocess.input_size == (800, 800)
+    assert m.teachers["gen"].weights.subfolder == "image_encoder"
+
+
+def test_full_size_configs_give_the_spec_shapes():
+    """Real-size architectures (random weights, built from config objects), one real-size image each."""
+    from teachers import depth, gen, seg
+    from teachers.registry import ADAPTERS
+
+    m = load_manifest()
+    img = sample.draw_scene(sample.random_scene(__import__("random").Random(0)))
+    for task, mod in (("gen", gen), ("depth", depth), ("seg", seg)):
+        spec = m.teachers[task]
+        teacher = ADAPTERS[spec.architecture].random(spec, mod.full_config())
+        n_params = sum(p.numel() for p in teacher.parameters())
+        assert n_params > {"gen": 6e8, "depth": 3e8, "seg": 1.9e8}[task]
+        out = teacher(torch.from_numpy(preprocess(spec, img))[None])
+        assert tuple(out.shape) == (1, *{"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}[task])
+        assert torch.isfinite(out).all()
+        del teacher
