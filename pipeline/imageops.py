@@ -198,4 +198,4 @@ def apply_ops(img: Image.Image, ops: tuple[Op, ...]) -> np.ndarray:
     """Run a recipe's ops on an RGB image; returns a contiguous uint8 (H, W, 3) array."""
     for op in ops:
         img = op(img)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy needs one

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.imageops import apply_ops
-from teachers.manifest import TeacherSpec
+from pipeline.teacher_manifest import TeacherSpec
 from teachers.weights import load_config, load_model, tensors_sha256
 
 

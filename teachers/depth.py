@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DepthAnythingConfig, Dinov2Backbone, Dinov2Config
 
+from pipeline.teacher_manifest import TeacherSpec
 from teachers.base import Teacher
-from teachers.manifest import TeacherSpec
 
 
 def original_pos_embed(pos: torch.Tensor, grid_h: int, grid_w: int, offset: float, antialias: bool) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from pipeline.teacher_manifest import TeacherSpec
 from teachers.base import Teacher
-from teachers.manifest import TeacherSpec
 
 
 class GenTeacher(Teacher):

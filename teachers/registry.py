@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.teacher_manifest import ManifestError, TeacherManifest, TeacherSpec
 from teachers.base import Teacher
 from teachers.depth import DepthTeacher
 from teachers.gen import GenTeacher
-from teachers.manifest import ManifestError, TeacherManifest, TeacherSpec
 from teachers.seg import SegTeacher
 
 ADAPTERS: dict[str, type[Teacher]] = {cls.architecture: cls for cls in (GenTeacher, DepthTeacher, SegTeacher)}

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import OneFormerConfig, SwinBackbone, SwinConfig
 
+from pipeline.teacher_manifest import TeacherSpec
 from teachers.base import Teacher
-from teachers.manifest import TeacherSpec
 
 
 class SegTeacher(Teacher):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline.teacher_manifest import DEFAULT_MANIFEST, load_manifest
 from teachers import depth, gen, seg
-from teachers.manifest import DEFAULT_MANIFEST, load_manifest
 
 TINY_BUILDERS = {"gen": gen.tiny_model, "depth": depth.tiny_model, "seg": seg.tiny_model}
 STAND_IN_NOTE = "RANDOM-WEIGHT STAND-INS built by teachers.tiny: targets are meaningless, for tests and demos only"
@@ -43,7 +43,7 @@ def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None) -> Pa
             model = model.half()
         model.save_pretrained(out / task, variant=variant)
         spec["weights"] = {"path": task, **({"variant": variant} if variant else {})}
-        spec["output_shape"] = [spec["output_shape"][0], _output_width(task, model)]
+        spec["output_shape"] = [spec["output_shape"][0], output_width(task, model.config)]
     path = out / "teachers.yaml"
     header = f"# {STAND_IN_NOTE}\n# Recipes are those of {DEFAULT_MANIFEST.name}; only weights and widths differ.\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120), encoding="utf-8")
@@ -51,8 +51,8 @@ def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None) -> Pa
     return path
 
 
-def _output_width(task: str, model) -> int:
-    cfg = model.config
+def output_width(task: str, cfg) -> int:
+    """The target width a teacher config gives (projection dim, DINOv2 width, Swin stage-4 channels)."""
     if task == "gen":
         return cfg.projection_dim
     if task == "depth":

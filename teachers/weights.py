@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from teachers.manifest import WeightsRef
+from pipeline.teacher_manifest import WeightsRef
 
 
 class WeightsNotFound(FileNotFoundError):

@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 
 from pipeline import sample
+from pipeline.teacher_manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
 from teachers.base import preprocess
-from teachers.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
 from teachers.registry import load_teachers
 from teachers.weights import WeightsNotFound
 

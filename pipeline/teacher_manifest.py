@@ -1,5 +1,9 @@
 """Teacher manifests: the declarative definition of what each teacher computes (YAML under manifests/teachers/).
 
+This is data, not model code: the extraction reads it to run the teachers (teachers/ holds the adapters), the
+store records the resolved manifest, and the trainer reads it to check a store (the trainer never imports
+teachers/), so it lives beside the store format.
+
 A manifest names, per task (gen, depth, seg): the weights (HF repo id + subfolder + revision, or a local
 path), the preprocessing (PIL ops, channel order, rescale, mean/std), the feature definition, the output shape,
 plus the stored dtype. `fidelity` picks between the original recipe, quirks included (default), and the
@@ -78,10 +82,11 @@ class TeacherSpec:
     raw: dict = field(repr=False, compare=False)  # resolved YAML of this teacher, as recorded in stores
 
     def recipe(self) -> dict:
-        """Everything that defines the computed target except the weights' bytes. Fidelity enters only through
-        the fields its quirks set, so a teacher without quirks has one recipe under both fidelities."""
+        """Everything that defines the computed target except the weights (compared on their own). Fidelity
+        enters only through the fields its quirks set, so a teacher without quirks has one recipe under both."""
         r = copy.deepcopy(self.raw)
         r.pop("quirks", None)
+        r.pop("weights", None)
         r["task"] = self.task
         r["quirks_applied"] = list(self.quirks_applied)
         return r
@@ -108,14 +113,25 @@ class TeacherManifest:
             )
         return [self.teachers[t] for t in TASKS if t in tasks]
 
-    def to_dict(self) -> dict:
+    def identity(self, tasks=None, weights_sha256: dict[str, str] | None = None) -> dict:
+        """What a store records in teachers.yaml and readers compare: per task the recipe and its hash, the
+        weights reference and, once loaded, the weights' sha256."""
+        tasks = [t for t in TASKS if t in (tasks or self.teachers)]
         return {
             "format": FORMAT,
             "name": self.name,
             "fidelity": self.fidelity,
             "stored_dtype": self.stored_dtype,
             "description": self.description,
-            "teachers": {t: s.recipe() for t, s in self.teachers.items()},
+            "teachers": {
+                t: {
+                    "recipe_sha256": self.teachers[t].recipe_hash(),
+                    "weights": self.teachers[t].weights.to_dict(),
+                    "weights_sha256": (weights_sha256 or {}).get(t),
+                    "recipe": self.teachers[t].recipe(),
+                }
+                for t in tasks
+            },
         }
 
 

@@ -1,0 +1,125 @@
+"""Store throughput and size: both formats, every encoding, the streaming reader with 1 and 2 workers.
+
+    python benchmarks/store.py [--samples 64] [--shard-size 16] [--dir /tmp/olaf-bench-store]
+
+Targets have the real shapes (gen 1x1024, depth 576x1024, seg 576x1536 -- 2.95 MB per sample in fp16) and
+feature-like values: layer-normed Gaussian channels, plus (for "outlier" rows) a few channels 50x larger, as
+ViT features have. Prints one table: write and read MB/s and samples/s for Zarr and WebDataset per encoding and
+compression, bytes per sample on disk, relative RMS error per task per encoding (with the int8 candidate the
+store does not offer), and the streaming reader's samples/s with 1 and 2 DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import encodings, store  # noqa: E402
+
+SHAPES = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
+
+
+def features(n: int, shape, outliers: bool, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.layer_norm(torch.randn(n, *shape, generator=g), shape[-1:])
+    if outliers:
+        x[..., :4] *= 50
+    return x
+
+
+def build(path: Path, n: int, shard: int, encoding: str, compression: str, formats=("zarr", "wds")) -> tuple[float, int]:
+    layouts = {t: store.TaskLayout(s, encoding, store.grid_of(s[0])) for t, s in SHAPES.items()}
+    m = store.new_manifest(dataset={"json": "synthetic"}, num_samples=n, shard_size=shard, formats=list(formats),
+                           tasks=layouts, compression=compression)
+    path.mkdir(parents=True)
+    store.write_manifest(path, m)
+    store.ensure_zarr(path, m)
+    store.write_teachers(path, {"teachers": {}})
+    img = b"\xff\xd8" + bytes(60_000)  # a typical LLaVA JPEG's size
+    encoded = []
+    for i in range(m["num_shards"]):
+        a, b = store.shard_range(m, i)
+        vals, scales = {}, {}
+        for t, s in SHAPES.items():
+            vals[t], scales[t] = encodings.encode(features(b - a, s, outliers=False, seed=i), encoding)
+        samples = [store.SampleResult(j, f"{j:09d}", {"id": f"{j:09d}"}, f"x/{j}.jpg", img) for j in range(a, b)]
+        valid = {t: np.ones(b - a, bool) for t in SHAPES}
+        encoded.append(store.ShardResult(i, tuple(SHAPES), samples, vals, scales, valid))
+    t = time.perf_counter()
+    for r in encoded:
+        store.commit_shard(path, r)
+    return time.perf_counter() - t, m["num_shards"]
+
+
+def dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def read_zarr(path: Path, n: int) -> float:
+    s = store.Store(path)
+    t = time.perf_counter()
+    for j in range(n):
+        s.get(f"{j:09d}")
+    return time.perf_counter() - t
+
+
+def read_wds(path: Path, workers: int) -> tuple[float, int]:
+    ds = store.TargetStream(path, list(SHAPES), repeat=False, shuffle_buffer=16)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+    t = time.perf_counter()
+    count = sum(1 for _ in loader)
+    return time.perf_counter() - t, count
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=16)
+    p.add_argument("--dir", default=None, help="where to write (default: a temp dir, removed after)")
+    args = p.parse_args(argv)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="olaf-bench-store-"))
+    n = args.samples
+    raw_mb = n * sum(a * b for a, b in SHAPES.values()) * 2 / 1e6  # fp16 bytes of the targets
+    print(f"# store benchmark: {n} samples of 2.95 MB fp16 targets (+60 kB image), shards of {args.shard_size}, "
+          f"{torch.get_num_threads()} CPU threads, {root}")
+    print(f"{'encoding':<9} {'zarr codec':<10} {'write MB/s':>10} {'write smp/s':>11} {'zarr B/smp':>11} "
+          f"{'wds B/smp':>10} {'zarr rd smp/s':>13} {'wds rd 1w':>10} {'wds rd 2w':>10}")
+    for enc, comp in (("fp16", "none"), ("fp16", "zstd"), ("bf16", "none"), ("fp8", "none"), ("fp8", "zstd")):
+        path = root / f"{enc}-{comp}"
+        shutil.rmtree(path, ignore_errors=True)
+        secs, _ = build(path, n, args.shard_size, enc, comp)
+        zb, wb = dir_bytes(path / store.ZARR), dir_bytes(path / store.WDS)
+        zr = read_zarr(path, n)
+        w1, c1 = read_wds(path, 1)
+        w2, c2 = read_wds(path, 2)
+        assert c1 == c2 == n
+        print(f"{enc:<9} {comp:<10} {raw_mb / secs:10.1f} {n / secs:11.1f} {zb / n:11.0f} {wb / n:10.0f} "
+              f"{n / zr:13.1f} {n / w1:10.1f} {n / w2:10.1f}")
+        shutil.rmtree(path)
+    print("\n# relative RMS error per task (decode(encode(x)) vs x); 'outlier' = 4 channels 50x larger")
+    names = list(encodings.CANDIDATES)
+    print(f"{'task':<6} {'values':<9} " + " ".join(f"{e + (' (cand.)' if e not in encodings.ENCODINGS else ''):>14}"
+                                                    for e in names))
+    for t, s in SHAPES.items():
+        for kind in ("gaussian", "outlier"):
+            x = features(4, s, kind == "outlier", seed=123)
+            errs = [encodings.relative_rms_error(x, e) for e in names]
+            print(f"{t:<6} {kind:<9} " + " ".join(f"{e:14.5f}" for e in errs))
+    print("\nbytes/value: " + ", ".join(f"{e.name} {e.bytes_per_value}" for e in encodings.CANDIDATES.values())
+          + " (+4 bytes per token of scale for fp8/int8)")
+    if not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

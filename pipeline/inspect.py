@@ -1,0 +1,421 @@
+"""See, verify and picture what a store holds.
+
+    python -m pipeline.inspect STORE summary            samples, valid/bad, shards done/pending, teachers, bytes
+    python -m pipeline.inspect STORE verify [--full]    checksums of every file, zarr chunk CRCs, Zarr == WebDataset
+    python -m pipeline.inspect STORE stats [--per-shard] per task mean/std/min/max/NaN count
+    python -m pipeline.inspect STORE show KEY           everything stored for one sample
+    python -m pipeline.inspect STORE render KEY --out sample.png
+                                                        the image beside PCA maps of its depth and seg targets
+Add --json (before the command) for machine-readable output. `verify` exits 1 naming each bad shard; any
+unusable input (not a store, an unknown format version, a missing key) exits 2 with one message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import encodings, store
+from pipeline.store import Store, StoreError
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# ---- summary ---------------------------------------------------------------------------------------------------
+
+
+def summary(s: Store) -> dict:
+    m = s.manifest
+    teachers = s.teachers() if (s.path / store.TEACHERS).exists() else {}
+    done_any = s.done_shards([])
+    per_task = {}
+    for t in s.tasks:
+        done = s.done_shards([t])
+        per_task[t] = {
+            "shards_done": len(done),
+            "samples_done": sum(s.records[i]["count"] for i in done),
+            "valid": sum(s.records[i]["valid"].get(t, 0) for i in done),
+            "encoding": m["tasks"][t]["encoding"],
+            "values_dtype": m["tasks"][t]["values_dtype"],
+            "shape": m["tasks"][t]["shape"],
+        }
+    tt = teachers.get("teachers", {})
+    return {
+        "store": str(s.path),
+        "format": m["format"],
+        "dataset": m["dataset"],
+        "samples": s.num_samples,
+        "shard_size": m["shard_size"],
+        "shards": {"total": s.num_shards, "done": len(s.done_shards()), "pending": len(s.pending_shards()),
+                   "started": len(done_any)},
+        "bad_images": sum(r.get("bad_images", 0) for r in s.records.values()),
+        "errors": sum(len(r.get("errors", [])) for r in s.records.values()),
+        "tasks": per_task,
+        "formats": m["formats"],
+        "zarr_compression": m.get("zarr_compression"),
+        "teachers": {
+            "name": teachers.get("name"), "fidelity": teachers.get("fidelity"),
+            "description": teachers.get("description") or None,
+            "per_task": {t: {"weights": v.get("weights"), "weights_sha256": v.get("weights_sha256"),
+                             "recipe_sha256": v.get("recipe_sha256"),
+                             "quirks_applied": (v.get("recipe") or {}).get("quirks_applied")} for t, v in tt.items()},
+        },
+        "bytes": {"zarr": _dir_bytes(s.path / store.ZARR), "wds": _dir_bytes(s.path / store.WDS),
+                  "total": _dir_bytes(s.path)},
+        "code": m.get("code"),
+        "created": m.get("created"), "finished": m.get("finished"),
+        "progress": m.get("progress"),
+    }
+
+
+def print_summary(d: dict) -> None:
+    print(f"store       {d['store']}  ({d['format']})")
+    ds = d["dataset"]
+    print(f"dataset     {ds.get('json')}  sha256 {str(ds.get('sha256'))[:16]}...  images {ds.get('image_folder')}")
+    sh = d["shards"]
+    print(f"samples     {d['samples']} in {sh['total']} shards of {d['shard_size']}: {sh['done']} done, "
+          f"{sh['pending']} pending; {d['bad_images']} bad images, {d['errors']} errors (errors.jsonl)")
+    print(f"formats     {', '.join(d['formats'])}  (zarr compression: {d['zarr_compression']})")
+    t = d["teachers"]
+    print(f"teachers    {t['name']}  fidelity {t['fidelity']}" + (f"\n            !! {t['description']}" if t["description"] else ""))
+    print(f"{'task':<6} {'shape':<12} {'encoding':<9} {'dtype':<8} {'done':>10} {'valid':>10}  weights / sha256 / recipe")
+    for task, v in d["tasks"].items():
+        pt = t["per_task"].get(task, {})
+        w = pt.get("weights") or {}
+        src = w.get("path") or f"{w.get('repo_id')}{'/' + w['subfolder'] if w.get('subfolder') else ''}@{w.get('revision', 'main')}"
+        quirks = f" quirks: {', '.join(pt['quirks_applied'])}" if pt.get("quirks_applied") else ""
+        print(f"{task:<6} {'x'.join(map(str, v['shape'])):<12} {v['encoding']:<9} {v['values_dtype']:<8} "
+              f"{v['samples_done']:>10} {v['valid']:>10}  {src}  {str(pt.get('weights_sha256'))[:12]}  "
+              f"{str(pt.get('recipe_sha256'))[:12]}{quirks}")
+    b = d["bytes"]
+    print(f"on disk     {_human(b['total'])}  (zarr {_human(b['zarr'])}, wds {_human(b['wds'])})")
+    c = d.get("code") or {}
+    print(f"code        olaf {c.get('version')}  git {c.get('git')}  source {str(c.get('source_sha256'))[:12]}")
+    print(f"created     {d['created']}   finished {d['finished'] or '-'}")
+
+
+# ---- verify ----------------------------------------------------------------------------------------------------
+
+
+def _agreement(s: Store, shard: int, full: bool, spot: int) -> list[str]:
+    """Decode the shard's samples from the tar and from Zarr and compare them exactly; also reads (and so
+    CRC-checks) the zarr chunks of the samples compared."""
+    rec = s.records[shard]
+    tasks = rec["tasks"]
+    g = s.zarr()
+    start, stop = rec["start"], rec["stop"]
+    n = stop - start
+    positions = range(n) if full else sorted({0, n - 1, *np.linspace(0, n - 1, min(spot, n)).astype(int).tolist()})
+    problems = []
+    keys = g["keys"][start:stop]
+    tar_samples = {}
+    for raw in store.iter_tar(s.path / store.tar_name(shard)):
+        tar_samples[raw["__key__"]] = raw
+    if len(tar_samples) != n:
+        problems.append(f"tar has {len(tar_samples)} samples, the shard {n}")
+    order = list(tar_samples)
+    for pos in positions:
+        key = str(keys[pos])
+        tk = store.tar_key(key)
+        if pos < len(order) and order[pos] != tk:
+            problems.append(f"sample {start + pos}: tar order has {order[pos]!r}, zarr keys {key!r}")
+            continue
+        raw = tar_samples.get(tk)
+        if raw is None:
+            problems.append(f"sample {key}: missing from the tar")
+            continue
+        meta = json.loads(raw["json"])
+        for t in tasks:
+            zvalid = bool(g["valid"][t][start + pos])
+            if zvalid != bool(meta["valid"].get(t)):
+                problems.append(f"sample {key} {t}: valid is {zvalid} in zarr, {meta['valid'].get(t)} in the tar")
+                continue
+            if not zvalid:
+                continue
+            zv = g[t][start + pos]
+            tv = np.load(io.BytesIO(raw[f"{t}.npy"]))
+            if zv.dtype != tv.dtype or zv.shape != tv.shape or not np.array_equal(zv.view(np.uint8), tv.view(np.uint8)):
+                problems.append(f"sample {key} {t}: zarr and tar values differ")
+            if s.manifest["tasks"][t]["scaled"]:
+                if not np.array_equal(g[f"{t}_scale"][start + pos], np.load(io.BytesIO(raw[f"{t}.scale.npy"]))):
+                    problems.append(f"sample {key} {t}: zarr and tar scales differ")
+    return problems
+
+
+def verify(s: Store, full: bool = False, spot: int = 4, threads: int = 4, progress: bool = True) -> dict:
+    """sha256 of every file every done shard lists, pending commits, and Zarr/WebDataset agreement (a few samples
+    per shard, all with `full`). Returns {"ok", "bad_shards": {shard: [problems]}, "checked": ...}."""
+    shards = s.done_shards([])
+    bad: dict[int, list[str]] = {}
+    total = sum(info.get("bytes", 0) for i in shards for info in s.records[i]["files"].values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify checksums", disable=not progress, leave=False)
+
+    def check(i):
+        problems = store.check_files(s.path, s.records[i], full=True)
+        bar.update(sum(info.get("bytes", 0) for info in s.records[i]["files"].values()))
+        return i, problems
+
+    with ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL: files hash in parallel
+        for i, problems in pool.map(check, shards):
+            if problems:
+                bad[i] = problems
+    bar.close()
+    both = set(s.manifest["formats"]) == {"zarr", "wds"}
+    if both:
+        for i in tqdm(shards, desc="verify zarr == wds", disable=not progress, leave=False):
+            if i in bad:
+                continue
+            try:
+                problems = _agreement(s, i, full, spot)
+            except Exception as e:  # a CRC mismatch or an unreadable member
+                problems = [f"cannot read: {type(e).__name__}: {e}"]
+            if problems:
+                bad[i] = problems
+    pending = sorted(p.name for p in (s.path / store.SHARDS).glob("*.pending")) if (s.path / store.SHARDS).is_dir() else []
+    return {"ok": not bad, "bad_shards": {str(k): v for k, v in sorted(bad.items())}, "shards_checked": len(shards),
+            "bytes_hashed": total, "agreement": ("all samples" if full else f"{spot} samples per shard") if both else "n/a",
+            "pending_commits": pending, "shards_not_done": s.pending_shards([])}
+
+
+# ---- stats -----------------------------------------------------------------------------------------------------
+
+
+class _Moments:
+    def __init__(self):
+        self.n, self.s, self.ss, self.lo, self.hi, self.nan = 0, 0.0, 0.0, np.inf, -np.inf, 0
+
+    def add(self, x: np.ndarray):
+        finite = np.isfinite(x)
+        self.nan += int(x.size - finite.sum())
+        x = x[finite].astype(np.float64)
+        if x.size:
+            self.n += x.size
+            self.s += float(x.sum())
+            self.ss += float((x * x).sum())
+            self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+
+    def result(self) -> dict:
+        if not self.n:
+            return {"values": 0, "mean": None, "std": None, "min": None, "max": None, "nan": self.nan}
+        mean = self.s / self.n
+        return {"values": self.n, "mean": mean, "std": max(self.ss / self.n - mean * mean, 0.0) ** 0.5,
+                "min": self.lo, "max": self.hi, "nan": self.nan}
+
+
+def stats(s: Store, per_shard: bool = False, tasks=None, progress: bool = True) -> dict:
+    tasks = [t for t in (tasks or s.tasks)]
+    overall = {t: _Moments() for t in tasks}
+    shards_out = {}
+    use_zarr = "zarr" in s.manifest["formats"]
+    g = s.zarr() if use_zarr else None
+    for i in tqdm(s.done_shards([]), desc="stats", disable=not progress):
+        rec = s.records[i]
+        local = {t: _Moments() for t in tasks if t in rec["tasks"]}
+        if use_zarr:
+            for t in local:
+                layout = s.manifest["tasks"][t]
+                valid = g["valid"][t][rec["start"]:rec["stop"]].astype(bool)
+                for j in np.flatnonzero(valid):  # one sample at a time: bounded memory at any shard size
+                    idx = rec["start"] + j
+                    scale = g[f"{t}_scale"][idx] if layout["scaled"] else None
+                    x = encodings.decode(g[t][idx], scale, layout["encoding"]).numpy()
+                    local[t].add(x)
+                    overall[t].add(x)
+        else:
+            for raw in store.iter_tar(s.path / store.tar_name(i)):
+                d = store.decode_tar_sample(raw, s.manifest, list(local))
+                for t, x in d["targets"].items():
+                    if x is not None:
+                        local[t].add(x.numpy())
+                        overall[t].add(x.numpy())
+        if per_shard:
+            shards_out[str(i)] = {t: m.result() for t, m in local.items()}
+    out = {"overall": {t: m.result() for t, m in overall.items()}}
+    if per_shard:
+        out["per_shard"] = shards_out
+    return out
+
+
+# ---- show / render ---------------------------------------------------------------------------------------------
+
+
+def _tar_sample(s: Store, shard: int, key: str) -> dict | None:
+    import tarfile
+
+    path = s.path / store.tar_name(shard)
+    if not path.exists():
+        return None
+    tk = store.tar_key(key)
+    out = {}
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if m.name.startswith(tk + "."):
+                out[m.name[len(tk) + 1:]] = tf.extractfile(m).read()
+            elif out:
+                break  # members of one sample are contiguous
+    return out or None
+
+
+def _find(s: Store, key: str) -> tuple[int, dict | None]:
+    """(shard, raw tar sample or None) for a key, through Zarr keys when there are any, else by scanning tars."""
+    if "zarr" in s.manifest["formats"]:
+        j = s.index_of(key)
+        shard = j // s.manifest["shard_size"]
+        return shard, _tar_sample(s, shard, key) if "wds" in s.manifest["formats"] else None
+    for i in s.done_shards([]):
+        raw = _tar_sample(s, i, key)
+        if raw is not None:
+            return i, raw
+    raise KeyError(f"sample {key!r} is not in a done shard of {s.path}")
+
+
+def show(s: Store, key: str) -> dict:
+    shard, raw = _find(s, key)
+    rec = s.records[shard]
+    out = {"id": key, "shard": shard, "tasks": rec["tasks"], "errors": [e for e in rec["errors"] if e["id"] == key]}
+    targets = {}
+    if raw is not None:
+        meta = json.loads(raw["json"])
+        out.update(index=meta["index"], record=meta["record"], valid=meta["valid"], image_member=meta["image_member"],
+                   tar_members={k: len(v) for k, v in sorted(raw.items())})
+        d = store.decode_tar_sample({"__key__": store.tar_key(key), **raw}, s.manifest, rec["tasks"])
+        targets = {t: x for t, x in d["targets"].items() if x is not None}
+    if "zarr" in s.manifest["formats"]:
+        z = s.get(key, rec["tasks"])
+        out.setdefault("index", z["index"])
+        out.setdefault("valid", z["valid"])
+        if raw is not None:
+            out["zarr_equals_wds"] = all(torch.equal(z["targets"][t], targets[t]) for t in targets) and \
+                set(z["targets"]) == set(targets)
+        targets = targets or z["targets"]
+    out["targets"] = {
+        t: {"shape": list(x.shape), "encoding": s.manifest["tasks"][t]["encoding"], "mean": float(x.mean()),
+            "std": float(x.std()), "min": float(x.min()), "max": float(x.max()),
+            "nan": int((~torch.isfinite(x)).sum()), "first": [round(float(v), 5) for v in x.reshape(-1)[:6]]}
+        for t, x in targets.items()
+    }
+    return out
+
+
+def render(s: Store, key: str, out_png: str | Path) -> dict:
+    from pipeline import render as rnd
+
+    shard, raw = _find(s, key)
+    rec = s.records[shard]
+    if raw is not None:
+        d = store.decode_tar_sample({"__key__": store.tar_key(key), **raw}, s.manifest, rec["tasks"])
+        image, targets = d["image"], {t: x for t, x in d["targets"].items() if x is not None}
+    else:
+        image, targets = None, s.get(key, rec["tasks"])["targets"]
+    maps, vectors = {}, {}
+    for t, x in targets.items():
+        grid = s.manifest["tasks"][t].get("grid")
+        if grid:
+            maps[t] = rnd.pca_rgb(x.numpy(), tuple(grid))
+        else:
+            vectors[t] = x.numpy()
+    teachers = s.teachers()
+    title = f"{key}  (shard {shard}; teachers {teachers.get('name')}, fidelity {teachers.get('fidelity')})"
+    if teachers.get("description"):
+        title += "\n" + teachers["description"]
+    png = rnd.compose(image, maps, vectors, title)
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_png).write_bytes(png)
+    return {"id": key, "out": str(out_png), "maps": list(maps), "vectors": list(vectors), "image": image is not None}
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("store", help="a store directory written by pipeline.extract_teachers")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("summary", help="samples, valid/bad counts, shards done/pending, teachers, bytes on disk")
+    v = sub.add_parser("verify", help="checksums, chunk CRCs and Zarr/WebDataset agreement; exit 1 on damage")
+    v.add_argument("--full", action="store_true", help="compare every sample, not a spot-check")
+    v.add_argument("--spot", type=int, default=4, help="samples compared per shard without --full (default 4)")
+    st = sub.add_parser("stats", help="per task mean/std/min/max/NaN count over valid targets")
+    st.add_argument("--per-shard", action="store_true", help="also per shard")
+    st.add_argument("--tasks", default=None, help="comma list (default: all)")
+    sh = sub.add_parser("show", help="everything stored for one sample")
+    sh.add_argument("key", help="the sample id (the dataset record's id)")
+    r = sub.add_parser("render", help="a PNG: the image beside PCA-to-RGB maps of its targets")
+    r.add_argument("key", help="the sample id")
+    r.add_argument("--out", required=True, help="output PNG path")
+    args = p.parse_args(argv)
+
+    try:
+        s = Store(args.store)
+        if args.command == "summary":
+            d = summary(s)
+            print(json.dumps(d, indent=1)) if args.json else print_summary(d)
+            return 0
+        if args.command == "verify":
+            d = verify(s, full=args.full, spot=args.spot, progress=not args.json)
+            if args.json:
+                print(json.dumps(d, indent=1))
+            else:
+                for shard, problems in d["bad_shards"].items():
+                    for prob in problems:
+                        print(f"BAD shard {shard}: {prob}")
+                for name in d["pending_commits"]:
+                    print(f"note: interrupted commit {name} (the next extraction run resolves it)")
+                print(f"{'OK' if d['ok'] else 'DAMAGED'}: {d['shards_checked']} done shards, {_human(d['bytes_hashed'])} "
+                      f"hashed, zarr == wds on {d['agreement']}; {len(d['bad_shards'])} bad shard(s)"
+                      + (f"; {len(d['shards_not_done'])} shard(s) not done yet" if d["shards_not_done"] else ""))
+            return 0 if d["ok"] else 1
+        if args.command == "stats":
+            tasks = args.tasks.split(",") if args.tasks else None
+            d = stats(s, per_shard=args.per_shard, tasks=tasks, progress=not args.json)
+            if args.json:
+                print(json.dumps(d, indent=1))
+            else:
+                rows = [("all", t, m) for t, m in d["overall"].items()]
+                rows += [(k, t, m) for k, v in d.get("per_shard", {}).items() for t, m in v.items()]
+                print(f"{'shard':<6} {'task':<6} {'values':>12} {'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'NaN':>6}")
+                def f(x):
+                    return f"{x:10.4f}" if x is not None else f"{'-':>10}"
+
+                for shard, t, m in rows:
+                    print(f"{shard:<6} {t:<6} {m['values']:>12} {f(m['mean'])} {f(m['std'])} {f(m['min'])} "
+                          f"{f(m['max'])} {m['nan']:>6}")
+            return 0
+        if args.command == "show":
+            d = show(s, args.key)
+            print(json.dumps(d, indent=1, default=str))
+            return 0
+        if args.command == "render":
+            d = render(s, args.key, args.out)
+            print(json.dumps(d) if args.json else f"wrote {d['out']} (image{' + ' if d['maps'] else ''}"
+                  f"{' + '.join(d['maps'])} maps{', ' + ' + '.join(d['vectors']) + ' strip' if d['vectors'] else ''})")
+            return 0
+    except (StoreError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The store format: round trips, exactly-once commits, verification, teacher checks, the inspection CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import encodings, inspect, store
+from pipeline.store import SampleResult, ShardResult, Store, StoreError, TaskLayout
+from pipeline.teacher_manifest import load_manifest
+
+N, S = 10, 4
+LAYOUTS = {"gen": TaskLayout((1, 16), "fp16"), "depth": TaskLayout((576, 32), "fp16", (24, 24)),
+           "seg": TaskLayout((576, 24), "fp16", (24, 24))}
+
+
+def truth(task: str, index: int) -> torch.Tensor:
+    """The float32 target of sample `index`, reproducible anywhere (other processes too)."""
+    g = torch.Generator().manual_seed(1000 * index + len(task))
+    t, w = LAYOUTS[task].shape
+    base = torch.randn(t, w, generator=g)
+    if task == "depth":  # give the depth grid spatial structure, as real features have
+        rows = torch.arange(t) // 24
+        base[:, 0] += rows.float() * 3
+    return base
+
+
+def jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40 + i, 30), (10 * i % 255, 80, 160)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_result(manifest: dict, shard: int, tasks=("gen", "depth", "seg"), bad=(5,)) -> ShardResult:
+    start, stop = store.shard_range(manifest, shard)
+    samples = [SampleResult(index=j, id=f"{j:09d}", record={"id": f"{j:09d}", "conversations": [{"from": "gpt",
+               "value": f"caption {j}"}]}, image=f"{j:09d}"[:5] + f"/{j:09d}.jpg",
+               image_bytes=None if j in bad else jpeg(j), error="image file not found" if j in bad else None)
+               for j in range(start, stop)]
+    values, scales, valid = {}, {}, {}
+    for t in tasks:
+        enc = manifest["tasks"][t]["encoding"]
+        x = torch.stack([truth(t, j) if j not in bad else torch.zeros(LAYOUTS[t].shape) for j in range(start, stop)])
+        values[t], scales[t] = encodings.encode(x, enc)
+        valid[t] = np.array([j not in bad for j in range(start, stop)])
+    return ShardResult(shard, tuple(tasks), samples, values, scales, valid)
+
+
+def create(path: Path, encoding="fp16", formats=("zarr", "wds"), tasks=("gen", "depth", "seg"), compression="none",
+           teachers=None) -> dict:
+    layouts = {t: TaskLayout(LAYOUTS[t].shape, encoding, LAYOUTS[t].grid) for t in tasks}
+    m = store.new_manifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=N, shard_size=S,
+                           formats=list(formats), tasks=layouts, compression=compression)
+    path.mkdir(parents=True, exist_ok=True)
+    store.write_manifest(path, m)
+    store.ensure_zarr(path, m)
+    if teachers is not None:
+        store.write_teachers(path, teachers)
+    return m
+
+
+@pytest.fixture
+def identity(tiny_teachers):
+    return load_manifest(tiny_teachers).identity(["gen", "depth", "seg"], {"gen": "a" * 64, "depth": "b" * 64,
+                                                                         "seg": "c" * 64})
+
+
+@pytest.fixture
+def full_store(tmp_path, identity):
+    path = tmp_path / "store"
+    m = create(path, teachers=identity)
+    for i in range(m["num_shards"]):
+        store.commit_shard(path, make_result(m, i))
+    store.rebuild_errors(path)
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "bf16", "fp8"])
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_round_trip_both_formats(tmp_path, encoding, compression):
+    path = tmp_path / "s"
+    m = create(path, encoding=encoding, compression=compression)
+    for i in range(m["num_shards"]):
+        store.commit_shard(path, make_result(m, i))
+    s = Store(path)
+    assert s.done_shards() == [0, 1, 2] and s.pending_shards() == []
+    tol = {"fp16": 1e-3, "bf16": 8e-3, "fp8": 4e-2}[encoding]
+    seen = 0
+    for tar in s.tar_paths(check="sha256"):
+        for raw in store.iter_tar(tar):
+            d = store.decode_tar_sample(raw, s.manifest, ["gen", "depth", "seg"])
+            z = s.get(d["id"])
+            j = d["index"]
+            assert d["id"] == f"{j:09d}" and d["record"]["conversations"][0]["value"] == f"caption {j}"
+            if j == 5:
+                assert d["valid"] == {"gen": False, "depth": False, "seg": False} and d["image"] is None
+                assert z["targets"] == {}
+                continue
+            assert d["image"] == jpeg(j)
+            for t in ("gen", "depth", "seg"):
+                x = truth(t, j)
+                err = float((d["targets"][t] - x).norm() / x.norm())
+                assert err < tol, (encoding, t, err)
+                assert torch.equal(d["targets"][t], z["targets"][t])  # both formats hold the same bytes
+            seen += 1
+    assert seen == N - 1
+
+
+def test_lossless_encodings_are_exact():
+    x = torch.randn(2, 576, 64)
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        v, sc = encodings.encode(x.to(dtype), name)
+        assert torch.equal(encodings.decode(v, sc, name, dtype), x.to(dtype))
+    with pytest.raises(ValueError, match="unknown encoding"):
+        encodings.get("int8")  # measured candidate, not a store option
+
+
+def _commit_in_child(path, shard):
+    m = store.read_manifest(path)
+    store.commit_shard(path, make_result(m, shard))
+
+
+def test_concurrent_writers_in_separate_processes(tmp_path, full_store):
+    path = tmp_path / "conc"
+    m = create(path)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_commit_in_child, args=(str(path), i)) for i in range(m["num_shards"])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert Store(path).done_shards() == [0, 1, 2]
+    assert inspect.verify(Store(path), full=True, progress=False)["ok"]
+    # the same content as a store written one shard after another, file for file
+    for rel, info in Store(full_store).records[1]["files"].items():
+        assert Store(path).records[1]["files"][rel]["sha256"] == info["sha256"], rel
+
+
+def test_flipped_bytes_are_caught_and_named(full_store, capsys):
+    assert inspect.main([str(full_store), "verify"]) == 0
+    tar = full_store / store.tar_name(1)
+    b = bytearray(tar.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    tar.write_bytes(bytes(b))
+    chunk = full_store / store.ZARR / "seg" / "c" / "2" / "0" / "0"
+    b = bytearray(chunk.read_bytes())
+    b[100] ^= 0x80
+    chunk.write_bytes(bytes(b))
+    capsys.readouterr()
+    assert inspect.main([str(full_store), "verify"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD shard 1: wds/shard-000001.tar: sha256 mismatch" in out
+    assert "BAD shard 2: targets.zarr/seg/c/2/0/0: sha256 mismatch" in out
+    assert "BAD shard 0" not in out
+    # zarr's own per-chunk crc32c refuses the flipped chunk too
+    with pytest.raises(Exception, match="checksum"):
+        Store(full_store).get(f"{8:09d}", ["seg"])
+    # and the trainer's reader refuses the damaged tar before streaming it
+    with pytest.raises(StoreError, match="shard 1 is damaged"):
+        Store(full_store).tar_paths(check="sha256")
+
+
+def test_truncated_or_missing_shard_files(full_store, capsys):
+    tar = full_store / store.tar_name(0)
+    tar.write_bytes(tar.read_bytes()[:1000])
+    (full_store / store.tar_name(2)).unlink()
+    with pytest.raises(StoreError, match="shard 0 is damaged.*truncated"):
+        Store(full_store).tar_paths()
+    assert inspect.main([str(full_store), "verify"]) == 1
+    out = capsys.readouterr().out
+    assert "BAD shard 0" in out and "BAD shard 2: wds/shard-000002.tar: missing" in out
+
+
+def test_half_written_shard_is_never_read(tmp_path):
+    path = tmp_path / "half"
+    m = create(path)
+    store.commit_shard(path, make_result(m, 0))
+    # a crash after the data files and the pending record, before the renames (shard 1)
+    res = make_result(m, 1)
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_tar(src, dst):
+        if str(dst).endswith(".tar"):
+            calls.append(dst)
+            raise KeyboardInterrupt("crash")
+        return real_replace(src, dst)
+
+    os.replace = crash_on_tar
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.commit_shard(path, res)
+    finally:
+        os.replace = real_replace
+    s = Store(path)
+    assert s.done_shards() == [0] and 1 in s.pending_shards()
+    assert [Path(p).name for p in s.tar_paths()] == ["shard-000000.tar"]
+    with pytest.raises(KeyError):
+        s.get(f"{4:09d}")
+    # recovery: the pending record does not match a tar in place -> discarded, temp tar removed
+    actions = store.recover(path)
+    assert any("discarded" in a for a in actions) and any("partial tar" in a for a in actions)
+    assert not list((path / store.SHARDS).glob("*.pending")) and not list((path / store.WDS).glob("*.tmp-*"))
+    # a crash after the tar rename but before the record rename is completed by recovery
+    os.replace = lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt()) if str(dst).endswith(".json") and \
+        str(src).endswith(".pending") else real_replace(src, dst)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.commit_shard(path, res)
+    finally:
+        os.replace = real_replace
+    assert 1 not in Store(path).done_shards()
+    assert any("completed" in a for a in store.recover(path))
+    assert Store(path).done_shards() == [0, 1]
+
+
+def test_adding_a_task_keeps_what_is_there(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    m1 = create(one)
+    for i in range(3):
+        store.commit_shard(one, make_result(m1, i))
+    m2 = create(two)
+    for i in range(3):
+        store.commit_shard(two, make_result(m2, i, tasks=("gen", "depth")))
+    assert Store(two).done_shards(["seg"]) == [] and Store(two).done_shards(["gen"]) == [0, 1, 2]
+    for i in range(3):
+        store.commit_shard(two, make_result(m2, i, tasks=("seg",)))
+    a, b = Store(one), Store(two)
+    for i in range(3):  # byte-identical data files to a one-pass store
+        fa, fb = a.records[i]["files"], b.records[i]["files"]
+        assert fa.keys() == fb.keys()
+        for rel in fa:
+            assert fa[rel]["sha256"] == fb[rel]["sha256"], rel
+        assert a.records[i]["tasks"] == b.records[i]["tasks"] == ["gen", "depth", "seg"]
+
+
+def test_reader_refuses_what_does_not_match(full_store, identity, tiny_teachers):
+    s = Store(full_store)
+    s.require(["gen", "depth", "seg"], expected_teachers=identity, formats=["wds"])
+    corrected = load_manifest(tiny_teachers, fidelity="corrected").identity(["depth"])
+    with pytest.raises(StoreError, match=r"teacher mismatch: depth: recipe differs \(fields: preprocess, quirks_applied\)"):
+        s.require(["depth"], expected_teachers=corrected)
+    other = json.loads(json.dumps(identity))
+    other["teachers"]["gen"]["weights_sha256"] = "d" * 64
+    with pytest.raises(StoreError, match="gen: weights sha256 differs"):
+        s.require(["gen"], expected_teachers=other)
+    with pytest.raises(StoreError, match=r"tasks \['normals'\] are not in the store"):
+        s.require(["normals"])
+    (full_store / store.record_name(2)).unlink()
+    with pytest.raises(StoreError, match="1 of 3 shards are not done"):
+        Store(full_store).require(["gen"])
+    Store(full_store).require(["gen"], allow_partial=True)
+
+
+def test_bad_paths_and_versions_give_one_message(tmp_path, full_store, capsys):
+    assert inspect.main([str(tmp_path / "absent"), "summary"]) == 2
+    (tmp_path / "empty").mkdir()
+    assert inspect.main([str(tmp_path / "empty"), "summary"]) == 2
+    m = json.loads((full_store / store.MANIFEST).read_text())
+    m["format"] = "olaf.store/0"
+    (full_store / store.MANIFEST).write_text(json.dumps(m))
+    assert inspect.main([str(full_store), "summary"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "not an olaf store" in err and "olaf.store/0" in err
+    assert "Traceback" not in err
+    (full_store / store.MANIFEST).write_text("{not json")
+    assert inspect.main([str(full_store), "stats"]) == 2
+
+
+def test_cli_summary_stats_show_render(full_store, tmp_path, capsys):
+    assert inspect.main([str(full_store), "--json", "summary"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["samples"] == N and d["shards"] == {"total": 3, "done": 3, "pending": 0, "started": 3}
+    assert d["bad_images"] == 1 and d["tasks"]["depth"]["valid"] == N - 1
+    assert d["teachers"]["name"] == "ola_vlm_tiny_random" and d["bytes"]["total"] > 0
+    assert inspect.main([str(full_store), "summary"]) == 0
+    assert "RANDOM-WEIGHT" in capsys.readouterr().out
+    assert inspect.main([str(full_store), "--json", "stats", "--per-shard"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    want = torch.cat([truth("gen", j).reshape(-1) for j in range(N) if j != 5]).to(torch.float16).double()
+    assert st["overall"]["gen"]["values"] == want.numel()
+    assert abs(st["overall"]["gen"]["mean"] - want.mean().item()) < 1e-9
+    assert abs(st["overall"]["gen"]["max"] - want.max().item()) < 1e-9 and st["overall"]["gen"]["nan"] == 0
+    assert set(st["per_shard"]) == {"0", "1", "2"}
+    assert inspect.main([str(full_store), "show", f"{3:09d}"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["zarr_equals_wds"] is True and d["targets"]["depth"]["shape"] == [576, 32]
+    assert d["record"]["conversations"][0]["value"] == "caption 3"
+    png = tmp_path / "r.png"
+    assert inspect.main([str(full_store), "render", f"{3:09d}", "--out", str(png)]) == 0
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape[1] >= 3 * 256 and img.shape[0] > 256
+    depth_panel = img[60:60 + 256, 8 + 264:8 + 264 + 256].astype(float)  # 2-line title, label; 2nd panel
+    # the depth truth varies with the grid row: the first principal component (red) must follow the rows
+    red_by_row = depth_panel[..., 0].mean(axis=1)
+    corr = np.corrcoef(red_by_row, np.arange(256))[0, 1]
+    assert abs(corr) > 0.9, corr
+    assert inspect.main([str(full_store), "show", "nope"]) == 2
+
+
+def _ids(stream, workers=0):
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    return [d["id"] for d in loader]
+
+
+def test_stream_splits_by_rank_and_worker_and_shuffles(full_store, identity):
+    everything = {f"{j:09d}" for j in range(N)}
+    seen = []
+    for rank in range(2):
+        ids = _ids(store.TargetStream(full_store, ["gen", "seg"], expected_teachers=identity, rank=rank,
+                                      world_size=2, repeat=False, shuffle_buffer=3), workers=2)
+        seen += ids
+    assert sorted(seen) == sorted(everything)  # every sample once per epoch, over 2 ranks x 2 workers
+    one = _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=0))
+    assert sorted(one) == sorted(everything) and one != sorted(everything)
+    assert one == _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=0))  # deterministic
+    assert one != _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=1))
+    resumed = _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=0, skip=4))
+    assert resumed == one[4:]
+    # repeat: the second epoch is reshuffled, and a skip can cross the epoch boundary
+    it = iter(store.TargetStream(full_store, ["gen"], seed=0))
+    two_epochs = [next(it)["id"] for _ in range(2 * N)]
+    assert sorted(two_epochs[N:]) == sorted(everything) and two_epochs[N:] != two_epochs[:N]
+    it = iter(store.TargetStream(full_store, ["gen"], seed=0, skip=N + 3))
+    assert [next(it)["id"] for _ in range(N - 3)] == two_epochs[N + 3:]
+
+
+def test_stream_yields_what_training_needs(full_store, identity):
+    d = next(iter(store.TargetStream(full_store, ["gen", "depth", "seg"], expected_teachers=identity,
+                                     shuffle_buffer=1, repeat=False)))
+    assert d["id"] == f"{0:09d}" and d["image"] == jpeg(0) and d["record"]["conversations"][0]["value"] == "caption 0"
+    assert d["valid"] == {"gen": True, "depth": True, "seg": True}
+    assert d["targets"]["depth"].dtype == torch.float16 and d["targets"]["depth"].shape == (576, 32)
+    torch.testing.assert_close(d["targets"]["depth"].float(), truth("depth", 0), atol=2e-3, rtol=1e-3)
+    with pytest.raises(StoreError, match="teacher mismatch"):
+        other = json.loads(json.dumps(identity))
+        other["teachers"]["seg"]["weights"] = {"repo_id": "someone/else"}
+        store.TargetStream(full_store, ["seg"], expected_teachers=other)
