@@ -38,7 +38,32 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check pipeline teachers trainer tests benchmarks
 
+# ---- the demo: sample data -> tiny teachers -> local Ray head -> `ray job submit` extraction -> inspect ------
+DEMO ?= demo
+DEMO_DIR := $(abspath $(DEMO))
+DEMO_SAMPLES ?= 48
+DEMO_RAY_PORT ?= 6390
+DEMO_DASHBOARD_PORT ?= 8275
+export HF_HUB_OFFLINE := 1
+
 demo: setup
-	@echo "make demo: the extraction job (pipeline.extract_teachers) and the trainer (trainer.pt) do not exist yet;" >&2
-	@echo "           see the open issues 'extract_teachers' and 'trainer.pt'." >&2
+	@echo "== 1/5 sample dataset (LLaVA format) -> $(DEMO)/data"
+	$(PY) -m pipeline.sample $(DEMO_DIR)/data --num-samples $(DEMO_SAMPLES) --bad 7 --odd 7 --seed 0
+	@echo "== 2/5 tiny random-weight teachers -> $(DEMO)/teachers"
+	$(PY) -m teachers.tiny $(DEMO_DIR)/teachers
+	@echo "== 3/5 extraction: a local Ray head on 127.0.0.1, the job through 'ray job submit'"
+	$(PY) -m pipeline.localray stop $(DEMO_DIR)/ray >/dev/null
+	$(PY) -m pipeline.localray start $(DEMO_DIR)/ray --port $(DEMO_RAY_PORT) --dashboard-port $(DEMO_DASHBOARD_PORT)
+	eval "$$($(PY) -m pipeline.localray env $(DEMO_DIR)/ray)"; \
+	trap '$(PY) -m pipeline.localray stop $(DEMO_DIR)/ray' EXIT; \
+	$(VENV)/bin/ray job submit --working-dir . --runtime-env-json '{"env_vars": {"HF_HUB_OFFLINE": "1"}}' -- \
+	  python -m pipeline.extract_teachers --data-path $(DEMO_DIR)/data/blip_laion_cc_sbu_558k.json \
+	    --image-folder $(DEMO_DIR)/data/images --output $(DEMO_DIR)/store \
+	    --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --shard-size 16 --batch-size 8 --no-progress
+	@echo "== 4/5 what the store holds"
+	$(PY) -m pipeline.inspect $(DEMO_DIR)/store summary
+	$(PY) -m pipeline.inspect $(DEMO_DIR)/store verify
+	$(PY) -m pipeline.inspect $(DEMO_DIR)/store render --out $(DEMO_DIR)/sample.png
+	@echo "== 5/5 training"
+	@echo "make demo: the trainer (trainer.pt) does not exist yet; see the open issue 'trainer.pt'." >&2
 	@exit 1

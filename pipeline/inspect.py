@@ -3,9 +3,10 @@
     python -m pipeline.inspect STORE summary            samples, valid/bad, shards done/pending, teachers, bytes
     python -m pipeline.inspect STORE verify [--full]    checksums of every file, zarr chunk CRCs, Zarr == WebDataset
     python -m pipeline.inspect STORE stats [--per-shard] per task mean/std/min/max/NaN count
-    python -m pipeline.inspect STORE show KEY           everything stored for one sample
-    python -m pipeline.inspect STORE render KEY --out sample.png
+    python -m pipeline.inspect STORE show [KEY]         everything stored for one sample
+    python -m pipeline.inspect STORE render [KEY] --out sample.png
                                                         the image beside PCA maps of its depth and seg targets
+KEY is a sample id; without one, show and render take the first sample with every target valid.
 Add --json (before the command) for machine-readable output. `verify` exits 1 naming each bad shard; any
 unusable input (not a store, an unknown format version, a missing key) exits 2 with one message.
 """
@@ -287,6 +288,22 @@ def _find(s: Store, key: str) -> tuple[int, dict | None]:
     raise KeyError(f"sample {key!r} is not in a done shard of {s.path}")
 
 
+def first_valid_key(s: Store) -> str:
+    for i in s.done_shards([]):
+        rec = s.records[i]
+        bad = {e["id"] for e in rec.get("errors", [])}
+        if "wds" in s.manifest["formats"]:
+            for raw in store.iter_tar(s.path / store.tar_name(i)):
+                meta = json.loads(raw["json"])
+                if meta["id"] not in bad and all(meta["valid"].values()):
+                    return meta["id"]
+        else:
+            for k in s.zarr()["keys"][rec["start"]:rec["stop"]]:
+                if str(k) not in bad:
+                    return str(k)
+    raise KeyError(f"{s.path} has no done shard with a valid sample")
+
+
 def show(s: Store, key: str) -> dict:
     shard, raw = _find(s, key)
     rec = s.records[shard]
@@ -359,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--per-shard", action="store_true", help="also per shard")
     st.add_argument("--tasks", default=None, help="comma list (default: all)")
     sh = sub.add_parser("show", help="everything stored for one sample")
-    sh.add_argument("key", help="the sample id (the dataset record's id)")
+    sh.add_argument("key", nargs="?", help="the sample id (the dataset record's id; default: the first valid one)")
     r = sub.add_parser("render", help="a PNG: the image beside PCA-to-RGB maps of its targets")
-    r.add_argument("key", help="the sample id")
+    r.add_argument("key", nargs="?", help="the sample id (default: the first valid one)")
     r.add_argument("--out", required=True, help="output PNG path")
     args = p.parse_args(argv)
 
@@ -401,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{shard:<6} {t:<6} {m['values']:>12} {f(m['mean'])} {f(m['std'])} {f(m['min'])} "
                           f"{f(m['max'])} {m['nan']:>6}")
             return 0
+        if args.command in ("show", "render") and not args.key:
+            args.key = first_valid_key(s)
         if args.command == "show":
             d = show(s, args.key)
             print(json.dumps(d, indent=1, default=str))

@@ -45,7 +45,7 @@ class Record:
         return gpt[0] if gpt else ""
 
 
-def load_records(path: str | Path, limit: int | None = None, max_problems: int = 50) -> list[Record]:
+def load_records(path: str | Path, limit: int | None = None, max_problems: int = 50) -> tuple[list[Record], int]:
     """Read and structurally validate a LLaVA JSON file.
 
     Structural problems (not a JSON list, a record that is not an object, a record without a usable id,
@@ -54,6 +54,7 @@ def load_records(path: str | Path, limit: int | None = None, max_problems: int =
     text-only records) are not checked here; the pipeline records them as bad samples.
 
     `limit` keeps a prefix of the records (smoke runs); validation covers only that prefix.
+    Returns (records, number of records in the file).
     """
     path = Path(path)
     if not path.is_file():
@@ -67,6 +68,7 @@ def load_records(path: str | Path, limit: int | None = None, max_problems: int =
         raise DatasetError(f"{path} is not UTF-8 text: {e}") from None
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    in_file = len(data)
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"--limit must be >= 1, got {limit}")
@@ -109,5 +111,5 @@ def load_records(path: str | Path, limit: int | None = None, max_problems: int =
         )
     if not records:
         raise DatasetError(f"{path}: the dataset has no records")
-    return records
+    return records, in_file
 

@@ -29,3 +29,61 @@ def load_teachers(
     specs = manifest.select(list(tasks))
     adapters = [adapter_for(s) for s in specs]
     return {s.task: a.load(s, device=device, dtype=dtype) for s, a in zip(specs, adapters, strict=True)}
+
+
+class TeacherSet:
+    """The loaded teachers of one worker: one decoded batch in, every teacher's targets out.
+
+    A batch that fails as a whole (a kernel error, an out-of-memory) is retried one sample at a time, so a sample
+    that breaks a teacher is reported alone; non-finite outputs are reported per sample too.
+    """
+
+    def __init__(self, teachers: dict[str, Teacher], device: str | torch.device):
+        self.teachers = teachers
+        self.device = torch.device(device)
+
+    @classmethod
+    def load(cls, manifest: TeacherManifest, tasks, device="cpu", dtype=torch.float32) -> TeacherSet:
+        return cls(load_teachers(manifest, tasks, device=device, dtype=dtype), device)
+
+    def weights_sha256(self) -> dict[str, str]:
+        return {t: teacher.weights_sha256 for t, teacher in self.teachers.items()}
+
+    def _forward(self, teacher: Teacher, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+        try:
+            return teacher(x), {}
+        except Exception as batch_error:
+            if x.shape[0] == 1:
+                raise
+            del batch_error
+        errors: dict[int, str] = {}
+        rows = []
+        for i in range(x.shape[0]):
+            try:
+                rows.append(teacher(x[i:i + 1]))
+            except Exception as e:
+                errors[i] = f"teacher failed: {type(e).__name__}: {str(e)[:200]}"
+                rows.append(torch.zeros(1, *teacher.spec.output_shape, device=x.device))
+        return torch.cat(rows), errors
+
+    def run(self, pixels: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:
+        """pixels: task -> uint8 (n, H, W, 3) numpy or tensor. Returns (task -> float32 (n, T, W) on the device,
+        task -> {row: reason} for rows that are not valid)."""
+        import warnings
+
+        outs, errors = {}, {}
+        for task, teacher in self.teachers.items():
+            arr = pixels[task]
+            if len(arr) == 0:
+                outs[task], errors[task] = torch.zeros(0, *teacher.spec.output_shape, device=self.device), {}
+                continue
+            with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write them
+                warnings.simplefilter("ignore", UserWarning)
+                x = torch.as_tensor(arr).to(self.device, non_blocking=True)
+            out, errs = self._forward(teacher, x)
+            bad = (~torch.isfinite(out).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+            for i in bad:
+                errs.setdefault(i, "non-finite values in the teacher's output")
+                out[i] = 0
+            outs[task], errors[task] = out, errs
+        return outs, errors

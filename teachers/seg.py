@@ -55,13 +55,14 @@ def full_config() -> OneFormerConfig:
 
 
 def tiny_model():
-    """Same patch (4), window (12) and strides (stage 4 = 25x25 on 800 px), tiny widths; the full OneFormer
+    """Same patch (4), window (12) and strides (stage 4 = 25x25 on 800 px), tiny widths and one block per stage
+    (two, so one shifted window, in stage 3): CPU tests run it often. The full OneFormer
     model is built and saved so that loading exercises the real checkpoint layout."""
     from transformers import OneFormerForUniversalSegmentation
 
     cfg = OneFormerConfig(
         backbone_config=SwinConfig(
-            image_size=384, patch_size=4, embed_dim=12, depths=[2, 2, 2, 2], num_heads=[1, 2, 3, 4], window_size=12,
+            image_size=384, patch_size=4, embed_dim=12, depths=[1, 1, 2, 1], num_heads=[1, 2, 3, 4], window_size=12,
             out_features=["stage1", "stage2", "stage3", "stage4"],
         ),
         hidden_dim=32, mask_dim=32, conv_dim=32, num_queries=4, text_encoder_width=32, text_encoder_num_layers=1,

@@ -10,6 +10,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray the tests start is single-node on 127.0.0.1, sends no usage stats, and uses a token of this session.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_AUTH_MODE"] = "token"
+if "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    import secrets
+    import tempfile
+
+    _fd, _token_path = tempfile.mkstemp(prefix="olaf-ray-token-")
+    os.write(_fd, secrets.token_hex(32).encode())
+    os.close(_fd)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = _token_path
 
 
 @pytest.fixture(scope="session")

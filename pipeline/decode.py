@@ -1,0 +1,61 @@
+"""The CPU stage of extraction: read, decode and preprocess one batch of records for every teacher.
+
+A pure function, run in Ray CPU workers (and by tests and the single-process reference as it is). Each sample
+fails alone: a missing, empty, truncated, non-image, bomb or escaping file, or a text-only record, becomes a
+recorded reason, and its neighbours in the batch go on. Good samples come out as one uint8 array per teacher
+(n_ok, H, W, 3), in batch order, ready for the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.imageops import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, read_image_bytes
+from pipeline.llava import Record
+from pipeline.store import SampleResult
+from pipeline.teacher_manifest import TeacherSpec
+
+
+@dataclass
+class DecodedBatch:
+    pixels: dict[str, np.ndarray]  # task -> uint8 (n_ok, H, W, 3) for the samples whose error is None
+    samples: list[SampleResult]  # every sample of the batch, in order
+    seconds: float  # CPU time spent, for the starvation report
+
+
+def preprocess_one(specs: list[TeacherSpec], rgb) -> dict[str, np.ndarray]:
+    from teachers.base import preprocess  # the recipe's PIL ops (teachers owns the recipe's application)
+
+    return {s.task: preprocess(s, rgb) for s in specs}
+
+
+def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSpec],
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
+    t0 = time.process_time()
+    samples: list[SampleResult] = []
+    arrays: dict[str, list[np.ndarray]] = {s.task: [] for s in specs}
+    for rec in records:
+        data, error = None, None
+        try:
+            if rec.image is None:
+                raise BadImage("text-only record (no 'image' field): no targets to compute")
+            data = read_image_bytes(image_folder, rec.image)
+            rgb = decode_rgb(data, max_pixels=max_pixels)
+            per_task = preprocess_one(specs, rgb)
+        except BadImage as e:
+            error = str(e)
+        except Exception as e:  # anything else a hostile file can provoke stays this sample's problem
+            error = f"preprocessing failed: {type(e).__name__}: {e}"
+        if error is None:
+            for task, arr in per_task.items():
+                arrays[task].append(arr)
+        samples.append(SampleResult(index=rec.index, id=rec.id, record=rec.raw, image=rec.image,
+                                    image_bytes=data, error=error))
+    pixels = {}
+    for s in specs:
+        h, w = s.preprocess.input_size
+        pixels[s.task] = np.stack(arrays[s.task]) if arrays[s.task] else np.zeros((0, h, w, 3), np.uint8)
+    return DecodedBatch(pixels, samples, time.process_time() - t0)

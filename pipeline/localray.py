@@ -1,0 +1,165 @@
+"""Start and stop a single-machine Ray head on 127.0.0.1 -- and only that one.
+
+    python -m pipeline.localray start STATE_DIR [--port 6379] [--dashboard-port 8265] [--num-cpus N]
+    eval "$(python -m pipeline.localray env STATE_DIR)"     # RAY_ADDRESS etc. for `ray job submit`
+    python -m pipeline.localray stop STATE_DIR
+
+For the demo and the tests. `ray stop` ends every Ray process on the machine; this stops exactly the processes
+started here: each carries OLAF_LOCAL_RAY=<id> in its environment, inherited from `ray start`. The head runs in
+single-node mode (everything binds and talks on 127.0.0.1), sends no usage statistics, and requires a token
+(RAY_AUTH_MODE=token) kept in STATE_DIR/auth_token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+MARKER = "OLAF_LOCAL_RAY"
+
+
+def ray_env(state: Path) -> dict[str, str]:
+    """What every process talking to this head needs (Ray reads these at import time)."""
+    info = json.loads((state / "state.json").read_text())
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(state / "auth_token"),
+        "RAY_ADDRESS": f"http://127.0.0.1:{info['dashboard_port']}",
+    }
+
+
+def start(state: Path, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None,
+          timeout: float = 120) -> dict:
+    state = state.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / "state.json").exists():
+        raise SystemExit(f"{state} already describes a running head; stop it first (python -m pipeline.localray stop {state})")
+    token = state / "auth_token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    temp = tempfile.mkdtemp(prefix="olaf-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    marker = f"{os.getpid()}-{secrets.token_hex(4)}"
+    info = {"marker": marker, "temp_dir": temp, "port": port, "dashboard_port": dashboard_port}
+    (state / "state.json").write_text(json.dumps(info))
+    env = {**os.environ, **ray_env(state), MARKER: marker}
+    env.pop("RAY_ADDRESS")
+    # job entrypoints run `python` from the head's PATH: make it this interpreter's environment
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+           "--temp-dir", temp, "--disable-usage-stats"] + (["--num-cpus", str(num_cpus)] if num_cpus else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        stop(state)
+        raise SystemExit(f"ray start failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    # the job server answers once the dashboard is up
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{dashboard_port}/api/version",
+                                         headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+            with urllib.request.urlopen(req, timeout=2):
+                return info
+        except OSError:
+            time.sleep(0.5)
+    stop(state)
+    raise SystemExit(f"the Ray dashboard did not come up on 127.0.0.1:{dashboard_port} within {timeout:.0f} s")
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes carrying the marker, and all their descendants (Ray's agents rename themselves with
+    setproctitle, which hides their environment, but they are the raylet's children)."""
+    needle = f"{MARKER}={marker}".encode()
+    marked, children = set(), {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes():
+                marked.add(int(d.name))
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    todo, out = list(marked), set(marked)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return sorted(out)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"  # a zombie is dead: only its parent can reap it
+    except (OSError, IndexError):
+        return False
+
+
+def stop(state: Path, grace: float = 5.0) -> int:
+    """Stop the head described in STATE_DIR; returns how many processes were ended."""
+    state = state.resolve()
+    f = state / "state.json"
+    if not f.exists():
+        return 0
+    info = json.loads(f.read_text())
+    pids = _marked(info["marker"])
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):  # once the raylet is gone, its agents are
+        # orphans that no longer show as descendants: keep the full list from before the first signal
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        t0 = time.time()
+        while time.time() - t0 < wait and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
+            break
+    shutil.rmtree(info["temp_dir"], ignore_errors=True)
+    f.unlink()
+    return len(pids)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.localray", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="start a head on 127.0.0.1")
+    s.add_argument("state", type=Path)
+    s.add_argument("--port", type=int, default=6379)
+    s.add_argument("--dashboard-port", type=int, default=8265)
+    s.add_argument("--num-cpus", type=int, default=None)
+    e = sub.add_parser("env", help="print shell exports for clients of the head")
+    e.add_argument("state", type=Path)
+    t = sub.add_parser("stop", help="stop exactly the processes of that head")
+    t.add_argument("state", type=Path)
+    a = p.parse_args(argv)
+    if a.cmd == "start":
+        info = start(a.state, a.port, a.dashboard_port, a.num_cpus)
+        print(f"Ray head on 127.0.0.1:{info['port']} (jobs: http://127.0.0.1:{info['dashboard_port']})")
+    elif a.cmd == "env":
+        for k, v in ray_env(a.state.resolve()).items():
+            print(f"export {k}={v}")
+    else:
+        print(f"stopped the Ray head of {a.state} ({stop(a.state)} processes needed a kill)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
