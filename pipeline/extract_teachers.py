@@ -45,9 +45,9 @@ from pipeline.imageops import DEFAULT_MAX_PIXELS
 from pipeline.llava import DatasetError
 from pipeline.plan import Plan, make_plan
 from pipeline.store import StoreError
-from teachers.weights import WeightsNotFound
 from pipeline.teacher_manifest import DEFAULT_MANIFEST, TASKS, ManifestError, TeacherManifest, load_manifest
 from pipeline.work import BatchTargets, assemble_shard, batches_of, compute_batch
+from teachers.weights import WeightsNotFound
 
 
 class UsageError(Exception):
@@ -413,7 +413,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
                   "max_pixels": s.max_pixels, "fidelity": manifest.fidelity, **versions}
     if existing:
         m = existing
-        m["tasks"].update({t: l.to_dict() for t, l in layouts_for(manifest, load_tasks, s.encoding).items()
+        m["tasks"].update({t: lay.to_dict() for t, lay in layouts_for(manifest, load_tasks, s.encoding).items()
                            if t not in m["tasks"]})
         m["tasks"] = {t: m["tasks"][t] for t in TASKS if t in m["tasks"]}
         m.setdefault("runs", []).append({"started": store.now(), "tasks": s.tasks, **extraction})
