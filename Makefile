@@ -38,20 +38,22 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check pipeline teachers trainer tests benchmarks
 
-# ---- the demo: sample data -> tiny teachers -> local Ray head -> `ray job submit` extraction -> inspect ------
+# ---- the demo: sample data -> tiny teachers -> local Ray head -> `ray job submit` extraction -> inspect
+#      -> tiny LLM + CLIP -> trainer.pt (a few dozen PT steps) -> export + loss curve
 DEMO ?= demo
 DEMO_DIR := $(abspath $(DEMO))
 DEMO_SAMPLES ?= 48
+DEMO_STEPS ?= 40
 DEMO_RAY_PORT ?= 6390
 DEMO_DASHBOARD_PORT ?= 8275
 export HF_HUB_OFFLINE := 1
 
 demo: setup
-	@echo "== 1/5 sample dataset (LLaVA format) -> $(DEMO)/data"
+	@echo "== 1/6 sample dataset (LLaVA format, with broken and awkward images mixed in) -> $(DEMO)/data"
 	$(PY) -m pipeline.sample $(DEMO_DIR)/data --num-samples $(DEMO_SAMPLES) --bad 7 --odd 7 --seed 0
-	@echo "== 2/5 tiny random-weight teachers -> $(DEMO)/teachers"
+	@echo "== 2/6 tiny random-weight teachers -> $(DEMO)/teachers"
 	$(PY) -m teachers.tiny $(DEMO_DIR)/teachers
-	@echo "== 3/5 extraction: a local Ray head on 127.0.0.1, the job through 'ray job submit'"
+	@echo "== 3/6 extraction: a Ray head on 127.0.0.1 (stopped afterwards), the job through 'ray job submit'"
 	$(PY) -m pipeline.localray stop $(DEMO_DIR)/ray >/dev/null
 	$(PY) -m pipeline.localray start $(DEMO_DIR)/ray --port $(DEMO_RAY_PORT) --dashboard-port $(DEMO_DASHBOARD_PORT)
 	eval "$$($(PY) -m pipeline.localray env $(DEMO_DIR)/ray)"; \
@@ -60,10 +62,18 @@ demo: setup
 	  python -m pipeline.extract_teachers --data-path $(DEMO_DIR)/data/blip_laion_cc_sbu_558k.json \
 	    --image-folder $(DEMO_DIR)/data/images --output $(DEMO_DIR)/store \
 	    --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --shard-size 16 --batch-size 8 --no-progress
-	@echo "== 4/5 what the store holds"
+	@echo "== 4/6 what the store holds"
 	$(PY) -m pipeline.inspect $(DEMO_DIR)/store summary
 	$(PY) -m pipeline.inspect $(DEMO_DIR)/store verify
 	$(PY) -m pipeline.inspect $(DEMO_DIR)/store render --out $(DEMO_DIR)/sample.png
-	@echo "== 5/5 training"
-	@echo "make demo: the trainer (trainer.pt) does not exist yet; see the open issue 'trainer.pt'." >&2
-	@exit 1
+	@echo "== 5/6 tiny LLM (fitted on the captions) and CLIP tower -> $(DEMO)/models"
+	$(PY) -m trainer.tiny $(DEMO_DIR)/models --captions $(DEMO_DIR)/data/blip_laion_cc_sbu_558k.json --lm-steps 200
+	@echo "== 6/6 PT training from the store ($(DEMO_STEPS) steps; the teachers are never loaded)"
+	rm -rf $(DEMO_DIR)/run
+	$(PY) -m trainer.pt --store $(DEMO_DIR)/store --config $(DEMO_DIR)/models/pt_tiny.yaml \
+	  --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --output-dir $(DEMO_DIR)/run --max-steps $(DEMO_STEPS) \
+	  --set learning_rate=3e-3
+	$(PY) -m trainer.plot $(DEMO_DIR)/run
+	@echo
+	@echo "demo done: $(DEMO)/store (targets), $(DEMO)/sample.png (a sample and its targets),"
+	@echo "           $(DEMO)/run/export (mm_projector.bin, task tokens, predictors), $(DEMO)/run/loss.png"

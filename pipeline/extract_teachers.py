@@ -354,7 +354,14 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     batch = s.batch_size or (64 if device == "cuda" else 8)
     threads = s.torch_threads or max(1, int(s.cpus_per_actor))
-    prefetch = s.prefetch or max(2, int((cpus - n_actors * s.cpus_per_actor) // max(s.decode_cpus, 0.01) // n_actors))
+    spare = cpus - n_actors * s.cpus_per_actor
+    if gpa > 0 and gpus < n_actors * gpa:
+        raise UsageError(f"{n_actors} actors x {gpa} GPUs need {n_actors * gpa:g} GPUs; the cluster has {gpus:g}")
+    if spare < s.decode_cpus:  # the actors would hold every CPU and no image would ever be decoded
+        raise UsageError(f"{n_actors} actors x {s.cpus_per_actor:g} CPUs leave {max(spare, 0):g} of the cluster's "
+                         f"{cpus:g} CPUs, less than one decode task's {s.decode_cpus:g}: lower --actors or "
+                         f"--cpus-per-actor (fractions are fine), or --decode-cpus")
+    prefetch = s.prefetch or max(2, int(spare // s.decode_cpus // n_actors))
     max_writers = s.max_writers or 2 * n_actors + 1
 
     # 2. verify what is done (in parallel), recover interrupted commits
@@ -432,7 +439,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
 
     # 5. the pipeline: decode tasks -> actors -> writer tasks, with bounded queues
     decode = ray.remote(num_cpus=s.decode_cpus, max_retries=3)(_decode).options(num_returns=2)
-    write = ray.remote(num_cpus=1, max_retries=3)(_write)
+    write = ray.remote(num_cpus=min(1.0, s.decode_cpus), max_retries=3)(_write)  # mostly I/O
     specs = {t: manifest.teachers[t] for t in load_tasks}
     queue = deque(sorted(work))
     total = sum(len(plan.shard_records(i)) for i in work)

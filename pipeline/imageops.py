@@ -149,6 +149,16 @@ def center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
     return canvas.crop((left, top, left + width, top + height))
 
 
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's expand2square: centre the image on a square canvas of its longer side, filled with `fill`."""
+    w, h = img.size
+    if w == h:
+        return img
+    canvas = Image.new(img.mode, (max(w, h),) * 2, fill)
+    canvas.paste(img, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return canvas
+
+
 @dataclass(frozen=True)
 class Op:
     """One geometric op of a recipe, as written in a teacher manifest."""

@@ -735,15 +735,16 @@ class TargetStream(tud.IterableDataset):
         shard list (seeded order per epoch, split by rank and worker) -> tar samples -> shuffle buffer (seeded)
         -> skip (resume) -> decode (image bytes, record, targets, valid) -> map_fn (the trainer's preprocessing)
 
-    The order is a pure function of (seed, world size, number of workers), so a run resumed with `skip` sees the
-    same samples as an uninterrupted one. `repeat=True` streams epoch after epoch (the trainer stops at its step
-    budget).
+    The order is a pure function of (seed, world size, number of workers), so a run resumed with `skip` (per
+    worker stream) and `worker_offset` sees the same samples in the same order as an uninterrupted one; every
+    sample carries `stream` = (worker stream, position) for that bookkeeping. `map_fn` may return None to drop a
+    sample. `repeat=True` streams epoch after epoch (the trainer stops at its step budget).
     """
 
     def __init__(self, store_or_path, tasks, *, expected_teachers: dict | None = None, shuffle_buffer: int = 1000,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, repeat: bool = True,
                  compact: bool = True, check: str = "size", allow_partial: bool = False,
-                 skip: int | list[int] = 0, map_fn=None):
+                 skip: int | list[int] = 0, worker_offset: int = 0, map_fn=None):
         s = store_or_path if isinstance(store_or_path, Store) else Store(store_or_path)
         self.tasks = list(tasks)
         s.require(self.tasks, expected_teachers=expected_teachers, allow_partial=allow_partial, formats=["wds"])
@@ -752,6 +753,7 @@ class TargetStream(tud.IterableDataset):
         self.num_samples = sum(s.records[i]["count"] for i in s.done_shards(self.tasks))
         self.shuffle_buffer, self.seed, self.repeat, self.compact = shuffle_buffer, seed, repeat, compact
         self.rank, self.world_size, self.skip, self.map_fn = rank, world_size, skip, map_fn
+        self.worker_offset = worker_offset
 
     def _rank_world(self) -> tuple[int, int]:
         if self.rank is not None:
@@ -769,6 +771,9 @@ class TargetStream(tud.IterableDataset):
 
         info = tud.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader asks its workers in turn, starting with worker 0: after k batches a resumed loader must
+        # start with the stream that was next, so DataLoader worker i plays stream (i + k) % workers
+        worker = (worker + self.worker_offset) % workers
         rank, world = self._rank_world()
         stream, streams, by_shard = split_streams(len(self.urls), rank, world, worker, workers)
         skip = self.skip[worker] if isinstance(self.skip, list | tuple) else self.skip
@@ -792,7 +797,11 @@ class TargetStream(tud.IterableDataset):
         it = samples()
         for _ in range(skip):  # resume: drop what was consumed, before any decoding
             next(it, None)
-        for raw in it:
+        for pos, raw in enumerate(it, start=skip):
             sample = decode_tar_sample(raw, self.manifest, self.tasks, compact=self.compact)
-            yield self.map_fn(sample) if self.map_fn is not None else sample
-
+            # where this sample sits in its worker's stream: a consumer that checkpoints the largest position it
+            # used, per worker, resumes exactly with skip = position + 1 (filtered samples included)
+            sample["stream"] = (worker, pos)
+            out = self.map_fn(sample) if self.map_fn is not None else sample
+            if out is not None:  # map_fn may drop a sample (e.g. an unusable image)
+                yield out

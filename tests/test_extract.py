@@ -16,16 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import BATCH, SHARD, reference_store
 
 from pipeline import inspect, store
-from pipeline.decode import decode_batch
-from pipeline.plan import make_plan
 from pipeline.teacher_manifest import load_manifest
-from pipeline.work import assemble_shard, batches_of, compute_batch
 
 pytestmark = pytest.mark.slow
-SHARD, BATCH = 8, 4
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,33 +31,6 @@ def dataset(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("extract_ds")
     return generate(out, num_samples=16, seed=3, bad=7, odd=7), out / "images"
-
-
-def reference_store(path: Path, dataset, manifest_path: Path, tasks=("gen", "depth", "seg")) -> Path:
-    """The straightforward way: one process, shard after shard, batch after batch."""
-    from teachers.registry import TeacherSet
-
-    torch.set_num_threads(1)
-    json_path, images = dataset
-    plan = make_plan(json_path, images, SHARD)
-    manifest = load_manifest(manifest_path)
-    teachers = TeacherSet.load(manifest, tasks)
-    layouts = {t: store.TaskLayout(manifest.teachers[t].output_shape, "fp16",
-                                   store.grid_of(manifest.teachers[t].output_shape[0])) for t in tasks}
-    m = store.new_manifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=SHARD,
-                           formats=["zarr", "wds"], tasks=layouts, compression="none")
-    path.mkdir(parents=True)
-    store.write_manifest(path, m)
-    store.ensure_zarr(path, m)
-    specs = [manifest.teachers[t] for t in tasks]
-    for i in range(plan.num_shards):
-        metas, targets = [], []
-        for chunk in batches_of(plan.shard_records(i), BATCH):
-            d = decode_batch(chunk, str(images), specs)
-            metas.append(d)
-            targets.append(compute_batch(teachers, d.pixels, {t: "fp16" for t in tasks}))
-        store.commit_shard(path, assemble_shard(m, i, tuple(tasks), metas, targets))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +265,9 @@ def _listen_ips(pids: list[int]) -> set[bytes]:
             hexip = f[1].split(":")[0]
             ips.add(".".join(str(int(hexip[i:i + 2], 16)) for i in (6, 4, 2, 0)).encode())
     return ips
+
+
+def test_actors_that_would_starve_decoding_are_refused(tmp_path, dataset, tiny_teachers):
+    rc, log = run(args(dataset, tmp_path / "store", tiny_teachers, "--actors", "2", "--num-cpus", "2"), timeout=120)
+    assert rc == 2, log
+    assert "2 actors x 1 CPUs leave 0 of the cluster's 2 CPUs" in log and "--cpus-per-actor" in log

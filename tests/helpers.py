@@ -1,0 +1,53 @@
+"""Test helpers shared by several test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline import store
+from pipeline.decode import decode_batch
+from pipeline.plan import make_plan
+from pipeline.teacher_manifest import load_manifest
+from pipeline.work import assemble_shard, batches_of, compute_batch
+
+SHARD, BATCH = 8, 4
+
+
+def reference_store(path: Path, dataset, manifest_path: Path, tasks=("gen", "depth", "seg"), shard: int = SHARD,
+                    teachers_yaml: bool = False) -> Path:
+    """The straightforward way: one process, shard after shard, batch after batch."""
+    from teachers.registry import TeacherSet
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job's actors (--torch-threads 1): the same kernels, the same bytes
+    try:
+        return _build(path, dataset, manifest_path, tasks, shard, teachers_yaml, TeacherSet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(path, dataset, manifest_path, tasks, shard, teachers_yaml, TeacherSet) -> Path:
+    json_path, images = dataset
+    plan = make_plan(json_path, images, shard)
+    manifest = load_manifest(manifest_path)
+    teachers = TeacherSet.load(manifest, tasks)
+    layouts = {t: store.TaskLayout(manifest.teachers[t].output_shape, "fp16",
+                                   store.grid_of(manifest.teachers[t].output_shape[0])) for t in tasks}
+    m = store.new_manifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
+                           formats=["zarr", "wds"], tasks=layouts, compression="none")
+    path.mkdir(parents=True)
+    store.write_manifest(path, m)
+    store.ensure_zarr(path, m)
+    if teachers_yaml:  # what the Ray job records; the extraction tests compare data files only
+        store.write_teachers(path, manifest.identity(list(tasks), teachers.weights_sha256()))
+    specs = [manifest.teachers[t] for t in tasks]
+    for i in range(plan.num_shards):
+        metas, targets = [], []
+        for chunk in batches_of(plan.shard_records(i), BATCH):
+            d = decode_batch(chunk, str(images), specs)
+            metas.append(d)
+            targets.append(compute_batch(teachers, d.pixels, {t: "fp16" for t in tasks}))
+        store.commit_shard(path, assemble_shard(m, i, tuple(tasks), metas, targets))
+    return path

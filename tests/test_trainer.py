@@ -1,0 +1,340 @@
+"""trainer.pt on CPU with tiny models: loss terms, sequence layout, masking, learning, resume, torchrun, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from helpers import reference_store
+from trainer import loss as L
+from trainer.config import PTConfig
+from trainer.model import Predictor, make_layout, predictor_keys
+from trainer.templates import TEMPLATES, PromptBuilder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- fixtures --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trainer_store(tmp_path_factory, tiny_teachers):
+    from pipeline.sample import generate
+
+    ds = tmp_path_factory.mktemp("trainer_ds")
+    json_path = generate(ds, num_samples=28, seed=5, bad=4)
+    return reference_store(tmp_path_factory.mktemp("trainer_store") / "store", (json_path, ds / "images"),
+                           tiny_teachers, teachers_yaml=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from trainer.tiny import build
+
+    out = tmp_path_factory.mktemp("tiny_models")
+    cfg = build(out, lm_steps=0)
+    data = yaml.safe_load(cfg.read_text())
+    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, shuffle_buffer=16, save_every=2,
+                learning_rate=3e-3)
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def trainer_args(store, models_cfg, teachers_yaml, out, *extra):
+    return ["--store", str(store), "--config", str(models_cfg), "--teachers-manifest", str(teachers_yaml),
+            "--output-dir", str(out), *extra]
+
+
+def env():
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {
+        "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+
+
+def run_trainer(argv, timeout=600, prefix=("-m", "trainer.pt")):
+    p = subprocess.run([sys.executable, *prefix, *argv], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def log_of(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "logs" / "train.jsonl").read_text().splitlines()]
+
+
+# ---- the loss, against an independent computation --------------------------------------------------------------
+
+def ref_smooth_l1(p, t, valid):
+    vals = []
+    for i in range(len(p)):
+        if valid[i]:
+            d = np.abs(p[i] - t[i])
+            vals.append(np.where(d < 1, 0.5 * d * d, d - 0.5).mean())
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def ref_infonce(p, t_all, valid_rows, valid_all, scale, offset):
+    """Row by row: -log softmax over every valid target of the global batch."""
+    s = min(math.exp(scale), 100.0)
+    unit = lambda x: x.reshape(len(x), -1) / np.linalg.norm(x.reshape(len(x), -1), axis=1, keepdims=True)  # noqa: E731
+    pn, tn = unit(p.astype(np.float64)), unit(t_all.astype(np.float64))
+    losses = []
+    for i in range(len(p)):
+        if not valid_rows[i]:
+            continue
+        cols = [j for j in range(len(t_all)) if valid_all[j]]
+        logits = np.array([s * pn[i] @ tn[j] for j in cols])
+        k = cols.index(offset + i)
+        losses.append(-(logits[k] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()))
+    return float(np.mean(losses))
+
+
+def test_loss_terms_match_an_independent_computation():
+    g = torch.Generator().manual_seed(0)
+    cfg = PTConfig()
+    preds = {"gen": {12: torch.randn(6, 1, 16, generator=g), 20: torch.randn(6, 1, 16, generator=g)},
+             "depth": {8: torch.randn(6, 9, 8, generator=g)}}
+    targets = {"gen": torch.randn(6, 1, 16, generator=g), "depth": torch.randn(6, 9, 8, generator=g) * 3}
+    valid = {"gen": torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool), "depth": torch.ones(6, dtype=torch.bool)}
+    scales = {"gen": torch.tensor(2.0), "depth": torch.tensor(5.0)}  # exp(5) > 100: the clamp applies
+    ntp = torch.tensor(1.25)
+    total, terms = L.pt_loss(ntp, preds, targets, valid, scales, cfg)
+    want = 1.25
+    for task, by_layer in preds.items():
+        tsum = 0.0
+        for layer, p in by_layer.items():
+            sl1 = ref_smooth_l1(p.numpy(), targets[task].numpy(), valid[task].numpy())
+            nce = ref_infonce(p.numpy(), targets[task].numpy(), valid[task].numpy(), valid[task].numpy(),
+                              float(scales[task]), 0)
+            assert terms[f"{task}/{layer}/sl1"].item() == pytest.approx(sl1, rel=1e-5)
+            assert terms[f"{task}/{layer}/nce"].item() == pytest.approx(nce, rel=1e-5)
+            tsum += sl1 + 0.3 * nce
+        want += 0.5 * tsum
+    assert total.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_invalid_samples_are_masked_out_of_both_terms():
+    g = torch.Generator().manual_seed(1)
+    p, t = torch.randn(5, 4, 8, generator=g), torch.randn(5, 4, 8, generator=g)
+    valid = torch.tensor([True, True, False, True, True])
+    garbage = t.clone()
+    garbage[2] = 1e6  # an invalid target, whatever it holds, changes nothing
+    keep = valid.nonzero().flatten()
+    s = torch.tensor(2.0)
+    assert L.masked_smooth_l1(p, garbage, valid).item() == pytest.approx(L.masked_smooth_l1(p[keep], t[keep], valid[keep]).item())
+    assert L.infonce(p, garbage, valid, s).item() == pytest.approx(L.infonce(p[keep], t[keep], valid[keep], s).item(), rel=1e-6)
+    # no valid sample: zero, and a graph whose gradients are zero (not NaN)
+    p.requires_grad_(True)
+    none = torch.zeros(5, dtype=torch.bool)
+    out = L.masked_smooth_l1(p, t, none) + L.infonce(p, t, none, s)
+    out.backward()
+    assert out.item() == 0 and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def _gloo_worker(rank, world, port, result_dir, p, t, valid):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    n = p.shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    val = L.infonce(p[sl], t[sl], valid[sl], torch.tensor(2.0))
+    Path(result_dir, f"{rank}.json").write_text(json.dumps(val.item()))
+    dist.destroy_process_group()
+
+
+def test_infonce_gathers_targets_over_a_two_process_gloo_group(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    p, t = torch.randn(8, 3, 5, generator=g), torch.randn(8, 3, 5, generator=g)
+    valid = torch.tensor([True, True, True, False, True, True, True, True])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_worker, args=(2, port, str(tmp_path), p, t, valid), nprocs=2, join=True)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        sl = slice(rank * 4, rank * 4 + 4)
+        want = ref_infonce(p[sl].numpy(), t.numpy(), valid[sl].numpy(), valid.numpy(), 2.0, rank * 4)
+        assert got == pytest.approx(want, rel=1e-5)  # negatives come from both ranks' targets
+
+
+# ---- the sequence layout ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["llama_3", "phi_3"])
+def test_image_offset_and_predictor_keys(tiny_models, template):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(tiny_models).parent / "llm")
+    t = TEMPLATES[template]
+    builder = PromptBuilder(tok, t, 4096)
+    record = {"conversations": [{"from": "human", "value": "Describe the image.\n<image>"},
+                                {"from": "gpt", "value": "a small red square in the center on a gray background."}]}
+    # independently: put an atomic special token where the image goes and find it in the full tokenisation
+    full = tok(t.system + t.sep + t.user_start + "<pad>" + "\nDescribe the image." + t.sep + t.assistant_start,
+               add_special_tokens=False)["input_ids"]
+    expected = full.index(tok.pad_token_id) + (1 if tok.bos_token_id is not None else 0)
+    assert builder.image_offset == expected
+    x = builder(record)
+    assert tok.decode([i for i in x.text_labels if i >= 0]) == "a small red square in the center on a gray background." + t.sep
+    assert tok.decode(x.text_ids).startswith("\nDescribe the image." + t.sep)
+    # keys: prefix + image + the task's own tokens + text, padding masked, other tasks' tokens left out
+    P, image = builder.image_offset, 576
+    layout = make_layout(P, image, ["gen", "depth", "seg"], {"gen": 8, "depth": 8, "seg": 8})
+    assert layout.task_slots == {"gen": (P + 576, P + 584), "depth": (P + 584, P + 592), "seg": (P + 592, P + 600)}
+    n_text = 5
+    hidden = torch.arange(layout.text_start + n_text, dtype=torch.float32).view(1, -1, 1).repeat(2, 1, 3)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    keys, mask = predictor_keys(hidden, text_mask, layout, "depth")
+    pos = keys[0, :, 0].long().tolist()
+    assert pos == list(range(P + 576)) + list(range(P + 584, P + 592)) + list(range(P + 600, P + 605))
+    assert mask[0].all() and mask[1].tolist() == [True] * (P + 576 + 8 + 3) + [False, False]
+
+
+def test_predictor_ignores_masked_keys():
+    torch.manual_seed(0)
+    pred = Predictor(16, 8, heads=4, dim_head=4).eval()
+    keys, latents = torch.randn(1, 10, 16), torch.randn(1, 3, 16)
+    mask = torch.tensor([[True] * 7 + [False] * 3])
+    changed = keys.clone()
+    changed[0, 7:] = 100.0  # what padding holds must not matter
+    torch.testing.assert_close(pred(keys, mask, latents), pred(changed, mask, latents))
+    torch.testing.assert_close(pred(keys, mask, latents), pred(keys[:, :7], mask[:, :7], latents))
+
+
+# ---- training runs ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, trainer_store, tiny_models, tiny_teachers):
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc, log = run_trainer(trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "24"))
+    assert rc == 0, log
+    return out
+
+
+def test_loss_decreases_on_the_sample_data(trained):
+    log = log_of(trained)
+    assert [r["step"] for r in log] == list(range(1, 25))
+    first = np.mean([r["loss"] for r in log[:4]])
+    last = np.mean([r["loss"] for r in log[-4:]])
+    assert last < 0.9 * first, (first, last)
+    for task in ("gen", "depth", "seg"):  # every embedding loss learns, not only one
+        assert np.mean([r[task] for r in log[-4:]]) < np.mean([r[task] for r in log[:4]])
+    assert all(r["valid/depth"] == 4 for r in log)  # bad images were skipped, never trained on
+    assert (trained / "tensorboard").is_dir() and list((trained / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_export_loads_into_a_fresh_projector(trained):
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import load_mm_projector
+    from trainer.model import Projector
+
+    exp = trained / "export"
+    info = json.loads((exp / "config.json").read_text())
+    assert info["layers"] == {"gen": [12, 20], "depth": [8, 20], "seg": [10, 18]} and info["num_image_tokens"] == 576
+    assert info["mm_projector_type"] == "mlp2x_gelu" and info["steps"] == 24
+    fresh = Projector(info["mm_hidden_size"], info["hidden_size"])
+    load_mm_projector(exp / "mm_projector.bin", fresh)
+    last = load_file(sorted((trained / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors")
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, last[f"projector.{k}"])
+    keys = set(torch.load(exp / "mm_projector.bin", weights_only=True))
+    assert keys == {"model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
+                    "model.mm_projector.2.bias"}
+    tokens = load_file(exp / "task_tokens.safetensors")
+    assert tokens["special_depth_tokens"].shape == (576, 64) and tokens["special_gen_tokens"].shape == (8, 64)
+    heads = load_file(exp / "predictors.safetensors")
+    assert {k.split(".")[1] for k in heads if k.startswith("predictors.")} == {"gen_12", "gen_20", "depth_8",
+                                                                                "depth_20", "seg_10", "seg_18"}
+
+
+def test_plot_writes_a_loss_curve_png(trained):
+    from PIL import Image
+
+    rc, out = run_trainer([str(trained)], prefix=("-m", "trainer.plot"), timeout=120)
+    assert rc == 0, out
+    img = np.asarray(Image.open(trained / "loss.png").convert("RGB"))
+    assert img.shape == (760, 1000, 3) and (img < 250).any(axis=2).mean() > 0.02  # something is drawn
+
+
+def test_kill_and_resume_give_the_same_losses(tmp_path, trainer_store, tiny_models, tiny_teachers, trained):
+    out = tmp_path / "out"
+    argv = trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "24")
+    p = subprocess.Popen([sys.executable, "-m", "trainer.pt", *argv], cwd=REPO, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while not (out / "checkpoints" / "step-000006").exists():
+        assert p.poll() is None and time.time() - t0 < 300
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "export").exists()
+    rc, log = run_trainer(argv + ["--resume"])
+    assert rc == 0, log
+    assert "resumed from" in log
+    a, b = log_of(trained), log_of(out)
+    assert [r["step"] for r in b] == list(range(1, 25))
+    for ra, rb in zip(a, b, strict=True):  # the same samples in the same order, the same optimizer state
+        for k, v in ra.items():
+            if not k.endswith("_per_s"):
+                assert rb[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (ra["step"], k)
+
+
+def test_refuses_to_overwrite_a_run_without_resume(trained, trainer_store, tiny_models, tiny_teachers):
+    rc, log = run_trainer(trainer_args(trainer_store, tiny_models, tiny_teachers, trained, "--max-steps", "2"))
+    assert rc != 0 and "pass --resume" in log
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, trainer_store, tiny_models, tiny_teachers):
+    out = tmp_path / "out"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    argv = trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "3",
+                        "--set", "global_batch_size=8", "--set", "num_workers=1")
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29561",
+                        "-m", "trainer.pt", *argv], cwd=REPO, env=env() | {"OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    log = log_of(out)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["samples"] == 8 for r in log)
+    state = json.loads((sorted((out / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
+    assert set(state["positions"]) == {"0", "1"}  # each rank's own data position
+
+
+def test_trains_with_the_teachers_package_unimportable(tmp_path, trainer_store, tiny_models, tiny_teachers):
+    out = tmp_path / "out"
+    code = ("import sys; sys.modules['teachers'] = None; import runpy; "  # any `import teachers` now fails
+            "sys.argv = ['trainer.pt'] + sys.argv[1:]; runpy.run_module('trainer.pt', run_name='__main__')")
+    rc, log = run_trainer(trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "2"),
+                          prefix=("-c", code))
+    assert rc == 0, log
+    assert len(log_of(out)) == 2 and (out / "export" / "mm_projector.bin").exists()
+
+
+def test_a_store_from_other_teachers_is_refused(tmp_path, trainer_store, tiny_models, tiny_teachers):
+    rc, log = run_trainer(trainer_args(trainer_store, tiny_models, tiny_teachers, tmp_path / "out",
+                                       "--fidelity", "corrected", "--max-steps", "2"), timeout=120)
+    assert rc == 2
+    assert "teacher mismatch: depth: recipe differs" in log and "Traceback" not in log
+
+
+def test_config_values_follow_the_field_types(tmp_path):
+    from trainer.config import load_config
+
+    (tmp_path / "c.yaml").write_text("learning_rate: 3e-3\nmax_steps: 10\n")  # YAML 1.1 reads 3e-3 as a string
+    cfg = load_config([tmp_path / "c.yaml"], {"store": "s", "output_dir": "o"},
+                      ["micro_batch_size=2", "global_batch_size=4", "gradient_checkpointing=false", "max_grad_norm=null",
+                       "layers={gen: [1], depth: [2], seg: [3]}"])
+    assert cfg.learning_rate == 0.003 and cfg.max_steps == 10 and cfg.micro_batch_size == 2
+    assert cfg.gradient_checkpointing is False and cfg.max_grad_norm is None and cfg.layers["seg"] == [3]
+    for bad, msg in (("micro_batch_size=two", "expected int"), ("nope=1", "expected key=value"),
+                     ("global_batch_size=30", "not a multiple")):
+        with pytest.raises(ValueError, match=msg):
+            load_config([], {"store": "s", "output_dir": "o"}, [bad])

@@ -1,0 +1,137 @@
+"""The PT trainer's configuration: one dataclass, loaded from YAML (defaults: configs/ola_vlm_pt.yaml), then
+other YAML files, then `--set key=value` and the named CLI flags, in that order."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULTS = Path(__file__).parent / "configs" / "ola_vlm_pt.yaml"
+TASKS = ("gen", "depth", "seg")
+
+
+@dataclass
+class PTConfig:
+    store: str = ""
+    output_dir: str = ""
+    llm: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    vision_tower: str = "openai/clip-vit-large-patch14-336"
+    vision_select_layer: int = -2
+    image_aspect: str = "square"
+    chat_template: str = "llama_3"
+    teachers_manifest: str = "manifests/teachers/ola_vlm.yaml"
+    fidelity: str | None = None
+    tasks: list = field(default_factory=lambda: list(TASKS))
+    layers: dict = field(default_factory=lambda: {"gen": [12, 20], "depth": [8, 20], "seg": [10, 18]})
+    task_tokens: dict = field(default_factory=lambda: {"gen": 8, "depth": 8, "seg": 8})
+    special_tokens: dict = field(default_factory=lambda: {"gen": 8, "depth": 576, "seg": 576})
+    predictor: dict = field(default_factory=lambda: {"heads": 4, "dim_head": 32, "ff_mult": 1, "depth": 1})
+    task_loss_weight: float = 0.5
+    contrastive_weight: float = 0.3
+    smooth_l1_beta: float = 1.0
+    logit_scale_init: float = 2.0
+    logit_scale_max: float = 100.0
+    skip_bad_images: bool = True
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1
+    max_steps: int | None = None
+    global_batch_size: int = 256
+    micro_batch_size: int = 32
+    max_grad_norm: float | None = 1.0
+    max_length: int = 4096
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "auto"
+    precision: str = "auto"
+    seed: int = 42
+    shuffle_buffer: int = 1000
+    num_workers: int = 4
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    allow_partial_store: bool = False
+    resume: bool = False
+    note: str = ""
+
+    def validate(self) -> None:
+        problems = []
+        if not self.store:
+            problems.append("store is required (--store)")
+        if not self.output_dir:
+            problems.append("output_dir is required (--output-dir)")
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            problems.append(f"tasks {bad} unknown; choose from {TASKS}")
+        for t in self.tasks:
+            if not self.layers.get(t):
+                problems.append(f"layers.{t} is empty")
+            if t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
+                problems.append(f"special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
+                                f"task_tokens.{t} ({self.task_tokens[t]})")
+        if self.global_batch_size % self.micro_batch_size:
+            problems.append(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                            f"{self.micro_batch_size}")
+        if self.image_aspect not in ("square", "pad"):
+            problems.append(f"image_aspect must be square or pad, got {self.image_aspect!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if problems:
+            raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
+
+
+_TYPES = {f.name: str(f.type) for f in dataclasses.fields(PTConfig)}
+
+
+def _coerce(name: str, value):
+    """A value for field `name`, by the field's declared type: YAML 1.1 reads `3e-3` as a string, and a
+    `--set` value arrives as text."""
+    kind = _TYPES[name]
+    if value is None:
+        if "None" not in kind:
+            raise ValueError(f"{name} cannot be null")
+        return None
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
+    return yaml.safe_load(value) if isinstance(value, str) else value  # lists and dicts
+
+
+def load_config(paths: list[str | Path] = (), overrides: dict | None = None, sets: list[str] = ()) -> PTConfig:
+    names = {f.name for f in dataclasses.fields(PTConfig)}
+    data: dict = {}
+    for p in [DEFAULTS, *paths]:
+        loaded = yaml.safe_load(Path(p).read_text()) or {}
+        unknown = set(loaded) - names
+        if unknown:
+            raise ValueError(f"{p}: unknown config keys {sorted(unknown)}")
+        data.update({k: _coerce(k, v) for k, v in loaded.items()})
+    cfg = PTConfig(**data)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--set {item!r}: expected key=value with a key of PTConfig ({', '.join(sorted(names))})")
+        setattr(cfg, key, _coerce(key, value if value.lower() not in ("null", "none", "~") else None))
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(cfg, k, _coerce(k, v))
+    cfg.validate()
+    return cfg

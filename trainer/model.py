@@ -1,0 +1,187 @@
+"""The OLA-VLM PT model: frozen CLIP tower -> trainable projector -> frozen causal LLM with trainable task tokens,
+and trainable embedding predictors that read the LLM's hidden states at chosen layers.
+
+Sequence (per sample): [prefix | 576 image tokens | gen 8 | depth 8 | seg 8 | text (question, answer)]
+  * prefix: BOS, system block, user header (its length is the image offset, from the tokenizer)
+  * task tokens: gen owns 8 learnable vectors; depth and seg own 576 each, mean-pooled in 8 groups of 72
+  * predictor for (task, layer l): a one-block Perceiver resampler whose keys are the layer-l hidden states of
+    prefix | image | that task's own 8 tokens | text, padding masked (the original leaves other tasks' tokens
+    out but attends to padding); its queries are the task's 576 vectors (depth, seg) or the mean of the 8 gen
+    tokens' hidden states (gen), both through the predictor's input projection, as in OLA-VLM's
+    TaskTokenResampler; its output has the target's shape (gen 1 x 1024, depth 576 x 1024, seg 576 x 1536).
+Token grids are row-major (token = row * 24 + col), the stored targets' layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.config import TASKS, PTConfig
+
+
+class Projector(nn.Sequential):
+    """LLaVA's mlp2x_gelu; the indices 0 and 2 give its checkpoint keys mm_projector.{0,2}.{weight,bias}."""
+
+    def __init__(self, vision_width: int, llm_width: int):
+        super().__init__(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        inner = dim_head * heads
+        self.heads, self.dim_head = heads, dim_head
+        self.norm_keys = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, keys: torch.Tensor, key_mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        b, q_len, _ = latents.shape
+        keys, latents = self.norm_keys(keys), self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([keys, latents], dim=1)).chunk(2, dim=-1)  # latents attend to themselves too
+        q, k, v = (t.view(b, -1, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))
+        mask = torch.cat([key_mask, key_mask.new_ones(b, q_len)], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(dim_head), as the original
+        return self.to_out(out.transpose(1, 2).reshape(b, q_len, -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: float):
+        inner = int(dim * mult)
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
+
+
+class Predictor(nn.Module):
+    """One-block Perceiver resampler: (keys (B, L, H), key mask, latents (B, Q, H)) -> (B, Q, out_dim)."""
+
+    def __init__(self, llm_width: int, out_dim: int, heads: int = 4, dim_head: int = 32, ff_mult: float = 1, depth: int = 1):
+        super().__init__()
+        self.proj_in = nn.Linear(llm_width, out_dim)  # shared by keys and latents, as in TaskTokenResampler
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(out_dim, dim_head, heads), FeedForward(out_dim, ff_mult)]) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(out_dim, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+
+    def forward(self, keys, key_mask, latents):
+        x, lat = self.proj_in(keys), self.proj_in(latents)
+        for attn, ff in self.blocks:
+            lat = attn(x, key_mask, lat) + lat
+            lat = ff(lat) + lat
+        return self.norm_out(self.proj_out(lat))
+
+
+@dataclass
+class Layout:
+    """Where things sit in the LLM sequence."""
+
+    prefix: int  # image offset
+    image: int  # image tokens
+    task_slots: dict[str, tuple[int, int]]  # task -> [start, stop) in the sequence
+    text_start: int
+
+
+def make_layout(prefix: int, image: int, tasks, task_tokens: dict[str, int]) -> Layout:
+    slots, pos = {}, prefix + image
+    for t in TASKS:  # fixed order: gen, depth, seg
+        if t in tasks:
+            slots[t] = (pos, pos + task_tokens[t])
+            pos += task_tokens[t]
+    return Layout(prefix, image, slots, pos)
+
+
+def predictor_keys(hidden: torch.Tensor, text_mask: torch.Tensor, layout: Layout, task: str):
+    """The layer's hidden states a task's predictor may read: prefix, image, its own task tokens, text (padding
+    masked); other tasks' tokens are left out. Returns (keys (B, L', H), mask (B, L') bool)."""
+    b = hidden.shape[0]
+    start, stop = layout.task_slots[task]
+    keys = torch.cat([hidden[:, : layout.prefix + layout.image], hidden[:, start:stop], hidden[:, layout.text_start:]], 1)
+    fixed = hidden.new_ones(b, layout.prefix + layout.image + stop - start, dtype=torch.bool)
+    return keys, torch.cat([fixed, text_mask.bool()], dim=1)
+
+
+class OLAPT(nn.Module):
+    def __init__(self, cfg: PTConfig, llm, vision, target_shapes: dict[str, tuple[int, int]], image_offset: int,
+                 image_mean, image_std):
+        super().__init__()
+        self.cfg = cfg
+        self.llm = llm.requires_grad_(False)
+        self.vision = vision.eval().requires_grad_(False)
+        width = llm.config.hidden_size
+        vcfg = vision.config
+        self.num_image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
+        self.tasks = [t for t in TASKS if t in cfg.tasks]
+        self.layout = make_layout(image_offset, self.num_image_tokens, self.tasks, cfg.task_tokens)
+        n_layers = llm.config.num_hidden_layers
+        for t in self.tasks:
+            bad = [layer for layer in cfg.layers[t] if not 1 <= layer <= n_layers]
+            if bad:
+                raise ValueError(f"layers.{t} {bad}: the LLM has decoder layers 1..{n_layers}")
+        self.projector = Projector(vcfg.hidden_size, width)
+        # std-1 normal initialisation, as the original's torch.randn
+        self.special_tokens = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.special_tokens[t], width)) for t in self.tasks})
+        p = cfg.predictor
+        self.predictors = nn.ModuleDict()
+        for t in self.tasks:
+            tokens, out_dim = target_shapes[t]
+            queries = 1 if t == "gen" else cfg.special_tokens[t]
+            if queries != tokens:
+                raise ValueError(f"{t}: the predictor makes {queries} tokens, the store's targets have {tokens}")
+            for layer in cfg.layers[t]:
+                self.predictors[f"{t}_{layer}"] = Predictor(width, out_dim, p["heads"], p["dim_head"], p["ff_mult"], p["depth"])
+        self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(float(cfg.logit_scale_init))) for t in self.tasks})
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def task_token_embeds(self, task: str) -> torch.Tensor:
+        vecs = self.special_tokens[task]
+        k = self.cfg.task_tokens[task]
+        if vecs.shape[0] == k:
+            return vecs
+        return vecs.view(k, vecs.shape[0] // k, -1).mean(dim=1)  # contiguous groups, as the original
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> projected image tokens (B, 576, H), the tower frozen and without grad."""
+        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.image_mean) / self.image_std
+        with torch.no_grad():
+            hs = self.vision(pixel_values=x.to(self.vision.dtype), output_hidden_states=True).hidden_states
+            feats = hs[self.cfg.vision_select_layer][:, 1:]  # patch tokens, CLS dropped
+        return self.projector(feats.to(self.projector[0].weight.dtype))
+
+    def forward(self, pixels, prefix_ids, text_ids, text_mask, text_labels):
+        """Returns (NTP loss, {task: {layer: prediction (B, T, W)}})."""
+        b = pixels.shape[0]
+        embed = self.llm.get_input_embeddings()
+        dtype = embed.weight.dtype
+        parts = [embed(prefix_ids), self.image_features(pixels).to(dtype)]
+        parts += [self.task_token_embeds(t).to(dtype).unsqueeze(0).expand(b, -1, -1) for t in self.tasks]
+        parts.append(embed(text_ids))
+        inputs = torch.cat(parts, dim=1)
+        fixed = self.layout.text_start
+        attention_mask = torch.cat([text_mask.new_ones(b, fixed), text_mask], dim=1)
+        labels = torch.cat([text_labels.new_full((b, fixed), -100), text_labels], dim=1)
+        out = self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
+                       use_cache=False)
+        preds: dict[str, dict[int, torch.Tensor]] = {}
+        for t in self.tasks:
+            preds[t] = {}
+            for layer in self.cfg.layers[t]:
+                hidden = out.hidden_states[layer]  # output of decoder layer `layer` (index 0 = embeddings)
+                keys, mask = predictor_keys(hidden, text_mask, self.layout, t)
+                if t == "gen":
+                    start, stop = self.layout.task_slots[t]
+                    latents = hidden[:, start:stop].mean(dim=1, keepdim=True)
+                else:
+                    latents = self.special_tokens[t].to(hidden.dtype).unsqueeze(0).expand(b, -1, -1)
+                preds[t][layer] = self.predictors[f"{t}_{layer}"](keys, mask, latents)
+        return out.loss, preds

@@ -1,0 +1,92 @@
+"""Conversation templates of OLA-VLM's PT stage, and turning a LLaVA record into token ids.
+
+The prompt is LLaVA's `llava_llama_3` (or `llava_phi_3`) conversation with the image first in the user turn:
+
+    [BOS] <system block> <user start> <image>\\n<question> <sep> <assistant start> | <caption> <sep>
+    '------------- prefix -------------'                                           '-- labelled --'
+
+The model puts the 576 image tokens and the 24 task tokens where `<image>` stands. The image offset is the
+length of the tokenised prefix, derived here from the tokenizer (38 for Llama-3 in the original, where it is
+hard-coded). Only the caption and its closing separator carry next-token labels, as in LLaVA's preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str  # the whole system block, role markers included
+    user_start: str
+    assistant_start: str
+    sep: str  # closes every turn, the system block included
+
+
+TEMPLATES = {
+    "llama_3": Template(
+        name="llama_3",
+        system="<|start_header_id|>system<|end_header_id|>\n\nA chat between a curious user and an artificial "
+               "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+               "questions.",
+        user_start="<|start_header_id|>user<|end_header_id|>\n\n",
+        assistant_start="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        sep="<|eot_id|>",
+    ),
+    "phi_3": Template(
+        name="phi_3",
+        system="<|system|>\nYou are a helpful AI assistant.",
+        user_start="\n<|user|>\n",
+        assistant_start="\n<|assistant|>\n",
+        sep="<|end|>",
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def question_and_caption(record: dict) -> tuple[str, str]:
+    """The first human turn (image token removed, as LLaVA moves it to the front) and the first gpt turn."""
+    turns = record.get("conversations") or []
+    human = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
+    gpt = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "")
+    return human.replace(IMAGE_TOKEN, "").strip(), gpt
+
+
+@dataclass
+class Tokenized:
+    prefix_ids: list[int]  # everything before the image
+    text_ids: list[int]  # everything after the image (and the task tokens)
+    text_labels: list[int]  # IGNORE_INDEX except on the caption and its separator
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, template: Template, max_text_tokens: int):
+        self.tok = tokenizer
+        self.t = template
+        self.max_text_tokens = max_text_tokens
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.prefix_ids = self.bos + self._ids(template.system + template.sep + template.user_start)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def image_offset(self) -> int:
+        return len(self.prefix_ids)
+
+    def __call__(self, record: dict) -> Tokenized:
+        question, caption = question_and_caption(record)
+        instruction = self._ids("\n" + question + self.t.sep + self.t.assistant_start)
+        answer = self._ids(caption + self.t.sep)
+        ids = (instruction + answer)[: self.max_text_tokens]
+        labels = ([IGNORE_INDEX] * len(instruction) + answer)[: self.max_text_tokens]
+        return Tokenized(self.prefix_ids, ids, labels)
