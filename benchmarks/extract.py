@@ -42,7 +42,11 @@ from teachers.registry import load_teachers  # noqa: E402
 def full_size_teachers(out: Path, dtype: torch.dtype) -> Path:
     """Real-size architectures with random weights, saved like the hub checkpoints, and a manifest."""
     import yaml
-    from transformers import CLIPVisionModelWithProjection, DepthAnythingForDepthEstimation, OneFormerForUniversalSegmentation
+    from transformers import (
+        CLIPVisionModelWithProjection,
+        DepthAnythingForDepthEstimation,
+        OneFormerForUniversalSegmentation,
+    )
 
     from teachers import depth, gen, seg
     from teachers.tiny import DEFAULT_MANIFEST

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from helpers import reference_store
+
 from trainer import loss as L
 from trainer.config import PTConfig
 from trainer.model import Predictor, make_layout, predictor_keys

@@ -240,7 +240,7 @@ def main(argv=None) -> int:
             dist.all_reduce(vec)
             vec[: len(keys)] /= world
         secs = time.perf_counter() - t0
-        record = {"step": step, "lr": lr, "grad_norm": grad_norm, **{k: float(v) for k, v in zip(keys, vec[: len(keys)])},
+        record = {"step": step, "lr": lr, "grad_norm": grad_norm, **{k: float(v) for k, v in zip(keys, vec[: len(keys)], strict=True)},
                   "samples": int(vec[len(keys)]), "samples_per_s": float(vec[len(keys)]) / secs,
                   "tokens_per_s": float(vec[len(keys) + 1]) / secs,
                   **{f"valid/{t}": int(vec[len(keys) + 2 + i]) for i, t in enumerate(cfg.tasks)}}
