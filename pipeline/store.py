@@ -574,14 +574,17 @@ def teacher_mismatches(stored: dict, expected: dict, tasks: Iterable[str]) -> li
 
 class Store:
     """A store, opened for reading. Checks the format version on open; `require` checks tasks, completeness and
-    teacher identity before anything relies on them."""
+    teacher identity before anything relies on them. With `expected_teachers` (a `TeacherManifest.identity()`
+    dict) the check happens on open, for `tasks` (default: all the store has), so a random-access reader
+    (`get`) refuses a mismatch exactly as the streaming one (`TargetStream`) does."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, expected_teachers: dict | None = None, tasks=None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.records = read_records(self.path)
-        self._keys = None
         self._index = None
+        if expected_teachers is not None:
+            self.require(tasks if tasks is not None else self.tasks, expected_teachers, allow_partial=True)
 
     # -- what is there
     @property

@@ -41,3 +41,12 @@ def sample_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample_ds")
     json_path = generate(out, num_samples=24, seed=11, bad=7, odd=7)
     return json_path, out / "images"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

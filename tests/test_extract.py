@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from helpers import BATCH, SHARD, reference_store
 
 from pipeline import inspect, store
@@ -148,7 +149,7 @@ def ray_head(tmp_path_factory):
 
     state = tmp_path_factory.mktemp("ray_head")
     shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], state / "auth_token")  # the session's token (conftest)
-    info = localray.start(state, port=46379, dashboard_port=48266, num_cpus=2)
+    info = localray.start(state, port=free_port(), dashboard_port=free_port(), num_cpus=2)
     yield f"127.0.0.1:{info['port']}"
     localray.stop(state)
 
@@ -236,7 +237,7 @@ def test_localray_stops_only_its_own_processes(tmp_path):
     shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], tmp_path / "auth_token")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        info = localray.start(tmp_path, port=46381, dashboard_port=48267, num_cpus=1)
+        info = localray.start(tmp_path, port=free_port(), dashboard_port=free_port(), num_cpus=1)
         mine = localray._marked(info["marker"])
         assert len(mine) >= 3  # gcs, raylet, agents, ...
         assert _listen_ips(mine) == {b"127.0.0.1"}, "the head must listen on loopback, and only there"

@@ -253,6 +253,9 @@ def test_reader_refuses_what_does_not_match(full_store, identity, tiny_teachers)
     other["teachers"]["gen"]["weights_sha256"] = "d" * 64
     with pytest.raises(StoreError, match="gen: weights sha256 differs"):
         s.require(["gen"], expected_teachers=other)
+    with pytest.raises(StoreError, match="teacher mismatch: depth"):  # the random-access reader checks too
+        Store(full_store, expected_teachers=corrected, tasks=["depth"]).get(f"{0:09d}")
+    assert Store(full_store, expected_teachers=identity).get(f"{0:09d}")["valid"]["seg"]
     with pytest.raises(StoreError, match=r"tasks \['normals'\] are not in the store"):
         s.require(["normals"])
     (full_store / store.record_name(2)).unlink()

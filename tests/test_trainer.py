@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import free_port
 from helpers import reference_store
 
 from trainer import loss as L
@@ -155,10 +155,7 @@ def test_infonce_gathers_targets_over_a_two_process_gloo_group(tmp_path):
     g = torch.Generator().manual_seed(2)
     p, t = torch.randn(8, 3, 5, generator=g), torch.randn(8, 3, 5, generator=g)
     valid = torch.tensor([True, True, True, False, True, True, True, True])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_gloo_worker, args=(2, port, str(tmp_path), p, t, valid), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_gloo_worker, args=(2, free_port(), str(tmp_path), p, t, valid), nprocs=2, join=True)
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
         sl = slice(rank * 4, rank * 4 + 4)
@@ -298,7 +295,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, trainer_store, tiny_models, tin
     torchrun = str(Path(sys.executable).parent / "torchrun")
     argv = trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "3",
                         "--set", "global_batch_size=8", "--set", "num_workers=1")
-    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29561",
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                         "-m", "trainer.pt", *argv], cwd=REPO, env=env() | {"OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr

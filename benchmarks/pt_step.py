@@ -1,0 +1,227 @@
+"""PT step throughput: targets read from the store vs teachers run inside the step (the original's way).
+
+    python benchmarks/pt_step.py [--size tiny|full] [--steps 10] [--micro-batch N] [--workers 2]
+
+Same model, same data, side by side:
+  * stored:   the trainer's step (frozen CLIP + projector + frozen LLM + predictors, loss, AdamW) on batches
+              from the store's WebDataset stream (DataLoader workers decode images and targets);
+  * teachers: the same step, but the three targets of every image computed inside the step, one image at a
+              time, with the CPU preprocessing in the training process -- as OLA-VLM does;
+  * loader:   the DataLoader alone (no model), to compare what the input pipeline delivers with what the
+              step consumes.
+`tiny`: the tiny stand-ins (trainer.tiny, teachers.tiny) on a store extracted here. `full`: Llama-3-8B, CLIP
+ViT-L/14-336 and the three full-size teachers with random weights, on a store of random full-shape targets
+(bf16 on CUDA; needs a large GPU). This script may import `teachers`; the trainer never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import encodings, store  # noqa: E402
+from pipeline.imageops import decode_rgb  # noqa: E402
+from pipeline.sample import generate  # noqa: E402
+from pipeline.teacher_manifest import load_manifest  # noqa: E402
+from teachers import depth, gen, seg  # noqa: E402
+from teachers.base import preprocess  # noqa: E402
+from teachers.registry import ADAPTERS, load_teachers  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.data import ImageRecipe, PTSample, collate  # noqa: E402
+from trainer.loss import pt_loss  # noqa: E402
+from trainer.model import OLAPT  # noqa: E402
+from trainer.templates import PromptBuilder, get_template  # noqa: E402
+
+
+def tiny_setup(work: Path, samples: int):
+    from teachers.tiny import build as build_teachers
+    from trainer.tiny import build as build_models
+
+    json_path = generate(work / "data", samples, seed=0)
+    teachers_yaml = build_teachers(work / "teachers")
+    models_cfg = build_models(work / "models", lm_steps=0)
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import reference_store
+
+    path = reference_store(work / "store", (json_path, work / "data" / "images"), teachers_yaml, shard=16,
+                           teachers_yaml=True)
+    cfg = load_config([models_cfg], {"store": str(path), "output_dir": str(work / "out"),
+                                     "teachers_manifest": str(teachers_yaml)})
+    teachers = load_teachers(load_manifest(teachers_yaml), cfg.tasks)
+    return cfg, teachers
+
+
+def full_setup(work: Path, samples: int, device, dtype):
+    """Random full-size models saved to disk (LLM, tower) and a store of random full-shape targets."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    from trainer.tiny import build_tokenizer
+
+    json_path = generate(work / "data", samples, seed=0)
+    tok = build_tokenizer(work / "llm", [])
+    llm_cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                          rope_theta=500000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.device(device):
+        LlamaForCausalLM(llm_cfg).to(dtype).save_pretrained(work / "llm")
+    AutoTokenizer.from_pretrained(work / "llm").save_pretrained(work / "llm")
+    vcfg = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                            num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+    CLIPVisionModel(vcfg).to(dtype).save_pretrained(work / "vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, resample=3
+                          ).save_pretrained(work / "vision")
+    manifest = load_manifest()
+    shapes = {t: manifest.teachers[t].output_shape for t in ("gen", "depth", "seg")}
+    layouts = {t: store.TaskLayout(s, "fp16", store.grid_of(s[0])) for t, s in shapes.items()}
+    from pipeline.llava import load_records
+
+    records, _ = load_records(json_path)
+    m = store.new_manifest(dataset={"json": str(json_path)}, num_samples=len(records), shard_size=16,
+                           formats=["wds"], tasks=layouts, compression="none")
+    path = work / "store"
+    path.mkdir()
+    store.write_manifest(path, m)
+    store.write_teachers(path, manifest.identity(list(shapes)))
+    for i in range(m["num_shards"]):
+        a, b = store.shard_range(m, i)
+        samples = [store.SampleResult(r.index, r.id, r.raw, r.image, (work / "data" / "images" / r.image).read_bytes())
+                   for r in records[a:b]]
+        vals = {t: encodings.encode(torch.randn(b - a, *s) * 0.5, "fp16")[0] for t, s in shapes.items()}
+        store.commit_shard(path, store.ShardResult(i, tuple(shapes), samples, vals, dict.fromkeys(shapes),
+                                                   {t: np.ones(b - a, bool) for t in shapes}))
+    cfg = load_config([], {"store": str(path), "output_dir": str(work / "out"), "llm": str(work / "llm"),
+                           "vision_tower": str(work / "vision")})
+    teachers = {}
+    for t, mod in (("gen", gen), ("depth", depth), ("seg", seg)):
+        spec = manifest.teachers[t]
+        teachers[t] = ADAPTERS[spec.architecture].random(spec, mod.full_config(), device=device, dtype=dtype)
+    return cfg, teachers
+
+
+def build_model(cfg, device, dtype):
+    from trainer.pt import load_frozen
+
+    s = store.Store(cfg.store)
+    shapes = {t: tuple(s.manifest["tasks"][t]["shape"]) for t in cfg.tasks}
+    tokenizer, llm, vision, _ = load_frozen(cfg, device, dtype)
+    builder = PromptBuilder(tokenizer, get_template(cfg.chat_template), max_text_tokens=1)
+    image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
+    model = OLAPT(cfg, llm, vision, shapes, builder.image_offset, image.mean, image.std).to(device)
+    builder.max_text_tokens = cfg.max_length - model.layout.text_start
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return model, builder, image, shapes, pad
+
+
+def loader_for(cfg, builder, image, shapes, pad, batch, workers):
+    stream = store.TargetStream(cfg.store, cfg.tasks, shuffle_buffer=64, map_fn=PTSample(builder, image, cfg.tasks, shapes))
+    return torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=partial(collate, pad_id=pad),
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+
+def teacher_targets(teachers, batch_ids, raw_images: dict, device):
+    """The original's way: per image, PIL preprocessing in this process, a batch-1 forward per teacher."""
+    out = {t: [] for t in teachers}
+    for key in batch_ids:
+        rgb = decode_rgb(raw_images[key])
+        for t, teacher in teachers.items():
+            out[t].append(teacher(torch.from_numpy(preprocess(teacher.spec, rgb))[None].to(device))[0])
+    return {t: torch.stack(v) for t, v in out.items()}
+
+
+def timed_steps(model, cfg, loader, steps, device, autocast, teachers=None, raw_images=None):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    it = iter(loader)
+    times = []
+    for k in range(steps + 2):  # two warm-up steps
+        batch = next(it)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if teachers is not None:
+            targets = teacher_targets(teachers, batch["ids"], raw_images, device)
+        else:
+            targets = {t: x.to(device) for t, x in batch["targets"].items()}
+        valid = {t: v.to(device) for t, v in batch["valid"].items()}
+        with autocast:
+            ntp, preds = model(batch["pixels"].to(device), batch["prefix_ids"].to(device), batch["text_ids"].to(device),
+                               batch["text_mask"].to(device), batch["text_labels"].to(device))
+            loss, _ = pt_loss(ntp, preds, targets, valid, model.logit_scales, cfg)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if k >= 2:
+            times.append(time.perf_counter() - t0)
+    return batch["pixels"].shape[0] / statistics.median(times)
+
+
+def loader_rate(loader, batches):
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(next(it)["pixels"].shape[0] for _ in range(batches))
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--micro-batch", type=int, default=None, help="default 32 on CUDA, 4 on CPU")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--samples", type=int, default=None, help="dataset size (default 96, 256 for full)")
+    p.add_argument("--work-dir", default=None)
+    a = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    batch = a.micro_batch or (32 if cuda else 4)
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="olaf-bench-pt-"))
+    samples = a.samples or (256 if a.size == "full" else 96)
+    cfg, teachers = tiny_setup(work, samples) if a.size == "tiny" else full_setup(work, samples, device, dtype)
+    cfg = replace(cfg, micro_batch_size=batch, global_batch_size=batch)
+    model, builder, image, shapes, pad = build_model(cfg, device, dtype)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    raw = {}
+    for path in store.Store(cfg.store).tar_paths():
+        for s in store.iter_tar(path):
+            meta = __import__("json").loads(s["json"])
+            if meta["image_member"]:
+                raw[meta["id"]] = s[meta["image_member"]]
+    loader = loader_for(cfg, builder, image, shapes, pad, batch, a.workers)
+    stored = timed_steps(model, cfg, loader, a.steps, device, autocast)
+    inline = timed_steps(model, cfg, loader_for(cfg, builder, image, shapes, pad, batch, a.workers), a.steps,
+                         device, autocast, teachers=teachers, raw_images=raw)
+    feed = loader_rate(loader_for(cfg, builder, image, shapes, pad, batch, a.workers), a.steps * 2)
+    dev = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# PT step benchmark: {a.size} models, {dev}, {dtype}, micro-batch {batch}, {a.workers} loader workers")
+    print(f"{'mode':<28} {'samples/s':>10} {'ratio':>8}")
+    print(f"{'teachers inside the step':<28} {inline:10.2f} {1.0:7.2f}x")
+    print(f"{'targets from the store':<28} {stored:10.2f} {stored / inline:7.2f}x   (stored / in-step)")
+    print(f"{'loader alone':<28} {feed:10.2f} {feed / stored:7.2f}x   (loader / step consumption)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
