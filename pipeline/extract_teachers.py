@@ -263,9 +263,9 @@ def check_existing(out: Path, plan: Plan, s: Settings, manifest: TeacherManifest
                                 f"{want[t].shape} {want[t].encoding}")
     if (out / store.TEACHERS).exists():
         stored = store.read_teachers(out)
-        problems += store.teacher_mismatches(stored, manifest.identity([t for t in s.tasks if t in m["tasks"]]),
-                                             [t for t in s.tasks if t in m["tasks"]])
-        if stored.get("fidelity") != manifest.fidelity and any(t in m["tasks"] for t in s.tasks):
+        shared = [t for t in s.tasks if t in m["tasks"]]
+        problems += store.teacher_mismatches(stored, manifest.identity(shared), shared)
+        if stored.get("fidelity") != manifest.fidelity:  # one store, one fidelity, whatever the tasks
             problems.append(f"the store was extracted with fidelity {stored.get('fidelity')}, this run uses "
                             f"{manifest.fidelity}")
     if problems:
@@ -412,8 +412,10 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
             if old and old != weights[t]:
                 raise UsageError(f"{t}: the store was computed with weights sha256 {old[:16]}..., the teacher now "
                                  f"loaded has {weights[t][:16]}...; use a new --output")
-    new_identity = manifest.identity(identity_tasks, {**{t: v.get("weights_sha256") for t, v in
-                                                          stored_teachers["teachers"].items()}, **weights})
+    # tasks computed now take this run's identity; the others keep what the store recorded for them
+    new_identity = manifest.identity(load_tasks, weights)
+    merged = {t: new_identity["teachers"].get(t) or stored_teachers["teachers"].get(t) for t in identity_tasks}
+    new_identity["teachers"] = {t: v for t, v in merged.items() if v is not None}
     versions = _versions()
     extraction = {"batch_size": batch, "actors": n_actors, "gpus_per_actor": gpa, "cpus_per_actor": s.cpus_per_actor,
                   "device": teacher_info.get("device", device), "dtype": dtype, "torch_threads": threads,

@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import sys
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -259,8 +260,6 @@ def stats(s: Store, per_shard: bool = False, tasks=None, progress: bool = True) 
 
 
 def _tar_sample(s: Store, shard: int, key: str) -> dict | None:
-    import tarfile
-
     path = s.path / store.tar_name(shard)
     if not path.exists():
         return None
@@ -432,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # damaged data: a truncated tar, a bad CRC
+        print(f"error: cannot read {args.store}: {type(e).__name__}: {e}\n"
+              f"  run `python -m pipeline.inspect {args.store} verify` to find the damaged shards", file=sys.stderr)
         return 2
     return 2  # pragma: no cover
 

@@ -370,8 +370,8 @@ def commit_shard(store_dir: str | Path, result: ShardResult) -> dict:
 
     if "zarr" in manifest["formats"]:
         g = zarr.open_group(store_dir / ZARR, mode="r+")
-        if not previous:
-            g["keys"][start:stop] = np.array([s.id for s in result.samples], dtype=object)
+        # always (re)written: the same bytes each time, and a shard being redone may have a damaged keys chunk
+        g["keys"][start:stop] = np.array([s.id for s in result.samples], dtype=object)
         for t in result.tasks:
             g[t][start:stop] = result.values[t]
             if manifest["tasks"][t]["scaled"]:

@@ -18,10 +18,13 @@ if "RAY_AUTH_TOKEN_PATH" not in os.environ:
     import secrets
     import tempfile
 
+    import atexit
+
     _fd, _token_path = tempfile.mkstemp(prefix="olaf-ray-token-")
     os.write(_fd, secrets.token_hex(32).encode())
     os.close(_fd)
     os.environ["RAY_AUTH_TOKEN_PATH"] = _token_path
+    atexit.register(lambda: os.path.exists(_token_path) and os.unlink(_token_path))
 
 
 @pytest.fixture(scope="session")

@@ -178,6 +178,10 @@ def test_truncated_or_missing_shard_files(full_store, capsys):
     assert inspect.main([str(full_store), "verify"]) == 1
     out = capsys.readouterr().out
     assert "BAD shard 0" in out and "BAD shard 2: wds/shard-000002.tar: missing" in out
+    for cmd in (["show", f"{1:09d}"], ["render", f"{1:09d}", "--out", str(full_store / "x.png")]):
+        assert inspect.main([str(full_store), *cmd]) == 2  # one message, no traceback
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "verify" in err and "Traceback" not in err
 
 
 def test_half_written_shard_is_never_read(tmp_path):
