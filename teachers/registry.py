@@ -52,10 +52,9 @@ class TeacherSet:
     def _forward(self, teacher: Teacher, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         try:
             return teacher(x), {}
-        except Exception as batch_error:
-            if x.shape[0] == 1:
-                raise
-            del batch_error
+        except Exception:
+            if x.is_cuda:
+                torch.cuda.empty_cache()  # an out-of-memory batch may still fit one image at a time
         errors: dict[int, str] = {}
         rows = []
         for i in range(x.shape[0]):

@@ -232,3 +232,37 @@ def test_full_size_configs_give_the_spec_shapes():
         assert tuple(out.shape) == (1, *{"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}[task])
         assert torch.isfinite(out).all()
         del teacher
+
+
+def test_a_sample_that_breaks_a_teacher_fails_alone(loaded):
+    from teachers.registry import TeacherSet
+
+    class Fragile(torch.nn.Module):  # fails on any batch holding the poisoned image
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.spec = inner, inner.spec
+
+        def forward(self, x):
+            if (x[:, 0, 0, 0] == 7).any():
+                raise RuntimeError("kernel failure")
+            return self.inner(x)
+
+    images = mixed_images()[:3]
+    pixels = np.stack([preprocess(loaded["gen"].spec, im) for im in images])
+    pixels[1, 0, 0, 0] = 7
+    ts = TeacherSet({"gen": Fragile(loaded["gen"])}, "cpu")
+    out, errors = ts.run({"gen": pixels})
+    assert list(errors["gen"]) == [1] and "kernel failure" in errors["gen"][1]
+    assert torch.equal(out["gen"][1], torch.zeros_like(out["gen"][1]))
+    torch.testing.assert_close(out["gen"][[0, 2]], loaded["gen"](torch.from_numpy(pixels[[0, 2]])))
+    out, errors = ts.run({"gen": pixels[1:2]})  # alone in its batch: recorded, not raised
+    assert list(errors["gen"]) == [0]
+
+    class NaNs(torch.nn.Module):
+        spec = loaded["gen"].spec
+
+        def forward(self, x):
+            return torch.full((len(x), 1, 16), float("nan"))
+
+    out, errors = TeacherSet({"gen": NaNs()}, "cpu").run({"gen": pixels})
+    assert set(errors["gen"]) == {0, 1, 2} and "non-finite" in errors["gen"][0] and not out["gen"].isnan().any()
