@@ -15,10 +15,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_AUTH_MODE"] = "token"
 if "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    import atexit
     import secrets
     import tempfile
-
-    import atexit
 
     _fd, _token_path = tempfile.mkstemp(prefix="olaf-ray-token-")
     os.write(_fd, secrets.token_hex(32).encode())
