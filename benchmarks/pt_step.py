@@ -17,6 +17,7 @@ ViT-L/14-336 and the three full-size teachers with random weights, on a store of
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -206,7 +207,7 @@ def main(argv=None):
     raw = {}
     for path in store.Store(cfg.store).tar_paths():
         for s in store.iter_tar(path):
-            meta = __import__("json").loads(s["json"])
+            meta = json.loads(s["json"])
             if meta["image_member"]:
                 raw[meta["id"]] = s[meta["image_member"]]
     loader = loader_for(cfg, builder, image, shapes, pad, batch, a.workers)

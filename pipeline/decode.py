@@ -26,14 +26,10 @@ class DecodedBatch:
     seconds: float  # CPU time spent, for the starvation report
 
 
-def preprocess_one(specs: list[TeacherSpec], rgb) -> dict[str, np.ndarray]:
-    from teachers.base import preprocess  # the recipe's PIL ops (teachers owns the recipe's application)
-
-    return {s.task: preprocess(s, rgb) for s in specs}
-
-
 def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSpec],
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
+    from teachers.base import preprocess  # the recipe's PIL ops; teachers owns their application
+
     t0 = time.process_time()
     samples: list[SampleResult] = []
     arrays: dict[str, list[np.ndarray]] = {s.task: [] for s in specs}
@@ -44,7 +40,7 @@ def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSp
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
             data = read_image_bytes(image_folder, rec.image)
             rgb = decode_rgb(data, max_pixels=max_pixels)
-            per_task = preprocess_one(specs, rgb)
+            per_task = {spec.task: preprocess(spec, rgb) for spec in specs}
         except BadImage as e:
             error = str(e)
         except Exception as e:  # anything else a hostile file can provoke stays this sample's problem

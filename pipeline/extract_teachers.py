@@ -274,16 +274,15 @@ def check_existing(out: Path, plan: Plan, s: Settings, manifest: TeacherManifest
     return m
 
 
-def shard_work(out: Path, plan: Plan, s: Settings, existing: dict | None, verified: dict[int, list[str]]) -> dict:
-    """shard -> tasks to compute. A done shard whose files verify needs only the tasks it lacks; one that does
-    not verify is redone for everything it had and everything asked."""
-    records = store.read_records(out) if existing else {}
+def shard_work(plan: Plan, s: Settings, records: dict[int, dict], damaged: dict[int, list[str]]) -> dict:
+    """shard -> tasks to compute. A done shard whose files verify needs only the tasks it lacks; a damaged one
+    is redone for everything it had and everything asked."""
     work = {}
     for i in range(plan.num_shards):
         rec = records.get(i)
         if rec is None:
             need = list(s.tasks)
-        elif verified.get(i):
+        elif i in damaged:
             need = [t for t in TASKS if t in s.tasks or t in rec["tasks"]]
         else:
             need = [t for t in s.tasks if t not in rec["tasks"]]
@@ -365,7 +364,8 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     max_writers = s.max_writers or 2 * n_actors + 1
 
     # 2. verify what is done (in parallel), recover interrupted commits
-    verified_bad: dict[int, list[str]] = {}
+    damaged: dict[int, list[str]] = {}
+    records: dict[int, dict] = {}
     if existing:
         for action in store.recover(out):
             print(f"recover: {action}", flush=True)
@@ -375,9 +375,9 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
         for i, ref in tqdm(refs.items(), desc="verify done shards", disable=not s.progress, leave=False):
             problems = ray.get(ref)
             if problems:
-                verified_bad[i] = problems
+                damaged[i] = problems
                 print(f"shard {i} will be redone: {'; '.join(problems)}", flush=True)
-    work = shard_work(out, plan, s, existing, verified_bad)
+    work = shard_work(plan, s, records, damaged)
     load_tasks = [t for t in TASKS if any(t in need for need in work.values())]
     if not work:
         print("every shard is already done for the tasks asked: nothing to do", flush=True)

@@ -118,47 +118,48 @@ def print_summary(d: dict) -> None:
 
 
 def _agreement(s: Store, shard: int, full: bool, spot: int) -> list[str]:
-    """Decode the shard's samples from the tar and from Zarr and compare them exactly; also reads (and so
-    CRC-checks) the zarr chunks of the samples compared."""
+    """Stream the shard's tar once: every sample's key must follow Zarr's keys in order, and the samples at the
+    checked positions (all with `full`) must hold exactly Zarr's bytes. Reading them from Zarr also checks
+    their chunks' CRCs. Only one tar sample is in memory at a time."""
     rec = s.records[shard]
-    tasks = rec["tasks"]
     g = s.zarr()
     start, stop = rec["start"], rec["stop"]
     n = stop - start
-    positions = range(n) if full else sorted({0, n - 1, *np.linspace(0, n - 1, min(spot, n)).astype(int).tolist()})
-    problems = []
+    checked = set(range(n)) if full else {0, n - 1, *np.linspace(0, n - 1, min(spot, n)).astype(int).tolist()}
     keys = g["keys"][start:stop]
-    tar_samples = {}
-    for raw in store.iter_tar(s.path / store.tar_name(shard)):
-        tar_samples[raw["__key__"]] = raw
-    if len(tar_samples) != n:
-        problems.append(f"tar has {len(tar_samples)} samples, the shard {n}")
-    order = list(tar_samples)
-    for pos in positions:
+    problems = []
+    count = 0
+    for pos, raw in enumerate(store.iter_tar(s.path / store.tar_name(shard))):
+        count += 1
+        if pos >= n:
+            continue
         key = str(keys[pos])
-        tk = store.tar_key(key)
-        if pos < len(order) and order[pos] != tk:
-            problems.append(f"sample {start + pos}: tar order has {order[pos]!r}, zarr keys {key!r}")
+        if raw["__key__"] != store.tar_key(key):
+            problems.append(f"sample {start + pos}: tar order has {raw['__key__']!r}, zarr keys {key!r}")
+        elif pos in checked:
+            problems += _compare_sample(s, g, rec["tasks"], start + pos, key, raw)
+    if count != n:
+        problems.append(f"tar has {count} samples, the shard {n}")
+    return problems
+
+
+def _compare_sample(s: Store, g, tasks, index: int, key: str, raw: dict) -> list[str]:
+    problems = []
+    meta = json.loads(raw["json"])
+    for t in tasks:
+        zvalid = bool(g["valid"][t][index])
+        if zvalid != bool(meta["valid"].get(t)):
+            problems.append(f"sample {key} {t}: valid is {zvalid} in zarr, {meta['valid'].get(t)} in the tar")
             continue
-        raw = tar_samples.get(tk)
-        if raw is None:
-            problems.append(f"sample {key}: missing from the tar")
+        if not zvalid:
             continue
-        meta = json.loads(raw["json"])
-        for t in tasks:
-            zvalid = bool(g["valid"][t][start + pos])
-            if zvalid != bool(meta["valid"].get(t)):
-                problems.append(f"sample {key} {t}: valid is {zvalid} in zarr, {meta['valid'].get(t)} in the tar")
-                continue
-            if not zvalid:
-                continue
-            zv = g[t][start + pos]
-            tv = np.load(io.BytesIO(raw[f"{t}.npy"]))
-            if zv.dtype != tv.dtype or zv.shape != tv.shape or not np.array_equal(zv.view(np.uint8), tv.view(np.uint8)):
-                problems.append(f"sample {key} {t}: zarr and tar values differ")
-            if s.manifest["tasks"][t]["scaled"]:
-                if not np.array_equal(g[f"{t}_scale"][start + pos], np.load(io.BytesIO(raw[f"{t}.scale.npy"]))):
-                    problems.append(f"sample {key} {t}: zarr and tar scales differ")
+        zv = g[t][index]
+        tv = np.load(io.BytesIO(raw[f"{t}.npy"]))
+        if zv.dtype != tv.dtype or zv.shape != tv.shape or not np.array_equal(zv.view(np.uint8), tv.view(np.uint8)):
+            problems.append(f"sample {key} {t}: zarr and tar values differ")
+        if s.manifest["tasks"][t]["scaled"] and not np.array_equal(g[f"{t}_scale"][index],
+                                                                   np.load(io.BytesIO(raw[f"{t}.scale.npy"]))):
+            problems.append(f"sample {key} {t}: zarr and tar scales differ")
     return problems
 
 

@@ -79,28 +79,39 @@ def start(state: Path, port: int = 6379, dashboard_port: int = 8265, num_cpus: i
     raise SystemExit(f"the Ray dashboard did not come up on 127.0.0.1:{dashboard_port} within {timeout:.0f} s")
 
 
-def _marked(marker: str) -> list[int]:
-    """Processes carrying the marker, and all their descendants (Ray's agents rename themselves with
-    setproctitle, which hides their environment, but they are the raylet's children)."""
-    needle = f"{MARKER}={marker}".encode()
-    marked, children = set(), {}
+def descendants(roots) -> list[int]:
+    """`roots` and every process below them, from /proc (a parent's exit makes its children orphans: take the
+    tree before signalling anything)."""
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes():
-                marked.add(int(d.name))
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
             children.setdefault(ppid, []).append(int(d.name))
-        except (OSError, ValueError, IndexError):
-            pass
-    todo, out = list(marked), set(marked)
+    todo, out = list(roots), set(roots)
     while todo:
         for c in children.get(todo.pop(), []):
             if c not in out:
                 out.add(c)
                 todo.append(c)
     return sorted(out)
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes carrying the marker, and all their descendants (Ray's agents rename themselves with
+    setproctitle, which hides their environment, but they are the raylet's children)."""
+    needle = f"{MARKER}={marker}".encode()
+    marked = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if needle in (d / "environ").read_bytes():
+                    marked.add(int(d.name))
+            except OSError:
+                pass
+    return descendants(marked)
 
 
 def _alive(pid: int) -> bool:

@@ -599,9 +599,6 @@ class Store:
     def tasks(self) -> list[str]:
         return list(self.manifest["tasks"])
 
-    def layout(self, task: str) -> TaskLayout:
-        return TaskLayout.from_dict(self.manifest["tasks"][task])
-
     def teachers(self) -> dict:
         return read_teachers(self.path)
 

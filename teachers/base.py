@@ -138,6 +138,3 @@ class Teacher(torch.nn.Module):
                 f"teacher '{self.spec.task}' produced {tuple(out.shape[1:])}, the manifest says {self.spec.output_shape}"
             )
         return out
-
-    def preprocess(self, rgb: Image.Image) -> np.ndarray:
-        return preprocess(self.spec, rgb)

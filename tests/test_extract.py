@@ -19,7 +19,7 @@ import pytest
 from conftest import free_port
 from helpers import BATCH, SHARD, reference_store
 
-from pipeline import inspect, store
+from pipeline import inspect, localray, store
 from pipeline.teacher_manifest import load_manifest
 
 pytestmark = pytest.mark.slow
@@ -69,23 +69,6 @@ def same_data(a: Path, b: Path) -> None:
         assert ra[i]["valid"] == rb[i]["valid"] and ra[i]["errors"] == rb[i]["errors"]
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def wait_for(cond, timeout=180, what="condition"):
     t = time.time()
     while time.time() - t < timeout:
@@ -125,7 +108,7 @@ def test_resume_after_killing_the_driver(tmp_path, dataset, tiny_teachers, refer
     p = start(args(dataset, out, tiny_teachers, "--prefetch", "1", "--max-writers", "1"), start_new_session=True)
     wait_for(lambda: len(store.read_records(out)) >= 1 or p.poll() is not None, what="a first shard")
     assert p.poll() is None, "the job finished before it could be killed"
-    victims = descendants(p.pid)
+    victims = [pid for pid in localray.descendants({p.pid}) if pid != p.pid]
     os.killpg(p.pid, signal.SIGKILL)
     for pid in victims:  # the local Ray it started, wherever its processes went
         try:
@@ -145,8 +128,6 @@ def test_resume_after_killing_the_driver(tmp_path, dataset, tiny_teachers, refer
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head on 127.0.0.1, stopped afterwards without touching any other Ray on the machine."""
-    from pipeline import localray
-
     state = tmp_path_factory.mktemp("ray_head")
     shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], state / "auth_token")  # the session's token (conftest)
     info = localray.start(state, port=free_port(), dashboard_port=free_port(), num_cpus=2)
@@ -232,8 +213,6 @@ def test_incompatible_resume_is_refused(tmp_path, dataset, tiny_teachers, refere
 
 
 def test_localray_stops_only_its_own_processes(tmp_path):
-    from pipeline import localray
-
     shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], tmp_path / "auth_token")
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

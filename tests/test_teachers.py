@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 import shutil
 
 import numpy as np
@@ -24,8 +25,6 @@ IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 
 
 def mixed_images() -> list[Image.Image]:
     """Decoded exactly as the original does: Image.open(...).convert('RGB'), over awkward inputs."""
-    import random
-
     rng = random.Random(5)
     raw = [sample.draw_scene(sample.random_scene(rng)) for _ in range(3)]
     for kind in sample.ODD_KINDS:  # grayscale, palette, rgba, cmyk, 16-bit, 1 pixel, extreme aspect
@@ -222,7 +221,7 @@ def test_full_size_configs_give_the_spec_shapes():
     from teachers.registry import ADAPTERS
 
     m = load_manifest()
-    img = sample.draw_scene(sample.random_scene(__import__("random").Random(0)))
+    img = sample.draw_scene(sample.random_scene(random.Random(0)))
     for task, mod in (("gen", gen), ("depth", depth), ("seg", seg)):
         spec = m.teachers[task]
         teacher = ADAPTERS[spec.architecture].random(spec, mod.full_config())
