@@ -17,7 +17,6 @@ ViT-L/14-336 and the three full-size teachers with random weights, on a store of
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -92,22 +91,23 @@ def full_setup(work: Path, samples: int, device, dtype):
                           ).save_pretrained(work / "vision")
     manifest = load_manifest()
     shapes = {t: manifest.teachers[t].output_shape for t in ("gen", "depth", "seg")}
-    layouts = {t: store.TaskLayout(s, "fp16", store.grid_of(s[0])) for t, s in shapes.items()}
+    layouts = {t: store.TaskLayout.for_shape(s, "fp16") for t, s in shapes.items()}
     from pipeline.llava import load_records
 
     records, _ = load_records(json_path)
-    m = store.new_manifest(dataset={"json": str(json_path)}, num_samples=len(records), shard_size=16,
-                           formats=["wds"], tasks=layouts, compression="none")
+    m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=len(records), shard_size=16,
+                          formats=["wds"], tasks=layouts)
     path = work / "store"
-    path.mkdir()
-    store.write_manifest(path, m)
-    store.write_teachers(path, manifest.identity(list(shapes)))
-    for i in range(m["num_shards"]):
-        a, b = store.shard_range(m, i)
+    loc = store.Location(path)
+    loc.makedirs()
+    store.write_manifest(loc, m)
+    store.write_teachers(loc, manifest.identity(list(shapes)))
+    for i in range(m.num_shards):
+        a, b = m.shard_range(i)
         samples = [store.SampleResult(r.index, r.id, r.raw, r.image, (work / "data" / "images" / r.image).read_bytes())
                    for r in records[a:b]]
         vals = {t: encodings.encode(torch.randn(b - a, *s) * 0.5, "fp16")[0] for t, s in shapes.items()}
-        store.commit_shard(path, store.ShardResult(i, tuple(shapes), samples, vals, dict.fromkeys(shapes),
+        store.commit_shard(loc, store.ShardResult(i, tuple(shapes), samples, vals, dict.fromkeys(shapes),
                                                    {t: np.ones(b - a, bool) for t in shapes}))
     cfg = load_config([], {"store": str(path), "output_dir": str(work / "out"), "llm": str(work / "llm"),
                            "vision_tower": str(work / "vision")})
@@ -122,7 +122,7 @@ def build_model(cfg, device, dtype):
     from trainer.pt import load_frozen
 
     s = store.Store(cfg.store)
-    shapes = {t: tuple(s.manifest["tasks"][t]["shape"]) for t in cfg.tasks}
+    shapes = {t: tuple(s.manifest.tasks[t].shape) for t in cfg.tasks}
     tokenizer, llm, vision, _ = load_frozen(cfg, device, dtype)
     builder = PromptBuilder(tokenizer, get_template(cfg.chat_template), max_text_tokens=1)
     image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
@@ -205,11 +205,11 @@ def main(argv=None):
     model, builder, image, shapes, pad = build_model(cfg, device, dtype)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     raw = {}
-    for path in store.Store(cfg.store).tar_paths():
-        for s in store.iter_tar(path):
-            meta = json.loads(s["json"])
-            if meta["image_member"]:
-                raw[meta["id"]] = s[meta["image_member"]]
+    s = store.Store(cfg.store)
+    for shard in s.done_shards():
+        for d in s.iter_decoded(shard, []):
+            if d["image"] is not None:
+                raw[d["id"]] = d["image"]
     loader = loader_for(cfg, builder, image, shapes, pad, batch, a.workers)
     stored = timed_steps(model, cfg, loader, a.steps, device, autocast)
     inline = timed_steps(model, cfg, loader_for(cfg, builder, image, shapes, pad, batch, a.workers), a.steps,

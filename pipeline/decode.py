@@ -21,9 +21,22 @@ from pipeline.teacher_manifest import TeacherSpec
 
 @dataclass
 class DecodedBatch:
-    pixels: dict[str, np.ndarray]  # task -> uint8 (n_ok, H, W, 3) for the samples whose error is None
-    samples: list[SampleResult]  # every sample of the batch, in order
+    pixels: dict[str, np.ndarray]  # task -> uint8 (n_ok, H, W, 3): row k is sample ids[k]
+    samples: list[SampleResult]  # every sample of the batch, in order (good and bad)
     seconds: float  # CPU time spent, for the starvation report
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of the pixel rows: the good samples, in batch order."""
+        return [s.id for s in self.samples if s.error is None]
+
+    def pixel_payload(self) -> dict:
+        """What the teachers get: the pixels with the id of every row."""
+        return {"ids": self.ids, "pixels": self.pixels}
+
+    def without_pixels(self) -> DecodedBatch:
+        """What the writer gets: the samples (ids, records, image bytes, errors), no pixels."""
+        return DecodedBatch({}, self.samples, self.seconds)
 
 
 def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSpec],

@@ -37,14 +37,13 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pipeline import encodings, store
 from pipeline.decode import DecodedBatch, decode_batch
 from pipeline.imageops import DEFAULT_MAX_PIXELS
 from pipeline.llava import DatasetError
 from pipeline.plan import Plan, make_plan
-from pipeline.store import StoreError
+from pipeline.store import Location, ShardRecord, StoreError, TaskLayout
 from pipeline.teacher_manifest import DEFAULT_MANIFEST, TASKS, ManifestError, TeacherManifest, load_manifest
 from pipeline.work import BatchTargets, assemble_shard, batches_of, compute_batch
 from teachers.weights import WeightsNotFound
@@ -88,11 +87,13 @@ class TeacherActor:
     def info(self) -> dict:
         return {"weights_sha256": self.teachers.weights_sha256(), "pid": os.getpid(), "device": self.device_name}
 
-    def run(self, pixels: dict, tasks: list[str]) -> BatchTargets:
+    def run(self, payload: dict, tasks: list[str]) -> BatchTargets:
+        """payload: {"ids": [...], "pixels": {task: uint8 (n, H, W, 3)}} (row k is sample ids[k])."""
         t = time.perf_counter()
         self.first = self.first or t
         subset = type(self.teachers)({k: self.teachers.teachers[k] for k in tasks}, self.teachers.device)
-        out = compute_batch(subset, {k: pixels[k] for k in tasks}, self.encoding_by_task)
+        out = compute_batch(subset, {"ids": payload["ids"], "pixels": {k: payload["pixels"][k] for k in tasks}},
+                            self.encoding_by_task)
         self.last = time.perf_counter()
         self.busy += self.last - t
         return out
@@ -104,27 +105,26 @@ class TeacherActor:
 
 def _decode(records, image_folder, specs, max_pixels):
     b = decode_batch(records, image_folder, specs, max_pixels)
-    return b.pixels, DecodedBatch({}, b.samples, b.seconds)  # pixels go to the actor, the rest to the writer
+    return b.pixel_payload(), b.without_pixels()  # pixels (keyed by id) go to the actor, the rest to the writer
 
 
-def _write(store_dir: str, shard: int, tasks: tuple[str, ...], meta_refs: list, target_refs: list) -> dict:
+def _write(url: str, shard: int, tasks: tuple[str, ...], previous: ShardRecord | None, meta_refs: list,
+           target_refs: list) -> ShardRecord:
+    """Join the shard's batches on sample ids and write its data; the driver commits the record."""
     import ray
 
-    store_dir = Path(store_dir)
-    for stale in (store_dir / store.WDS).glob(f"shard-{shard:06d}.tar.tmp-*"):
-        stale.unlink(missing_ok=True)  # left by an earlier attempt that was killed
+    loc = Location(url)
     metas: list[DecodedBatch] = ray.get(meta_refs)
     targets: list[BatchTargets] = ray.get(target_refs)
-    manifest = store.read_manifest(store_dir)
+    manifest = store.read_manifest(loc)
     result = assemble_shard(manifest, shard, tasks, metas, targets, seconds=sum(t.seconds for t in targets))
-    record = store.commit_shard(store_dir, result)
-    record["decode_cpu_s"] = sum(m.seconds for m in metas)
-    record["teacher_s"] = sum(t.seconds for t in targets)
+    record = store.write_shard(loc, result, previous)
+    record.extra.update(decode_cpu_s=sum(m.seconds for m in metas), teacher_s=sum(t.seconds for t in targets))
     return record
 
 
-def _verify(store_dir: str, record: dict, full: bool) -> list[str]:
-    return store.check_files(store_dir, record, full=full)
+def _verify(url: str, record: ShardRecord, full: bool) -> list[str]:
+    return store.check_files(Location(url), record, full=full)
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
@@ -227,54 +227,32 @@ def parse_args(argv=None) -> Settings:
 # ---- the store, before any work ---------------------------------------------------------------------------------
 
 
-def layouts_for(manifest: TeacherManifest, tasks: list[str], encoding: str | None) -> dict[str, store.TaskLayout]:
+def layouts_for(manifest: TeacherManifest, tasks: list[str], encoding: str | None) -> dict[str, TaskLayout]:
     enc = encoding or encodings.LOSSLESS_FOR_DTYPE[manifest.stored_dtype]
-    return {t: store.TaskLayout(manifest.teachers[t].output_shape, enc, store.grid_of(manifest.teachers[t].output_shape[0]))
-            for t in tasks}
+    return {t: TaskLayout.for_shape(manifest.teachers[t].output_shape, enc) for t in tasks}
 
 
-def check_existing(out: Path, plan: Plan, s: Settings, manifest: TeacherManifest) -> dict | None:
+def check_existing(out: Location, plan: Plan, s: Settings, manifest: TeacherManifest) -> store.RunManifest | None:
     """The existing store's manifest if `out` is a store this run may continue, None if `out` is new. Every
     incompatibility is listed in one UsageError."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    try:
+        m = store.existing_manifest(out)
+    except StoreError as e:
+        raise UsageError(f"--output: {e}") from None
+    if m is None:
         return None
-    if not (out / store.MANIFEST).exists():
-        raise UsageError(f"--output {out} exists, is not empty and is not an olaf store; choose another folder")
-    m = store.read_manifest(out)
-    problems = []
-    ds = m["dataset"]
-    if ds.get("sha256") != plan.dataset_sha256:
-        problems.append(f"the dataset JSON differs (sha256 {str(ds.get('sha256'))[:12]}... in the store, "
-                        f"{plan.dataset_sha256[:12]}... now)")
-    if m["num_samples"] != plan.num_samples:
-        problems.append(f"the store holds {m['num_samples']} samples, this run plans {plan.num_samples} (--limit?)")
-    if m["shard_size"] != s.shard_size:
-        problems.append(f"the store's shard size is {m['shard_size']}, this run asks {s.shard_size}")
-    if sorted(m["formats"]) != sorted(s.formats):
-        problems.append(f"the store's formats are {m['formats']}, this run asks {s.formats}")
-    if m.get("zarr_compression", "none") != s.zarr_compression:
-        problems.append(f"the store's zarr compression is {m.get('zarr_compression')}, this run asks {s.zarr_compression}")
-    want = layouts_for(manifest, s.tasks, s.encoding)
-    for t in s.tasks:
-        if t in m["tasks"]:
-            have = store.TaskLayout.from_dict(m["tasks"][t])
-            if (have.shape, have.encoding) != (want[t].shape, want[t].encoding):
-                problems.append(f"{t}: the store has {have.shape} {have.encoding}, this run would write "
-                                f"{want[t].shape} {want[t].encoding}")
-    if (out / store.TEACHERS).exists():
-        stored = store.read_teachers(out)
-        shared = [t for t in s.tasks if t in m["tasks"]]
-        problems += store.teacher_mismatches(stored, manifest.identity(shared), shared)
-        if stored.get("fidelity") != manifest.fidelity:  # one store, one fidelity, whatever the tasks
-            problems.append(f"the store was extracted with fidelity {stored.get('fidelity')}, this run uses "
-                            f"{manifest.fidelity}")
+    shared = [t for t in s.tasks if t in m.tasks]
+    problems = store.resume_problems(out, m, dataset_sha256=plan.dataset_sha256, num_samples=plan.num_samples,
+                                     shard_size=s.shard_size, formats=s.formats, compression=s.zarr_compression,
+                                     layouts=layouts_for(manifest, s.tasks, s.encoding),
+                                     identity=manifest.identity(shared))
     if problems:
         raise UsageError(f"{out} is a store this run cannot continue:\n  " + "\n  ".join(problems)
                          + "\nUse a new --output, or the settings the store was made with.")
     return m
 
 
-def shard_work(plan: Plan, s: Settings, records: dict[int, dict], damaged: dict[int, list[str]]) -> dict:
+def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged: dict[int, list[str]]) -> dict:
     """shard -> tasks to compute. A done shard whose files verify needs only the tasks it lacks; a damaged one
     is redone for everything it had and everything asked."""
     work = {}
@@ -283,9 +261,9 @@ def shard_work(plan: Plan, s: Settings, records: dict[int, dict], damaged: dict[
         if rec is None:
             need = list(s.tasks)
         elif i in damaged:
-            need = [t for t in TASKS if t in s.tasks or t in rec["tasks"]]
+            need = [t for t in TASKS if t in s.tasks or t in rec.tasks]
         else:
-            need = [t for t in s.tasks if t not in rec["tasks"]]
+            need = [t for t in s.tasks if t not in rec.tasks]
         if need:
             work[i] = tuple(need)
     return work
@@ -322,7 +300,7 @@ def run(s: Settings) -> int:
     from tqdm import tqdm
 
     t_start = time.time()
-    out = Path(s.output).resolve()
+    out = Location(s.output)
     # 1. plan and check everything that needs no model
     plan = make_plan(s.data_path, s.image_folder, s.shard_size, s.limit)
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)
@@ -371,7 +349,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
             print(f"recover: {action}", flush=True)
         records = store.read_records(out)
         verify = ray.remote(num_cpus=1)(_verify)
-        refs = {i: verify.remote(str(out), rec, not s.trust_done) for i, rec in records.items()}
+        refs = {i: verify.remote(out.url, rec, not s.trust_done) for i, rec in records.items()}
         for i, ref in tqdm(refs.items(), desc="verify done shards", disable=not s.progress, leave=False):
             problems = ray.get(ref)
             if problems:
@@ -388,7 +366,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     if load_tasks:
         all_layouts = layouts_for(manifest, load_tasks, s.encoding)
         if existing:  # tasks already in the store keep their layout
-            all_layouts.update({t: store.TaskLayout.from_dict(existing["tasks"][t]) for t in load_tasks if t in existing["tasks"]})
+            all_layouts.update({t: existing.tasks[t] for t in load_tasks if t in existing.tasks})
         enc_by_task = {t: all_layouts[t].encoding for t in load_tasks}
         actor_cls = ray.remote(TeacherActor).options(num_gpus=gpa, num_cpus=s.cpus_per_actor, max_restarts=-1,
                                                       max_task_retries=2, max_concurrency=1)
@@ -404,8 +382,8 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     weights = teacher_info.get("weights_sha256", {})
 
     # 4. create or update the store's manifests
-    identity_tasks = sorted(set(load_tasks) | set((existing or {}).get("tasks", {})), key=TASKS.index)
-    stored_teachers = store.read_teachers(out) if existing and (out / store.TEACHERS).exists() else {"teachers": {}}
+    identity_tasks = sorted(set(load_tasks) | set(existing.tasks if existing else {}), key=TASKS.index)
+    stored_teachers = (store.read_teachers(out, missing_ok=True) if existing else None) or {"teachers": {}}
     if existing and weights:
         for t in load_tasks:
             old = stored_teachers["teachers"].get(t, {}).get("weights_sha256")
@@ -422,19 +400,18 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
                   "max_pixels": s.max_pixels, "fidelity": manifest.fidelity, **versions}
     if existing:
         m = existing
-        m["tasks"].update({t: lay.to_dict() for t, lay in layouts_for(manifest, load_tasks, s.encoding).items()
-                           if t not in m["tasks"]})
-        m["tasks"] = {t: m["tasks"][t] for t in TASKS if t in m["tasks"]}
-        m.setdefault("runs", []).append({"started": store.now(), "tasks": s.tasks, **extraction})
-        m["extraction"] = extraction
-        m["code"] = store.code_version()
-        m["finished"] = None
+        new_layouts = layouts_for(manifest, load_tasks, s.encoding)
+        m.tasks = {t: m.tasks.get(t) or new_layouts[t] for t in TASKS if t in m.tasks or t in new_layouts}
+        m.runs.append({"started": store.now(), "tasks": s.tasks, **extraction})
+        m.extraction = extraction
+        m.code = store.code_version()
+        m.finished = None
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        m = store.new_manifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=s.shard_size,
-                               formats=s.formats, tasks=layouts_for(manifest, s.tasks, s.encoding),
-                               compression=s.zarr_compression, extraction=extraction)
-        m["runs"] = [{"started": store.now(), "tasks": s.tasks, **extraction}]
+        out.makedirs()
+        m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=s.shard_size,
+                              formats=s.formats, tasks=layouts_for(manifest, s.tasks, s.encoding),
+                              zarr_compression=s.zarr_compression, extraction=extraction)
+        m.runs = [{"started": store.now(), "tasks": s.tasks, **extraction}]
     store.write_manifest(out, m)
     store.write_teachers(out, new_identity)
     store.ensure_zarr(out, m)
@@ -451,6 +428,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     inflight: dict = {}  # target ref -> (actor, samples)
     load = [0] * len(actors)
     writers: dict = {}  # writer ref -> shard
+    previous_of: dict[int, ShardRecord | None] = {}  # shard -> the record it had before this run redid it
     bad = 0
     bar = tqdm(total=total, unit="img", desc="extract", disable=not s.progress, smoothing=0.05)
     t_run = time.time()
@@ -466,7 +444,9 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
             load[a] += 1
             metas.append(meta)
             targets.append(ref)
-        writers[write.remote(str(out), i, tasks, metas, targets)] = i
+        if i not in previous_of:  # a shard being redone is not done meanwhile; a retry keeps what it had
+            previous_of[i] = store.begin_redo(out, i) if i in records else None
+        writers[write.remote(out.url, i, tasks, previous_of[i], metas, targets)] = i
         attempts[i] += 1
 
     def can_submit() -> bool:
@@ -485,6 +465,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
             i = writers.pop(ref)
             try:
                 rec = ray.get(ref)
+                store.commit_record(out, rec)  # the driver is the only writer of records
             except Exception as e:  # the commit failed even after Ray's retries
                 reason = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:400]}"
                 if attempts[i] <= s.shard_retries:
@@ -496,9 +477,9 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
                     print(f"shard {i} FAILED after {attempts[i]} attempts: {reason}", flush=True)
                 continue
             done_records[i] = rec
-            bad += rec["bad_images"]
+            bad += rec.bad_images
             bar.set_postfix(shards=f"{len(done_records)}/{len(work)}", bad=bad, failed=len(failed), refresh=False)
-            m["progress"] = _progress(done_records, total, t_run, failed)
+            m.progress = _progress(done_records, total, t_run, failed)
             store.write_manifest(out, m)
     bar.close()
 
@@ -506,12 +487,11 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     utilisation = ray.get([a.utilisation.remote() for a in actors]) if actors else []
     n_err = store.rebuild_errors(out)
     final_records = store.read_records(out)
-    all_done = all(i in final_records and set(m["tasks"]) <= set(final_records[i]["tasks"])
-                   for i in range(plan.num_shards))
+    all_done = all(i in final_records and set(m.tasks) <= set(final_records[i].tasks) for i in range(plan.num_shards))
     if work:
-        m["progress"] = _progress(done_records, total, t_run, failed, utilisation)
-    m["finished"] = (m.get("finished") or store.now()) if all_done and not failed else None
-    m["runs"][-1].update(finished=store.now(), shards_done=len(done_records), shards_failed=sorted(failed))
+        m.progress = _progress(done_records, total, t_run, failed, utilisation)
+    m.finished = (m.finished or store.now()) if all_done and not failed else None
+    m.runs[-1].update(finished=store.now(), shards_done=len(done_records), shards_failed=sorted(failed))
     store.write_manifest(out, m)
     _print_summary(m, plan, done_records, final_records, failed, n_err, time.time() - t_start, work)
     return 1 if failed else 0
@@ -550,13 +530,13 @@ def _versions() -> dict:
 
 
 def _progress(done: dict, total: int, t0: float, failed: dict, utilisation: list | None = None) -> dict:
-    n = sum(r["count"] for r in done.values())
+    n = sum(r.count for r in done.values())
     secs = max(time.time() - t0, 1e-9)
     p = {"samples_done": n, "samples_planned": total, "shards_done": len(done), "shards_failed": sorted(failed),
-         "bad_images": sum(r["bad_images"] for r in done.values()), "seconds": round(secs, 1),
+         "bad_images": sum(r.bad_images for r in done.values()), "seconds": round(secs, 1),
          "samples_per_s": round(n / secs, 2),
-         "decode_cpu_ms_per_sample": round(1e3 * sum(r.get("decode_cpu_s", 0) for r in done.values()) / max(n, 1), 2),
-         "teacher_ms_per_sample": round(1e3 * sum(r.get("teacher_s", 0) for r in done.values()) / max(n, 1), 2)}
+         "decode_cpu_ms_per_sample": round(1e3 * sum(r.extra.get("decode_cpu_s", 0) for r in done.values()) / max(n, 1), 2),
+         "teacher_ms_per_sample": round(1e3 * sum(r.extra.get("teacher_s", 0) for r in done.values()) / max(n, 1), 2)}
     if utilisation:
         fr = [u["busy_fraction"] for u in utilisation if u["busy_fraction"] is not None]
         p["actor_busy_fraction"] = round(sum(fr) / len(fr), 3) if fr else None
@@ -564,15 +544,15 @@ def _progress(done: dict, total: int, t0: float, failed: dict, utilisation: list
 
 
 def _print_summary(m, plan, done, records, failed, n_err, seconds, work) -> None:
-    p = m["progress"] if work else {}
-    n_done = sum(r["count"] for r in done.values())
+    p = m.progress if work else {}
+    n_done = sum(r.count for r in done.values())
     print("\nextraction summary")
     rows = [
         ("shards", f"{len(done)} written now, {plan.num_shards - len(work)} were already done, {len(failed)} failed"
                    f" ({len(records)} of {plan.num_shards} done in the store)"),
-        ("samples", f"{n_done} written now ({sum(r['bad_images'] for r in done.values())} bad images); "
+        ("samples", f"{n_done} written now ({sum(r.bad_images for r in done.values())} bad images); "
                     f"{plan.num_samples} in the store"),
-        ("valid targets", ", ".join(f"{t} {sum(r['valid'].get(t, 0) for r in records.values())}" for t in m["tasks"])
+        ("valid targets", ", ".join(f"{t} {sum(r.valid.get(t, 0) for r in records.values())}" for t in m.tasks)
          + " (store)"),
         ("errors.jsonl", f"{n_err} lines"),
     ]
@@ -580,7 +560,7 @@ def _print_summary(m, plan, done, records, failed, n_err, seconds, work) -> None
         rows += [
             ("throughput", f"{p['samples_per_s']} samples/s over {p['seconds']} s (wall {seconds:.1f} s incl. start-up)"),
             ("decode", f"{p['decode_cpu_ms_per_sample']} CPU ms/sample"),
-            ("teachers", f"{p['teacher_ms_per_sample']} ms/sample on {m['extraction'].get('device')}, "
+            ("teachers", f"{p['teacher_ms_per_sample']} ms/sample on {m.extraction.get('device')}, "
                          f"actors busy {p.get('actor_busy_fraction')} of their running time"),
         ]
     for k, v in rows:

@@ -14,23 +14,16 @@ unusable input (not a store, an unknown format version, a missing key) exits 2 w
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import encodings, store
-from pipeline.store import Store, StoreError
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+from pipeline.store import Store, StoreError, verify_store
 
 
 def _human(n: float) -> str:
@@ -46,33 +39,28 @@ def _human(n: float) -> str:
 
 def summary(s: Store) -> dict:
     m = s.manifest
-    teachers = s.teachers() if (s.path / store.TEACHERS).exists() else {}
-    done_any = s.done_shards([])
+    teachers = s.teachers() if s.has_teachers() else {}
     per_task = {}
-    for t in s.tasks:
+    for t, lay in m.tasks.items():
         done = s.done_shards([t])
-        per_task[t] = {
-            "shards_done": len(done),
-            "samples_done": sum(s.records[i]["count"] for i in done),
-            "valid": sum(s.records[i]["valid"].get(t, 0) for i in done),
-            "encoding": m["tasks"][t]["encoding"],
-            "values_dtype": m["tasks"][t]["values_dtype"],
-            "shape": m["tasks"][t]["shape"],
-        }
+        per_task[t] = {"shards_done": len(done), "samples_done": s.samples_done([t]),
+                       "valid": sum(s.records[i].valid.get(t, 0) for i in done), "encoding": lay.encoding,
+                       "values_dtype": lay.values_dtype, "shape": list(lay.shape)}
     tt = teachers.get("teachers", {})
     return {
-        "store": str(s.path),
-        "format": m["format"],
-        "dataset": m["dataset"],
+        "store": s.url,
+        "format": m.format,
+        "dataset": m.dataset,
         "samples": s.num_samples,
-        "shard_size": m["shard_size"],
+        "shard_size": m.shard_size,
         "shards": {"total": s.num_shards, "done": len(s.done_shards()), "pending": len(s.pending_shards()),
-                   "started": len(done_any)},
-        "bad_images": sum(r.get("bad_images", 0) for r in s.records.values()),
-        "errors": sum(len(r.get("errors", [])) for r in s.records.values()),
+                   "started": len(s.done_shards([]))},
+        "bad_images": sum(r.bad_images for r in s.records.values()),
+        "errors": sum(len(r.errors) for r in s.records.values()),
+        "damaged_records": {str(k): v for k, v in sorted(s.damaged_records.items())},
         "tasks": per_task,
-        "formats": m["formats"],
-        "zarr_compression": m.get("zarr_compression"),
+        "formats": m.formats,
+        "zarr_compression": m.zarr_compression,
         "teachers": {
             "name": teachers.get("name"), "fidelity": teachers.get("fidelity"),
             "description": teachers.get("description") or None,
@@ -80,11 +68,10 @@ def summary(s: Store) -> dict:
                              "recipe_sha256": v.get("recipe_sha256"),
                              "quirks_applied": (v.get("recipe") or {}).get("quirks_applied")} for t, v in tt.items()},
         },
-        "bytes": {"zarr": _dir_bytes(s.path / store.ZARR), "wds": _dir_bytes(s.path / store.WDS),
-                  "total": _dir_bytes(s.path)},
-        "code": m.get("code"),
-        "created": m.get("created"), "finished": m.get("finished"),
-        "progress": m.get("progress"),
+        "bytes": s.bytes_used(),
+        "code": m.code,
+        "created": m.created, "finished": m.finished,
+        "progress": m.progress,
     }
 
 
@@ -95,6 +82,8 @@ def print_summary(d: dict) -> None:
     sh = d["shards"]
     print(f"samples     {d['samples']} in {sh['total']} shards of {d['shard_size']}: {sh['done']} done, "
           f"{sh['pending']} pending; {d['bad_images']} bad images, {d['errors']} errors (errors.jsonl)")
+    for shard, problem in d["damaged_records"].items():
+        print(f"            !! shard {shard}: damaged record ({problem}); the next extraction run redoes it")
     print(f"formats     {', '.join(d['formats'])}  (zarr compression: {d['zarr_compression']})")
     t = d["teachers"]
     print(f"teachers    {t['name']}  fidelity {t['fidelity']}" + (f"\n            !! {t['description']}" if t["description"] else ""))
@@ -108,94 +97,10 @@ def print_summary(d: dict) -> None:
               f"{v['samples_done']:>10} {v['valid']:>10}  {src}  {str(pt.get('weights_sha256'))[:12]}  "
               f"{str(pt.get('recipe_sha256'))[:12]}{quirks}")
     b = d["bytes"]
-    print(f"on disk     {_human(b['total'])}  (zarr {_human(b['zarr'])}, wds {_human(b['wds'])})")
+    print(f"stored      {_human(b['total'])}  (zarr {_human(b['zarr'])}, wds {_human(b['wds'])})")
     c = d.get("code") or {}
     print(f"code        olaf {c.get('version')}  git {c.get('git')}  source {str(c.get('source_sha256'))[:12]}")
     print(f"created     {d['created']}   finished {d['finished'] or '-'}")
-
-
-# ---- verify ----------------------------------------------------------------------------------------------------
-
-
-def _agreement(s: Store, shard: int, full: bool, spot: int) -> list[str]:
-    """Stream the shard's tar once: every sample's key must follow Zarr's keys in order, and the samples at the
-    checked positions (all with `full`) must hold exactly Zarr's bytes. Reading them from Zarr also checks
-    their chunks' CRCs. Only one tar sample is in memory at a time."""
-    rec = s.records[shard]
-    g = s.zarr()
-    start, stop = rec["start"], rec["stop"]
-    n = stop - start
-    checked = set(range(n)) if full else {0, n - 1, *np.linspace(0, n - 1, min(spot, n)).astype(int).tolist()}
-    keys = g["keys"][start:stop]
-    problems = []
-    count = 0
-    for pos, raw in enumerate(store.iter_tar(s.path / store.tar_name(shard))):
-        count += 1
-        if pos >= n:
-            continue
-        key = str(keys[pos])
-        if raw["__key__"] != store.tar_key(key):
-            problems.append(f"sample {start + pos}: tar order has {raw['__key__']!r}, zarr keys {key!r}")
-        elif pos in checked:
-            problems += _compare_sample(s, g, rec["tasks"], start + pos, key, raw)
-    if count != n:
-        problems.append(f"tar has {count} samples, the shard {n}")
-    return problems
-
-
-def _compare_sample(s: Store, g, tasks, index: int, key: str, raw: dict) -> list[str]:
-    problems = []
-    meta = json.loads(raw["json"])
-    for t in tasks:
-        zvalid = bool(g["valid"][t][index])
-        if zvalid != bool(meta["valid"].get(t)):
-            problems.append(f"sample {key} {t}: valid is {zvalid} in zarr, {meta['valid'].get(t)} in the tar")
-            continue
-        if not zvalid:
-            continue
-        zv = g[t][index]
-        tv = np.load(io.BytesIO(raw[f"{t}.npy"]))
-        if zv.dtype != tv.dtype or zv.shape != tv.shape or not np.array_equal(zv.view(np.uint8), tv.view(np.uint8)):
-            problems.append(f"sample {key} {t}: zarr and tar values differ")
-        if s.manifest["tasks"][t]["scaled"] and not np.array_equal(g[f"{t}_scale"][index],
-                                                                   np.load(io.BytesIO(raw[f"{t}.scale.npy"]))):
-            problems.append(f"sample {key} {t}: zarr and tar scales differ")
-    return problems
-
-
-def verify(s: Store, full: bool = False, spot: int = 4, threads: int = 4, progress: bool = True) -> dict:
-    """sha256 of every file every done shard lists, pending commits, and Zarr/WebDataset agreement (a few samples
-    per shard, all with `full`). Returns {"ok", "bad_shards": {shard: [problems]}, "checked": ...}."""
-    shards = s.done_shards([])
-    bad: dict[int, list[str]] = {}
-    total = sum(info.get("bytes", 0) for i in shards for info in s.records[i]["files"].values())
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify checksums", disable=not progress, leave=False)
-
-    def check(i):
-        problems = store.check_files(s.path, s.records[i], full=True)
-        bar.update(sum(info.get("bytes", 0) for info in s.records[i]["files"].values()))
-        return i, problems
-
-    with ThreadPoolExecutor(threads) as pool:  # hashlib releases the GIL: files hash in parallel
-        for i, problems in pool.map(check, shards):
-            if problems:
-                bad[i] = problems
-    bar.close()
-    both = set(s.manifest["formats"]) == {"zarr", "wds"}
-    if both:
-        for i in tqdm(shards, desc="verify zarr == wds", disable=not progress, leave=False):
-            if i in bad:
-                continue
-            try:
-                problems = _agreement(s, i, full, spot)
-            except Exception as e:  # a CRC mismatch or an unreadable member
-                problems = [f"cannot read: {type(e).__name__}: {e}"]
-            if problems:
-                bad[i] = problems
-    pending = sorted(p.name for p in (s.path / store.SHARDS).glob("*.pending")) if (s.path / store.SHARDS).is_dir() else []
-    return {"ok": not bad, "bad_shards": {str(k): v for k, v in sorted(bad.items())}, "shards_checked": len(shards),
-            "bytes_hashed": total, "agreement": ("all samples" if full else f"{spot} samples per shard") if both else "n/a",
-            "pending_commits": pending, "shards_not_done": s.pending_shards([])}
 
 
 # ---- stats -----------------------------------------------------------------------------------------------------
@@ -227,24 +132,19 @@ def stats(s: Store, per_shard: bool = False, tasks=None, progress: bool = True) 
     tasks = [t for t in (tasks or s.tasks)]
     overall = {t: _Moments() for t in tasks}
     shards_out = {}
-    use_zarr = "zarr" in s.manifest["formats"]
-    g = s.zarr() if use_zarr else None
+    use_zarr = "zarr" in s.formats
     for i in tqdm(s.done_shards([]), desc="stats", disable=not progress):
         rec = s.records[i]
-        local = {t: _Moments() for t in tasks if t in rec["tasks"]}
+        local = {t: _Moments() for t in tasks if t in rec.tasks}
         if use_zarr:
             for t in local:
-                layout = s.manifest["tasks"][t]
-                valid = g["valid"][t][rec["start"]:rec["stop"]].astype(bool)
-                for j in np.flatnonzero(valid):  # one sample at a time: bounded memory at any shard size
-                    idx = rec["start"] + j
-                    scale = g[f"{t}_scale"][idx] if layout["scaled"] else None
-                    x = encodings.decode(g[t][idx], scale, layout["encoding"]).numpy()
-                    local[t].add(x)
-                    overall[t].add(x)
+                for idx in range(rec.start, rec.stop):  # one sample at a time: bounded memory at any shard size
+                    if s.valid(t, idx):
+                        x = s.decode_zarr(t, idx).numpy()
+                        local[t].add(x)
+                        overall[t].add(x)
         else:
-            for raw in store.iter_tar(s.path / store.tar_name(i)):
-                d = store.decode_tar_sample(raw, s.manifest, list(local))
+            for d in s.iter_decoded(i, list(local)):
                 for t, x in d["targets"].items():
                     if x is not None:
                         local[t].add(x.numpy())
@@ -260,63 +160,18 @@ def stats(s: Store, per_shard: bool = False, tasks=None, progress: bool = True) 
 # ---- show / render ---------------------------------------------------------------------------------------------
 
 
-def _tar_sample(s: Store, shard: int, key: str) -> dict | None:
-    path = s.path / store.tar_name(shard)
-    if not path.exists():
-        return None
-    tk = store.tar_key(key)
-    out = {}
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            if m.name.startswith(tk + "."):
-                out[m.name[len(tk) + 1:]] = tf.extractfile(m).read()
-            elif out:
-                break  # members of one sample are contiguous
-    return out or None
-
-
-def _find(s: Store, key: str) -> tuple[int, dict | None]:
-    """(shard, raw tar sample or None) for a key, through Zarr keys when there are any, else by scanning tars."""
-    if "zarr" in s.manifest["formats"]:
-        j = s.index_of(key)
-        shard = j // s.manifest["shard_size"]
-        return shard, _tar_sample(s, shard, key) if "wds" in s.manifest["formats"] else None
-    for i in s.done_shards([]):
-        raw = _tar_sample(s, i, key)
-        if raw is not None:
-            return i, raw
-    raise KeyError(f"sample {key!r} is not in a done shard of {s.path}")
-
-
-def first_valid_key(s: Store) -> str:
-    for i in s.done_shards([]):
-        rec = s.records[i]
-        bad = {e["id"] for e in rec.get("errors", [])}
-        if "wds" in s.manifest["formats"]:
-            for raw in store.iter_tar(s.path / store.tar_name(i)):
-                meta = json.loads(raw["json"])
-                if meta["id"] not in bad and all(meta["valid"].values()):
-                    return meta["id"]
-        else:
-            for k in s.zarr()["keys"][rec["start"]:rec["stop"]]:
-                if str(k) not in bad:
-                    return str(k)
-    raise KeyError(f"{s.path} has no done shard with a valid sample")
-
-
 def show(s: Store, key: str) -> dict:
-    shard, raw = _find(s, key)
+    shard, raw = s.find(key)
     rec = s.records[shard]
-    out = {"id": key, "shard": shard, "tasks": rec["tasks"], "errors": [e for e in rec["errors"] if e["id"] == key]}
+    out = {"id": key, "shard": shard, "tasks": rec.tasks, "errors": [e for e in rec.errors if e["id"] == key]}
     targets = {}
     if raw is not None:
-        meta = json.loads(raw["json"])
-        out.update(index=meta["index"], record=meta["record"], valid=meta["valid"], image_member=meta["image_member"],
-                   tar_members={k: len(v) for k, v in sorted(raw.items())})
-        d = store.decode_tar_sample({"__key__": store.tar_key(key), **raw}, s.manifest, rec["tasks"])
+        d = s.decode(raw, rec.tasks)
+        out.update(index=d["index"], record=d["record"], valid=d["valid"],
+                   tar_members={k: len(v) for k, v in sorted(raw.items()) if k != "__key__"})
         targets = {t: x for t, x in d["targets"].items() if x is not None}
-    if "zarr" in s.manifest["formats"]:
-        z = s.get(key, rec["tasks"])
+    if "zarr" in s.formats:
+        z = s.get(key, rec.tasks)
         out.setdefault("index", z["index"])
         out.setdefault("valid", z["valid"])
         if raw is not None:
@@ -324,7 +179,7 @@ def show(s: Store, key: str) -> dict:
                 set(z["targets"]) == set(targets)
         targets = targets or z["targets"]
     out["targets"] = {
-        t: {"shape": list(x.shape), "encoding": s.manifest["tasks"][t]["encoding"], "mean": float(x.mean()),
+        t: {"shape": list(x.shape), "encoding": s.manifest.tasks[t].encoding, "mean": float(x.mean()),
             "std": float(x.std()), "min": float(x.min()), "max": float(x.max()),
             "nan": int((~torch.isfinite(x)).sum()), "first": [round(float(v), 5) for v in x.reshape(-1)[:6]]}
         for t, x in targets.items()
@@ -335,16 +190,16 @@ def show(s: Store, key: str) -> dict:
 def render(s: Store, key: str, out_png: str | Path) -> dict:
     from pipeline import render as rnd
 
-    shard, raw = _find(s, key)
+    shard, raw = s.find(key)
     rec = s.records[shard]
     if raw is not None:
-        d = store.decode_tar_sample({"__key__": store.tar_key(key), **raw}, s.manifest, rec["tasks"])
+        d = s.decode(raw, rec.tasks)
         image, targets = d["image"], {t: x for t, x in d["targets"].items() if x is not None}
     else:
-        image, targets = None, s.get(key, rec["tasks"])["targets"]
+        image, targets = None, s.get(key, rec.tasks)["targets"]
     maps, vectors = {}, {}
     for t, x in targets.items():
-        grid = s.manifest["tasks"][t].get("grid")
+        grid = s.manifest.tasks[t].grid
         if grid:
             maps[t] = rnd.pca_rgb(x.numpy(), tuple(grid))
         else:
@@ -365,19 +220,22 @@ def render(s: Store, key: str, out_png: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("store", help="a store directory written by pipeline.extract_teachers")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("store", help="a store written by pipeline.extract_teachers: a folder or a URL (s3://bucket/prefix)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables (also accepted after the command)")
+    # --json after the command too; SUPPRESS keeps a flag given before the command from being reset
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of tables")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("summary", help="samples, valid/bad counts, shards done/pending, teachers, bytes on disk")
-    v = sub.add_parser("verify", help="checksums, chunk CRCs and Zarr/WebDataset agreement; exit 1 on damage")
+    sub.add_parser("summary", parents=[after], help="samples, valid/bad counts, shards done/pending, teachers, bytes")
+    v = sub.add_parser("verify", parents=[after], help="checksums, chunk CRCs and Zarr/WebDataset agreement; exit 1 on damage")
     v.add_argument("--full", action="store_true", help="compare every sample, not a spot-check")
     v.add_argument("--spot", type=int, default=4, help="samples compared per shard without --full (default 4)")
-    st = sub.add_parser("stats", help="per task mean/std/min/max/NaN count over valid targets")
+    st = sub.add_parser("stats", parents=[after], help="per task mean/std/min/max/NaN count over valid targets")
     st.add_argument("--per-shard", action="store_true", help="also per shard")
     st.add_argument("--tasks", default=None, help="comma list (default: all)")
-    sh = sub.add_parser("show", help="everything stored for one sample")
+    sh = sub.add_parser("show", parents=[after], help="everything stored for one sample")
     sh.add_argument("key", nargs="?", help="the sample id (the dataset record's id; default: the first valid one)")
-    r = sub.add_parser("render", help="a PNG: the image beside PCA-to-RGB maps of its targets")
+    r = sub.add_parser("render", parents=[after], help="a PNG: the image beside PCA-to-RGB maps of its targets")
     r.add_argument("key", nargs="?", help="the sample id (default: the first valid one)")
     r.add_argument("--out", required=True, help="output PNG path")
     args = p.parse_args(argv)
@@ -389,15 +247,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(d, indent=1)) if args.json else print_summary(d)
             return 0
         if args.command == "verify":
-            d = verify(s, full=args.full, spot=args.spot, progress=not args.json)
+            d = verify_store(s, full=args.full, spot=args.spot, progress=not args.json)
             if args.json:
                 print(json.dumps(d, indent=1))
             else:
                 for shard, problems in d["bad_shards"].items():
                     for prob in problems:
                         print(f"BAD shard {shard}: {prob}")
-                for name in d["pending_commits"]:
-                    print(f"note: interrupted commit {name} (the next extraction run resolves it)")
+                for name in d["orphans"]:
+                    print(f"note: {name} is not part of any commit (left by an interrupted write; the next "
+                          f"extraction run removes or overwrites it)")
                 print(f"{'OK' if d['ok'] else 'DAMAGED'}: {d['shards_checked']} done shards, {_human(d['bytes_hashed'])} "
                       f"hashed, zarr == wds on {d['agreement']}; {len(d['bad_shards'])} bad shard(s)"
                       + (f"; {len(d['shards_not_done'])} shard(s) not done yet" if d["shards_not_done"] else ""))
@@ -419,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{f(m['max'])} {m['nan']:>6}")
             return 0
         if args.command in ("show", "render") and not args.key:
-            args.key = first_valid_key(s)
+            args.key = s.first_valid_key()
         if args.command == "show":
             d = show(s, args.key)
             print(json.dumps(d, indent=1, default=str))

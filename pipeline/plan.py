@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.llava import DatasetError, Record, load_records
-from pipeline.store import sha256_file
+from pipeline.store import Location
 
 
 @dataclass
@@ -43,4 +43,4 @@ def make_plan(data_path: str | Path, image_folder: str | Path, shard_size: int, 
     if not image_folder.is_dir():
         raise DatasetError(f"image folder not found: {image_folder}")
     records, in_file = load_records(data_path, limit=limit)
-    return Plan(data_path, image_folder, records, in_file, limit, shard_size, sha256_file(data_path))
+    return Plan(data_path, image_folder, records, in_file, limit, shard_size, Location(data_path.parent).sha256(data_path.name))

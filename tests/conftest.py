@@ -45,10 +45,39 @@ def sample_dataset(tmp_path_factory):
     return json_path, out / "images"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    import socket
+from s3server import SeaweedFS, free_port  # noqa: E402, F401  (free_port: re-exported for the test modules)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# ---- a real S3-compatible server on loopback ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """SeaweedFS on loopback for the whole test run (tests/s3server.py). Sets AWS_* in this process's environment
+    (inherited by Ray and every child), so s3:// URLs reach it the way they reach any bucket."""
+    try:
+        server = SeaweedFS.start(tmp_path_factory.mktemp("seaweedfs"))
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """A place to put stores: a local folder, or a fresh prefix of the SeaweedFS bucket. Call it with a name."""
+    import uuid
+
+    if request.param == "local":
+        return lambda name: str(tmp_path / name)
+    bucket = request.getfixturevalue("seaweedfs").bucket
+    run = uuid.uuid4().hex[:8]
+    return lambda name: f"s3://{bucket}/{run}/{name}"

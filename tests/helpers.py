@@ -33,21 +33,21 @@ def _build(path, dataset, manifest_path, tasks, shard, teachers_yaml, TeacherSet
     plan = make_plan(json_path, images, shard)
     manifest = load_manifest(manifest_path)
     teachers = TeacherSet.load(manifest, tasks)
-    layouts = {t: store.TaskLayout(manifest.teachers[t].output_shape, "fp16",
-                                   store.grid_of(manifest.teachers[t].output_shape[0])) for t in tasks}
-    m = store.new_manifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
-                           formats=["zarr", "wds"], tasks=layouts, compression="none")
-    path.mkdir(parents=True)
-    store.write_manifest(path, m)
-    store.ensure_zarr(path, m)
+    layouts = {t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks}
+    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
+                          formats=["zarr", "wds"], tasks=layouts)
+    loc = store.Location(path)
+    loc.makedirs()
+    store.write_manifest(loc, m)
+    store.ensure_zarr(loc, m)
     if teachers_yaml:  # what the Ray job records; the extraction tests compare data files only
-        store.write_teachers(path, manifest.identity(list(tasks), teachers.weights_sha256()))
+        store.write_teachers(loc, manifest.identity(list(tasks), teachers.weights_sha256()))
     specs = [manifest.teachers[t] for t in tasks]
     for i in range(plan.num_shards):
         metas, targets = [], []
         for chunk in batches_of(plan.shard_records(i), BATCH):
             d = decode_batch(chunk, str(images), specs)
             metas.append(d)
-            targets.append(compute_batch(teachers, d.pixels, {t: "fp16" for t in tasks}))
-        store.commit_shard(path, assemble_shard(m, i, tuple(tasks), metas, targets))
+            targets.append(compute_batch(teachers, d, {t: "fp16" for t in tasks}))
+        store.commit_shard(loc, assemble_shard(m, i, tuple(tasks), metas, targets))
     return path

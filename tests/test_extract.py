@@ -1,4 +1,5 @@
-"""extract_teachers on a real local Ray (loopback) with tiny teachers: end to end, resume, faults, added tasks.
+"""extract_teachers on a real local Ray (loopback) with tiny teachers: end to end, resume, faults, added tasks;
+to a local folder and to a real S3-compatible server (SeaweedFS on loopback).
 
 Every store is compared file by file (sha256 of every tar and zarr shard file) with a single-process reference
 that runs the same stages in a plain loop, without Ray.
@@ -19,7 +20,8 @@ import pytest
 from conftest import free_port
 from helpers import BATCH, SHARD, reference_store
 
-from pipeline import inspect, localray, store
+from pipeline import localray, store
+from pipeline.store import Location, layout
 from pipeline.teacher_manifest import load_manifest
 
 pytestmark = pytest.mark.slow
@@ -58,15 +60,22 @@ def run(argv, timeout=300) -> tuple[int, str]:
     return p.returncode, out
 
 
-def same_data(a: Path, b: Path) -> None:
-    ra, rb = store.read_records(a), store.read_records(b)
+def records(url) -> dict:
+    return store.read_records(Location(url))
+
+
+def same_data(a, b) -> None:
+    """Every data file of store `a` (any URL) equals the reference's, by the records and by the objects."""
+    ra, rb = records(a), records(b)
     assert sorted(ra) == sorted(rb)
+    loc = Location(a)
     for i in ra:
-        fa, fb = ra[i]["files"], rb[i]["files"]
+        fa, fb = ra[i].files, rb[i].files
         assert fa.keys() == fb.keys(), i
         for rel in fa:
             assert fa[rel]["sha256"] == fb[rel]["sha256"], f"shard {i}: {rel} differs from the reference"
-        assert ra[i]["valid"] == rb[i]["valid"] and ra[i]["errors"] == rb[i]["errors"]
+        assert ra[i].valid == rb[i].valid and ra[i].errors == rb[i].errors
+    assert not store.check_files(loc, {n: f for r in ra.values() for n, f in r.files.items()}, full=True)
 
 
 def wait_for(cond, timeout=180, what="condition"):
@@ -78,15 +87,15 @@ def wait_for(cond, timeout=180, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_end_to_end_with_bad_files_matches_the_reference(tmp_path, dataset, tiny_teachers, reference):
-    out = tmp_path / "store"
+def test_end_to_end_with_bad_files_matches_the_reference(store_root, dataset, tiny_teachers, reference):
+    out = store_root("store")
     rc, log = run(args(dataset, out, tiny_teachers))
     assert rc == 0, log
     assert "extraction summary" in log and "4 written now" in log
     same_data(out, reference)
     s = store.Store(out)
-    assert s.manifest["finished"] and s.manifest["progress"]["samples_done"] == 30
-    errors = [json.loads(x) for x in (out / store.ERRORS).read_text().splitlines()]
+    assert s.manifest.finished and s.manifest.progress["samples_done"] == 30
+    errors = [json.loads(x) for x in Location(out).read_bytes(layout.ERRORS).decode().splitlines()]
     reasons = " | ".join(e["reason"] for e in errors)
     assert len(errors) == 7 and all(e["task"] is None for e in errors)
     for what in ("not found", "undecodable image", "not an image", "empty", "escapes the image folder",
@@ -97,16 +106,16 @@ def test_end_to_end_with_bad_files_matches_the_reference(tmp_path, dataset, tiny
     for r in records:  # every other sample, the awkward modes included, has all three targets
         got = s.get(r["id"])
         assert all(got["valid"].values()) == (r["id"] not in bad_ids), r
-    assert inspect.verify(s, full=True, progress=False)["ok"]
+    assert store.verify_store(s, full=True, progress=False)["ok"]
     rc, log = run(args(dataset, out, tiny_teachers))  # again: everything verified, nothing recomputed
     assert rc == 0 and "nothing to do" in log, log
     same_data(out, reference)
 
 
-def test_resume_after_killing_the_driver(tmp_path, dataset, tiny_teachers, reference):
-    out = tmp_path / "store"
+def test_resume_after_killing_the_driver(store_root, dataset, tiny_teachers, reference):
+    out = store_root("store")
     p = start(args(dataset, out, tiny_teachers, "--prefetch", "1", "--max-writers", "1"), start_new_session=True)
-    wait_for(lambda: len(store.read_records(out)) >= 1 or p.poll() is not None, what="a first shard")
+    wait_for(lambda: len(records(out)) >= 1 or p.poll() is not None, what="a first shard")
     assert p.poll() is None, "the job finished before it could be killed"
     victims = [pid for pid in localray.descendants({p.pid}) if pid != p.pid]
     os.killpg(p.pid, signal.SIGKILL)
@@ -116,13 +125,15 @@ def test_resume_after_killing_the_driver(tmp_path, dataset, tiny_teachers, refer
         except ProcessLookupError:
             pass
     p.wait()
-    done_before = len(store.read_records(out))
+    done_before = len(records(out))
     assert 1 <= done_before < 4
     rc, log = run(args(dataset, out, tiny_teachers))
     assert rc == 0, log
     assert f"{4 - done_before} written now, {done_before} were already done" in log
     same_data(out, reference)  # byte-identical to an uninterrupted run
-    assert not list((out / store.WDS).glob("*.tmp-*")) and not list((out / store.SHARDS).glob("*.pending"))
+    loc = Location(out)
+    assert not store.orphans(loc)
+    assert all(not n.rsplit("/", 1)[-1].startswith(".") for d in (layout.WDS, layout.SHARDS) for n in loc.list(d))
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +161,7 @@ def _actor_pids() -> list[int]:
 def test_actor_killed_mid_job_is_restarted(tmp_path, dataset, tiny_teachers, reference, ray_head):
     out = tmp_path / "store"
     p = start(args(dataset, out, tiny_teachers, "--address", ray_head, "--prefetch", "1", "--max-writers", "1"))
-    wait_for(lambda: _actor_pids() and len(store.read_records(out)) >= 1 or p.poll() is not None,
+    wait_for(lambda: _actor_pids() and len(records(out)) >= 1 or p.poll() is not None,
              what="a running actor")
     assert p.poll() is None, "the job finished before its actor could be killed"
     killed = _actor_pids()
@@ -158,9 +169,9 @@ def test_actor_killed_mid_job_is_restarted(tmp_path, dataset, tiny_teachers, ref
         os.kill(pid, signal.SIGKILL)
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log
-    assert len(store.read_records(out)) == 4
+    assert len(records(out)) == 4
     same_data(out, reference)
-    assert inspect.verify(store.Store(out), full=True, progress=False)["ok"]
+    assert store.verify_store(store.Store(out), full=True, progress=False)["ok"]
 
 
 def test_adding_a_task_later_computes_only_that_task(tmp_path, dataset, tiny_teachers, reference, ray_head):
@@ -169,16 +180,16 @@ def test_adding_a_task_later_computes_only_that_task(tmp_path, dataset, tiny_tea
     assert rc == 0, log
     s = store.Store(out)
     assert s.tasks == ["gen", "depth"] and s.done_shards(["seg"]) == []
-    before = {i: dict(r["files"]) for i, r in s.records.items()}
+    before = {i: dict(r.files) for i, r in s.records.items()}
     rc, log = run(args(dataset, out, tiny_teachers, "--tasks", "seg", "--address", ray_head))
     assert rc == 0, log
     s = store.Store(out)
     assert s.tasks == ["gen", "depth", "seg"] and s.done_shards(["gen", "depth", "seg"]) == [0, 1, 2, 3]
     for i, files in before.items():  # gen and depth files untouched: only seg was computed
         for rel, info in files.items():
-            if rel.startswith(store.ZARR):
-                assert s.records[i]["files"][rel] == info, rel
-    runs = s.manifest["runs"]
+            if rel.startswith(layout.ZARR):
+                assert s.records[i].files[rel] == info, rel
+    runs = s.manifest.runs
     assert [r["tasks"] for r in runs] == [["gen", "depth"], ["seg"]]
     same_data(out, reference)
 
@@ -200,7 +211,7 @@ def test_structural_problems_stop_before_any_work(tmp_path, tiny_teachers, datas
 def test_incompatible_resume_is_refused(tmp_path, dataset, tiny_teachers, reference):
     out = tmp_path / "store"
     shutil.copytree(reference, out)
-    store.write_teachers(out, load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
+    store.write_teachers(Location(out), load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
     argv = args(dataset, out, tiny_teachers)
     argv[argv.index("--shard-size") + 1] = "4"
     rc, log = run(argv + ["--fidelity", "corrected", "--plan-only"], timeout=120)

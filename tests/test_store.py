@@ -1,12 +1,11 @@
-"""The store format: round trips, exactly-once commits, verification, teacher checks, the inspection CLI."""
+"""The store format: round trips, exactly-once commits, verification, teacher checks, the inspection CLI -- on a
+local folder and on a real S3-compatible server (SeaweedFS on loopback) alike."""
 
 from __future__ import annotations
 
 import io
 import json
 import multiprocessing as mp
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline import encodings, inspect, store
-from pipeline.store import SampleResult, ShardResult, Store, StoreError, TaskLayout
+from pipeline.store import Location, SampleResult, ShardResult, Store, StoreError, TaskLayout, layout
 from pipeline.teacher_manifest import load_manifest
 
 N, S = 10, 4
@@ -39,32 +38,39 @@ def jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
-def make_result(manifest: dict, shard: int, tasks=("gen", "depth", "seg"), bad=(5,)) -> ShardResult:
-    start, stop = store.shard_range(manifest, shard)
+def make_result(manifest: store.RunManifest, shard: int, tasks=("gen", "depth", "seg"), bad=(5,)) -> ShardResult:
+    start, stop = manifest.shard_range(shard)
     samples = [SampleResult(index=j, id=f"{j:09d}", record={"id": f"{j:09d}", "conversations": [{"from": "gpt",
                "value": f"caption {j}"}]}, image=f"{j:09d}"[:5] + f"/{j:09d}.jpg",
                image_bytes=None if j in bad else jpeg(j), error="image file not found" if j in bad else None)
                for j in range(start, stop)]
     values, scales, valid = {}, {}, {}
     for t in tasks:
-        enc = manifest["tasks"][t]["encoding"]
+        enc = manifest.tasks[t].encoding
         x = torch.stack([truth(t, j) if j not in bad else torch.zeros(LAYOUTS[t].shape) for j in range(start, stop)])
         values[t], scales[t] = encodings.encode(x, enc)
         valid[t] = np.array([j not in bad for j in range(start, stop)])
     return ShardResult(shard, tuple(tasks), samples, values, scales, valid)
 
 
-def create(path: Path, encoding="fp16", formats=("zarr", "wds"), tasks=("gen", "depth", "seg"), compression="none",
-           teachers=None) -> dict:
+def create(url, encoding="fp16", formats=("zarr", "wds"), tasks=("gen", "depth", "seg"), compression="none",
+           teachers=None) -> store.RunManifest:
     layouts = {t: TaskLayout(LAYOUTS[t].shape, encoding, LAYOUTS[t].grid) for t in tasks}
-    m = store.new_manifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=N, shard_size=S,
-                           formats=list(formats), tasks=layouts, compression=compression)
-    path.mkdir(parents=True, exist_ok=True)
-    store.write_manifest(path, m)
-    store.ensure_zarr(path, m)
+    m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=N, shard_size=S,
+                          formats=list(formats), tasks=layouts, zarr_compression=compression)
+    loc = Location(url)
+    loc.makedirs()
+    store.write_manifest(loc, m)
+    store.ensure_zarr(loc, m)
     if teachers is not None:
-        store.write_teachers(path, teachers)
+        store.write_teachers(loc, teachers)
     return m
+
+
+def flip(loc: Location, name: str, at: int, mask: int = 0x01) -> None:
+    b = bytearray(loc.read_bytes(name))
+    b[at] ^= mask
+    loc.write_bytes(name, bytes(b))
 
 
 @pytest.fixture
@@ -74,13 +80,15 @@ def identity(tiny_teachers):
 
 
 @pytest.fixture
-def full_store(tmp_path, identity):
-    path = tmp_path / "store"
-    m = create(path, teachers=identity)
-    for i in range(m["num_shards"]):
-        store.commit_shard(path, make_result(m, i))
-    store.rebuild_errors(path)
-    return path
+def full_store(store_root, identity):
+    """A 3-shard store, on a local folder or on S3 (the test runs for both): its URL."""
+    url = store_root("store")
+    m = create(url, teachers=identity)
+    loc = Location(url)
+    for i in range(m.num_shards):
+        store.commit_shard(loc, make_result(m, i))
+    store.rebuild_errors(loc)
+    return url
 
 
 @pytest.mark.parametrize("encoding", ["fp16", "bf16", "fp8"])
@@ -88,15 +96,15 @@ def full_store(tmp_path, identity):
 def test_round_trip_both_formats(tmp_path, encoding, compression):
     path = tmp_path / "s"
     m = create(path, encoding=encoding, compression=compression)
-    for i in range(m["num_shards"]):
-        store.commit_shard(path, make_result(m, i))
+    for i in range(m.num_shards):
+        store.commit_shard(Location(path), make_result(m, i))
     s = Store(path)
     assert s.done_shards() == [0, 1, 2] and s.pending_shards() == []
+    assert len(s.tar_urls(check="sha256")) == 3
     tol = {"fp16": 1e-3, "bf16": 8e-3, "fp8": 4e-2}[encoding]
     seen = 0
-    for tar in s.tar_paths(check="sha256"):
-        for raw in store.iter_tar(tar):
-            d = store.decode_tar_sample(raw, s.manifest, ["gen", "depth", "seg"])
+    for shard in s.done_shards():
+        for d in s.iter_decoded(shard, ["gen", "depth", "seg"]):
             z = s.get(d["id"])
             j = d["index"]
             assert d["id"] == f"{j:09d}" and d["record"]["conversations"][0]["value"] == f"caption {j}"
@@ -123,40 +131,39 @@ def test_lossless_encodings_are_exact():
         encodings.get("int8")  # measured candidate, not a store option
 
 
-def _commit_in_child(path, shard):
-    m = store.read_manifest(path)
-    store.commit_shard(path, make_result(m, shard))
+def _commit_in_child(url, shard):
+    loc = Location(url)
+    store.commit_shard(loc, make_result(store.read_manifest(loc), shard))
 
 
-def test_concurrent_writers_in_separate_processes(tmp_path, full_store):
-    path = tmp_path / "conc"
-    m = create(path)
+def test_concurrent_writers_in_separate_processes(store_root, full_store):
+    url = store_root("conc")
+    m = create(url)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_commit_in_child, args=(str(path), i)) for i in range(m["num_shards"])]
+    procs = [ctx.Process(target=_commit_in_child, args=(url, i)) for i in range(m.num_shards)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    assert Store(path).done_shards() == [0, 1, 2]
-    assert inspect.verify(Store(path), full=True, progress=False)["ok"]
+    assert Store(url).done_shards() == [0, 1, 2]
+    assert store.verify_store(Store(url), full=True, progress=False)["ok"]
     # the same content as a store written one shard after another, file for file
-    for rel, info in Store(full_store).records[1]["files"].items():
-        assert Store(path).records[1]["files"][rel]["sha256"] == info["sha256"], rel
+    for rel, info in Store(full_store).records[1].files.items():
+        assert Store(url).records[1].files[rel]["sha256"] == info["sha256"], rel
+    # a second writer of a committed shard is refused at the commit point (conditional create)
+    rec = Store(url).records[1]
+    with pytest.raises(StoreError, match="already has a record"):
+        store.commit_record(Location(url), rec)
 
 
 def test_flipped_bytes_are_caught_and_named(full_store, capsys):
-    assert inspect.main([str(full_store), "verify"]) == 0
-    tar = full_store / store.tar_name(1)
-    b = bytearray(tar.read_bytes())
-    b[len(b) // 2] ^= 0x01
-    tar.write_bytes(bytes(b))
-    chunk = full_store / store.ZARR / "seg" / "c" / "2" / "0" / "0"
-    b = bytearray(chunk.read_bytes())
-    b[100] ^= 0x80
-    chunk.write_bytes(bytes(b))
+    assert inspect.main([full_store, "verify"]) == 0
+    loc = Location(full_store)
+    flip(loc, layout.tar_name(1), loc.size(layout.tar_name(1)) // 2)
+    flip(loc, "targets.zarr/seg/c/2/0/0", 100, 0x80)  # written out here, as a reader in another language would
     capsys.readouterr()
-    assert inspect.main([str(full_store), "verify"]) == 1
+    assert inspect.main([full_store, "verify"]) == 1
     out = capsys.readouterr().out
     assert "BAD shard 1: wds/shard-000001.tar: sha256 mismatch" in out
     assert "BAD shard 2: targets.zarr/seg/c/2/0/0: sha256 mismatch" in out
@@ -166,85 +173,106 @@ def test_flipped_bytes_are_caught_and_named(full_store, capsys):
         Store(full_store).get(f"{8:09d}", ["seg"])
     # and the trainer's reader refuses the damaged tar before streaming it
     with pytest.raises(StoreError, match="shard 1 is damaged"):
-        Store(full_store).tar_paths(check="sha256")
+        Store(full_store).tar_urls(check="sha256")
 
 
-def test_truncated_or_missing_shard_files(full_store, capsys):
-    tar = full_store / store.tar_name(0)
-    tar.write_bytes(tar.read_bytes()[:1000])
-    (full_store / store.tar_name(2)).unlink()
+def test_truncated_or_missing_shard_files(full_store, tmp_path, capsys):
+    loc = Location(full_store)
+    loc.write_bytes(layout.tar_name(0), loc.read_bytes(layout.tar_name(0))[:1000])
+    loc.remove(layout.tar_name(2))
     with pytest.raises(StoreError, match="shard 0 is damaged.*truncated"):
-        Store(full_store).tar_paths()
-    assert inspect.main([str(full_store), "verify"]) == 1
+        Store(full_store).tar_urls()
+    assert inspect.main([full_store, "verify"]) == 1
     out = capsys.readouterr().out
     assert "BAD shard 0" in out and "BAD shard 2: wds/shard-000002.tar: missing" in out
-    for cmd in (["show", f"{1:09d}"], ["render", f"{1:09d}", "--out", str(full_store / "x.png")]):
-        assert inspect.main([str(full_store), *cmd]) == 2  # one message, no traceback
+    for cmd in (["show", f"{1:09d}"], ["render", f"{1:09d}", "--out", str(tmp_path / "x.png")]):
+        assert inspect.main([full_store, *cmd]) == 2  # one message, no traceback
     err = capsys.readouterr().err
     assert "cannot read" in err and "verify" in err and "Traceback" not in err
 
 
-def test_half_written_shard_is_never_read(tmp_path):
-    path = tmp_path / "half"
-    m = create(path)
-    store.commit_shard(path, make_result(m, 0))
-    # a crash after the data files and the pending record, before the renames (shard 1)
-    res = make_result(m, 1)
-    real_replace = os.replace
-    calls = []
+class Crash(BaseException):
+    pass
 
-    def crash_on_tar(src, dst):
-        if str(dst).endswith(".tar"):
-            calls.append(dst)
-            raise KeyboardInterrupt("crash")
-        return real_replace(src, dst)
 
-    os.replace = crash_on_tar
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            store.commit_shard(path, res)
-    finally:
-        os.replace = real_replace
-    s = Store(path)
+@pytest.mark.parametrize("crash_after", ["zarr", "tar"])
+def test_half_written_shard_is_never_read(store_root, monkeypatch, crash_after):
+    """A crash at each point of a commit: before the record exists the shard is not done and nothing of it is
+    read; verify names what is left over; a redo gives the bytes of an uninterrupted commit."""
+    url = store_root("half")
+    loc = Location(url)
+    m = create(url)
+    store.commit_shard(loc, make_result(m, 0))
+    from pipeline.store import writer
+
+    real = writer.write_tar if crash_after == "tar" else writer.zarr_files
+
+    def crash(*a, **k):
+        real(*a, **k)
+        raise Crash(f"killed after the {crash_after} data")
+
+    monkeypatch.setattr(writer, "write_tar" if crash_after == "tar" else "zarr_files", crash)
+    with pytest.raises(Crash):
+        store.commit_shard(loc, make_result(m, 1))
+    monkeypatch.undo()
+    s = Store(url)
     assert s.done_shards() == [0] and 1 in s.pending_shards()
-    assert [Path(p).name for p in s.tar_paths()] == ["shard-000000.tar"]
+    assert s.tar_urls() == [loc.url_of(layout.tar_name(0))]
     with pytest.raises(KeyError):
         s.get(f"{4:09d}")
-    # recovery: the pending record does not match a tar in place -> discarded, temp tar removed
-    actions = store.recover(path)
-    assert any("discarded" in a for a in actions) and any("partial tar" in a for a in actions)
-    assert not list((path / store.SHARDS).glob("*.pending")) and not list((path / store.WDS).glob("*.tmp-*"))
-    # a crash after the tar rename but before the record rename is completed by recovery
-    os.replace = lambda src, dst: (_ for _ in ()).throw(KeyboardInterrupt()) if str(dst).endswith(".json") and \
-        str(src).endswith(".pending") else real_replace(src, dst)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            store.commit_shard(path, res)
-    finally:
-        os.replace = real_replace
-    assert 1 not in Store(path).done_shards()
-    assert any("completed" in a for a in store.recover(path))
-    assert Store(path).done_shards() == [0, 1]
+    v = store.verify_store(s, progress=False)
+    assert v["ok"] and v["orphans"] == ([layout.tar_name(1)] if crash_after == "tar" else [])
+    assert store.recover(loc) == ([f"{layout.tar_name(1)}: removed (left by an interrupted write)"]
+                                  if crash_after == "tar" else [])
+    # the redo: the same bytes as a shard committed in one go elsewhere
+    store.commit_shard(loc, make_result(m, 1))
+    ref = store_root("half-ref")
+    create(ref)
+    store.commit_shard(Location(ref), make_result(m, 1))
+    got, want = Store(url).records[1].files, Store(ref).records[1].files
+    assert got.keys() == want.keys() and all(got[k]["sha256"] == want[k]["sha256"] for k in got)
 
 
-def test_adding_a_task_keeps_what_is_there(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_a_redo_takes_the_record_away_first(full_store):
+    """A shard being rewritten is not done: its old record never vouches for new, half-written data."""
+    loc = Location(full_store)
+    prev = store.begin_redo(loc, 1)
+    assert prev.tasks == ["gen", "depth", "seg"] and not loc.exists(layout.record_name(1))
+    assert Store(full_store).done_shards() == [0, 2]
+
+
+def test_damaged_records_are_no_commit(full_store, capsys):
+    loc = Location(full_store)
+    loc.write_bytes(layout.record_name(0), b"[1, 2]")
+    d = json.loads(loc.read_bytes(layout.record_name(1)))
+    del d["files"]
+    loc.write_bytes(layout.record_name(1), json.dumps(d).encode())
+    s = Store(full_store)
+    assert s.done_shards() == [2]
+    assert "not a JSON object" in s.damaged_records[0] and "missing fields ['files']" in s.damaged_records[1]
+    assert inspect.main([full_store, "verify", "--json"]) == 1
+    v = json.loads(capsys.readouterr().out)
+    assert set(v["bad_shards"]) == {"0", "1"}
+
+
+def test_adding_a_task_keeps_what_is_there(store_root):
+    one, two = store_root("one"), store_root("two")
     m1 = create(one)
     for i in range(3):
-        store.commit_shard(one, make_result(m1, i))
+        store.commit_shard(Location(one), make_result(m1, i))
     m2 = create(two)
     for i in range(3):
-        store.commit_shard(two, make_result(m2, i, tasks=("gen", "depth")))
+        store.commit_shard(Location(two), make_result(m2, i, tasks=("gen", "depth")))
     assert Store(two).done_shards(["seg"]) == [] and Store(two).done_shards(["gen"]) == [0, 1, 2]
     for i in range(3):
-        store.commit_shard(two, make_result(m2, i, tasks=("seg",)))
+        store.commit_shard(Location(two), make_result(m2, i, tasks=("seg",)))
     a, b = Store(one), Store(two)
     for i in range(3):  # byte-identical data files to a one-pass store
-        fa, fb = a.records[i]["files"], b.records[i]["files"]
+        fa, fb = a.records[i].files, b.records[i].files
         assert fa.keys() == fb.keys()
         for rel in fa:
             assert fa[rel]["sha256"] == fb[rel]["sha256"], rel
-        assert a.records[i]["tasks"] == b.records[i]["tasks"] == ["gen", "depth", "seg"]
+        assert a.records[i].tasks == b.records[i].tasks == ["gen", "depth", "seg"]
 
 
 def test_reader_refuses_what_does_not_match(full_store, identity, tiny_teachers):
@@ -262,7 +290,7 @@ def test_reader_refuses_what_does_not_match(full_store, identity, tiny_teachers)
     assert Store(full_store, expected_teachers=identity).get(f"{0:09d}")["valid"]["seg"]
     with pytest.raises(StoreError, match=r"tasks \['normals'\] are not in the store"):
         s.require(["normals"])
-    (full_store / store.record_name(2)).unlink()
+    Location(full_store).remove(layout.record_name(2))
     with pytest.raises(StoreError, match="1 of 3 shards are not done"):
         Store(full_store).require(["gen"])
     Store(full_store).require(["gen"], allow_partial=True)
@@ -272,38 +300,41 @@ def test_bad_paths_and_versions_give_one_message(tmp_path, full_store, capsys):
     assert inspect.main([str(tmp_path / "absent"), "summary"]) == 2
     (tmp_path / "empty").mkdir()
     assert inspect.main([str(tmp_path / "empty"), "summary"]) == 2
-    m = json.loads((full_store / store.MANIFEST).read_text())
+    loc = Location(full_store)
+    m = json.loads(loc.read_bytes(layout.MANIFEST))
     m["format"] = "olaf.store/0"
-    (full_store / store.MANIFEST).write_text(json.dumps(m))
-    assert inspect.main([str(full_store), "summary"]) == 2
+    loc.write_bytes(layout.MANIFEST, json.dumps(m).encode())
+    assert inspect.main([full_store, "summary"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "not an olaf store" in err and "olaf.store/0" in err
     assert "Traceback" not in err
-    (full_store / store.MANIFEST).write_text("{not json")
-    assert inspect.main([str(full_store), "stats"]) == 2
+    loc.write_bytes(layout.MANIFEST, b"{not json")
+    assert inspect.main([full_store, "stats"]) == 2
 
 
 def test_cli_summary_stats_show_render(full_store, tmp_path, capsys):
-    assert inspect.main([str(full_store), "--json", "summary"]) == 0
+    assert inspect.main([full_store, "--json", "summary"]) == 0
     d = json.loads(capsys.readouterr().out)
+    assert inspect.main([full_store, "summary", "--json"]) == 0  # the flag after the command works too
+    assert json.loads(capsys.readouterr().out)["samples"] == N
     assert d["samples"] == N and d["shards"] == {"total": 3, "done": 3, "pending": 0, "started": 3}
     assert d["bad_images"] == 1 and d["tasks"]["depth"]["valid"] == N - 1
     assert d["teachers"]["name"] == "ola_vlm_tiny_random" and d["bytes"]["total"] > 0
-    assert inspect.main([str(full_store), "summary"]) == 0
+    assert inspect.main([full_store, "summary"]) == 0
     assert "RANDOM-WEIGHT" in capsys.readouterr().out
-    assert inspect.main([str(full_store), "--json", "stats", "--per-shard"]) == 0
+    assert inspect.main([full_store, "--json", "stats", "--per-shard"]) == 0
     st = json.loads(capsys.readouterr().out)
     want = torch.cat([truth("gen", j).reshape(-1) for j in range(N) if j != 5]).to(torch.float16).double()
     assert st["overall"]["gen"]["values"] == want.numel()
     assert abs(st["overall"]["gen"]["mean"] - want.mean().item()) < 1e-9
     assert abs(st["overall"]["gen"]["max"] - want.max().item()) < 1e-9 and st["overall"]["gen"]["nan"] == 0
     assert set(st["per_shard"]) == {"0", "1", "2"}
-    assert inspect.main([str(full_store), "show", f"{3:09d}"]) == 0
+    assert inspect.main([full_store, "show", f"{3:09d}"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["zarr_equals_wds"] is True and d["targets"]["depth"]["shape"] == [576, 32]
     assert d["record"]["conversations"][0]["value"] == "caption 3"
     png = tmp_path / "r.png"
-    assert inspect.main([str(full_store), "render", f"{3:09d}", "--out", str(png)]) == 0
+    assert inspect.main([full_store, "render", f"{3:09d}", "--out", str(png)]) == 0
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[1] >= 3 * 256 and img.shape[0] > 256
     depth_panel = img[60:60 + 256, 8 + 264:8 + 264 + 256].astype(float)  # 2-line title, label; 2nd panel
@@ -311,7 +342,7 @@ def test_cli_summary_stats_show_render(full_store, tmp_path, capsys):
     red_by_row = depth_panel[..., 0].mean(axis=1)
     corr = np.corrcoef(red_by_row, np.arange(256))[0, 1]
     assert abs(corr) > 0.9, corr
-    assert inspect.main([str(full_store), "show", "nope"]) == 2
+    assert inspect.main([full_store, "show", "nope"]) == 2
 
 
 def _ids(stream, workers=0):
@@ -351,4 +382,25 @@ def test_stream_yields_what_training_needs(full_store, identity):
     with pytest.raises(StoreError, match="teacher mismatch"):
         other = json.loads(json.dumps(identity))
         other["teachers"]["seg"]["weights"] = {"repo_id": "someone/else"}
+        other["teachers"]["seg"]["weights_sha256"] = None  # as the trainer's side, which never loads teachers
         store.TargetStream(full_store, ["seg"], expected_teachers=other)
+
+
+def test_weights_that_only_moved_are_accepted_with_a_note(full_store, identity):
+    """A teacher manifest copied elsewhere resolves its `path:` weights elsewhere: not a mismatch, a note."""
+    moved = json.loads(json.dumps(identity))
+    for t in moved["teachers"].values():
+        t["weights"] = {**t["weights"], "path": "/somewhere/else/" + t["weights"]["path"].rsplit("/", 1)[-1]}
+        t["weights_sha256"] = None
+    stream = store.TargetStream(full_store, ["gen", "seg"], expected_teachers=moved)
+    assert len(stream.notes) == 2 and all("only the location differs" in n for n in stream.notes)
+    assert "/somewhere/else/gen" in stream.notes[0] and identity["teachers"]["gen"]["weights_sha256"][:16] in stream.notes[0]
+    # an HF reference that differs is still a mismatch, and so is another sha256 when both sides know it
+    hf = json.loads(json.dumps(moved))
+    hf["teachers"]["gen"]["weights"] = {"repo_id": "someone/else"}
+    with pytest.raises(StoreError, match="gen: weights differ"):
+        Store(full_store).require(["gen"], expected_teachers=hf)
+    sha = json.loads(json.dumps(moved))
+    sha["teachers"]["gen"]["weights_sha256"] = "e" * 64
+    with pytest.raises(StoreError, match="gen: weights sha256 differs"):
+        Store(full_store).require(["gen"], expected_teachers=sha)

@@ -335,3 +335,22 @@ def test_config_values_follow_the_field_types(tmp_path):
                      ("global_batch_size=30", "not a multiple")):
         with pytest.raises(ValueError, match=msg):
             load_config([], {"store": "s", "output_dir": "o"}, [bad])
+
+
+def test_trains_from_a_store_in_a_bucket(tmp_path, trained, trainer_store, tiny_models, tiny_teachers, seaweedfs):
+    """The same store uploaded to S3 (SeaweedFS on loopback): the trainer streams it from s3:// and sees the same
+    samples in the same order (step 1, before any update, has the local run's loss to the last bit)."""
+    import uuid
+
+    import s3fs
+
+    url = f"s3://{seaweedfs.bucket}/{uuid.uuid4().hex[:8]}/store"
+    s3fs.S3FileSystem().put(str(trainer_store), url.removeprefix("s3://"), recursive=True)
+    out = tmp_path / "out"
+    rc, log = run_trainer(trainer_args(url, tiny_models, tiny_teachers, out, "--max-steps", "3"))
+    assert rc == 0, log
+    got, local = log_of(out), log_of(trained)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert got[0]["loss"] == local[0]["loss"]
+    info = json.loads((out / "export" / "config.json").read_text())
+    assert info["store"] == url

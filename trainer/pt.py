@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.store import REPO_ROOT, Store, StoreError, TargetStream
-from pipeline.teacher_manifest import ManifestError, load_manifest
+from pipeline.store import Store, StoreError, TargetStream
+from pipeline.teacher_manifest import REPO_ROOT, ManifestError, load_manifest
 from trainer import checkpoint
 from trainer.config import PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
@@ -41,7 +41,8 @@ from trainer.templates import PromptBuilder, get_template
 def parse_args(argv=None) -> PTConfig:
     p = argparse.ArgumentParser(prog="python -m trainer.pt", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", help="store written by pipeline.extract_teachers (its WebDataset shards are read)")
+    p.add_argument("--store", help="store written by pipeline.extract_teachers: a folder or a URL (s3://bucket/prefix); "
+                                   "its WebDataset shards are read")
     p.add_argument("--llm", help="HF id or folder of the causal LM (default: Meta-Llama-3-8B-Instruct)")
     p.add_argument("--vision-tower", help="HF id or folder of the CLIP vision tower (default: clip-vit-large-patch14-336)")
     p.add_argument("--output-dir", help="where logs, checkpoints and the export go")
@@ -125,7 +126,9 @@ def main(argv=None) -> int:
     expected = load_manifest(resolve_manifest(cfg.teachers_manifest), fidelity=cfg.fidelity).identity(cfg.tasks)
     store = Store(cfg.store)
     store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
-    target_shapes = {t: tuple(store.manifest["tasks"][t]["shape"]) for t in cfg.tasks}
+    for note in store.notes:
+        log(f"note: {note}")
+    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     if not cfg.resume and checkpoint.latest(out) is not None:
         raise SystemExit(f"error: {out} already has checkpoints: pass --resume to continue, or use a new --output-dir")
 
@@ -278,7 +281,7 @@ def main(argv=None) -> int:
                 "task_tokens": cfg.task_tokens, "special_tokens": cfg.special_tokens, "predictor": cfg.predictor,
                 "target_shapes": {t: list(s) for t, s in target_shapes.items()},
                 "target_token_order": "row-major: token index = row * 24 + col",
-                "teachers": store.teachers(), "store": str(store.path), "steps": step,
+                "teachers": store.teachers(), "store": store.url, "steps": step,
                 "global_batch_size": cfg.global_batch_size}
         exp = checkpoint.export(out, model, info)
         log(f"exported to {exp}")

@@ -1,0 +1,52 @@
+"""THE store format, as a package: the only code that knows it. Extraction writes through `writer`, the trainer
+reads through `stream`, the inspector through `reader` and `verify`; docs/format.md is the contract for readers
+in other languages. A store is a local folder or any fsspec URL (s3://bucket/prefix, gs://...).
+
+    layout     every name and path: objects, tar members, Zarr arrays, shard ranges
+    fs         Location: one store root on one filesystem (local, shared, object storage)
+    manifest   typed run manifest, task layouts, shard records, teacher identity
+    codec      one sample's targets to and from tar members / Zarr rows
+    writer     open or resume a store, write a shard, commit its record exactly once, recover
+    reader     Store: what is there, `require`, random access by key or index
+    verify     checksums, CRCs, Zarr == WebDataset, orphans
+    stream     TargetStream: the trainer's IterableDataset
+"""
+
+from pipeline.store.fs import Location, StoreError, is_url
+from pipeline.store.layout import COMPRESSIONS, FORMATS
+from pipeline.store.manifest import (
+                                     RunManifest,
+                                     ShardRecord,
+                                     TaskLayout,
+                                     code_version,
+                                     now,
+                                     read_manifest,
+                                     read_records,
+                                     read_teachers,
+                                     teacher_mismatches,
+                                     write_manifest,
+                                     write_teachers,
+)
+from pipeline.store.reader import Store
+from pipeline.store.stream import TargetStream
+from pipeline.store.verify import check_files, verify_store
+from pipeline.store.writer import (
+                                     SampleResult,
+                                     ShardResult,
+                                     begin_redo,
+                                     commit_record,
+                                     commit_shard,
+                                     ensure_zarr,
+                                     existing_manifest,
+                                     orphans,
+                                     rebuild_errors,
+                                     recover,
+                                     resume_problems,
+                                     write_shard,
+)
+
+__all__ = ["COMPRESSIONS", "FORMATS", "Location", "RunManifest", "SampleResult", "ShardRecord", "ShardResult", "Store",
+           "StoreError", "TargetStream", "TaskLayout", "begin_redo", "check_files", "code_version", "commit_record",
+           "commit_shard", "ensure_zarr", "existing_manifest", "is_url", "now", "orphans", "read_manifest",
+           "read_records", "read_teachers", "rebuild_errors", "recover", "resume_problems", "teacher_mismatches",
+           "verify_store", "write_manifest", "write_shard", "write_teachers"]

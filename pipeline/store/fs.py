@@ -1,0 +1,233 @@
+"""Where a store lives: a local folder, a shared filesystem or an object-storage prefix (any fsspec URL:
+s3://bucket/prefix, gs://bucket/prefix, ...). The store package does all its I/O through `Location`, so every
+job works on every backend.
+
+Credentials and endpoints come from the usual places, never from olaf's files: for S3 and S3-compatible
+servers (MinIO, SeaweedFS, R2, ...) AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL /
+AWS_DEFAULT_REGION or ~/.aws, for GCS the application-default credentials, or fsspec's own config
+(FSSPEC_S3_ENDPOINT_URL=..., ~/.config/fsspec/*.json).
+
+Writes: a local file is written to a temporary name and renamed (atomic on POSIX); an object is uploaded whole
+under its final name (a PUT, or s3fs's multipart upload for large files, which becomes visible only when it
+completes), so a reader never sees half an object on either backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+
+CHUNK = 8 << 20  # bytes per read when hashing or streaming
+
+
+class StoreError(Exception):
+    """Something about a store is wrong or does not match what the caller expects; the message says what."""
+
+
+def _fsspec():
+    import fsspec
+
+    return fsspec
+
+
+def is_url(path) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+class Location:
+    """The root of a store on one filesystem. `rel` names are '/'-separated, relative to the root."""
+
+    def __init__(self, url):
+        url = str(url)
+        if is_url(url):
+            protocol = url.split("://", 1)[0]
+            try:
+                # no listings cache: other processes (writers, a resumed job) change the store under us
+                self.fs, root = _fsspec().core.url_to_fs(url, use_listings_cache=False)
+            except ImportError as e:
+                raise StoreError(f"{url}: the {protocol}:// backend needs an extra package ({e}); install "
+                                 f"olaf[cloud] (s3fs, gcsfs)") from None
+            except ValueError as e:
+                raise StoreError(f"{url}: {e}") from None
+            self.root = root.rstrip("/")
+            self.url = f"{protocol}://{self.root}"
+            self.local = False
+        else:
+            from fsspec.implementations.local import LocalFileSystem
+
+            path = os.path.abspath(url.removeprefix("file://"))
+            self.fs, self.root, self.url, self.local = LocalFileSystem(), path, path, True
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __reduce__(self):  # Ray and DataLoader workers rebuild the filesystem from the URL (and the environment)
+        return (Location, (self.url,))
+
+    # -- names
+    def path(self, rel: str = "") -> str:
+        """The filesystem path of `rel` (what `self.fs` takes)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    # -- reading
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def isfile(self, rel: str) -> bool:
+        return self.fs.isfile(self.path(rel))
+
+    def size(self, rel: str) -> int | None:
+        """Bytes of a file, or None when it is not there."""
+        try:
+            info = self.fs.info(self.path(rel))
+        except FileNotFoundError:
+            return None
+        return int(info["size"]) if info.get("type", "file") == "file" else None
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        return self.fs.cat_file(self.path(rel), start=start, end=stop)
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(self.path(rel), mode)
+
+    def sha256(self, rel: str, on_bytes=None) -> str:
+        """sha256 of a file, streamed in CHUNK reads (never the whole object in memory)."""
+        h = hashlib.sha256()
+        with self.open(rel) as f:
+            while b := f.read(CHUNK):
+                h.update(b)
+                if on_bytes is not None:
+                    on_bytes(len(b))
+        return h.hexdigest()
+
+    def list(self, rel_dir: str) -> list[str]:
+        """Names (relative to the root) of the files directly inside `rel_dir`, sorted; [] when there is none."""
+        try:
+            entries = self.fs.ls(self.path(rel_dir), detail=True)
+        except FileNotFoundError:
+            return []
+        prefix = self.root + "/"
+        out = []
+        for e in entries:
+            if e.get("type") == "file":
+                name = e["name"].rstrip("/")
+                out.append(name[len(prefix):] if name.startswith(prefix) else name)
+        return sorted(out)
+
+    def du(self, rel: str = "") -> int:
+        """Bytes of every file under `rel`."""
+        try:
+            return int(sum(v.get("size", 0) for v in self.fs.find(self.path(rel), detail=True).values()))
+        except FileNotFoundError:
+            return 0
+
+    def is_empty_or_absent(self) -> bool:
+        if not self.exists():
+            return True
+        try:
+            return not self.fs.ls(self.path(), detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+
+    # -- writing
+    def makedirs(self, rel: str = "") -> None:
+        if self.local:  # object stores have no folders
+            os.makedirs(self.path(rel), exist_ok=True)
+
+    @contextlib.contextmanager
+    def open_atomic(self, rel: str) -> Iterator:
+        """A file to write `rel` through; it appears under its name, whole, only if the block exits normally.
+        Local: a temporary name in the same folder, fsync, rename. Object storage: a streamed (multipart)
+        upload that is aborted on error, so memory stays bounded by one part whatever the file's size."""
+        if self.local:
+            final = self.path(rel)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{os.path.dirname(final)}/.{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        f = self.fs.open(self.path(rel), "wb")
+        try:
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()
+            f.closed = True  # nothing left to flush: the upload is aborted
+            raise
+        f.close()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.open_atomic(rel) as f:
+            f.write(data)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write `rel` only if it does not exist yet (a conditional create); False when it already exists.
+        Local: a hard link of a complete temporary file. S3: PUT with If-None-Match (s3fs mode 'xb'). A
+        backend that has neither falls back to a check then a PUT (not atomic: see docs/format.md)."""
+        if self.local:
+            final = self.path(rel)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{os.path.dirname(final)}/.{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here: a rename that may replace (documented)
+                if os.path.exists(final):
+                    return False
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return True
+        try:
+            with self.fs.open(self.path(rel), "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):  # no conditional writes in this backend
+            if self.exists(rel):
+                return False
+            self.write_bytes(rel, data)
+            return True
+        except OSError as e:
+            if "pre-condition" in str(e).lower() or "precondition" in str(e).lower():
+                return False
+            raise
+
+    def remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(rel))
+
+    # -- zarr
+    def zarr_store(self, rel: str, read_only: bool):
+        """A zarr-python 3 store for the group at `rel`: LocalStore on a local path, FsspecStore elsewhere."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.local:
+            return LocalStore(self.path(rel), read_only=read_only)
+        return FsspecStore.from_url(self.url_of(rel), read_only=read_only)

@@ -1,0 +1,256 @@
+"""Reading a store: what it holds (manifest, records, teachers), refusing what does not match, and random
+access to samples by key or index through Zarr or the tars. Works on any `Location`."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from pipeline import encodings
+from pipeline.store import layout
+from pipeline.store.codec import decode_sample, meta_of
+from pipeline.store.fs import Location, StoreError
+from pipeline.store.manifest import (
+    RunManifest,
+    ShardRecord,
+    read_manifest,
+    read_records,
+    read_teachers,
+    teacher_mismatches,
+)
+
+
+class Store:
+    """A store, opened for reading: a local path or any fsspec URL (s3://bucket/prefix). Checks the format
+    version on open; `require` checks tasks, completeness and teacher identity before anything relies on them.
+    With `expected_teachers` (a `TeacherManifest.identity()` dict) the check happens on open, for `tasks`
+    (default: all the store has), so random access (`get`) refuses a mismatch exactly as the stream does."""
+
+    def __init__(self, path, expected_teachers: dict | None = None, tasks=None):
+        self.loc = path if isinstance(path, Location) else Location(path)
+        self.manifest: RunManifest = read_manifest(self.loc)
+        self.damaged_records: dict[int, str] = {}
+        self.records: dict[int, ShardRecord] = read_records(self.loc, self.damaged_records)
+        self.notes: list[str] = []
+        self._index = None
+        self._zarr = None
+        if expected_teachers is not None:
+            self.require(tasks if tasks is not None else self.tasks, expected_teachers, allow_partial=True)
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    # -- what is there
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def num_shards(self) -> int:
+        return self.manifest.num_shards
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest.tasks)
+
+    @property
+    def formats(self) -> list[str]:
+        return list(self.manifest.formats)
+
+    def has_teachers(self) -> bool:
+        return self.loc.isfile(layout.TEACHERS)
+
+    def teachers(self) -> dict:
+        return read_teachers(self.loc)
+
+    def done_shards(self, tasks: Iterable[str] | None = None) -> list[int]:
+        tasks = list(tasks) if tasks is not None else self.tasks
+        return [i for i, r in sorted(self.records.items()) if r.status == "done" and set(tasks) <= set(r.tasks)]
+
+    def pending_shards(self, tasks: Iterable[str] | None = None) -> list[int]:
+        done = set(self.done_shards(tasks))
+        return [i for i in range(self.num_shards) if i not in done]
+
+    def samples_done(self, tasks: Iterable[str] | None = None) -> int:
+        return sum(self.records[i].count for i in self.done_shards(tasks))
+
+    def bytes_used(self) -> dict:
+        return {"zarr": self.loc.du(layout.ZARR), "wds": self.loc.du(layout.WDS), "total": self.loc.du()}
+
+    def require(self, tasks: Iterable[str], expected_teachers: dict | None = None, allow_partial: bool = False,
+                formats: Iterable[str] = ()) -> None:
+        """Refuse, with one message listing every reason, a store that lacks tasks, formats, finished shards or
+        the expected teachers. Notes (e.g. weights at another location) are kept in `self.notes`."""
+        tasks = list(tasks)
+        problems = []
+        missing = [t for t in tasks if t not in self.manifest.tasks]
+        if missing:
+            problems.append(f"tasks {missing} are not in the store (it has {self.tasks})")
+        for f in formats:
+            if f not in self.manifest.formats:
+                problems.append(f"the store has no {f} output (formats: {self.manifest.formats})")
+        if not missing:
+            pending = self.pending_shards(tasks)
+            if pending and not allow_partial:
+                problems.append(f"{len(pending)} of {self.num_shards} shards are not done for {tasks} "
+                                f"(e.g. {pending[:5]}): finish the extraction by re-running it")
+            if len(pending) == self.num_shards:
+                problems.append("no shard is done")
+        if expected_teachers is not None and not missing:
+            mismatches, notes = teacher_mismatches(self.teachers(), expected_teachers, tasks)
+            problems += [f"teacher mismatch: {m}" for m in mismatches]
+            self.notes += notes
+        if problems:
+            raise StoreError(f"store {self.url} cannot be used as asked:\n  " + "\n  ".join(problems))
+
+    # -- checks
+    def check_shard(self, shard: int, full: bool = False) -> list[str]:
+        from pipeline.store.verify import check_files
+
+        return check_files(self.loc, self.records[shard], full=full)
+
+    # -- WebDataset
+    def tar_urls(self, tasks: Iterable[str] | None = None, check: str = "size") -> list[str]:
+        """URLs of the done shards' tars, checked against their records ('size', 'sha256' or 'none')."""
+        if "wds" not in self.manifest.formats:
+            raise StoreError(f"{self.url} has no WebDataset shards (formats: {self.manifest.formats})")
+        from pipeline.store.verify import check_files
+
+        out = []
+        for i in self.done_shards(tasks):
+            name = layout.tar_name(i)
+            info = self.records[i].files.get(name)
+            problems = [f"{name}: not in its record"] if info is None else []
+            if info is not None and check != "none":
+                problems = check_files(self.loc, {name: info}, full=(check == "sha256"))
+            if problems:
+                raise StoreError(f"shard {i} is damaged: {'; '.join(problems)}; run `python -m pipeline.inspect "
+                                 f"{self.url} verify` and re-run the extraction to redo it")
+            out.append(self.loc.url_of(name))
+        return out
+
+    def iter_raw(self, shard: int) -> Iterator[dict]:
+        """Raw samples of one shard's tar, in order, one in memory at a time."""
+        yield from iter_tar(self.loc, layout.tar_name(shard))
+
+    def iter_decoded(self, shard: int, tasks: Iterable[str], compact: bool = False) -> Iterator[dict]:
+        tasks = list(tasks)
+        for raw in self.iter_raw(shard):
+            yield decode_sample(raw, self.manifest, tasks, compact=compact)
+
+    # -- Zarr random access
+    def zarr(self):
+        from pipeline.store.writer import zarr_group
+
+        if "zarr" not in self.manifest.formats:
+            raise StoreError(f"{self.url} has no Zarr arrays (formats: {self.manifest.formats})")
+        if self._zarr is None:
+            self._zarr = zarr_group(self.loc, "r")
+        return self._zarr
+
+    def keys(self, shard: int) -> list[str]:
+        """The sample ids of one shard, in order (Zarr keys, else the tar's json members)."""
+        if "zarr" in self.manifest.formats:
+            a, b = self.manifest.shard_range(shard)
+            return [str(k) for k in self.zarr()[layout.KEYS][a:b]]
+        return [meta_of(raw)["id"] for raw in self.iter_raw(shard)]
+
+    def index_of(self, key: str) -> int:
+        if self._index is None:
+            self._index = {}
+            for i in self.done_shards([]):
+                a, _ = self.manifest.shard_range(i)
+                self._index.update({k: a + j for j, k in enumerate(self.keys(i))})
+        if key not in self._index:
+            raise KeyError(f"sample {key!r} is not in a done shard of {self.url}")
+        return self._index[key]
+
+    def shard_of_key(self, key: str) -> int:
+        return self.manifest.shard_of(self.index_of(key))
+
+    def valid(self, task: str, index: int) -> bool:
+        return bool(self.zarr()[layout.valid_array(task)][index])
+
+    def zarr_values(self, task: str, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The encoded (values, scales) Zarr holds for one sample."""
+        g = self.zarr()
+        scale = g[layout.scale_array(task)][index] if self.manifest.tasks[task].scaled else None
+        return g[task][index], scale
+
+    def decode_zarr(self, task: str, index: int, dtype=None):
+        """One sample's target from Zarr as a tensor (float32 unless `dtype`)."""
+        import torch
+
+        values, scale = self.zarr_values(task, index)
+        return encodings.decode(values, scale, self.manifest.tasks[task].encoding, dtype or torch.float32)
+
+    def get(self, key: str, tasks: Iterable[str] | None = None) -> dict:
+        """Everything Zarr holds for one sample: {"id", "index", "shard", "valid": {task: bool},
+        "targets": {task: float32 tensor (T, W)}} (targets only where valid)."""
+        tasks = list(tasks) if tasks is not None else self.tasks
+        j = self.index_of(key)
+        shard = self.manifest.shard_of(j)
+        rec = self.records[shard]
+        out = {"id": key, "index": j, "shard": shard, "valid": {}, "targets": {}}
+        for t in tasks:
+            if t not in rec.tasks:
+                continue
+            ok = self.valid(t, j)
+            out["valid"][t] = ok
+            if ok:
+                out["targets"][t] = self.decode_zarr(t, j)
+        return out
+
+    def raw_sample(self, shard: int, key: str) -> dict | None:
+        """The raw tar sample of `key` in `shard` ({"__key__", suffix: bytes}), or None."""
+        if "wds" not in self.manifest.formats or layout.tar_name(shard) not in self.records[shard].files:
+            return None
+        tk = layout.tar_key(key)
+        out = {}
+        with self.loc.open(layout.tar_name(shard)) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+            for mem in tf:
+                if mem.name.startswith(tk + "."):
+                    out[mem.name[len(tk) + 1:]] = tf.extractfile(mem).read()
+                elif out:
+                    break  # members of one sample are contiguous
+        return {"__key__": tk, **out} if out else None
+
+    def find(self, key: str) -> tuple[int, dict | None]:
+        """(shard, raw tar sample or None) for a key, through Zarr keys when there are any, else the tars."""
+        if "zarr" in self.manifest.formats:
+            shard = self.shard_of_key(key)
+            return shard, self.raw_sample(shard, key)
+        for i in self.done_shards([]):
+            raw = self.raw_sample(i, key)
+            if raw is not None:
+                return i, raw
+        raise KeyError(f"sample {key!r} is not in a done shard of {self.url}")
+
+    def first_valid_key(self) -> str:
+        for i in self.done_shards([]):
+            bad = {e["id"] for e in self.records[i].errors}
+            if "wds" in self.manifest.formats:
+                for raw in self.iter_raw(i):
+                    meta = meta_of(raw)
+                    if meta["id"] not in bad and all(meta["valid"].values()):
+                        return meta["id"]
+            else:
+                for k in self.keys(i):
+                    if k not in bad:
+                        return k
+        raise KeyError(f"{self.url} has no done shard with a valid sample")
+
+    def decode(self, raw: dict, tasks: Iterable[str], compact: bool = False) -> dict:
+        return decode_sample(raw, self.manifest, tasks, compact=compact)
+
+
+def iter_tar(loc: Location, name: str) -> Iterator[dict]:
+    """Raw samples of one tar, in order, as WebDataset groups them, streamed from any filesystem."""
+    import webdataset as wds
+
+    with loc.open(name) as f:
+        yield from wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander([{"url": loc.url_of(name), "stream": f}]))
