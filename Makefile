@@ -58,7 +58,8 @@ demo: setup
 	$(PY) -m pipeline.localray start $(DEMO_DIR)/ray --port $(DEMO_RAY_PORT) --dashboard-port $(DEMO_DASHBOARD_PORT)
 	eval "$$($(PY) -m pipeline.localray env $(DEMO_DIR)/ray)"; \
 	trap '$(PY) -m pipeline.localray stop $(DEMO_DIR)/ray' EXIT; \
-	$(VENV)/bin/ray job submit --working-dir . --runtime-env-json '{"env_vars": {"HF_HUB_OFFLINE": "1"}}' -- \
+	$(VENV)/bin/ray job submit --working-dir "$$($(PY) -m pipeline.jobdir $(DEMO_DIR)/job)" \
+	  --runtime-env-json '{"env_vars": {"HF_HUB_OFFLINE": "1"}}' -- \
 	  python -m pipeline.extract_teachers --data-path $(DEMO_DIR)/data/blip_laion_cc_sbu_558k.json \
 	    --image-folder $(DEMO_DIR)/data/images --output $(DEMO_DIR)/store \
 	    --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --shard-size 16 --batch-size 8 --no-progress

@@ -49,6 +49,8 @@ def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSp
     for rec in records:
         data, error = None, None
         try:
+            if rec.problem is not None:
+                raise BadImage(f"unusable record: {rec.problem}")
             if rec.image is None:
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
             data = read_image_bytes(image_folder, rec.image)

@@ -1,6 +1,6 @@
 """Run the OLA-VLM teachers once over a LLaVA dataset and write a store (Zarr + WebDataset + manifests).
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+    ray job submit --address http://127.0.0.1:8265 --working-dir "$(python -m pipeline.jobdir build/job)" -- \\
       python -m pipeline.extract_teachers --data-path /data/blip_laion_cc_sbu_558k.json \\
         --image-folder /data/images --output /stores/ola558k [--tasks gen,depth,seg] [--shard-size 256]
     python -m pipeline.extract_teachers ...      # the same, on a local Ray it starts (127.0.0.1) and stops
@@ -8,7 +8,8 @@
 Re-running the same command resumes: done shards are verified by their checksums and skipped, partial ones are
 redone, and the data files come out byte-identical to an uninterrupted run's. `--tasks seg` on an existing
 store computes only seg. Exit status: 0 when every shard is done, 1 when some shard kept failing (listed; the
-rest is finished), 2 for unusable input (reported before any model is loaded where possible).
+rest is finished), 2 for unusable input (reported before any model is loaded where possible), 130 / 143 when
+stopped by Ctrl-C / SIGTERM (committed shards are kept; re-run to resume).
 
 How it runs, and why this way rather than Ray Data:
   plan (driver)     validate the JSON, fixed shards of --shard-size samples in dataset order
@@ -32,7 +33,9 @@ How it runs, and why this way rather than Ray Data:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -252,14 +255,16 @@ def check_existing(out: Location, plan: Plan, s: Settings, manifest: TeacherMani
     return m
 
 
-def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged: dict[int, list[str]]) -> dict:
+def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged: dict[int, list[str]],
+               store_tasks=()) -> dict:
     """shard -> tasks to compute. A done shard whose files verify needs only the tasks it lacks; a damaged one
-    is redone for everything it had and everything asked."""
+    is redone for everything it had and everything asked; one without a (readable) record for every task the
+    store holds and everything asked."""
     work = {}
     for i in range(plan.num_shards):
         rec = records.get(i)
         if rec is None:
-            need = list(s.tasks)
+            need = [t for t in TASKS if t in s.tasks or t in store_tasks]
         elif i in damaged:
             need = [t for t in TASKS if t in s.tasks or t in rec.tasks]
         else:
@@ -312,13 +317,18 @@ def run(s: Settings) -> int:
     if s.plan_only:
         return 0
 
+    check_writable(out)
     if not (s.address or os.environ.get("RAY_ADDRESS")):
         check_weights_locally(manifest, s.tasks)
     ray, started_local = init_ray(s)
+    signal.signal(signal.SIGTERM, _on_sigterm)  # ray.init installs its own handler (a native abort): ours wins
     try:
         return _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm)
     finally:
         if started_local:
+            with contextlib.suppress(BaseException):  # a second signal while Ray stops must not leave it running
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             ray.shutdown()
 
 
@@ -355,7 +365,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
             if problems:
                 damaged[i] = problems
                 print(f"shard {i} will be redone: {'; '.join(problems)}", flush=True)
-    work = shard_work(plan, s, records, damaged)
+    work = shard_work(plan, s, records, damaged, existing.tasks if existing else ())
     load_tasks = [t for t in TASKS if any(t in need for need in work.values())]
     if not work:
         print("every shard is already done for the tasks asked: nothing to do", flush=True)
@@ -429,11 +439,32 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     load = [0] * len(actors)
     writers: dict = {}  # writer ref -> shard
     previous_of: dict[int, ShardRecord | None] = {}  # shard -> the record it had before this run redid it
+    # leases: a second job on the same --output computes other shards, then waits for the first one's
+    owner = store.lease_owner()
+    held: set[int] = set()
+    deferred: dict[int, str] = {}  # shard -> the job holding its lease
+    by_others: set[int] = set()
+    renewed, waiting_said = time.time(), False
     bad = 0
     bar = tqdm(total=total, unit="img", desc="extract", disable=not s.progress, smoothing=0.05)
     t_run = time.time()
 
+    def done_by_another_job(i: int) -> bool:
+        rec = store.read_record(out, i)  # a record that was not there (or not this one) when this run began
+        fresh = rec is not None and (i not in records or rec.to_dict() != records[i].to_dict())
+        return fresh and set(work[i]) <= set(rec.tasks)
+
     def submit_shard(i: int):
+        if i not in held:
+            if not store.take_lease(out, i, owner):
+                deferred[i] = (store.lease_holder(out, i) or {}).get("owner", "another job")
+                return
+            held.add(i)
+            if done_by_another_job(i):  # it committed the shard and let go of it before this run got here
+                release(i)
+                by_others.add(i)
+                bar.update(len(plan.shard_records(i)))
+                return
         tasks = work[i]
         metas, targets = [], []
         for chunk in batches_of(plan.shard_records(i), batch):
@@ -444,43 +475,72 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
             load[a] += 1
             metas.append(meta)
             targets.append(ref)
-        if i not in previous_of:  # a shard being redone is not done meanwhile; a retry keeps what it had
-            previous_of[i] = store.begin_redo(out, i) if i in records else None
+        if i not in previous_of:  # a shard being redone is not done meanwhile (a damaged record goes too);
+            previous_of[i] = store.begin_redo(out, i)  # a retry keeps what the first attempt found
         writers[write.remote(out.url, i, tasks, previous_of[i], metas, targets)] = i
         attempts[i] += 1
 
     def can_submit() -> bool:
         return bool(queue) and len(writers) < max_writers and min(load) < prefetch
 
-    while queue or inflight or writers:
-        while can_submit():
-            submit_shard(queue.popleft())
-        ready, _ = ray.wait(list(inflight) + list(writers), num_returns=1, timeout=1.0, fetch_local=False)
-        for ref in ready:
-            if ref in inflight:
-                a, n = inflight.pop(ref)
-                load[a] -= 1
-                bar.update(n)
+    def release(i: int):
+        store.release_lease(out, i, owner)
+        held.discard(i)
+
+    try:
+        while queue or inflight or writers or deferred:
+            while can_submit():
+                submit_shard(queue.popleft())
+            if time.time() - renewed > store.LEASE_TTL / 4:
+                for i in held:
+                    store.renew_lease(out, i, owner)
+                renewed = time.time()
+            if not (queue or inflight or writers):  # only shards another job holds are left: wait for them
+                if not waiting_said:
+                    print(f"waiting for {len(deferred)} shard(s) that another job is computing "
+                          f"({', '.join(sorted(set(deferred.values())))})", flush=True)
+                    waiting_said = True
+                time.sleep(2.0)
+                for i in list(deferred):
+                    if done_by_another_job(i):
+                        deferred.pop(i)
+                        by_others.add(i)
+                        bar.update(len(plan.shard_records(i)))
+                    elif store.lease_holder(out, i) is None:  # it gave the shard up (failed, stopped): ours now
+                        deferred.pop(i)
+                        queue.append(i)
                 continue
-            i = writers.pop(ref)
-            try:
-                rec = ray.get(ref)
-                store.commit_record(out, rec)  # the driver is the only writer of records
-            except Exception as e:  # the commit failed even after Ray's retries
-                reason = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:400]}"
-                if attempts[i] <= s.shard_retries:
-                    print(f"shard {i} failed ({reason}); retrying", flush=True)
-                    queue.append(i)
-                    bar.update(-len(plan.shard_records(i)))
-                else:
-                    failed[i] = reason
-                    print(f"shard {i} FAILED after {attempts[i]} attempts: {reason}", flush=True)
-                continue
-            done_records[i] = rec
-            bad += rec.bad_images
-            bar.set_postfix(shards=f"{len(done_records)}/{len(work)}", bad=bad, failed=len(failed), refresh=False)
-            m.progress = _progress(done_records, total, t_run, failed)
-            store.write_manifest(out, m)
+            ready, _ = ray.wait(list(inflight) + list(writers), num_returns=1, timeout=1.0, fetch_local=False)
+            for ref in ready:
+                if ref in inflight:
+                    a, n = inflight.pop(ref)
+                    load[a] -= 1
+                    bar.update(n)
+                    continue
+                i = writers.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                    store.commit_record(out, rec)  # the driver is the only writer of records
+                except Exception as e:  # the commit failed even after Ray's retries
+                    reason = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:400]}"
+                    if attempts[i] <= s.shard_retries:
+                        print(f"shard {i} failed ({reason}); retrying", flush=True)
+                        queue.append(i)
+                        bar.update(-len(plan.shard_records(i)))
+                    else:
+                        failed[i] = reason
+                        release(i)
+                        print(f"shard {i} FAILED after {attempts[i]} attempts: {reason}", flush=True)
+                    continue
+                release(i)
+                done_records[i] = rec
+                bad += rec.bad_images
+                bar.set_postfix(shards=f"{len(done_records)}/{len(work)}", bad=bad, failed=len(failed), refresh=False)
+                m.progress = _progress(done_records, total, t_run, failed)
+                store.write_manifest(out, m)
+    finally:
+        for i in list(held):  # stopped or failed: hand the shards back at once rather than at expiry
+            release(i)
     bar.close()
 
     # 6. finish: errors.jsonl, manifest, summary
@@ -493,8 +553,22 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     m.finished = (m.finished or store.now()) if all_done and not failed else None
     m.runs[-1].update(finished=store.now(), shards_done=len(done_records), shards_failed=sorted(failed))
     store.write_manifest(out, m)
-    _print_summary(m, plan, done_records, final_records, failed, n_err, time.time() - t_start, work)
+    _print_summary(m, plan, done_records, final_records, failed, n_err, time.time() - t_start, work, by_others)
     return 1 if failed else 0
+
+
+def check_writable(out: Location) -> None:
+    """Fail before any model is loaded when the output cannot be written (under a file, read-only, no
+    permission, no bucket): write and remove a probe file or object."""
+    probe = f".olaf-write-probe-{os.getpid()}"
+    try:
+        out.makedirs()
+        out.write_bytes(probe, b"ok")
+        out.remove(probe)
+    except (OSError, ValueError, PermissionError) as e:
+        what = type(e).__name__ if not getattr(e, "strerror", None) else e.strerror
+        raise UsageError(f"--output {out} cannot be written ({what}): choose a writable folder or bucket "
+                         f"prefix") from None
 
 
 def _root_cause(e: Exception) -> str:
@@ -543,12 +617,13 @@ def _progress(done: dict, total: int, t0: float, failed: dict, utilisation: list
     return p
 
 
-def _print_summary(m, plan, done, records, failed, n_err, seconds, work) -> None:
+def _print_summary(m, plan, done, records, failed, n_err, seconds, work, by_others=()) -> None:
     p = m.progress if work else {}
     n_done = sum(r.count for r in done.values())
     print("\nextraction summary")
     rows = [
-        ("shards", f"{len(done)} written now, {plan.num_shards - len(work)} were already done, {len(failed)} failed"
+        ("shards", f"{len(done)} written now, {plan.num_shards - len(work)} were already done, "
+                   + (f"{len(by_others)} done by another job meanwhile, " if by_others else "") + f"{len(failed)} failed"
                    f" ({len(records)} of {plan.num_shards} done in the store)"),
         ("samples", f"{n_done} written now ({sum(r.bad_images for r in done.values())} bad images); "
                     f"{plan.num_samples} in the store"),
@@ -573,16 +648,26 @@ def _print_summary(m, plan, done, records, failed, n_err, seconds, work) -> None
         print("  note: the teachers waited for input part of the time: add CPUs (decode) or --prefetch")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send on preemption): stop as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     s = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(s)
     except (DatasetError, ManifestError, StoreError, UsageError, WeightsNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: committed shards are safe; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"\n{name}: stopped; committed shards are safe; re-run the same command to resume", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

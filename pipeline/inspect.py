@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head`: the reader has seen enough
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stdout's own close would raise again at exit)
+        return 0
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # damaged data: a truncated tar, a bad CRC
         print(f"error: cannot read {args.store}: {type(e).__name__}: {e}\n"
               f"  run `python -m pipeline.inspect {args.store} verify` to find the damaged shards", file=sys.stderr)

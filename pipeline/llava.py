@@ -38,11 +38,24 @@ class Record:
     id: str
     image: str | None  # relative path, or None for a text-only record
     raw: dict
+    problem: str | None = None  # why the record cannot be a training sample (it is stored as a bad sample)
 
     def caption(self) -> str:
         turns = self.raw.get("conversations") or []
         gpt = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
         return gpt[0] if gpt else ""
+
+
+def conversation_problem(conv) -> str | None:
+    """Why a record's conversations cannot be tokenised (each turn an object with string 'from' and 'value'),
+    or None. Such a record is kept and stored as a bad sample, not a stop of the whole dataset."""
+    for k, turn in enumerate(conv or []):
+        if not isinstance(turn, dict):
+            return f"conversations[{k}] is not an object ({type(turn).__name__})"
+        for key in ("from", "value"):
+            if not isinstance(turn.get(key), str):
+                return f"conversations[{k}].{key} is not a string ({type(turn.get(key)).__name__})"
+    return None
 
 
 def load_records(path: str | Path, limit: int | None = None, max_problems: int = 50) -> tuple[list[Record], int]:
@@ -90,6 +103,11 @@ def load_records(path: str | Path, limit: int | None = None, max_problems: int =
         if rid != rid.strip() or any(c in rid for c in "\n\r\t\0"):
             problems.append(f"record {i}: id {rid!r} has surrounding whitespace or control characters")
             continue
+        try:  # every store writes ids as UTF-8 (Zarr keys, tar names, JSON): a lone surrogate cannot be
+            rid.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(f"record {i}: id {rid!r} is not valid Unicode text (a lone surrogate): it cannot be stored")
+            continue
         if rid in first_seen:
             problems.append(f"record {i}: duplicate id {rid!r} (first at record {first_seen[rid]})")
             continue
@@ -99,7 +117,8 @@ def load_records(path: str | Path, limit: int | None = None, max_problems: int =
             problems.append(f"record {i} (id {rid}): 'conversations' is not a list")
             continue
         image = rec.get("image")
-        records.append(Record(index=i, id=rid, image=image if isinstance(image, str) and image else None, raw=rec))
+        records.append(Record(index=i, id=rid, image=image if isinstance(image, str) and image else None, raw=rec,
+                              problem=conversation_problem(conv)))
 
     if problems:
         shown = problems[:max_problems]

@@ -45,6 +45,33 @@ def sample_dataset(tmp_path_factory):
     return json_path, out / "images"
 
 
+@pytest.fixture(scope="session")
+def trainer_store(tmp_path_factory, tiny_teachers):
+    from helpers import reference_store
+
+    from pipeline.sample import generate
+
+    ds = tmp_path_factory.mktemp("trainer_ds")
+    json_path = generate(ds, num_samples=28, seed=5, bad=4)
+    return reference_store(tmp_path_factory.mktemp("trainer_store") / "store", (json_path, ds / "images"),
+                           tiny_teachers, teachers_yaml=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    import yaml
+
+    from trainer.tiny import build
+
+    out = tmp_path_factory.mktemp("tiny_models")
+    cfg = build(out, lm_steps=0)
+    data = yaml.safe_load(cfg.read_text())
+    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, shuffle_buffer=16, save_every=2,
+                learning_rate=3e-3)
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
 from s3server import SeaweedFS, free_port  # noqa: E402, F401  (free_port: re-exported for the test modules)
 
 # ---- a real S3-compatible server on loopback ------------------------------------------------------------------

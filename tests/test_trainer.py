@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import free_port
-from helpers import reference_store
 
 from trainer import loss as L
 from trainer.config import PTConfig
@@ -27,29 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- fixtures --------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def trainer_store(tmp_path_factory, tiny_teachers):
-    from pipeline.sample import generate
-
-    ds = tmp_path_factory.mktemp("trainer_ds")
-    json_path = generate(ds, num_samples=28, seed=5, bad=4)
-    return reference_store(tmp_path_factory.mktemp("trainer_store") / "store", (json_path, ds / "images"),
-                           tiny_teachers, teachers_yaml=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from trainer.tiny import build
-
-    out = tmp_path_factory.mktemp("tiny_models")
-    cfg = build(out, lm_steps=0)
-    data = yaml.safe_load(cfg.read_text())
-    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, shuffle_buffer=16, save_every=2,
-                learning_rate=3e-3)
-    cfg.write_text(yaml.safe_dump(data))
-    return cfg
-
 
 def trainer_args(store, models_cfg, teachers_yaml, out, *extra):
     return ["--store", str(store), "--config", str(models_cfg), "--teachers-manifest", str(teachers_yaml),

@@ -1,20 +1,24 @@
 """Checkpoints (trainable parameters, optimizer, scheduler, RNG, exact data position) and the final export.
 
     OUT/checkpoints/step-000500/trainable.safetensors   projector, task tokens, predictors, logit scales
-                               /optimizer.pt             AdamW state + LR scheduler state
-                               /state.json               step, data position per rank and worker, RNG, config
+                               /optimizer.pt             AdamW + LR scheduler state, torch RNG (tensors and
+                                                         plain values only: loaded with weights_only=True)
+                               /state.json               step, data position per rank and worker, Python and
+                                                         NumPy RNG, config
     OUT/export/mm_projector.bin         LLaVA's key names: usable as --pretrain_mm_mlp_adapter
               /task_tokens.safetensors  special_{gen,depth,seg}_tokens
               /predictors.safetensors   predictors.<task>_<layer>.* and logit_scales.<task>
               /config.json              layers, token counts, widths, base model ids, teachers, store
 A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half one; the frozen LLM
-and vision tower are never saved (they are the base ids in config.json).
+and vision tower are never saved (they are the base ids in config.json). Nothing in a checkpoint is unpickled:
+a crafted file in a checkpoint folder cannot run code on --resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -26,19 +30,30 @@ from safetensors.torch import load_file, save_file
 PREFIX = "step-"
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(JSON-able Python and NumPy generator states, torch generator tensors)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    return plain, tensors
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(plain: dict, tensors: dict) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
 def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
@@ -50,9 +65,10 @@ def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, kee
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    plain_rng, tensor_rng = rng_state()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": tensor_rng},
                tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state, "rng": plain_rng}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(ckpt_root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
@@ -66,21 +82,32 @@ def latest(out_dir: Path) -> Path | None:
 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restores everything in place; returns state.json's content."""
-    params = load_file(path / "trainable.safetensors")
+    """Restores everything in place; returns state.json's content. Tensors load through safetensors and
+    `torch.load(weights_only=True)` (no unpickling of arbitrary objects), state from JSON."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        params = load_file(path / "trainable.safetensors")
+        extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {path}: optimizer.pt holds more than tensors and plain values, refused "
+                              f"(was it written by olaf? {str(e).splitlines()[0][:200]})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: {type(e).__name__}: {str(e)[:200]}") from None
     own = dict(model.named_parameters())
     missing = [k for k, p in own.items() if p.requires_grad and k not in params]
     unexpected = [k for k in params if k not in own]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:4]}, unexpected "
+                              f"{unexpected[:4]}")
     with torch.no_grad():
         for k, v in params.items():
             own[k].copy_(v)
-    extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    set_rng_state(extra["rng"])
-    return json.loads((path / "state.json").read_text())
+    set_rng_state(state.pop("rng"), extra["rng"])
+    return state
 
 
 def export(out_dir: Path, model, info: dict) -> Path:

@@ -64,15 +64,50 @@ class PTConfig:
             problems.append("store is required (--store)")
         if not self.output_dir:
             problems.append("output_dir is required (--output-dir)")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            problems.append(f"tasks {bad} unknown; choose from {TASKS}")
+        if not isinstance(self.tasks, list) or not self.tasks:
+            problems.append(f"tasks must be a non-empty list of {', '.join(TASKS)} (e.g. tasks=gen,seg), got {self.tasks!r}")
+        else:
+            bad = [t for t in self.tasks if t not in TASKS]
+            if bad:
+                problems.append(f"tasks {bad} unknown; choose from {TASKS}")
+        for name in ("layers", "task_tokens", "special_tokens", "predictor"):
+            if not isinstance(getattr(self, name), dict):
+                problems.append(f"{name} must be a mapping (e.g. {{gen: ..., depth: ..., seg: ...}}), "
+                                f"got {getattr(self, name)!r}")
+        if problems:
+            raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
         for t in self.tasks:
-            if not self.layers.get(t):
+            layers = self.layers.get(t)
+            if not layers:
                 problems.append(f"layers.{t} is empty")
-            if t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
+            elif not isinstance(layers, list) or not all(isinstance(x, int) and x >= 1 for x in layers):
+                problems.append(f"layers.{t} must be a list of 1-based layer numbers, got {layers!r}")
+            for name in ("task_tokens", "special_tokens"):
+                v = getattr(self, name).get(t)
+                if not isinstance(v, int) or v < 1:
+                    problems.append(f"{name}.{t} must be a positive integer, got {v!r}")
+            if not problems and t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
                 problems.append(f"special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
                                 f"task_tokens.{t} ({self.task_tokens[t]})")
+        at_least = {"micro_batch_size": 1, "global_batch_size": 1, "max_length": 1, "log_every": 1,
+                    "save_every": 1, "num_workers": 0, "keep_checkpoints": 0, "shuffle_buffer": 0}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 (or null: one run of `epochs`), got {self.max_steps}")
+        for name in ("learning_rate", "epochs"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "task_loss_weight", "contrastive_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
+        if problems:
+            raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
         if self.global_batch_size % self.micro_batch_size:
             problems.append(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                             f"{self.micro_batch_size}")
@@ -112,7 +147,10 @@ def _coerce(name: str, value):
             return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
-    return yaml.safe_load(value) if isinstance(value, str) else value  # lists and dicts
+    if kind.startswith("list") and isinstance(value, str):
+        parsed = yaml.safe_load(value)  # "[gen, seg]", or a comma list: tasks=gen,seg / tasks=gen
+        return parsed if isinstance(parsed, list) else [x.strip() for x in value.split(",") if x.strip()]
+    return yaml.safe_load(value) if isinstance(value, str) else value  # dicts
 
 
 def load_config(paths: list[str | Path] = (), overrides: dict | None = None, sets: list[str] = ()) -> PTConfig:

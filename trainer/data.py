@@ -98,3 +98,15 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         # a batch comes from one worker; resuming skips that worker's stream up to the last position used
         "stream": (workers.pop(), max(r["stream"][1] for r in rows)) if len(workers) == 1 else None,
     }
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers die with their parent (SIGKILL on its death, Linux): a trainer killed by SIGTERM or
+    SIGKILL never leaves a worker behind."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

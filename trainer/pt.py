@@ -32,7 +32,7 @@ from pipeline.store import Store, StoreError, TargetStream
 from pipeline.teacher_manifest import REPO_ROOT, ManifestError, load_manifest
 from trainer import checkpoint
 from trainer.config import PTConfig, load_config
-from trainer.data import ImageRecipe, PTSample, collate
+from trainer.data import ImageRecipe, PTSample, collate, worker_init
 from trainer.loss import pt_loss
 from trainer.model import OLAPT
 from trainer.templates import PromptBuilder, get_template
@@ -82,6 +82,25 @@ def resolve_manifest(path: str) -> Path:
     return p if p.exists() or p.is_absolute() else REPO_ROOT / p
 
 
+class TrainerError(Exception):
+    """Something the user can fix; the message says what (exit status 2)."""
+
+
+def _from_pretrained(what: str, load, name: str, **kw):
+    """One message instead of transformers' chained tracebacks for a model that is not there."""
+    try:
+        return load(name, **kw)
+    except (OSError, ValueError) as e:
+        if Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).exists():
+            hint = f"the folder {name} does not exist" if not Path(name).exists() else "that folder is not a model"
+        elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            hint = "HF_HUB_OFFLINE is set and it is not in the HF cache (HF_HOME): download it once online or pass a local folder"
+        else:
+            hint = "not found on the Hub or in the cache: check the id, your token (HF_TOKEN) and the network"
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise TrainerError(f"cannot load the {what} {name!r}: {hint} ({first})") from None
+
+
 def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
@@ -95,9 +114,10 @@ def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
                 attn = "flash_attention_2"
             except ImportError:
                 pass
-    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
-    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=dtype, attn_implementation=attn).to(device)
-    vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype=dtype).to(device)
+    tokenizer = _from_pretrained("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.llm)
+    llm = _from_pretrained("LLM", AutoModelForCausalLM.from_pretrained, cfg.llm, dtype=dtype,
+                           attn_implementation=attn).to(device)
+    vision = _from_pretrained("vision tower", CLIPVisionModel.from_pretrained, cfg.vision_tower, dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         # the LLM is frozen but gradients flow through it to the projector and task tokens
         kw = {"use_reentrant": False}
@@ -128,6 +148,10 @@ def main(argv=None) -> int:
     store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
     for note in store.notes:
         log(f"note: {note}")
+    usable = sum(r.count - r.bad_images for i, r in store.records.items() if i in set(store.done_shards(cfg.tasks)))
+    if usable == 0:
+        raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks)} samples in done shards has "
+                         f"a usable image (errors.jsonl says why): nothing to train on")
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     if not cfg.resume and checkpoint.latest(out) is not None:
         raise SystemExit(f"error: {out} already has checkpoints: pass --resume to continue, or use a new --output-dir")
@@ -171,6 +195,7 @@ def main(argv=None) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers,
                                          collate_fn=partial(collate, pad_id=pad_id), pin_memory=cuda,
+                                         worker_init_fn=worker_init,
                                          persistent_workers=cfg.num_workers > 0,
                                          prefetch_factor=4 if cfg.num_workers > 0 else None)
     ddp = world > 1
@@ -199,77 +224,79 @@ def main(argv=None) -> int:
 
     # ---- the loop --------------------------------------------------------------------------------------------
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and cuda else contextlib.nullcontext()
-    data = iter(loader)
-    while step < total_steps:
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        tokens = samples = 0
-        valid_counts = {t: 0 for t in cfg.tasks}
-        for micro in range(accum):
-            batch = next(data)
-            worker, pos = batch["stream"]
-            positions[worker] = pos + 1
-            micro_batches += 1
-            sync = net.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
-            with sync, autocast:
-                ntp, preds = net(batch["pixels"].to(device, non_blocking=True),
-                                 batch["prefix_ids"].to(device), batch["text_ids"].to(device),
-                                 batch["text_mask"].to(device), batch["text_labels"].to(device))
-                targets = {t: x.to(device, non_blocking=True) for t, x in batch["targets"].items()}
-                valid = {t: v.to(device) for t, v in batch["valid"].items()}
-                loss, terms = pt_loss(ntp, preds, targets, valid, model.logit_scales, cfg)
-                (loss / accum).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / accum
-            samples += batch["pixels"].shape[0]
-            tokens += int(batch["text_mask"].sum()) + model.layout.text_start * batch["pixels"].shape[0]
-            for t in cfg.tasks:
-                valid_counts[t] += int(batch["valid"][t].sum())
-        if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        # metrics: averaged (losses) or summed (counts) over ranks
-        keys = sorted(sums)
-        vec = torch.tensor([sums[k] for k in keys] + [samples, tokens] + [valid_counts[t] for t in cfg.tasks],
-                           dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(vec)
-            vec[: len(keys)] /= world
-        secs = time.perf_counter() - t0
-        record = {"step": step, "lr": lr, "grad_norm": grad_norm, **{k: float(v) for k, v in zip(keys, vec[: len(keys)], strict=True)},
-                  "samples": int(vec[len(keys)]), "samples_per_s": float(vec[len(keys)]) / secs,
-                  "tokens_per_s": float(vec[len(keys) + 1]) / secs,
-                  **{f"valid/{t}": int(vec[len(keys) + 2 + i]) for i, t in enumerate(cfg.tasks)}}
-        if is_main:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", smp_s=f"{record['samples_per_s']:.1f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            if step % cfg.log_every == 0 or step == total_steps:
-                with open(logs / "train.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if tb is not None:
-                    for k, v in record.items():
-                        if k != "step":
-                            tb.add_scalar(k, v, step)
-        if step % cfg.save_every == 0 or step == total_steps:
-            everyone = [None] * world
-            mine = {str(w): p for w, p in positions.items()}
-            if ddp:
-                dist.all_gather_object(everyone, mine)
+    try:  # the bar is closed whatever happens, so an error starts on its own line
+        data = iter(loader)
+        while step < total_steps:
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            tokens = samples = 0
+            valid_counts = {t: 0 for t in cfg.tasks}
+            for micro in range(accum):
+                batch = next(data)
+                worker, pos = batch["stream"]
+                positions[worker] = pos + 1
+                micro_batches += 1
+                sync = net.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext()
+                with sync, autocast:
+                    ntp, preds = net(batch["pixels"].to(device, non_blocking=True),
+                                     batch["prefix_ids"].to(device), batch["text_ids"].to(device),
+                                     batch["text_mask"].to(device), batch["text_labels"].to(device))
+                    targets = {t: x.to(device, non_blocking=True) for t, x in batch["targets"].items()}
+                    valid = {t: v.to(device) for t, v in batch["valid"].items()}
+                    loss, terms = pt_loss(ntp, preds, targets, valid, model.logit_scales, cfg)
+                    (loss / accum).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+                samples += batch["pixels"].shape[0]
+                tokens += int(batch["text_mask"].sum()) + model.layout.text_start * batch["pixels"].shape[0]
+                for t in cfg.tasks:
+                    valid_counts[t] += int(batch["valid"][t].sum())
+            if cfg.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
             else:
-                everyone = [mine]
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None])))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # metrics: averaged (losses) or summed (counts) over ranks
+            keys = sorted(sums)
+            vec = torch.tensor([sums[k] for k in keys] + [samples, tokens] + [valid_counts[t] for t in cfg.tasks],
+                               dtype=torch.float64, device=device)
+            if ddp:
+                dist.all_reduce(vec)
+                vec[: len(keys)] /= world
+            secs = time.perf_counter() - t0
+            record = {"step": step, "lr": lr, "grad_norm": grad_norm, **{k: float(v) for k, v in zip(keys, vec[: len(keys)], strict=True)},
+                      "samples": int(vec[len(keys)]), "samples_per_s": float(vec[len(keys)]) / secs,
+                      "tokens_per_s": float(vec[len(keys) + 1]) / secs,
+                      **{f"valid/{t}": int(vec[len(keys) + 2 + i]) for i, t in enumerate(cfg.tasks)}}
             if is_main:
-                state = {"micro_batches": micro_batches, "positions": {str(r): p for r, p in enumerate(everyone)},
-                         "config": dataclasses.asdict(cfg)}
-                checkpoint.save(out, step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
-    bar.close()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", smp_s=f"{record['samples_per_s']:.1f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    with open(logs / "train.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if tb is not None:
+                        for k, v in record.items():
+                            if k != "step":
+                                tb.add_scalar(k, v, step)
+            if step % cfg.save_every == 0 or step == total_steps:
+                everyone = [None] * world
+                mine = {str(w): p for w, p in positions.items()}
+                if ddp:
+                    dist.all_gather_object(everyone, mine)
+                else:
+                    everyone = [mine]
+                if is_main:
+                    state = {"micro_batches": micro_batches, "positions": {str(r): p for r, p in enumerate(everyone)},
+                             "config": dataclasses.asdict(cfg)}
+                    checkpoint.save(out, step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+    finally:
+        bar.close()
 
     # ---- export ----------------------------------------------------------------------------------------------
     if is_main:
@@ -293,11 +320,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def _one_line(e: Exception) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker, without the worker's traceback."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
 def run(argv=None) -> int:
     try:
         return main(argv)
-    except (StoreError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (StoreError, ManifestError, TrainerError, checkpoint.CheckpointError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

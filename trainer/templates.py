@@ -55,9 +55,10 @@ def get_template(name: str) -> Template:
 
 def question_and_caption(record: dict) -> tuple[str, str]:
     """The first human turn (image token removed, as LLaVA moves it to the front) and the first gpt turn."""
-    turns = record.get("conversations") or []
-    human = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
-    gpt = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "")
+    turns = [t for t in record.get("conversations") or [] if isinstance(t, dict)]
+    human = next((t.get("value") for t in turns if t.get("from") == "human"), "")
+    gpt = next((t.get("value") for t in turns if t.get("from") == "gpt"), "")
+    human, gpt = (v if isinstance(v, str) else "" for v in (human, gpt))  # planning records such samples as bad
     return human.replace(IMAGE_TOKEN, "").strip(), gpt
 
 
@@ -66,6 +67,9 @@ class Tokenized:
     prefix_ids: list[int]  # everything before the image
     text_ids: list[int]  # everything after the image (and the task tokens)
     text_labels: list[int]  # IGNORE_INDEX except on the caption and its separator
+
+
+MAX_CHARS_PER_TOKEN = 256  # a generous bound on one token's length: text past it cannot fit in the budget
 
 
 class PromptBuilder:
@@ -85,8 +89,10 @@ class PromptBuilder:
 
     def __call__(self, record: dict) -> Tokenized:
         question, caption = question_and_caption(record)
-        instruction = self._ids("\n" + question + self.t.sep + self.t.assistant_start)
-        answer = self._ids(caption + self.t.sep)
+        # what cannot fit is cut before tokenising: a 50 MB caption must not become 50 MB of token tensors
+        limit = MAX_CHARS_PER_TOKEN * self.max_text_tokens
+        instruction = self._ids("\n" + question[:limit] + self.t.sep + self.t.assistant_start)
+        answer = self._ids(caption[:limit] + self.t.sep)
         ids = (instruction + answer)[: self.max_text_tokens]
         labels = ([IGNORE_INDEX] * len(instruction) + answer)[: self.max_text_tokens]
         return Tokenized(self.prefix_ids, ids, labels)

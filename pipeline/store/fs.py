@@ -118,12 +118,13 @@ class Location:
             entries = self.fs.ls(self.path(rel_dir), detail=True)
         except FileNotFoundError:
             return []
-        prefix = self.root + "/"
+        inside = self.path(rel_dir).rstrip("/") + "/"
         out = []
         for e in entries:
-            if e.get("type") == "file":
-                name = e["name"].rstrip("/")
-                out.append(name[len(prefix):] if name.startswith(prefix) else name)
+            name = e["name"].rstrip("/")
+            # some S3 servers list a folder marker ("shards/") as an empty object of its own: not a file in it
+            if e.get("type") == "file" and name.startswith(inside) and name != inside.rstrip("/"):
+                out.append(name[len(self.root) + 1:])
         return sorted(out)
 
     def du(self, rel: str = "") -> int:

@@ -7,6 +7,7 @@ shard ranges. Everything else in olaf asks this module (through the store packag
       targets.zarr/              Zarr v3 group: keys, valid/<task>, <task> [, <task>_scale]
       wds/shard-NNNNNN.tar       one WebDataset tar per extraction shard
       shards/NNNNNN.json         one record per shard, written last: the commit point
+      shards/NNNNNN.lease        while a job computes the shard: who, and until when (see writer.take_lease)
       errors.jsonl               one line per bad sample or target, rebuilt from the records
 """
 
@@ -52,6 +53,14 @@ def tar_name(shard: int) -> str:
 
 def record_name(shard: int) -> str:
     return f"{SHARDS}/{shard:06d}.json"
+
+
+def lease_name(shard: int) -> str:
+    return f"{SHARDS}/{shard:06d}.lease"
+
+
+def is_lease(name: str) -> bool:
+    return name.endswith(".lease")
 
 
 def shard_of_tar(name: str) -> int | None:

@@ -8,7 +8,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import subprocess
 from dataclasses import dataclass, field
 
 import yaml
@@ -28,8 +27,8 @@ def dumps(obj) -> bytes:
 
 
 def code_version() -> dict:
-    """olaf's version, the git commit when there is one, and a hash of the source that ran (Ray jobs run from an
-    uploaded working directory without .git, so the hash is what always identifies the code)."""
+    """olaf's version, the git commit (in a Ray job's uploaded working dir: the one pipeline.jobdir recorded on
+    the submitting side), and a hash of the source that ran, which always identifies the code."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -41,13 +40,11 @@ def code_version() -> dict:
         for p in sorted((REPO_ROOT / sub).rglob("*.py")):
             h.update(str(p.relative_to(REPO_ROOT)).encode())
             h.update(p.read_bytes())
-    git = None
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5)
-        git = out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
+    from pipeline.jobdir import CODE_INFO, git_describe
+
+    git = git_describe(REPO_ROOT)
+    if git is None and (REPO_ROOT / CODE_INFO).is_file():  # a Ray job's working dir, built by pipeline.jobdir
+        git = json.loads((REPO_ROOT / CODE_INFO).read_text()).get("git")
     return {"version": pkg, "git": git, "source_sha256": h.hexdigest()}
 
 

@@ -36,6 +36,7 @@ class Store:
         self.notes: list[str] = []
         self._index = None
         self._zarr = None
+        self._zarr_checked: set[tuple[int, str]] = set()
         if expected_teachers is not None:
             self.require(tasks if tasks is not None else self.tasks, expected_teachers, allow_partial=True)
 
@@ -151,10 +152,30 @@ class Store:
             self._zarr = zarr_group(self.loc, "r")
         return self._zarr
 
+    def _require_zarr_objects(self, shard: int, array: str) -> None:
+        """Zarr hands out its fill value (zeros) for a missing chunk object: before any read, check that the
+        objects the shard's record lists for `array` are there, whole."""
+        if (shard, array) in self._zarr_checked:
+            return
+        rec = self.records.get(shard)
+        if rec is None:
+            raise StoreError(f"shard {shard} of {self.url} is not done")
+        prefix = f"{layout.ZARR}/{array}/"
+        for name, info in rec.files.items():
+            if name.startswith(prefix) and not info.get("absent"):  # "seg/" is not "seg_scale/" or "valid/seg/"
+                size = self.loc.size(name)
+                if size != info["bytes"]:
+                    what = "missing" if size is None else f"{size} bytes, recorded {info['bytes']}"
+                    raise StoreError(f"shard {shard}: {name} is {what}: Zarr would read zeros for its samples. "
+                                     f"Run `python -m pipeline.inspect {self.url} verify`, then re-run the "
+                                     f"extraction to redo the shard")
+        self._zarr_checked.add((shard, array))
+
     def keys(self, shard: int) -> list[str]:
         """The sample ids of one shard, in order (Zarr keys, else the tar's json members)."""
         if "zarr" in self.manifest.formats:
             a, b = self.manifest.shard_range(shard)
+            self._require_zarr_objects(shard, layout.KEYS)
             return [str(k) for k in self.zarr()[layout.KEYS][a:b]]
         return [meta_of(raw)["id"] for raw in self.iter_raw(shard)]
 
@@ -172,10 +193,13 @@ class Store:
         return self.manifest.shard_of(self.index_of(key))
 
     def valid(self, task: str, index: int) -> bool:
+        self._require_zarr_objects(self.manifest.shard_of(index), layout.valid_array(task))
         return bool(self.zarr()[layout.valid_array(task)][index])
 
     def zarr_values(self, task: str, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The encoded (values, scales) Zarr holds for one sample."""
+        """The encoded (values, scales) Zarr holds for one sample (its objects checked against the record)."""
+        for array in layout.task_arrays(task, self.manifest.tasks[task].scaled):
+            self._require_zarr_objects(self.manifest.shard_of(index), array)
         g = self.zarr()
         scale = g[layout.scale_array(task)][index] if self.manifest.tasks[task].scaled else None
         return g[task][index], scale

@@ -12,6 +12,7 @@ import random
 import torch.utils.data as tud
 
 from pipeline.store.codec import decode_sample
+from pipeline.store.fs import StoreError
 from pipeline.store.reader import Store
 
 
@@ -74,7 +75,7 @@ class TargetStream(tud.IterableDataset):
         stream, streams, by_shard = split_streams(len(self.urls), rank, world, worker, workers)
         skip = self.skip[worker] if isinstance(self.skip, list | tuple) else self.skip
 
-        def samples():
+        def samples():  # (epoch, raw sample)
             epoch = 0
             while True:
                 order = list(self.urls)
@@ -85,8 +86,9 @@ class TargetStream(tud.IterableDataset):
                 if not by_shard:
                     raw = (x for k, x in enumerate(raw) if k % streams == stream)
                 rng = random.Random(f"{self.seed}/{epoch}/{stream}")
-                yield from wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw) \
+                shuffled = wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw) \
                     if self.shuffle_buffer > 1 else raw
+                yield from ((epoch, x) for x in shuffled)
                 epoch += 1
                 if not self.repeat:
                     return
@@ -94,11 +96,22 @@ class TargetStream(tud.IterableDataset):
         it = samples()
         for _ in range(skip):  # resume: drop what was consumed, before any decoding
             next(it, None)
-        for pos, raw in enumerate(it, start=skip):
+        # an epoch seen whole in which map_fn dropped every sample would repeat forever: say so instead
+        epoch, seen, used, whole = None, 0, 0, skip == 0
+        for pos, (e, raw) in enumerate(it, start=skip):
+            if e != epoch:
+                if epoch is not None and whole and seen and not used:
+                    raise StoreError(f"{self.manifest.num_samples} samples, and none of the {seen} this reader saw "
+                                     f"in epoch {epoch} was usable (every image was dropped): nothing to train on")
+                epoch, seen, used, whole = e, 0, 0, whole or epoch is not None
+            seen += 1
             sample = decode_sample(raw, self.manifest, self.tasks, compact=self.compact)
             # where this sample sits in its worker's stream: a consumer that checkpoints the largest position it
             # used, per worker, resumes exactly with skip = position + 1 (filtered samples included)
             sample["stream"] = (worker, pos)
             out = self.map_fn(sample) if self.map_fn is not None else sample
             if out is not None:  # map_fn may drop a sample (e.g. an unusable image)
+                used += 1
                 yield out
+        if whole and seen and not used:
+            raise StoreError(f"none of the {seen} samples this reader saw was usable (every image was dropped)")

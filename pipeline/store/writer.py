@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import socket
 import tarfile
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -302,6 +307,71 @@ def commit_shard(loc: Location, result: ShardResult) -> ShardRecord:
     return record
 
 
+# ---- leases: one job per shard ------------------------------------------------------------------------------------
+
+LEASE_TTL = 120.0  # seconds a lease holds without renewal; the extraction driver renews every TTL / 4
+
+
+def lease_owner() -> str:
+    """This job's lease owner id: host, pid and a random run id."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """A lease of a process on this host that no longer runs (a driver killed with -9) is stale at once; on
+    other hosts only its expiry tells."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def lease_holder(loc: Location, shard: int) -> dict | None:
+    """The live lease on a shard ({"owner", "expires"}), or None when there is none, it expired, or its owner
+    is a dead process on this host."""
+    try:
+        d = json.loads(loc.read_bytes(layout.lease_name(shard)))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a damaged lease holds nothing
+    if not isinstance(d, dict) or float(d.get("expires", 0)) <= time.time() or _owner_is_dead(str(d.get("owner"))):
+        return None
+    return d
+
+
+def take_lease(loc: Location, shard: int, owner: str, ttl: float = LEASE_TTL) -> bool:
+    """Claim a shard for this job: a lease object created exclusively (same conditional create as records).
+    An expired or damaged lease is broken first. False when another job holds it."""
+    body = json.dumps({"owner": owner, "expires": time.time() + ttl}).encode()
+    if loc.create_exclusive(layout.lease_name(shard), body):
+        return True
+    held = lease_holder(loc, shard)
+    if held is not None:
+        return held.get("owner") == owner
+    loc.remove(layout.lease_name(shard))  # expired: break it, then race for it like anyone else
+    return loc.create_exclusive(layout.lease_name(shard), body)
+
+
+def renew_lease(loc: Location, shard: int, owner: str, ttl: float = LEASE_TTL) -> None:
+    held = lease_holder(loc, shard)
+    if held is None or held.get("owner") == owner:
+        loc.write_bytes(layout.lease_name(shard), json.dumps({"owner": owner, "expires": time.time() + ttl}).encode())
+
+
+def release_lease(loc: Location, shard: int, owner: str) -> None:
+    held = lease_holder(loc, shard)
+    if held is None or held.get("owner") == owner:
+        loc.remove(layout.lease_name(shard))
+
+
 # ---- after a crash ---------------------------------------------------------------------------------------------
 
 
@@ -312,10 +382,11 @@ def orphans(loc: Location, records: dict[int, ShardRecord] | None = None) -> lis
     listed = {name for r in records.values() for name in r.files}
     out = []
     for name in loc.list(layout.WDS):
-        if name not in listed:
+        shard = layout.shard_of_tar(name.rsplit("/", 1)[-1].lstrip(".").split(".tmp-")[0])  # temp names too
+        if name not in listed and (shard is None or lease_holder(loc, shard) is None):  # not another job's, live
             out.append(name)
     for name in loc.list(layout.SHARDS):
-        if layout.shard_of_record(name) is None:
+        if layout.shard_of_record(name) is None and not layout.is_lease(name):  # leases expire on their own
             out.append(name)
     return out
 
@@ -332,7 +403,6 @@ def recover(loc: Location) -> list[str]:
 
 def rebuild_errors(loc: Location, records: dict[int, ShardRecord] | None = None) -> int:
     """errors.jsonl from the shard records (the records are the source of truth). Returns the line count."""
-    import json
 
     records = read_records(loc) if records is None else records
     lines = [json.dumps(e, sort_keys=True) for i in sorted(records) for e in records[i].errors]
