@@ -404,3 +404,21 @@ def test_weights_that_only_moved_are_accepted_with_a_note(full_store, identity):
     sha["teachers"]["gen"]["weights_sha256"] = "e" * 64
     with pytest.raises(StoreError, match="gen: weights sha256 differs"):
         Store(full_store).require(["gen"], expected_teachers=sha)
+
+
+def test_any_sample_is_one_range_read_away(full_store):
+    """The record says where each sample lies in its tar: reading one by position fetches exactly its bytes, on
+    a local path (a seek) and on S3 (one ranged GET), and gives what streaming the whole tar gives."""
+    s = Store(full_store)
+    for shard in s.done_shards():
+        streamed = list(s.iter_raw(shard))
+        ranges = s.records[shard].files[layout.tar_name(shard)]["samples"]
+        assert len(ranges) == len(streamed) == s.records[shard].count
+        assert ranges[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        for pos in reversed(range(len(streamed))):  # any order
+            before = s.bytes_read
+            got = s.read_sample(shard, pos)
+            assert s.bytes_read - before == ranges[pos][1] < Location(full_store).size(layout.tar_name(shard))
+            assert {k: v for k, v in got.items() if not k.startswith("__")} == \
+                {k: v for k, v in streamed[pos].items() if not k.startswith("__")}
+            assert got["__key__"] == streamed[pos]["__key__"]

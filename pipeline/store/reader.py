@@ -3,6 +3,7 @@ access to samples by key or index through Zarr or the tars. Works on any `Locati
 
 from __future__ import annotations
 
+import io
 import tarfile
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +38,7 @@ class Store:
         self._index = None
         self._zarr = None
         self._zarr_checked: set[tuple[int, str]] = set()
+        self.bytes_read = 0  # bytes fetched by read_sample
         if expected_teachers is not None:
             self.require(tasks if tasks is not None else self.tasks, expected_teachers, allow_partial=True)
 
@@ -228,6 +230,24 @@ class Store:
                 out["targets"][t] = self.decode_zarr(t, j)
         return out
 
+    def sample_range(self, shard: int, position: int) -> tuple[int, int] | None:
+        """(offset, size) of the `position`-th sample of a shard's tar, from its record; None for a store
+        written before sample ranges were recorded."""
+        ranges = self.records[shard].files.get(layout.tar_name(shard), {}).get("samples")
+        return tuple(ranges[position]) if ranges else None
+
+    def read_sample(self, shard: int, position: int) -> dict:
+        """One raw tar sample ({"__key__", suffix: bytes}) by its position in the shard, with one range read of
+        exactly its bytes (local seek or an HTTP range GET); `bytes_read` counts what was fetched."""
+        where = self.sample_range(shard, position)
+        if where is None:
+            raise StoreError(f"shard {shard} of {self.url} records no sample offsets (written by an older olaf): "
+                             f"re-extract it to read samples by position")
+        offset, size = where
+        data = self.loc.read_range(layout.tar_name(shard), offset, offset + size)
+        self.bytes_read += len(data)
+        return next(tar_samples(io.BytesIO(data), f"{self.loc.url_of(layout.tar_name(shard))}@{offset}"))
+
     def raw_sample(self, shard: int, key: str) -> dict | None:
         """The raw tar sample of `key` in `shard` ({"__key__", suffix: bytes}), or None."""
         if "wds" not in self.manifest.formats or layout.tar_name(shard) not in self.records[shard].files:
@@ -271,10 +291,14 @@ class Store:
         return decode_sample(raw, self.manifest, tasks, compact=compact)
 
 
-def iter_tar(loc: Location, name: str) -> Iterator[dict]:
-    """Raw samples of one tar, in order, as WebDataset groups them, streamed from any filesystem."""
+def tar_samples(stream, url: str) -> Iterator[dict]:
+    """Raw samples of a tar stream (a whole tar, or the byte range of some of its samples), grouped by key."""
     import webdataset as wds
 
+    yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+
+
+def iter_tar(loc: Location, name: str) -> Iterator[dict]:
+    """Raw samples of one tar, in order, as WebDataset groups them, streamed from any filesystem."""
     with loc.open(name) as f:
-        yield from wds.tariterators.group_by_keys(
-            wds.tariterators.tar_file_expander([{"url": loc.url_of(name), "stream": f}]))
+        yield from tar_samples(f, loc.url_of(name))

@@ -184,15 +184,20 @@ class _HashingWriter(io.RawIOBase):
 
 def write_tar(loc: Location, name: str, samples: Iterable[dict]) -> dict:
     """Write samples ({"__key__": k, suffix: bytes}) deterministically (fixed owner, mode, mtime and member
-    order: the same content gives the same bytes), hashing while writing. Returns {"bytes", "sha256"}."""
+    order: the same content gives the same bytes), hashing while writing. Returns {"bytes", "sha256",
+    "samples": [[offset, size], ...]}: where each sample's members lie in the tar, in order, so that a reader
+    can fetch any one sample with a single range read."""
     import webdataset as wds
 
+    ranges = []
     with loc.open_atomic(name) as f:
         hw = _HashingWriter(f)
         with wds.TarWriter(hw, user="", group="", mode=0o444, mtime=0.0, encoder=False) as w:
             for s in samples:
+                start = w.tarstream.offset  # the tar's logical position (its stream mode buffers the writes)
                 w.write(s)
-    return {"bytes": hw.n, "sha256": hw.h.hexdigest()}
+                ranges.append([start, w.tarstream.offset - start])
+    return {"bytes": hw.n, "sha256": hw.h.hexdigest(), "samples": ranges}
 
 
 def read_tar(loc: Location, name: str) -> dict[str, dict[str, bytes]]:
