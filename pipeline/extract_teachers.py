@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from pipeline import encodings, store
 from pipeline.decode import DecodedBatch, decode_batch
-from pipeline.imageops import DEFAULT_MAX_PIXELS
+from pipeline.imageops import DEFAULT_MAX_PIXELS, image_libraries
 from pipeline.llava import DatasetError
 from pipeline.plan import Plan, make_plan
 from pipeline.store import Location, ShardRecord, StoreError, TaskLayout
@@ -311,6 +311,8 @@ def run(s: Settings) -> int:
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)
     manifest.select(s.tasks)
     existing = check_existing(out, plan, s, manifest)
+    for w in image_library_warnings(existing, image_libraries(), "the driver"):
+        print(w, flush=True)
     print(f"plan: {plan.num_samples} samples ({plan.records_in_file} in {plan.data_path.name}), {plan.num_shards} "
           f"shards of {s.shard_size}; tasks {','.join(s.tasks)}; teachers {manifest.name} ({manifest.fidelity}); "
           f"output {out} ({'resuming' if existing else 'new'})", flush=True)
@@ -425,6 +427,15 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     store.write_manifest(out, m)
     store.write_teachers(out, new_identity)
     store.ensure_zarr(out, m)
+
+    worker_libs = ray.get(ray.remote(num_cpus=s.decode_cpus)(image_libraries).remote())  # what decodes
+    if worker_libs != image_libraries():
+        print(f"warning: the decode workers have other image libraries than the driver ({worker_libs} vs "
+              f"{image_libraries()}); the store records the workers'", flush=True)
+    for w in image_library_warnings(existing, worker_libs, "the decode workers"):
+        print(w, flush=True)
+    m.extraction.update(worker_libs)
+    m.runs[-1].update(worker_libs)
 
     # 5. the pipeline: decode tasks -> actors -> writer tasks, with bounded queues
     decode = ray.remote(num_cpus=s.decode_cpus, max_retries=3)(_decode).options(num_returns=2)
@@ -600,7 +611,22 @@ def _versions() -> dict:
     import zarr
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "ray": ray.__version__, "zarr": zarr.__version__}
+            "ray": ray.__version__, "zarr": zarr.__version__, **image_libraries()}
+
+
+def image_library_warnings(existing: store.RunManifest | None, now: dict, where: str = "this machine") -> list[str]:
+    """Pixels are bit-exact only for the Pillow / libjpeg-turbo / zlib that computed them: a resume or an added
+    task with other versions may give targets that differ in the last bits from those already stored."""
+    if existing is None:
+        return []
+    before = {**existing.extraction, **{k: v for r in existing.runs for k, v in r.items() if k in now}}
+    changed = [f"{k} {before[k]} -> {now[k]}" for k in now if k in before and before[k] != now[k]]
+    if not changed:
+        return []
+    return [f"warning: the image libraries differ from those the store was computed with ({', '.join(changed)} "
+            f"on {where}): the recipes' resizes are bit-exact only within one set of versions, so targets "
+            f"computed now may differ slightly from those already stored. Install the store's versions to keep "
+            f"the store uniform, or use a new --output."]
 
 
 def _progress(done: dict, total: int, t0: float, failed: dict, utilisation: list | None = None) -> dict:

@@ -64,6 +64,16 @@ def read_image_bytes(image_folder: str | Path, relpath: str, max_bytes: int = 25
         raise BadImage(f"image file unreadable: {relpath}: {e.strerror or e}") from None
 
 
+def image_libraries() -> dict:
+    """The versions the bit-exact recipes depend on: Pillow, and the libjpeg-turbo and zlib it was built with
+    (their decoders and resamplers define the exact uint8 pixels)."""
+    import PIL
+    from PIL import features
+
+    return {"pillow": PIL.__version__, "libjpeg_turbo": features.version("libjpeg_turbo"),
+            "zlib": features.version("zlib")}
+
+
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes to an RGB PIL image, exactly like the original's `Image.open(path).convert('RGB')`.
 

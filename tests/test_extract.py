@@ -95,6 +95,10 @@ def test_end_to_end_with_bad_files_matches_the_reference(store_root, dataset, ti
     same_data(out, reference)
     s = store.Store(out)
     assert s.manifest.finished and s.manifest.progress["samples_done"] == 30
+    from PIL import features
+
+    assert s.manifest.extraction["libjpeg_turbo"] == features.version("libjpeg_turbo")  # what the pixels depend on
+    assert s.manifest.extraction["zlib"] == features.version("zlib") and s.manifest.extraction["pillow"]
     errors = [json.loads(x) for x in Location(out).read_bytes(layout.ERRORS).decode().splitlines()]
     reasons = " | ".join(e["reason"] for e in errors)
     assert len(errors) == 7 and all(e["task"] is None for e in errors)

@@ -422,3 +422,37 @@ def test_the_format_doc_says_what_the_tar_writer_does(tmp_path):
     assert len(members) > N // 3 and all(mem.pax_headers for mem in members)  # PAX, as the doc now says
     assert "PAX" in (REPO / "docs" / "format.md").read_text()
 
+
+
+# ---- provenance of exactness (from the full-scale extraction issue) -------------------------------------------
+
+def test_the_job_upload_records_the_submitters_git_commit(tmp_path):
+    """Under `ray job submit` the job runs from an uploaded copy without .git: the store still records the
+    commit, the one pipeline.jobdir saw on the submitting side."""
+    from pipeline import jobdir
+
+    job = jobdir.build(tmp_path / "job")
+    code = "import pipeline.store as s, json; print(json.dumps([s.__file__, s.code_version()]))"
+    p = subprocess.run([sys.executable, "-c", code], cwd=job, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    where, version = json.loads(p.stdout.strip().splitlines()[-1])
+    assert where.startswith(str(job)) and not (job / ".git").exists()
+    assert version["git"] == jobdir.git_describe(REPO) and version["git"]
+
+
+def test_other_image_libraries_on_resume_are_warned_about(tmp_path, dataset, tiny_teachers, reference):  # noqa: F811
+    from pipeline.imageops import image_libraries
+
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    loc = Location(out)
+    store.write_teachers(loc, load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
+    m = store.read_manifest(loc)
+    m.extraction.update(image_libraries(), pillow="9.0.0")
+    store.write_manifest(loc, m)
+    rc, log = run(args(dataset, out, tiny_teachers, "--plan-only"), timeout=120)
+    assert rc == 0 and f"pillow 9.0.0 -> {image_libraries()['pillow']}" in log and "bit-exact" in log, log
+    m.extraction.update(image_libraries())
+    store.write_manifest(loc, m)
+    rc, log = run(args(dataset, out, tiny_teachers, "--plan-only"), timeout=120)
+    assert rc == 0 and "image libraries differ" not in log
