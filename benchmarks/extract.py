@@ -1,7 +1,15 @@
-"""End-to-end extraction throughput: the Ray job with 1 and 2 actors vs a naive single-process per-image loop.
+"""End-to-end extraction throughput: the Ray job with 1 and 2 actors vs a naive single-process per-image loop;
+with --shape-true, the data path stage by stage at real target sizes.
 
     python benchmarks/extract.py [--samples 96] [--size tiny|full] [--actors 1,2] [--batch-size N]
                                  [--gpus-per-actor F] [--work-dir DIR]
+    python benchmarks/extract.py --shape-true [--samples 64] [--batch-size 8]
+
+--shape-true uses the stand-ins of `teachers.tiny --shape-true` (real recipes, real output shapes 1x1024,
+576x1024, 576x1536, cheap models) and prints, per sample: decode and each recipe's resizes (CPU ms), the teacher
+stand-ins, Ray object-store transfer of pixels and targets, encoding, the Zarr and the tar write, hashing for
+verification, bytes stored; then the Ray job end to end, and the CPU cores the CPU stages need per 250 img/s
+(the rate one GPU running all three real teachers is expected to sustain).
 
 Builds a LLaVA-format sample dataset and teachers of the chosen size (`tiny`: the random-weight stand-ins;
 `full`: real-size architectures with random weights, saved as checkpoints first -- a few GB), then measures:
@@ -111,6 +119,123 @@ def ray_run(json_path, images, manifest_path, out, actors, batch, gpus_per_actor
             "teacher_ms": get(r"teachers\s+([\d.]+) ms/sample")}
 
 
+def _per_sample_ms(fn, n: int, repeat: int = 1) -> float:
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return 1e3 * (time.perf_counter() - t) / (n * repeat)
+
+
+def shape_true(args, work: Path) -> int:
+    """The data path's stages at real target sizes, one table, and the cores needed per 250 img/s."""
+    import ray
+
+    from pipeline import encodings, store
+    from pipeline.decode import decode_batch
+    from pipeline.plan import make_plan
+    from pipeline.work import assemble_shard, batches_of, compute_batch
+    from teachers.registry import TeacherSet
+    from teachers.tiny import build
+
+    n, batch = args.samples, args.batch_size or 8
+    json_path = generate(work / "data", n, seed=0)
+    images = work / "data" / "images"
+    manifest_path = build(work / "teachers", shape_true=True)
+    manifest = load_manifest(manifest_path)
+    tasks = ["gen", "depth", "seg"]
+    specs = [manifest.teachers[t] for t in tasks]
+    records, _ = load_records(json_path)
+    raws = [read_image_bytes(images, r.image) for r in records]
+    rows = []  # (stage, CPU ms per sample, note)
+
+    rgbs = []
+    t = time.process_time()
+    for data in raws:
+        rgbs.append(decode_rgb(data))
+    rows.append(("decode (JPEG -> RGB)", 1e3 * (time.process_time() - t) / n, "once per image, all recipes"))
+    for spec in specs:
+        t = time.process_time()
+        for rgb in rgbs:
+            preprocess(spec, rgb)
+        rows.append((f"resize: {spec.task} recipe", 1e3 * (time.process_time() - t) / n,
+                     "x".join(map(str, spec.preprocess.input_size)) + " uint8"))
+    teachers = TeacherSet.load(manifest, tasks)
+    decoded = [decode_batch(chunk, str(images), specs) for chunk in batches_of(records, batch)]
+    t = time.perf_counter()
+    outs = [teachers.run(d.pixels)[0] for d in decoded]
+    teacher_ms = 1e3 * (time.perf_counter() - t) / n
+    t = time.process_time()
+    encoded = [{k: encodings.encode(v, "fp16") for k, v in o.items()} for o in outs]
+    rows.append(("encode fp16", 1e3 * (time.process_time() - t) / n, "torch -> numpy"))
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        payload = decoded[0].pixel_payload()
+        targets = {k: v[0] for k, v in encoded[0].items()}
+        reps = 10
+
+        @ray.remote
+        def touch(x):  # a worker receives the object (zero-copy numpy views from the object store)
+            return sum(int(a.nbytes) for a in (x["pixels"].values() if "pixels" in x else x.values()))
+
+        for what, obj in (("Ray transfer: pixels", payload), ("Ray transfer: targets", targets)):
+            mb = ray.get(touch.remote(obj)) / len(decoded[0].ids) / 1e6
+            ms = _per_sample_ms(lambda o=obj: ray.get(touch.remote(ray.put(o))), len(decoded[0].ids), reps)
+            rows.append((what, ms, f"{mb:.2f} MB/sample, put + get in a worker (wall ms)"))
+    finally:
+        ray.shutdown()
+
+    plan = make_plan(json_path, images, args.shard_size)
+    results = []
+    for i in range(plan.num_shards):
+        metas, tgts = [], []
+        for chunk in batches_of(plan.shard_records(i), batch):
+            d = decode_batch(chunk, str(images), specs)
+            metas.append(d)
+            tgts.append(compute_batch(teachers, d, {t: "fp16" for t in tasks}))
+        results.append((metas, tgts))
+    bytes_per = {}
+    for fmt in ("zarr", "wds"):
+        loc = store.Location(work / f"store-{fmt}")
+        m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=plan.num_samples,
+                              shard_size=args.shard_size, formats=[fmt],
+                              tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks})
+        loc.makedirs()
+        store.write_manifest(loc, m)
+        store.ensure_zarr(loc, m)
+        shard_results = [assemble_shard(m, i, tuple(tasks), metas, tgts) for i, (metas, tgts) in enumerate(results)]
+        t = time.perf_counter()
+        recs = [store.write_shard(loc, r) for r in shard_results]
+        write_ms = 1e3 * (time.perf_counter() - t) / n
+        hashed = sum(f["bytes"] for r in recs for f in r.files.values() if "bytes" in f)
+        bytes_per[fmt] = hashed / n
+        note = "incl. hashing the objects back" if fmt == "zarr" else "hashed while written"
+        rows.append((f"write {fmt} (local disk)", write_ms, f"{hashed / n / 1e6:.2f} MB/sample stored, {note}"))
+        t = time.perf_counter()
+        for r in recs:
+            assert not store.check_files(loc, r, full=True)
+        rows.append((f"verify {fmt} (sha256)", 1e3 * (time.perf_counter() - t) / n, "re-hash on resume / verify"))
+
+    dev = f"CPU x{os.cpu_count()}"
+    print(f"# data path at real target sizes: {n} samples ({dev}), shape-true stand-ins, batch {batch}, shards of "
+          f"{args.shard_size}, fp16; teachers' stand-ins {teacher_ms:.1f} ms/sample (not a CPU stage of the data path)")
+    print(f"{'stage':<28} {'ms/sample':>10}  note")
+    for stage, ms, note in rows:
+        print(f"{stage:<28} {ms:10.2f}  {note}")
+    r = ray_run(json_path, images, manifest_path, work / "store-ray", 1, batch, None,
+                ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
+    cpu_ms = sum(ms for stage, ms, _ in rows if not stage.startswith(("Ray", "verify")))
+    print(f"{'end to end (Ray job)':<28} {1e3 / r['samples_per_s']:10.2f}  {r['samples_per_s']:.1f} samples/s on this "
+          f"machine (stand-ins in the actor), actors busy {r['busy']:.2f}")
+    print(f"\nbytes per sample: zarr {bytes_per['zarr'] / 1e6:.2f} MB, wds {bytes_per['wds'] / 1e6:.2f} MB "
+          f"(x 558,128 samples: {558128 * bytes_per['zarr'] / 1e12:.2f} TB + {558128 * bytes_per['wds'] / 1e12:.2f} TB)")
+    print(f"CPU stages (decode + resizes + encode + both writes): {cpu_ms:.1f} ms/sample -> "
+          f"{250 * cpu_ms / 1e3:.1f} cores per 250 img/s; the data path's own ceiling on one core: "
+          f"{1e3 / cpu_ms:.0f} img/s")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=96)
@@ -120,7 +245,16 @@ def main(argv=None):
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default 1 with a GPU (0.5 for 2 actors on 1)")
     p.add_argument("--naive-samples", type=int, default=None, help="images for the naive loop (default: all, 24 on CPU full)")
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--shape-true", action="store_true", help="the data path stage by stage at real target sizes")
+    p.add_argument("--shard-size", type=int, default=16, help="--shape-true: samples per shard (default 16)")
     args = p.parse_args(argv)
+    if args.shape_true:
+        work = Path(args.work_dir or tempfile.mkdtemp(prefix="olaf-bench-datapath-"))
+        try:
+            return shape_true(args, work)
+        finally:
+            if not args.work_dir:
+                shutil.rmtree(work, ignore_errors=True)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     batch = args.batch_size or (64 if cuda else 8)

@@ -9,8 +9,10 @@ from teachers.base import Teacher
 from teachers.depth import DepthTeacher
 from teachers.gen import GenTeacher
 from teachers.seg import SegTeacher
+from teachers.standin import StandInTeacher
 
-ADAPTERS: dict[str, type[Teacher]] = {cls.architecture: cls for cls in (GenTeacher, DepthTeacher, SegTeacher)}
+ADAPTERS: dict[str, type[Teacher]] = {cls.architecture: cls for cls in (GenTeacher, DepthTeacher, SegTeacher,
+                                                                        StandInTeacher)}
 
 
 def adapter_for(spec: TeacherSpec) -> type[Teacher]:

@@ -1,12 +1,14 @@
 """Tiny random-weight stand-ins for the three teachers, for tests and the demo.
 
-    python -m teachers.tiny OUT_DIR [--seed 0]
+    python -m teachers.tiny OUT_DIR [--seed 0] [--shape-true]
 
 Builds each teacher's real HF model class from a real config class (same token grids: 224 px / patch 14 for
 gen, 336 px / patch 14 with 24 blocks for depth, 800 px / Swin stage-4 25x25 for seg; small widths), saves it
 with `save_pretrained` exactly as the hub checkpoints are laid out, and writes OUT_DIR/teachers.yaml: the
 default manifest's recipes with the weights pointing at these folders. The targets they give are meaningless:
 they exist so that every other part of olaf runs its real code paths without downloading anything.
+`--shape-true` writes cheap stand-ins with the real target shapes instead (teachers/standin.py), to measure the
+data path at real sizes.
 """
 
 from __future__ import annotations
@@ -19,25 +21,35 @@ import torch
 import yaml
 
 from pipeline.teacher_manifest import DEFAULT_MANIFEST, load_manifest
-from teachers import depth, gen, seg
+from teachers import depth, gen, seg, standin
 
 TINY_BUILDERS = {"gen": gen.tiny_model, "depth": depth.tiny_model, "seg": seg.tiny_model}
 STAND_IN_NOTE = "RANDOM-WEIGHT STAND-INS built by teachers.tiny: targets are meaningless, for tests and demos only"
+SHAPE_TRUE_NOTE = ("SHAPE-TRUE STAND-INS built by teachers.tiny --shape-true: real recipes and target shapes, cheap "
+                   "random models; targets are meaningless, for measuring the data path only")
 
 
-def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None) -> Path:
-    """Write the tiny teachers and OUT_DIR/teachers.yaml; returns the manifest path."""
+def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None, shape_true: bool = False) -> Path:
+    """Write the tiny teachers (or, `shape_true`, the shape-true stand-ins) and OUT_DIR/teachers.yaml; returns
+    the manifest path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load(DEFAULT_MANIFEST.read_text())
-    data["name"] = "ola_vlm_tiny_random"
-    data["description"] = STAND_IN_NOTE
+    data["name"] = "ola_vlm_shape_true_stand_ins" if shape_true else "ola_vlm_tiny_random"
+    data["description"] = SHAPE_TRUE_NOTE if shape_true else STAND_IN_NOTE
     if fidelity:
         data["fidelity"] = fidelity
     for task, make in TINY_BUILDERS.items():
         torch.manual_seed(seed + {"gen": 0, "depth": 1, "seg": 2}[task])
-        model = make().eval()
         spec = data["teachers"][task]
+        if shape_true:  # the real recipe and output shape; a cheap model behind them
+            model = standin.build(task, spec["output_shape"][1]).eval()
+            spec["architecture"] = standin.StandInTeacher.architecture
+            spec["feature"] = {"stand_in": dict(zip(("pool", "kernel"), standin.GEOMETRY[task], strict=True))}
+            spec["weights"] = {"path": task}
+            model.save_pretrained(out / task)
+            continue
+        model = make().eval()
         variant = spec["weights"].get("variant")
         if variant == "fp16":  # as the real image encoder is published: fp16 weights in model.fp16.safetensors
             model = model.half()
@@ -66,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     p.add_argument("--fidelity", choices=["original", "corrected"], default=None,
                    help="recipe fidelity to write into the manifest (default: the manifest's, original)")
+    p.add_argument("--shape-true", action="store_true",
+                   help="cheap stand-ins with the real target shapes (1x1024, 576x1024, 576x1536) instead")
     args = p.parse_args(argv)
-    path = build(args.out_dir, seed=args.seed, fidelity=args.fidelity)
-    print(f"wrote {path}\nNOTE: {STAND_IN_NOTE}")
+    path = build(args.out_dir, seed=args.seed, fidelity=args.fidelity, shape_true=args.shape_true)
+    print(f"wrote {path}\nNOTE: {SHAPE_TRUE_NOTE if args.shape_true else STAND_IN_NOTE}")
     return 0
 
 

@@ -265,3 +265,26 @@ def test_a_sample_that_breaks_a_teacher_fails_alone(loaded):
 
     out, errors = TeacherSet({"gen": NaNs()}, "cpu").run({"gen": pixels})
     assert set(errors["gen"]) == {0, 1, 2} and "non-finite" in errors["gen"][0] and not out["gen"].isnan().any()
+
+
+def test_shape_true_stand_ins_give_the_real_target_shapes(tmp_path):
+    """`teachers.tiny --shape-true`: the real recipes and output shapes behind cheap models, loaded through the
+    real loading path (so the data path can be measured at real sizes anywhere)."""
+    import numpy as np
+
+    from pipeline.teacher_manifest import load_manifest
+    from teachers.registry import TeacherSet
+    from teachers.tiny import build
+
+    real = load_manifest()
+    m = load_manifest(build(tmp_path, shape_true=True))
+    ts = TeacherSet.load(m, ["gen", "depth", "seg"])
+    for t in ("gen", "depth", "seg"):
+        assert m.teachers[t].output_shape == real.teachers[t].output_shape  # 1x1024, 576x1024, 576x1536
+        assert m.teachers[t].preprocess == real.teachers[t].preprocess  # the decode work is the real one
+    rng = np.random.default_rng(0)
+    pixels = {t: rng.integers(0, 256, (2, *m.teachers[t].preprocess.input_size, 3), dtype=np.uint8) for t in ts.teachers}
+    outs, errors = ts.run(pixels)
+    assert {t: tuple(o.shape[1:]) for t, o in outs.items()} == {t: real.teachers[t].output_shape for t in outs}
+    assert all(not e for e in errors.values()) and all(o.std() > 0 for o in outs.values())
+    assert len(set(ts.weights_sha256().values())) == 3
