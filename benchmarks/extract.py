@@ -227,7 +227,8 @@ def shape_true(args, work: Path) -> int:
                 ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
     cpu_ms = sum(ms for stage, ms, _ in rows if not stage.startswith(("Ray", "verify")))
     print(f"{'end to end (Ray job)':<28} {1e3 / r['samples_per_s']:10.2f}  {r['samples_per_s']:.1f} samples/s on this "
-          f"machine (stand-ins in the actor), actors busy {r['busy']:.2f}")
+          f"machine (stand-ins in the actor), actors busy {r['busy']:.2f}, actor {r['teacher_ms']:.1f} ms/sample, "
+          f"decode {r['decode_ms']:.1f} CPU ms/sample (the job's own report)")
     print(f"\nbytes per sample: zarr {bytes_per['zarr'] / 1e6:.2f} MB, wds {bytes_per['wds'] / 1e6:.2f} MB "
           f"(x 558,128 samples: {558128 * bytes_per['zarr'] / 1e12:.2f} TB + {558128 * bytes_per['wds'] / 1e12:.2f} TB)")
     print(f"CPU stages (decode + resizes + encode + both writes): {cpu_ms:.1f} ms/sample -> "
