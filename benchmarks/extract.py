@@ -119,11 +119,19 @@ def ray_run(json_path, images, manifest_path, out, actors, batch, gpus_per_actor
             "teacher_ms": get(r"teachers\s+([\d.]+) ms/sample")}
 
 
-def _per_sample_ms(fn, n: int, repeat: int = 1) -> float:
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return 1e3 * (time.perf_counter() - t) / (n * repeat)
+class Clock:
+    """CPU (all threads of this process) and wall time of a block, per sample."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu_ms = 1e3 * (time.process_time() - self.cpu) / self.n
+        self.wall_ms = 1e3 * (time.perf_counter() - self.wall) / self.n
 
 
 def shape_true(args, work: Path) -> int:
@@ -146,43 +154,43 @@ def shape_true(args, work: Path) -> int:
     specs = [manifest.teachers[t] for t in tasks]
     records, _ = load_records(json_path)
     raws = [read_image_bytes(images, r.image) for r in records]
-    rows = []  # (stage, CPU ms per sample, note)
+    rows = []  # (stage, CPU ms per sample, wall ms per sample, note, a CPU stage of the data path?)
 
-    rgbs = []
-    t = time.process_time()
-    for data in raws:
-        rgbs.append(decode_rgb(data))
-    rows.append(("decode (JPEG -> RGB)", 1e3 * (time.process_time() - t) / n, "once per image, all recipes"))
+    with Clock(n) as c:
+        rgbs = [decode_rgb(data) for data in raws]
+    rows.append(("decode (JPEG -> RGB)", c.cpu_ms, c.wall_ms, "once per image, for all recipes", True))
     for spec in specs:
-        t = time.process_time()
-        for rgb in rgbs:
-            preprocess(spec, rgb)
-        rows.append((f"resize: {spec.task} recipe", 1e3 * (time.process_time() - t) / n,
-                     "x".join(map(str, spec.preprocess.input_size)) + " uint8"))
+        with Clock(n) as c:
+            for rgb in rgbs:
+                preprocess(spec, rgb)
+        rows.append((f"resize: {spec.task} recipe", c.cpu_ms, c.wall_ms,
+                     "x".join(map(str, spec.preprocess.input_size)) + " uint8, bit-exact PIL", True))
     teachers = TeacherSet.load(manifest, tasks)
     decoded = [decode_batch(chunk, str(images), specs) for chunk in batches_of(records, batch)]
-    t = time.perf_counter()
-    outs = [teachers.run(d.pixels)[0] for d in decoded]
-    teacher_ms = 1e3 * (time.perf_counter() - t) / n
-    t = time.process_time()
-    encoded = [{k: encodings.encode(v, "fp16") for k, v in o.items()} for o in outs]
-    rows.append(("encode fp16", 1e3 * (time.process_time() - t) / n, "torch -> numpy"))
+    with Clock(n) as c:
+        outs = [teachers.run(d.pixels)[0] for d in decoded]
+    teacher = c
+    with Clock(n) as c:
+        encoded = [{k: encodings.encode(v, "fp16") for k, v in o.items()} for o in outs]
+    rows.append(("encode fp16", c.cpu_ms, c.wall_ms, "torch -> numpy", True))
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         payload = decoded[0].pixel_payload()
         targets = {k: v[0] for k, v in encoded[0].items()}
-        reps = 10
+        reps, k = 10, len(decoded[0].ids)
 
         @ray.remote
         def touch(x):  # a worker receives the object (zero-copy numpy views from the object store)
             return sum(int(a.nbytes) for a in (x["pixels"].values() if "pixels" in x else x.values()))
 
         for what, obj in (("Ray transfer: pixels", payload), ("Ray transfer: targets", targets)):
-            mb = ray.get(touch.remote(obj)) / len(decoded[0].ids) / 1e6
-            ms = _per_sample_ms(lambda o=obj: ray.get(touch.remote(ray.put(o))), len(decoded[0].ids), reps)
-            rows.append((what, ms, f"{mb:.2f} MB/sample, put + get in a worker (wall ms)"))
+            mb = ray.get(touch.remote(obj)) / k / 1e6
+            with Clock(k * reps) as c:
+                for _ in range(reps):
+                    ray.get(touch.remote(ray.put(obj)))
+            rows.append((what, c.cpu_ms, c.wall_ms, f"{mb:.2f} MB/sample, put here + get in a worker", False))
     finally:
         ray.shutdown()
 
@@ -205,35 +213,59 @@ def shape_true(args, work: Path) -> int:
         store.write_manifest(loc, m)
         store.ensure_zarr(loc, m)
         shard_results = [assemble_shard(m, i, tuple(tasks), metas, tgts) for i, (metas, tgts) in enumerate(results)]
-        t = time.perf_counter()
-        recs = [store.write_shard(loc, r) for r in shard_results]
-        write_ms = 1e3 * (time.perf_counter() - t) / n
+        with Clock(n) as c:
+            recs = [store.write_shard(loc, r) for r in shard_results]
         hashed = sum(f["bytes"] for r in recs for f in r.files.values() if "bytes" in f)
         bytes_per[fmt] = hashed / n
-        note = "incl. hashing the objects back" if fmt == "zarr" else "hashed while written"
-        rows.append((f"write {fmt} (local disk)", write_ms, f"{hashed / n / 1e6:.2f} MB/sample stored, {note}"))
-        t = time.perf_counter()
-        for r in recs:
-            assert not store.check_files(loc, r, full=True)
-        rows.append((f"verify {fmt} (sha256)", 1e3 * (time.perf_counter() - t) / n, "re-hash on resume / verify"))
+        how = "incl. reading the objects back to hash them" if fmt == "zarr" else "hashed as it is written"
+        rows.append((f"write {fmt} (local disk)", c.cpu_ms, c.wall_ms, f"{hashed / n / 1e6:.2f} MB/sample, {how}", True))
+        with Clock(n) as c:
+            for r in recs:
+                assert not store.check_files(loc, r, full=True)
+        rows.append((f"verify {fmt} (sha256)", c.cpu_ms, c.wall_ms, "re-hash on resume and `inspect verify`", False))
+        if fmt == "wds":  # the tar serialisation alone, before (webdataset's stream-mode TarWriter) and now
+            import webdataset as wds
 
-    dev = f"CPU x{os.cpu_count()}"
-    print(f"# data path at real target sizes: {n} samples ({dev}), shape-true stand-ins, batch {batch}, shards of "
-          f"{args.shard_size}, fp16; teachers' stand-ins {teacher_ms:.1f} ms/sample (not a CPU stage of the data path)")
-    print(f"{'stage':<28} {'ms/sample':>10}  note")
-    for stage, ms, note in rows:
-        print(f"{stage:<28} {ms:10.2f}  {note}")
+            from pipeline.store import writer
+
+            members = [[{k: v for k, v in raw.items() if k == "__key__" or not k.startswith("_")}
+                        for raw in store.Store(loc).iter_raw(i)] for i in range(plan.num_shards)]
+            with Clock(n) as c:  # both hash as they write, to a local file with an fsync at the end
+                for i, shard in enumerate(members):
+                    with open(work / f"before-{i}.tar", "wb") as f:
+                        hw = writer._HashingWriter(f)
+                        with wds.TarWriter(hw, user="", group="", mode=0o444, mtime=0.0, encoder=False) as w:
+                            for sample in shard:
+                                w.write(sample)
+                        f.flush()
+                        os.fsync(f.fileno())
+            before = c
+            with Clock(n) as c:
+                for i, shard in enumerate(members):
+                    writer.write_tar(store.Location(work), f"after-{i}.tar", shard)
+            same = all((work / f"before-{i}.tar").read_bytes() == (work / f"after-{i}.tar").read_bytes()
+                       for i in range(plan.num_shards))
+            rows.append(("  tar bytes: wds TarWriter", before.cpu_ms, before.wall_ms, "before: stream mode", False))
+            rows.append(("  tar bytes: olaf write_tar", c.cpu_ms, c.wall_ms,
+                         f"now: {c.cpu_ms / max(before.cpu_ms, 1e-9):.2f}x the CPU, identical bytes: {same}", False))
+
+    print(f"# data path at real target sizes: {n} samples, CPU x{os.cpu_count()}, shape-true stand-ins, batch "
+          f"{batch}, shards of {args.shard_size}, fp16")
+    print(f"{'stage':<28} {'CPU ms/smp':>10} {'wall ms/smp':>11}  note")
+    for stage, cpu, wall, note, _ in rows:
+        print(f"{stage:<28} {cpu:10.2f} {wall:11.2f}  {note}")
+    print(f"{'(teacher stand-ins)':<28} {teacher.cpu_ms:10.2f} {teacher.wall_ms:11.2f}  the device's work, not the "
+          f"data path's")
     r = ray_run(json_path, images, manifest_path, work / "store-ray", 1, batch, None,
                 ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
-    cpu_ms = sum(ms for stage, ms, _ in rows if not stage.startswith(("Ray", "verify")))
-    print(f"{'end to end (Ray job)':<28} {1e3 / r['samples_per_s']:10.2f}  {r['samples_per_s']:.1f} samples/s on this "
-          f"machine (stand-ins in the actor), actors busy {r['busy']:.2f}, actor {r['teacher_ms']:.1f} ms/sample, "
-          f"decode {r['decode_ms']:.1f} CPU ms/sample (the job's own report)")
+    cpu_ms = sum(cpu for _, cpu, _, _, data_path in rows if data_path)
+    print(f"{'end to end (Ray job)':<28} {'':>10} {1e3 / r['samples_per_s']:11.2f}  {r['samples_per_s']:.1f} samples/s "
+          f"on this machine, stand-ins in one actor: busy {r['busy']:.2f}, {r['teacher_ms']:.1f} ms/sample; decode "
+          f"{r['decode_ms']:.1f} CPU ms/sample (the job's own report)")
     print(f"\nbytes per sample: zarr {bytes_per['zarr'] / 1e6:.2f} MB, wds {bytes_per['wds'] / 1e6:.2f} MB "
           f"(x 558,128 samples: {558128 * bytes_per['zarr'] / 1e12:.2f} TB + {558128 * bytes_per['wds'] / 1e12:.2f} TB)")
-    print(f"CPU stages (decode + resizes + encode + both writes): {cpu_ms:.1f} ms/sample -> "
-          f"{250 * cpu_ms / 1e3:.1f} cores per 250 img/s; the data path's own ceiling on one core: "
-          f"{1e3 / cpu_ms:.0f} img/s")
+    print(f"CPU stages (decode, resizes, encode, both writes): {cpu_ms:.1f} CPU ms/sample -> {250 * cpu_ms / 1e3:.1f} "
+          f"cores per 250 img/s; the data path's own ceiling: {1e3 / cpu_ms:.0f} img/s per core")
     return 0
 
 

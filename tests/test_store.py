@@ -422,3 +422,22 @@ def test_any_sample_is_one_range_read_away(full_store):
             assert {k: v for k, v in got.items() if not k.startswith("__")} == \
                 {k: v for k, v in streamed[pos].items() if not k.startswith("__")}
             assert got["__key__"] == streamed[pos]["__key__"]
+
+
+def test_the_tar_writer_gives_webdataset_tarwriters_bytes(tmp_path):
+    """olaf writes tars with tarfile's plain mode (linear in member size); the bytes must be exactly those of
+    webdataset's TarWriter with the same settings, the writer the format was defined with."""
+    import webdataset as wds
+
+    from pipeline.store import writer
+
+    rng = np.random.default_rng(0)
+    samples = [{"__key__": f"{j:09d}", "json": json.dumps({"id": j}).encode(), "jpg": rng.bytes(1000 + 37 * j),
+                "seg.npy": rng.bytes(200_000 + j), "gen.npy": b""} for j in range(5)]
+    got = writer.write_tar(Location(tmp_path), "ours.tar", samples)
+    with open(tmp_path / "ref.tar", "wb") as f, wds.TarWriter(f, user="", group="", mode=0o444, mtime=0.0,
+                                                               encoder=False) as w:
+        for s in samples:
+            w.write(s)
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    assert got["bytes"] == (tmp_path / "ref.tar").stat().st_size and len(got["samples"]) == 5
