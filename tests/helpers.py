@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from pipeline import store
-from pipeline.decode import decode_batch
 from pipeline.plan import make_plan
 from pipeline.teacher_manifest import load_manifest
-from pipeline.work import assemble_shard, batches_of, compute_batch
+from pipeline.work import assemble_shard, compute_shard
 
 SHARD, BATCH = 8, 4
 
@@ -44,10 +43,7 @@ def _build(path, dataset, manifest_path, tasks, shard, teachers_yaml, TeacherSet
         store.write_teachers(loc, manifest.identity(list(tasks), teachers.weights_sha256()))
     specs = [manifest.teachers[t] for t in tasks]
     for i in range(plan.num_shards):
-        metas, targets = [], []
-        for chunk in batches_of(plan.shard_records(i), BATCH):
-            d = decode_batch(chunk, str(images), specs)
-            metas.append(d)
-            targets.append(compute_batch(teachers, d, {t: "fp16" for t in tasks}))
+        metas, targets = compute_shard(plan.shard_records(i), str(images), specs, teachers,
+                                       dict.fromkeys(tasks, "fp16"), BATCH)
         store.commit_shard(loc, assemble_shard(m, i, tuple(tasks), metas, targets))
     return path
