@@ -445,7 +445,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     total = sum(len(plan.shard_records(i)) for i in work)
     attempts = {i: 0 for i in work}
     failed: dict[int, str] = {}
-    done_records: dict[int, dict] = {}
+    done_records: dict[int, ShardRecord] = {}
     inflight: dict = {}  # target ref -> (actor, samples)
     load = [0] * len(actors)
     writers: dict = {}  # writer ref -> shard
