@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
     for note in store.notes:
         log(f"note: {note}")
-    usable = sum(r.count - r.bad_images for i, r in store.records.items() if i in set(store.done_shards(cfg.tasks)))
+    usable = sum(store.records[i].count - store.records[i].bad_images for i in store.done_shards(cfg.tasks))
     if usable == 0:
         raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks)} samples in done shards has "
                          f"a usable image (errors.jsonl says why): nothing to train on")
