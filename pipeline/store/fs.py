@@ -23,6 +23,20 @@ from collections.abc import Iterator
 CHUNK = 8 << 20  # bytes per read when hashing or streaming
 
 
+def temp_name(rel: str) -> str:
+    """Where a local write of `rel` goes until it is complete: a hidden name beside it."""
+    head, _, base = rel.rpartition("/")
+    return f"{head + '/' if head else ''}.{base}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def final_name(rel: str) -> str:
+    """The name a (possibly temporary) file will have once complete: `temp_name`'s inverse."""
+    head, _, base = rel.rpartition("/")
+    if base.startswith(".") and ".tmp-" in base:
+        base = base[1:].rsplit(".tmp-", 1)[0]
+    return f"{head + '/' if head else ''}{base}"
+
+
 class StoreError(Exception):
     """Something about a store is wrong or does not match what the caller expects; the message says what."""
 
@@ -153,9 +167,8 @@ class Location:
         Local: a temporary name in the same folder, fsync, rename. Object storage: a streamed (multipart)
         upload that is aborted on error, so memory stays bounded by one part whatever the file's size."""
         if self.local:
-            final = self.path(rel)
+            final, tmp = self.path(rel), self.path(temp_name(rel))
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = f"{os.path.dirname(final)}/.{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as f:
                     yield f
@@ -185,9 +198,8 @@ class Location:
         Local: a hard link of a complete temporary file. S3: PUT with If-None-Match (s3fs mode 'xb'). A
         backend that has neither falls back to a check then a PUT (not atomic: see docs/format.md)."""
         if self.local:
-            final = self.path(rel)
+            final, tmp = self.path(rel), self.path(temp_name(rel))
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = f"{os.path.dirname(final)}/.{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:8]}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()

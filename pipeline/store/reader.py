@@ -109,12 +109,6 @@ class Store:
         if problems:
             raise StoreError(f"store {self.url} cannot be used as asked:\n  " + "\n  ".join(problems))
 
-    # -- checks
-    def check_shard(self, shard: int, full: bool = False) -> list[str]:
-        from pipeline.store.verify import check_files
-
-        return check_files(self.loc, self.records[shard], full=full)
-
     # -- WebDataset
     def tar_urls(self, tasks: Iterable[str] | None = None, check: str = "size") -> list[str]:
         """URLs of the done shards' tars, checked against their records ('size', 'sha256' or 'none')."""

@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.store import layout
 from pipeline.store.codec import meta_of, sample_members, target_members_of
-from pipeline.store.fs import Location, StoreError
+from pipeline.store.fs import Location, StoreError, final_name
 from pipeline.store.manifest import (
     RunManifest,
     ShardRecord,
@@ -430,7 +430,7 @@ def orphans(loc: Location, records: dict[int, ShardRecord] | None = None) -> lis
     listed = {name for r in records.values() for name in r.files}
     out = []
     for name in loc.list(layout.WDS):
-        shard = layout.shard_of_tar(name.rsplit("/", 1)[-1].lstrip(".").split(".tmp-")[0])  # temp names too
+        shard = layout.shard_of_tar(final_name(name))  # a temporary file's shard too
         if name not in listed and (shard is None or lease_holder(loc, shard) is None):  # not another job's, live
             out.append(name)
     for name in loc.list(layout.SHARDS):
