@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +37,9 @@ from pipeline.teacher_manifest import load_manifest  # noqa: E402
 from teachers import depth, gen, seg  # noqa: E402
 from teachers.base import preprocess  # noqa: E402
 from teachers.registry import ADAPTERS, load_teachers  # noqa: E402
+from trainer.build import build  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.data import ImageRecipe, PTSample, collate  # noqa: E402
-from trainer.loss import pt_loss  # noqa: E402
-from trainer.model import OLAPT  # noqa: E402
-from trainer.templates import PromptBuilder, get_template  # noqa: E402
+from trainer.pt import to_device  # noqa: E402
 
 
 def tiny_setup(work: Path, samples: int):
@@ -118,24 +115,10 @@ def full_setup(work: Path, samples: int, device, dtype):
     return cfg, teachers
 
 
-def build_model(cfg, device, dtype):
-    from trainer.pt import load_frozen
-
-    s = store.Store(cfg.store)
-    shapes = {t: tuple(s.manifest.tasks[t].shape) for t in cfg.tasks}
-    tokenizer, llm, vision, _ = load_frozen(cfg, device, dtype)
-    builder = PromptBuilder(tokenizer, get_template(cfg.chat_template), max_text_tokens=1)
-    image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
-    model = OLAPT(cfg, llm, vision, shapes, builder.image_offset, image.mean, image.std).to(device)
-    builder.max_text_tokens = cfg.max_length - model.layout.text_start
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return model, builder, image, shapes, pad
-
-
-def loader_for(cfg, builder, image, shapes, pad, batch, workers):
-    stream = store.TargetStream(cfg.store, cfg.tasks, shuffle_buffer=64, map_fn=PTSample(builder, image, cfg.tasks, shapes))
-    return torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=partial(collate, pad_id=pad),
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+def loader_for(run, workers):
+    """The trainer's loader from the start of the order (the run's stream, rewound)."""
+    run.stream.position = 0
+    return store.loader(run.stream, num_workers=workers, prefetch_factor=4)
 
 
 def teacher_targets(teachers, batch_ids, raw_images: dict, device):
@@ -148,9 +131,9 @@ def teacher_targets(teachers, batch_ids, raw_images: dict, device):
     return {t: torch.stack(v) for t, v in out.items()}
 
 
-def timed_steps(model, cfg, loader, steps, device, autocast, teachers=None, raw_images=None):
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
+def timed_steps(run, loader, steps, device, autocast, teachers=None, raw_images=None):
+    """Median samples/s of the trainer's step (forward with the loss inside, backward, AdamW) over `steps`."""
+    opt = torch.optim.AdamW(run.trainable, lr=1e-4)
     it = iter(loader)
     times = []
     for k in range(steps + 2):  # two warm-up steps
@@ -158,16 +141,12 @@ def timed_steps(model, cfg, loader, steps, device, autocast, teachers=None, raw_
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        on_device = to_device(batch, device)
         if teachers is not None:
-            targets = teacher_targets(teachers, batch["ids"], raw_images, device)
-        else:
-            targets = {t: x.to(device) for t, x in batch["targets"].items()}
-        valid = {t: v.to(device) for t, v in batch["valid"].items()}
+            on_device["targets"] = teacher_targets(teachers, batch["ids"], raw_images, device)
         with autocast:
-            ntp, preds = model(batch["pixels"].to(device), batch["prefix_ids"].to(device), batch["text_ids"].to(device),
-                               batch["text_mask"].to(device), batch["text_labels"].to(device))
-            loss, _ = pt_loss(ntp, preds, targets, valid, model.logit_scales, cfg)
-            loss.backward()
+            loss, _ = run.model(on_device)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -202,7 +181,7 @@ def main(argv=None):
     samples = a.samples or (256 if a.size == "full" else 96)
     cfg, teachers = tiny_setup(work, samples) if a.size == "tiny" else full_setup(work, samples, device, dtype)
     cfg = replace(cfg, micro_batch_size=batch, global_batch_size=batch)
-    model, builder, image, shapes, pad = build_model(cfg, device, dtype)
+    run = build(cfg, device, dtype)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     raw = {}
     s = store.Store(cfg.store)
@@ -210,11 +189,9 @@ def main(argv=None):
         for d in s.iter_decoded(shard, []):
             if d["image"] is not None:
                 raw[d["id"]] = d["image"]
-    loader = loader_for(cfg, builder, image, shapes, pad, batch, a.workers)
-    stored = timed_steps(model, cfg, loader, a.steps, device, autocast)
-    inline = timed_steps(model, cfg, loader_for(cfg, builder, image, shapes, pad, batch, a.workers), a.steps,
-                         device, autocast, teachers=teachers, raw_images=raw)
-    feed = loader_rate(loader_for(cfg, builder, image, shapes, pad, batch, a.workers), a.steps * 2)
+    stored = timed_steps(run, loader_for(run, a.workers), a.steps, device, autocast)
+    inline = timed_steps(run, loader_for(run, a.workers), a.steps, device, autocast, teachers=teachers, raw_images=raw)
+    feed = loader_rate(loader_for(run, a.workers), a.steps * 2)
     dev = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# PT step benchmark: {a.size} models, {dev}, {dtype}, micro-batch {batch}, {a.workers} loader workers")
     print(f"{'mode':<28} {'samples/s':>10} {'ratio':>8}")

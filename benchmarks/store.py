@@ -76,11 +76,12 @@ def read_zarr(path: str, n: int) -> float:
     return time.perf_counter() - t
 
 
-def read_wds(path: str, workers: int) -> tuple[float, int]:
-    ds = store.TargetStream(path, list(SHAPES), repeat=False, shuffle_buffer=16)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+def read_wds(path: str, workers: int, batch: int = 8) -> tuple[float, int]:
+    """One epoch of the trainer's stream (global order, micro-batches of `batch`) through a DataLoader."""
+    n = store.Store(path).num_samples
+    ds = store.TargetStream(path, list(SHAPES), global_batch=batch, micro_batch=batch, stop_step=n // batch)
     t = time.perf_counter()
-    count = sum(1 for _ in loader)
+    count = sum(len(b["rows"]) for b in store.loader(ds, num_workers=workers))
     return time.perf_counter() - t, count
 
 
@@ -126,7 +127,7 @@ def main(argv=None):
                 zr = read_zarr(url, n)
                 w1, c1 = read_wds(url, 1)
                 w2, c2 = read_wds(url, 2)
-                assert c1 == c2 == n
+                assert c1 == c2 == n // 8 * 8
                 rows[(backend, enc, comp)] = (raw_mb / secs, n / w2)
                 print(f"{backend:<8} {enc:<9} {comp:<10} {raw_mb / secs:10.1f} {n / secs:11.1f} {zb / n:11.0f} "
                       f"{wb / n:10.0f} {n / zr:13.1f} {n / w1:10.1f} {n / w2:10.1f}")

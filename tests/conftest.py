@@ -66,7 +66,7 @@ def tiny_models(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_models")
     cfg = build(out, lm_steps=0)
     data = yaml.safe_load(cfg.read_text())
-    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, shuffle_buffer=16, save_every=2,
+    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, save_every=2,
                 learning_rate=3e-3)
     cfg.write_text(yaml.safe_dump(data))
     return cfg

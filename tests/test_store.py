@@ -345,45 +345,22 @@ def test_cli_summary_stats_show_render(full_store, tmp_path, capsys):
     assert inspect.main([full_store, "show", "nope"]) == 2
 
 
-def _ids(stream, workers=0):
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    return [d["id"] for d in loader]
-
-
-def test_stream_splits_by_rank_and_worker_and_shuffles(full_store, identity):
-    everything = {f"{j:09d}" for j in range(N)}
-    seen = []
-    for rank in range(2):
-        ids = _ids(store.TargetStream(full_store, ["gen", "seg"], expected_teachers=identity, rank=rank,
-                                      world_size=2, repeat=False, shuffle_buffer=3), workers=2)
-        seen += ids
-    assert sorted(seen) == sorted(everything)  # every sample once per epoch, over 2 ranks x 2 workers
-    one = _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=0))
-    assert sorted(one) == sorted(everything) and one != sorted(everything)
-    assert one == _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=0))  # deterministic
-    assert one != _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=1))
-    resumed = _ids(store.TargetStream(full_store, ["gen"], repeat=False, seed=0, skip=4))
-    assert resumed == one[4:]
-    # repeat: the second epoch is reshuffled, and a skip can cross the epoch boundary
-    it = iter(store.TargetStream(full_store, ["gen"], seed=0))
-    two_epochs = [next(it)["id"] for _ in range(2 * N)]
-    assert sorted(two_epochs[N:]) == sorted(everything) and two_epochs[N:] != two_epochs[:N]
-    it = iter(store.TargetStream(full_store, ["gen"], seed=0, skip=N + 3))
-    assert [next(it)["id"] for _ in range(N - 3)] == two_epochs[N + 3:]
-
-
 def test_stream_yields_what_training_needs(full_store, identity):
-    d = next(iter(store.TargetStream(full_store, ["gen", "depth", "seg"], expected_teachers=identity,
-                                     shuffle_buffer=1, repeat=False)))
-    assert d["id"] == f"{0:09d}" and d["image"] == jpeg(0) and d["record"]["conversations"][0]["value"] == "caption 0"
-    assert d["valid"] == {"gen": True, "depth": True, "seg": True}
-    assert d["targets"]["depth"].dtype == torch.float16 and d["targets"]["depth"].shape == (576, 32)
-    torch.testing.assert_close(d["targets"]["depth"].float(), truth("depth", 0), atol=2e-3, rtol=1e-3)
+    s = store.TargetStream(full_store, ["gen", "depth", "seg"], expected_teachers=identity, global_batch=3,
+                           micro_batch=3, stop_step=3)
+    rows = [r for b in s for r in b["rows"]]
+    assert len(rows) == 9 and sorted(r["index"] for r in rows) == [j for j in range(N) if j != 5]  # 5: a bad image
+    for d in rows:
+        j = d["index"]
+        assert d["id"] == f"{j:09d}" and d["image"] == jpeg(j) and d["record"]["conversations"][0]["value"] == f"caption {j}"
+        assert d["valid"] == {"gen": True, "depth": True, "seg": True}
+        assert d["targets"]["depth"].dtype == torch.float16 and d["targets"]["depth"].shape == (576, 32)
+        torch.testing.assert_close(d["targets"]["depth"].float(), truth("depth", j), atol=2e-3, rtol=1e-3)
     with pytest.raises(StoreError, match="teacher mismatch"):
         other = json.loads(json.dumps(identity))
         other["teachers"]["seg"]["weights"] = {"repo_id": "someone/else"}
         other["teachers"]["seg"]["weights_sha256"] = None  # as the trainer's side, which never loads teachers
-        store.TargetStream(full_store, ["seg"], expected_teachers=other)
+        store.TargetStream(full_store, ["seg"], expected_teachers=other, global_batch=1, micro_batch=1)
 
 
 def test_weights_that_only_moved_are_accepted_with_a_note(full_store, identity):
@@ -392,7 +369,7 @@ def test_weights_that_only_moved_are_accepted_with_a_note(full_store, identity):
     for t in moved["teachers"].values():
         t["weights"] = {**t["weights"], "path": "/somewhere/else/" + t["weights"]["path"].rsplit("/", 1)[-1]}
         t["weights_sha256"] = None
-    stream = store.TargetStream(full_store, ["gen", "seg"], expected_teachers=moved)
+    stream = store.TargetStream(full_store, ["gen", "seg"], expected_teachers=moved, global_batch=1, micro_batch=1)
     assert len(stream.notes) == 2 and all("only the location differs" in n for n in stream.notes)
     assert "/somewhere/else/gen" in stream.notes[0] and identity["teachers"]["gen"]["weights_sha256"][:16] in stream.notes[0]
     # an HF reference that differs is still a mismatch, and so is another sha256 when both sides know it

@@ -74,22 +74,28 @@ def ref_infonce(p, t_all, valid_rows, valid_all, scale, offset):
 
 
 def test_loss_terms_match_an_independent_computation():
+    """A micro-batch of 6 at rows 4..9 of a global batch of 10: InfoNCE's columns are all 10 targets."""
     g = torch.Generator().manual_seed(0)
     cfg = PTConfig()
+    everyone = {"gen": torch.randn(10, 1, 16, generator=g), "depth": torch.randn(10, 9, 8, generator=g) * 3}
+    valid_all = {"gen": torch.tensor([1, 0, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool),
+                 "depth": torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)}
+    mine = slice(4, 10)
     preds = {"gen": {12: torch.randn(6, 1, 16, generator=g), 20: torch.randn(6, 1, 16, generator=g)},
              "depth": {8: torch.randn(6, 9, 8, generator=g)}}
-    targets = {"gen": torch.randn(6, 1, 16, generator=g), "depth": torch.randn(6, 9, 8, generator=g) * 3}
-    valid = {"gen": torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool), "depth": torch.ones(6, dtype=torch.bool)}
+    targets = {t: x[mine] for t, x in everyone.items()}
+    valid = {t: v[mine] for t, v in valid_all.items()}
+    negatives = L.step_negatives([{"targets": everyone, "valid": valid_all}], ["gen", "depth"])
     scales = {"gen": torch.tensor(2.0), "depth": torch.tensor(5.0)}  # exp(5) > 100: the clamp applies
     ntp = torch.tensor(1.25)
-    total, terms = L.pt_loss(ntp, preds, targets, valid, scales, cfg)
+    total, terms = L.pt_loss(ntp, preds, targets, valid, negatives, 4, scales, cfg)
     want = 1.25
     for task, by_layer in preds.items():
         tsum = 0.0
         for layer, p in by_layer.items():
             sl1 = ref_smooth_l1(p.numpy(), targets[task].numpy(), valid[task].numpy())
-            nce = ref_infonce(p.numpy(), targets[task].numpy(), valid[task].numpy(), valid[task].numpy(),
-                              float(scales[task]), 0)
+            nce = ref_infonce(p.numpy(), everyone[task].numpy(), valid[task].numpy(), valid_all[task].numpy(),
+                              float(scales[task]), 4)
             assert terms[f"{task}/{layer}/sl1"].item() == pytest.approx(sl1, rel=1e-5)
             assert terms[f"{task}/{layer}/nce"].item() == pytest.approx(nce, rel=1e-5)
             tsum += sl1 + 0.3 * nce
@@ -105,37 +111,62 @@ def test_invalid_samples_are_masked_out_of_both_terms():
     garbage[2] = 1e6  # an invalid target, whatever it holds, changes nothing
     keep = valid.nonzero().flatten()
     s = torch.tensor(2.0)
+
+    def nce(p, t, v):
+        return L.infonce(p, v, L.Negatives.of([t], [v]), 0, s)
+
     assert L.masked_smooth_l1(p, garbage, valid).item() == pytest.approx(L.masked_smooth_l1(p[keep], t[keep], valid[keep]).item())
-    assert L.infonce(p, garbage, valid, s).item() == pytest.approx(L.infonce(p[keep], t[keep], valid[keep], s).item(), rel=1e-6)
-    # no valid sample: zero, and a graph whose gradients are zero (not NaN)
+    assert nce(p, garbage, valid).item() == pytest.approx(nce(p[keep], t[keep], valid[keep]).item(), rel=1e-6)
+    # no valid sample: zero, and a graph that reaches the prediction and the scale with zero gradients (not NaN)
     p.requires_grad_(True)
+    s.requires_grad_(True)
     none = torch.zeros(5, dtype=torch.bool)
-    out = L.masked_smooth_l1(p, t, none) + L.infonce(p, t, none, s)
+    out = L.masked_smooth_l1(p, t, none) + nce(p, t, none)
     out.backward()
-    assert out.item() == 0 and torch.equal(p.grad, torch.zeros_like(p))
+    assert out.item() == 0 and torch.equal(p.grad, torch.zeros_like(p)) and s.grad is not None and s.grad.item() == 0
+
+
+def test_ntp_loss_equals_the_lm_s_own_loss(tiny_models):
+    """olaf computes logits only where text is predicted; the loss is the LM's own labels-based one."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(Path(tiny_models).parent / "llm")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, llm.config.vocab_size, (3, 30), generator=g)
+    text_start = 21
+    text_labels = ids[:, text_start:].clone()
+    text_labels[:, :2] = -100  # the question is not labelled
+    text_labels[2, 5:] = -100  # a shorter sample
+    full = torch.cat([torch.full((3, text_start), -100), text_labels], dim=1)
+    want = llm(input_ids=ids, labels=full).loss
+    logits = llm(input_ids=ids, logits_to_keep=ids.shape[1] - text_start + 1).logits[:, :-1]
+    torch.testing.assert_close(L.ntp_loss(logits, text_labels), want, rtol=1e-5, atol=1e-6)
+    assert L.ntp_loss(logits, torch.full_like(text_labels, -100)).item() == 0.0  # nothing labelled: 0, not NaN
 
 
 def _gloo_worker(rank, world, port, result_dir, p, t, valid):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    n = p.shape[0] // world
-    sl = slice(rank * n, (rank + 1) * n)
-    val = L.infonce(p[sl], t[sl], valid[sl], torch.tensor(2.0))
-    Path(result_dir, f"{rank}.json").write_text(json.dumps(val.item()))
+    # each rank: two micro-batches of 2 (its rows 4r..4r+3 of the global batch of 8)
+    mine = [slice(4 * rank, 4 * rank + 2), slice(4 * rank + 2, 4 * rank + 4)]
+    neg = L.Negatives.of([t[sl] for sl in mine], [valid[sl] for sl in mine])
+    vals = [L.infonce(p[sl], valid[sl], neg, sl.start, torch.tensor(2.0)).item() for sl in mine]
+    Path(result_dir, f"{rank}.json").write_text(json.dumps(vals))
     dist.destroy_process_group()
 
 
-def test_infonce_gathers_targets_over_a_two_process_gloo_group(tmp_path):
+def test_infonce_columns_are_the_whole_global_batch_over_a_gloo_group(tmp_path):
     g = torch.Generator().manual_seed(2)
     p, t = torch.randn(8, 3, 5, generator=g), torch.randn(8, 3, 5, generator=g)
     valid = torch.tensor([True, True, True, False, True, True, True, True])
     torch.multiprocessing.spawn(_gloo_worker, args=(2, free_port(), str(tmp_path), p, t, valid), nprocs=2, join=True)
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
-        sl = slice(rank * 4, rank * 4 + 4)
-        want = ref_infonce(p[sl].numpy(), t.numpy(), valid[sl].numpy(), valid.numpy(), 2.0, rank * 4)
-        assert got == pytest.approx(want, rel=1e-5)  # negatives come from both ranks' targets
+        for k, start in enumerate((4 * rank, 4 * rank + 2)):
+            sl = slice(start, start + 2)
+            want = ref_infonce(p[sl].numpy(), t.numpy(), valid[sl].numpy(), valid.numpy(), 2.0, start)
+            assert got[k] == pytest.approx(want, rel=1e-5)  # negatives: both ranks' micro-batches
 
 
 # ---- the sequence layout ---------------------------------------------------------------------------------------
@@ -265,19 +296,49 @@ def test_refuses_to_overwrite_a_run_without_resume(trained, trainer_store, tiny_
     assert rc != 0 and "pass --resume" in log
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path, trainer_store, tiny_models, tiny_teachers):
-    out = tmp_path / "out"
+def test_a_run_killed_on_two_processes_continues_on_one(tmp_path, trainer_store, tiny_models, tiny_teachers):
+    """Elastic: `torchrun --nproc_per_node 2` killed with SIGKILL after its step-4 checkpoint, resumed with one
+    process (global batch 8 = 2 x 4, then 2 accumulation steps x 4): every step has the uninterrupted 2-process
+    run's samples and, to fp32 round-off, its losses."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    argv = trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "3",
-                        "--set", "global_batch_size=8", "--set", "num_workers=1")
-    p = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                        "-m", "trainer.pt", *argv], cwd=REPO, env=env() | {"OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=600)
+
+    def argv(out):
+        return trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "8",
+                            "--set", "global_batch_size=8", "--set", "num_workers=1", "--set", "save_every=4")
+
+    def on_two(out):
+        return [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "-m", "trainer.pt", *argv(out)]
+
+    ref = tmp_path / "ref"
+    p = subprocess.run(on_two(ref), cwd=REPO, env=env() | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    log = log_of(out)
-    assert [r["step"] for r in log] == [1, 2, 3] and all(r["samples"] == 8 for r in log)
-    state = json.loads((sorted((out / "checkpoints").glob("step-*"))[-1] / "state.json").read_text())
-    assert set(state["positions"]) == {"0", "1"}  # each rank's own data position
+    assert [r["samples"] for r in log_of(ref)] == [8] * 8
+
+    out = tmp_path / "out"
+    p = subprocess.Popen(on_two(out), cwd=REPO, env=env() | {"OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while not (out / "checkpoints" / "step-000004").exists():
+        assert p.poll() is None and time.time() - t0 < 300
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "export").exists()
+    state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["data"]["position"] == 4 * 8  # one global position, not one per rank
+    rc, log = run_trainer(argv(out) + ["--resume", "--set", "num_workers=2"])
+    assert rc == 0, log
+    assert "resumed from" in log and "global batch 8 = 2 x 4 x 1 processes" in log
+    a, b = log_of(ref), log_of(out)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a[4:], b[4:], strict=True):
+        for k, v in ra.items():
+            if not k.endswith("_per_s"):
+                assert rb[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (ra["step"], k)
+    ids = lambda out: [json.loads(x)["ids"] for x in (out / "logs" / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    assert ids(out) == ids(ref) and len(ids(ref)) == 8 and all(len(x) == 8 for x in ids(ref))
 
 
 def test_trains_with_the_teachers_package_unimportable(tmp_path, trainer_store, tiny_models, tiny_teachers):

@@ -11,6 +11,11 @@ import yaml
 
 DEFAULTS = Path(__file__).parent / "configs" / "ola_vlm_pt.yaml"
 TASKS = ("gen", "depth", "seg")
+REMOVED = {  # keys of earlier olaf configs: what took their place
+    "shuffle_buffer": "the global order shuffles the whole store (order_chunk, order_mix)",
+    "skip_bad_images": "samples whose image failed at extraction are never in the order; one that fails in the "
+                       "trainer is masked out",
+}
 
 
 @dataclass
@@ -34,7 +39,6 @@ class PTConfig:
     smooth_l1_beta: float = 1.0
     logit_scale_init: float = 2.0
     logit_scale_max: float = 100.0
-    skip_bad_images: bool = True
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -48,7 +52,8 @@ class PTConfig:
     attn_implementation: str = "auto"
     precision: str = "auto"
     seed: int = 42
-    shuffle_buffer: int = 1000
+    order_chunk: int = 4
+    order_mix: int = 32
     num_workers: int = 4
     log_every: int = 10
     save_every: int = 500
@@ -90,7 +95,7 @@ class PTConfig:
                 problems.append(f"special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
                                 f"task_tokens.{t} ({self.task_tokens[t]})")
         at_least = {"micro_batch_size": 1, "global_batch_size": 1, "max_length": 1, "log_every": 1,
-                    "save_every": 1, "num_workers": 0, "keep_checkpoints": 0, "shuffle_buffer": 0}
+                    "save_every": 1, "num_workers": 0, "keep_checkpoints": 0, "order_chunk": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -111,6 +116,8 @@ class PTConfig:
         if self.global_batch_size % self.micro_batch_size:
             problems.append(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                             f"{self.micro_batch_size}")
+        if self.order_mix < self.order_chunk or self.order_mix % self.order_chunk:
+            problems.append(f"order_mix ({self.order_mix}) must be a multiple of order_chunk ({self.order_chunk})")
         if self.image_aspect not in ("square", "pad"):
             problems.append(f"image_aspect must be square or pad, got {self.image_aspect!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -158,6 +165,9 @@ def load_config(paths: list[str | Path] = (), overrides: dict | None = None, set
     data: dict = {}
     for p in [DEFAULTS, *paths]:
         loaded = yaml.safe_load(Path(p).read_text()) or {}
+        removed = [f"{k}: {REMOVED[k]}" for k in loaded if k in REMOVED]
+        if removed:
+            raise ValueError(f"{p}: keys no longer used, remove them:\n  " + "\n  ".join(removed))
         unknown = set(loaded) - names
         if unknown:
             raise ValueError(f"{p}: unknown config keys {sorted(unknown)}")

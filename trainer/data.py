@@ -1,9 +1,9 @@
 """Training data: the store's WebDataset stream -> model inputs, in DataLoader workers.
 
-    TargetStream (pipeline.store: shards split by rank and worker, seeded shuffle, resumable)
+    TargetStream (pipeline.store: the global order, this rank's micro-batches, each built by one worker)
       -> PTSample (here, in each worker): decode the image and resize it for the base encoder (uint8),
          tokenise the conversation with the chat template
-      -> collate: pad the text on the right, stack images and targets, keep valid flags and stream positions
+      -> collate: pad the text on the right, stack images and targets, keep ids and valid flags
 The trainer never reads teachers or teacher weights: targets come from the store, decoded to 16-bit tensors.
 """
 
@@ -49,29 +49,30 @@ class ImageRecipe:
 
 
 class PTSample:
-    """One stream sample -> what one row of a batch needs, or None when its image is unusable and skipped."""
+    """One stream sample -> what one row of a batch needs. A sample whose image cannot be used here (it decoded
+    at extraction, or it would not be in the order) keeps its row, so micro-batches stay what the global order
+    says: its pixels are zeros, its targets invalid and its text unlabelled, so it adds nothing to any loss."""
 
-    def __init__(self, builder: PromptBuilder, image: ImageRecipe, tasks: list[str], target_shapes: dict,
-                 skip_bad_images: bool = True):
-        self.builder, self.image, self.tasks = builder, image, tasks
-        self.target_shapes, self.skip_bad = target_shapes, skip_bad_images
+    def __init__(self, builder: PromptBuilder, image: ImageRecipe, tasks: list[str], target_shapes: dict):
+        self.builder, self.image, self.tasks, self.target_shapes = builder, image, tasks, target_shapes
 
-    def __call__(self, s: dict) -> dict | None:
+    def __call__(self, s: dict) -> dict:
+        tok = self.builder(s["record"])
+        labels, valid, problem = tok.text_labels, dict(s["valid"]), None
         try:
             if s["image"] is None:
                 raise BadImage("no image")
             pixels = self.image(s["image"])
-        except BadImage:
-            if self.skip_bad:
-                return None
+        except BadImage as e:
+            problem = f"image unusable in the trainer: {e}"
             pixels = np.zeros((self.image.crop, self.image.crop, 3), np.uint8)
-            s["valid"] = {t: False for t in self.tasks}
-        tok = self.builder(s["record"])
-        targets = {t: s["targets"][t] if s["valid"][t] else torch.zeros(self.target_shapes[t], dtype=torch.float16)
+            valid = dict.fromkeys(self.tasks, False)
+            labels = [IGNORE_INDEX] * len(labels)
+        targets = {t: s["targets"][t] if valid[t] else torch.zeros(self.target_shapes[t], dtype=torch.float16)
                    for t in self.tasks}
-        return {"id": s["id"], "stream": s["stream"], "pixels": torch.from_numpy(pixels),
-                "prefix_ids": tok.prefix_ids, "text_ids": tok.text_ids, "text_labels": tok.text_labels,
-                "targets": targets, "valid": {t: bool(s["valid"][t]) for t in self.tasks}}
+        return {"id": s["id"], "position": s["position"], "pixels": torch.from_numpy(pixels),
+                "prefix_ids": tok.prefix_ids, "text_ids": tok.text_ids, "text_labels": labels,
+                "targets": targets, "valid": {t: bool(valid[t]) for t in self.tasks}, "problem": problem}
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -87,26 +88,33 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         labels[i, :k] = torch.tensor(r["text_labels"])
         mask[i, :k] = 1
     tasks = list(rows[0]["targets"])
-    workers = {r["stream"][0] for r in rows}
     return {
         "ids": [r["id"] for r in rows],
+        "problems": {r["id"]: r["problem"] for r in rows if r["problem"]},
         "pixels": torch.stack([r["pixels"] for r in rows]),
         "prefix_ids": torch.tensor([r["prefix_ids"] for r in rows], dtype=torch.long),
         "text_ids": text_ids, "text_mask": mask, "text_labels": labels,
         "targets": {t: torch.stack([r["targets"][t] for r in rows]) for t in tasks},
         "valid": {t: torch.tensor([r["valid"][t] for r in rows]) for t in tasks},
-        # a batch comes from one worker; resuming skips that worker's stream up to the last position used
-        "stream": (workers.pop(), max(r["stream"][1] for r in rows)) if len(workers) == 1 else None,
     }
 
 
-def worker_init(worker_id: int) -> None:
-    """DataLoader workers die with their parent (SIGKILL on its death, Linux): a trainer killed by SIGTERM or
-    SIGKILL never leaves a worker behind."""
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent dies (Linux): nothing the parent started outlives it."""
     import ctypes
+    import os
     import signal
     import sys
 
     if sys.platform.startswith("linux"):
+        parent = os.getppid()
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the call
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers die with their trainer: a trainer killed by SIGTERM or SIGKILL never leaves a worker
+    behind."""
+    die_with_parent()

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.config import TASKS, PTConfig
+from trainer.loss import Negatives, ntp_loss, pt_loss, step_negatives
 
 
 class Projector(nn.Sequential):
@@ -107,8 +108,15 @@ def predictor_keys(hidden: torch.Tensor, text_mask: torch.Tensor, layout: Layout
     return keys, torch.cat([fixed, text_mask.bool()], dim=1)
 
 
+def num_image_tokens(vision_config) -> int:
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
 class OLAPT(nn.Module):
-    def __init__(self, cfg: PTConfig, llm, vision, target_shapes: dict[str, tuple[int, int]], image_offset: int,
+    """`forward(batch, negatives)` -> (loss, terms): the whole PT objective, logit scales included, so DDP sees
+    every trained parameter used in its forward."""
+
+    def __init__(self, cfg: PTConfig, llm, vision, target_shapes: dict[str, tuple[int, int]], layout: Layout,
                  image_mean, image_std):
         super().__init__()
         self.cfg = cfg
@@ -116,9 +124,11 @@ class OLAPT(nn.Module):
         self.vision = vision.eval().requires_grad_(False)
         width = llm.config.hidden_size
         vcfg = vision.config
-        self.num_image_tokens = (vcfg.image_size // vcfg.patch_size) ** 2
+        self.num_image_tokens = num_image_tokens(vcfg)
         self.tasks = [t for t in TASKS if t in cfg.tasks]
-        self.layout = make_layout(image_offset, self.num_image_tokens, self.tasks, cfg.task_tokens)
+        self.layout = layout
+        if layout.image != self.num_image_tokens or list(layout.task_slots) != self.tasks:
+            raise ValueError(f"layout {layout} does not fit {self.num_image_tokens} image tokens and tasks {self.tasks}")
         n_layers = llm.config.num_hidden_layers
         for t in self.tasks:
             bad = [layer for layer in cfg.layers[t] if not 1 <= layer <= n_layers]
@@ -158,7 +168,19 @@ class OLAPT(nn.Module):
             feats = hs[self.cfg.vision_select_layer][:, 1:]  # patch tokens, CLS dropped
         return self.projector(feats.to(self.projector[0].weight.dtype))
 
-    def forward(self, pixels, prefix_ids, text_ids, text_mask, text_labels):
+    def forward(self, batch: dict, negatives: dict[str, Negatives] | None = None):
+        """batch (on the device): pixels, prefix_ids, text_ids, text_mask, text_labels, targets, valid and
+        row_offset (where the micro-batch sits in its global batch). `negatives`: the step's (`step_negatives`);
+        None = this micro-batch is the whole global batch. Returns (loss, detached terms)."""
+        ntp, preds = self.predict(batch["pixels"], batch["prefix_ids"], batch["text_ids"], batch["text_mask"],
+                                  batch["text_labels"])
+        if negatives is None:
+            negatives, offset = step_negatives([batch], self.tasks), 0
+        else:
+            offset = batch["row_offset"]
+        return pt_loss(ntp, preds, batch["targets"], batch["valid"], negatives, offset, self.logit_scales, self.cfg)
+
+    def predict(self, pixels, prefix_ids, text_ids, text_mask, text_labels):
         """Returns (NTP loss, {task: {layer: prediction (B, T, W)}})."""
         b = pixels.shape[0]
         embed = self.llm.get_input_embeddings()
@@ -169,9 +191,12 @@ class OLAPT(nn.Module):
         inputs = torch.cat(parts, dim=1)
         fixed = self.layout.text_start
         attention_mask = torch.cat([text_mask.new_ones(b, fixed), text_mask], dim=1)
-        labels = torch.cat([text_labels.new_full((b, fixed), -100), text_labels], dim=1)
-        out = self.llm(inputs_embeds=inputs, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
-                       use_cache=False)
+        n_text = text_ids.shape[1]
+        # logits only where they predict text (the last n_text + 1 positions): the rest has no label, and the
+        # vocabulary projection of 600 image and task positions would cost memory and time for nothing
+        out = self.llm(inputs_embeds=inputs, attention_mask=attention_mask, output_hidden_states=True,
+                       use_cache=False, logits_to_keep=n_text + 1)
+        ntp = ntp_loss(out.logits[:, :-1], text_labels)
         preds: dict[str, dict[int, torch.Tensor]] = {}
         for t in self.tasks:
             preds[t] = {}
@@ -184,4 +209,4 @@ class OLAPT(nn.Module):
                 else:
                     latents = self.special_tokens[t].to(hidden.dtype).unsqueeze(0).expand(b, -1, -1)
                 preds[t][layer] = self.predictors[f"{t}_{layer}"](keys, mask, latents)
-        return out.loss, preds
+        return ntp, preds

@@ -72,13 +72,18 @@ class Tokenized:
 MAX_CHARS_PER_TOKEN = 256  # a generous bound on one token's length: text past it cannot fit in the budget
 
 
+def prompt_prefix(tokenizer, template: Template) -> list[int]:
+    """The token ids before the image: BOS, the system block, the user header. Its length is the image offset."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(template.system + template.sep + template.user_start, add_special_tokens=False)["input_ids"]
+
+
 class PromptBuilder:
     def __init__(self, tokenizer, template: Template, max_text_tokens: int):
         self.tok = tokenizer
         self.t = template
         self.max_text_tokens = max_text_tokens
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        self.prefix_ids = self.bos + self._ids(template.system + template.sep + template.user_start)
+        self.prefix_ids = prompt_prefix(tokenizer, template)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]

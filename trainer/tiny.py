@@ -127,7 +127,6 @@ def build(out_dir: str | Path, captions_json: str | Path | None = None, lm_steps
         "micro_batch_size": 4,
         "global_batch_size": 8,
         "num_workers": 1,
-        "shuffle_buffer": 32,
         "log_every": 1,
         "save_every": 10,
         "note": "tiny random-weight stand-ins built by trainer.tiny",

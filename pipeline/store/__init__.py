@@ -9,7 +9,8 @@ in other languages. A store is a local folder or any fsspec URL (s3://bucket/pre
     writer     open or resume a store, write a shard, commit its record exactly once, recover
     reader     Store: what is there, `require`, random access by key or index
     verify     checksums, CRCs, Zarr == WebDataset, orphans
-    stream     TargetStream: the trainer's IterableDataset
+    order      the global training order: a pure function of (seed, epoch), whatever the world size
+    stream     TargetStream: the trainer's IterableDataset (this rank's micro-batches, O(1) resume), loader
 """
 
 from pipeline.store.fs import Location, StoreError, is_url
@@ -28,8 +29,9 @@ from pipeline.store.manifest import (
     write_manifest,
     write_teachers,
 )
+from pipeline.store.order import GlobalOrder, SampleTable
 from pipeline.store.reader import Store
-from pipeline.store.stream import TargetStream
+from pipeline.store.stream import TargetStream, loader
 from pipeline.store.verify import check_files, verify_store
 from pipeline.store.writer import (
     LEASE_TTL,
@@ -53,10 +55,10 @@ from pipeline.store.writer import (
 )
 
 __all__ = [
-    "COMPRESSIONS", "FORMATS", "LEASE_TTL", "Location", "RunManifest", "SampleResult", "ShardRecord", "ShardResult",
+    "COMPRESSIONS", "FORMATS", "GlobalOrder", "LEASE_TTL", "Location", "RunManifest", "SampleTable", "SampleResult", "ShardRecord", "ShardResult",
     "Store", "StoreError", "TargetStream", "TaskLayout", "begin_redo", "check_files", "code_version", "commit_record",
     "commit_shard", "ensure_zarr", "existing_manifest", "is_url", "lease_holder", "lease_owner", "now", "orphans", "read_manifest",
     "read_record", "read_records", "read_teachers", "rebuild_errors", "recover", "release_lease", "renew_lease",
-    "resume_problems", "take_lease", "teacher_mismatches", "verify_store", "write_manifest", "write_shard",
+    "resume_problems", "take_lease", "loader", "teacher_mismatches", "verify_store", "write_manifest", "write_shard",
     "write_teachers",
 ]

@@ -37,6 +37,9 @@ def final_name(rel: str) -> str:
     return f"{head + '/' if head else ''}{base}"
 
 
+_INHERITED: list = []  # filesystems a forked child inherited from its parent
+
+
 class StoreError(Exception):
     """Something about a store is wrong or does not match what the caller expects; the message says what."""
 
@@ -60,7 +63,7 @@ class Location:
             protocol = url.split("://", 1)[0]
             try:
                 # no listings cache: other processes (writers, a resumed job) change the store under us
-                self.fs, root = _fsspec().core.url_to_fs(url, use_listings_cache=False)
+                self._fs, root = _fsspec().core.url_to_fs(url, use_listings_cache=False)
             except ImportError as e:
                 raise StoreError(f"{url}: the {protocol}:// backend needs an extra package ({e}); install "
                                  f"olaf[cloud] (s3fs, gcsfs)") from None
@@ -73,7 +76,19 @@ class Location:
             from fsspec.implementations.local import LocalFileSystem
 
             path = os.path.abspath(url.removeprefix("file://"))
-            self.fs, self.root, self.url, self.local = LocalFileSystem(), path, path, True
+            self._fs, self.root, self.url, self.local = LocalFileSystem(), path, path, True
+        self._pid = os.getpid()
+
+    @property
+    def fs(self):
+        """The fsspec filesystem; built anew in a forked child (a DataLoader worker), where the parent's async
+        client (s3fs, gcsfs) must not be used."""
+        if self._pid != os.getpid():
+            if not self.local:
+                _INHERITED.append(self._fs)  # kept, unused: its cleanup would run on the parent's event loop
+                self._fs = _fsspec().core.url_to_fs(self.url, use_listings_cache=False)[0]
+            self._pid = os.getpid()
+        return self._fs
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
@@ -112,6 +127,33 @@ class Location:
 
     def read_range(self, rel: str, start: int, stop: int) -> bytes:
         return self.fs.cat_file(self.path(rel), start=start, end=stop)
+
+    def read_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        """Several byte ranges [(rel, start, stop)] in one call: concurrent GETs on object storage (s3fs, gcsfs),
+        seeks on a local disk."""
+        if not ranges:
+            return []
+        out = self.fs.cat_ranges([self.path(r) for r, _, _ in ranges], [a for _, a, _ in ranges],
+                                 [b for _, _, b in ranges], on_error="raise")
+        for (rel, a, b), data in zip(ranges, out, strict=True):
+            if len(data) != b - a:
+                raise StoreError(f"{self.url_of(rel)}: asked for bytes {a}..{b}, got {len(data)}: the object is "
+                                 f"shorter than its record says; run `python -m pipeline.inspect {self.url} verify`")
+        return out
+
+    def read_many(self, rels: list[str]) -> dict[str, bytes | None]:
+        """Whole small objects at once (concurrently on object storage); None for one that is not there."""
+        if not rels:
+            return {}
+        paths = {self.path(r): r for r in rels}
+        got = self.fs.cat(list(paths), on_error="return")
+        out = {}
+        for p, r in paths.items():
+            data = got.get(p, got.get(self.fs._strip_protocol(p)))
+            out[r] = None if data is None or isinstance(data, FileNotFoundError) else data
+            if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
+                raise data
+        return out
 
     def open(self, rel: str, mode: str = "rb"):
         return self.fs.open(self.path(rel), mode)

@@ -188,6 +188,7 @@ class ShardRecord:
     seconds: float = 0.0
     status: str = "done"
     extra: dict = field(default_factory=dict)  # timings the extraction adds (decode_cpu_s, teacher_s)
+    ids: list[str] | None = None  # the samples' ids in dataset order (None: written before olaf recorded them)
 
     @property
     def count(self) -> int:
@@ -197,7 +198,7 @@ class ShardRecord:
         return {"shard": self.shard, "start": self.start, "stop": self.stop, "count": self.count,
                 "status": self.status, "tasks": self.tasks, "valid": self.valid, "bad_images": self.bad_images,
                 "files": self.files, "errors": self.errors, "written": self.written, "seconds": self.seconds,
-                **self.extra}
+                **({"ids": self.ids} if self.ids is not None else {}), **self.extra}
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardRecord:
@@ -215,7 +216,8 @@ class ShardRecord:
             return cls(shard=int(d["shard"]), start=int(d["start"]), stop=int(d["stop"]), tasks=list(d["tasks"]),
                        valid=dict(d["valid"]), bad_images=int(d.get("bad_images", 0)), files=d["files"],
                        errors=list(d["errors"]), written=d.get("written"), seconds=float(d.get("seconds", 0.0)),
-                       status=d["status"], extra={k: v for k, v in d.items() if k not in known})
+                       status=d["status"], ids=list(d["ids"]) if d.get("ids") is not None else None,
+                       extra={k: v for k, v in d.items() if k not in known})
         except (TypeError, ValueError) as e:
             raise StoreError(f"bad field: {e}") from None
 
@@ -227,29 +229,38 @@ def read_record(loc: Location, shard: int) -> ShardRecord | None:
 
 
 def _read_record(loc: Location, shard: int) -> tuple[ShardRecord | None, str | None]:
-    name = layout.record_name(shard)
     try:
-        d = json.loads(loc.read_bytes(name))
-        rec = ShardRecord.from_dict(d)
+        data = loc.read_bytes(layout.record_name(shard))
     except FileNotFoundError:
         return None, None
+    return _parse_record(shard, data)
+
+
+def _parse_record(shard: int, data: bytes) -> tuple[ShardRecord | None, str | None]:
+    name = layout.record_name(shard)
+    try:
+        rec = ShardRecord.from_dict(json.loads(data))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return None, f"{name}: not JSON ({e})"
     except StoreError as e:
         return None, f"{name}: {e}"
     if rec.shard != shard:
         return None, f"{name}: says it is shard {rec.shard}"
+    if rec.ids is not None and len(rec.ids) != rec.count:
+        return None, f"{name}: lists {len(rec.ids)} ids for {rec.count} samples"
     return rec, None
 
 
 def read_records(loc: Location, damaged: dict[int, str] | None = None) -> dict[int, ShardRecord]:
     """Every readable record, by shard. Damaged ones are left out (and described in `damaged` if given)."""
+    shards = sorted(i for i in map(layout.shard_of_record, loc.list(layout.SHARDS)) if i is not None)
+    got = loc.read_many([layout.record_name(i) for i in shards])  # thousands of records: concurrent GETs on S3
     out = {}
-    for name in loc.list(layout.SHARDS):
-        i = layout.shard_of_record(name)
-        if i is None:
+    for i in shards:
+        data = got[layout.record_name(i)]
+        if data is None:  # removed since the listing
             continue
-        rec, problem = _read_record(loc, i)
+        rec, problem = _parse_record(i, data)
         if rec is not None:
             out[i] = rec
         elif problem and damaged is not None:

@@ -1,117 +1,195 @@
-"""The trainer's reader: a store's WebDataset shards as a torch IterableDataset, on any filesystem.
+"""The trainer's reader: a store's samples in the global order (`pipeline.store.order`), as micro-batches, on
+any filesystem, resumable in O(1) and elastic.
 
-    shard list (seeded order per epoch, split by rank and worker) -> open (fsspec: local, s3://, gs://)
-    -> tar members -> samples (grouped by key) -> shuffle buffer (seeded) -> skip (resume)
-    -> decode (image bytes, record, targets, valid) -> map_fn (the trainer's preprocessing)
+    global position -> (rank, micro-batch, DataLoader worker) by fixed arithmetic
+    -> table rows -> coalesced byte ranges of the tars (one request per contiguous run; concurrent on S3)
+    -> raw samples (keys checked against the order) -> decode -> map_fn -> collate_fn -> one micro-batch
+
+Global batch k is positions [k*G, (k+1)*G). It is cut into G / m micro-batches of m positions; rank r of W
+takes micro-batches r*A .. (r+1)*A - 1 (A = G / (m*W), its gradient-accumulation steps), and DataLoader worker
+w of a rank takes the rank's micro-batches w, w + workers, ... (which the DataLoader hands out in turn, so they
+arrive in order). The micro-batches themselves do not depend on W: a run stopped on N processes continues on M
+with the same micro-batches, the same global batches, the same losses.
+
+The stream owns the data position: `state_dict()` is {"position": first position of the next step, ...,
+the order's description}; `load_state_dict` refuses another order. Resuming reads nothing that was consumed:
+the first request is the first new micro-batch's.
 """
 
 from __future__ import annotations
 
-import random
+import io
 
+import numpy as np
 import torch.utils.data as tud
 
-from pipeline.store.codec import decode_sample
+from pipeline.store import layout
+from pipeline.store.codec import decode_sample, meta_of
 from pipeline.store.fs import StoreError
-from pipeline.store.reader import Store
+from pipeline.store.order import GlobalOrder, SampleTable
+from pipeline.store.reader import Store, tar_samples
 
 
-def split_streams(num_shards: int, rank: int, world: int, worker: int, workers: int) -> tuple[int, int, bool]:
-    """(stream id, number of streams, split by shard?) for one DataLoader worker of one rank. With at least as
-    many shards as streams each stream reads its own shards; with fewer (small stores), every stream reads every
-    shard and keeps every n-th sample, so no rank or worker ever runs dry."""
-    streams = world * workers
-    return rank * workers + worker, streams, num_shards >= streams
-
-
-def open_urls(src):
-    """webdataset stage: {"url"} -> {"url", "stream"} through fsspec, so every backend streams the same way."""
-    import fsspec
-
-    for sample in src:
-        yield {**sample, "stream": fsspec.open(sample["url"], "rb").open()}
+def micro_batch_positions(step: int, part: int, *, global_batch: int, micro_batch: int) -> tuple[int, int]:
+    """[start, stop) of micro-batch `part` (0 .. G/m - 1) of global batch `step`."""
+    start = step * global_batch + part * micro_batch
+    return start, start + micro_batch
 
 
 class TargetStream(tud.IterableDataset):
-    """An iterable over a store's shards for training. The order is a pure function of (seed, world size,
-    number of workers), so a run resumed with `skip` (per worker stream) and `worker_offset` sees the same
-    samples in the same order as an uninterrupted one; every sample carries `stream` = (worker stream,
-    position) for that bookkeeping. `map_fn` may return None to drop a sample. `repeat=True` streams epoch
-    after epoch (the trainer stops at its step budget)."""
+    """This rank's micro-batches of a store, from `position` on. Each yielded batch is `collate_fn(rows)` (or
+    {"rows": rows}) plus {"step", "part", "positions": (start, stop), "row_offset" (start within the global batch),
+    "resume_at"}; each row is `map_fn(sample)`
+    (or the sample) and each sample is `decode_sample`'s dict plus its global "position". `stop_step` ends the
+    stream after that global batch (None: forever)."""
 
-    def __init__(self, store_or_path, tasks, *, expected_teachers: dict | None = None, shuffle_buffer: int = 1000,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None, repeat: bool = True,
-                 compact: bool = True, check: str = "size", allow_partial: bool = False,
-                 skip: int | list[int] = 0, worker_offset: int = 0, map_fn=None):
+    def __init__(self, store_or_path, tasks, *, global_batch: int, micro_batch: int, seed: int = 0, chunk: int = 4,
+                 mix: int = 32, rank: int | None = None, world_size: int | None = None,
+                 expected_teachers: dict | None = None, allow_partial: bool = False, compact: bool = True,
+                 check: str = "size", map_fn=None, collate_fn=None, stop_step: int | None = None):
         s = store_or_path if isinstance(store_or_path, Store) else Store(store_or_path)
         self.tasks = list(tasks)
         s.require(self.tasks, expected_teachers=expected_teachers, allow_partial=allow_partial, formats=["wds"])
-        self.notes = list(s.notes)
-        self.urls = s.tar_urls(self.tasks, check=check)
-        self.manifest = s.manifest
-        self.num_samples = s.samples_done(self.tasks)
-        self.shuffle_buffer, self.seed, self.repeat, self.compact = shuffle_buffer, seed, repeat, compact
-        self.rank, self.world_size, self.skip, self.map_fn = rank, world_size, skip, map_fn
-        self.worker_offset = worker_offset
+        s.tar_urls(self.tasks, check=check)  # every tar there and of its recorded size, before any training
+        self.store, self.notes, self.manifest = s, list(s.notes), s.manifest
+        shards = s.done_shards(self.tasks)
+        self.table = SampleTable.from_records(s.records, shards, layout.tar_name)
+        self.order = GlobalOrder(self.table, seed, chunk, mix)
+        rank, world = _rank_world(rank, world_size)
+        if global_batch % (micro_batch * world):
+            raise ValueError(f"global batch {global_batch} is not micro batch {micro_batch} x {world} processes x "
+                             f"an integer")
+        self.global_batch, self.micro_batch, self.rank, self.world = global_batch, micro_batch, rank, world
+        self.accum = global_batch // (micro_batch * world)
+        self.compact, self.map_fn, self.collate_fn, self.stop_step = compact, map_fn, collate_fn, stop_step
+        self.position = 0
+        self.bytes_read = 0  # tar bytes this process fetched (each DataLoader worker counts its own)
 
-    def _rank_world(self) -> tuple[int, int]:
-        if self.rank is not None:
-            return self.rank, self.world_size or 1
-        import torch.distributed as dist
+    @property
+    def num_samples(self) -> int:
+        """Usable samples per epoch."""
+        return len(self.order)
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+    # -- the data position
+    def state_dict(self) -> dict:
+        return {"position": self.position, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
+                "order": self.order.describe()}
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Continue from a saved position; raises StoreError for another order or global batch. Returns notes
+        (a different micro-batch size changes how a step's loss is averaged, not which samples it holds)."""
+        mine = self.order.describe()
+        theirs = state.get("order", {})
+        problems = [f"{k}: saved {theirs.get(k)!r}, now {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if state.get("global_batch") != self.global_batch:
+            problems.append(f"global batch: saved {state.get('global_batch')}, now {self.global_batch}")
+        if state.get("position", -1) % self.global_batch:
+            problems.append(f"position {state.get('position')} is not at a step boundary")
+        if problems:
+            raise StoreError("the saved data position belongs to another order (a different store, seed or global "
+                             "batch):\n  " + "\n  ".join(problems))
+        self.position = int(state["position"])
+        notes = []
+        if state.get("micro_batch") != self.micro_batch:
+            notes.append(f"micro batch {state.get('micro_batch')} -> {self.micro_batch}: the same global batches, "
+                         f"but NTP is averaged over other groups of samples, so losses differ slightly")
+        return notes
+
+    def consumed(self, batch: dict) -> None:
+        """Called by the consumer (in the main process) for every batch it used: moves the position."""
+        self.position = batch["resume_at"]
+
+    # -- who reads what
+    def rank_micro_batches(self, start_step: int):
+        """(step, part) of this rank's micro-batches, in order, from global batch `start_step`."""
+        step = start_step
+        while self.stop_step is None or step < self.stop_step:
+            for a in range(self.accum):
+                yield step, self.rank * self.accum + a
+            step += 1
+
+    def ids_of(self, start: int, stop: int) -> list[str]:
+        """The sample ids at positions [start, stop) (the global dataset index as text where the records do not
+        list ids)."""
+        rows = self.order.rows(start, stop)
+        if self.table.ids is not None:
+            return [self.table.ids[r] for r in rows]
+        return [str(j) for j in self.table.index[rows]]
+
+    # -- reading
+    def read_rows(self, rows: np.ndarray) -> list[dict]:
+        """Raw tar samples of table rows, in the rows' order, with one range request per contiguous run."""
+        t = self.table
+        by_place = sorted(range(len(rows)), key=lambda k: (t.shard[rows[k]], t.offset[rows[k]]))
+        runs: list[list[int]] = []  # runs of positions in `rows` whose bytes are adjacent in one tar
+        for k in by_place:
+            r = rows[k]
+            if runs:
+                p = rows[runs[-1][-1]]
+                if t.shard[p] == t.shard[r] and t.offset[p] + t.size[p] == t.offset[r]:
+                    runs[-1].append(k)
+                    continue
+            runs.append([k])
+        ranges = []
+        for run in runs:
+            first, last = rows[run[0]], rows[run[-1]]
+            ranges.append((layout.tar_name(int(t.shard[first])), int(t.offset[first]), int(t.offset[last] + t.size[last])))
+        datas = self.store.loc.read_ranges(ranges)
+        out: list[dict | None] = [None] * len(rows)
+        for run, (name, base, _), data in zip(runs, ranges, datas, strict=True):
+            self.bytes_read += len(data)
+            for k in run:
+                r = rows[k]
+                a = int(t.offset[r]) - base
+                where = f"{self.store.loc.url_of(name)}@{t.offset[r]}"
+                raw = next(tar_samples(io.BytesIO(data[a:a + int(t.size[r])]), where), None)
+                if raw is None or meta_of(raw).get("index") != int(t.index[r]):
+                    got = None if raw is None else meta_of(raw).get("index")
+                    raise StoreError(f"{where}: expected sample {int(t.index[r])}, found {got}: the tar does not "
+                                     f"match its record; run `python -m pipeline.inspect {self.store.url} verify`")
+                out[k] = raw
+        return out
+
+    def batch_at(self, step: int, part: int) -> dict:
+        """Micro-batch `part` of global batch `step`, read, decoded, mapped and collated."""
+        a, b = micro_batch_positions(step, part, global_batch=self.global_batch, micro_batch=self.micro_batch)
+        rows = []
+        for pos, raw in zip(range(a, b), self.read_rows(self.order.rows(a, b)), strict=True):
+            sample = decode_sample(raw, self.manifest, self.tasks, compact=self.compact)
+            sample["position"] = pos
+            rows.append(self.map_fn(sample) if self.map_fn is not None else sample)
+        batch = self.collate_fn(rows) if self.collate_fn is not None else {"rows": rows}
+        last = part == (self.rank + 1) * self.accum - 1
+        batch.update(step=step, part=part, positions=(a, b), row_offset=a - step * self.global_batch,
+                     resume_at=(step + 1) * self.global_batch if last else step * self.global_batch)
+        return batch
 
     def __iter__(self):
-        import webdataset as wds
-
         info = tud.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # DataLoader asks its workers in turn, starting with worker 0: after k batches a resumed loader must
-        # start with the stream that was next, so DataLoader worker i plays stream (i + k) % workers
-        worker = (worker + self.worker_offset) % workers
-        rank, world = self._rank_world()
-        stream, streams, by_shard = split_streams(len(self.urls), rank, world, worker, workers)
-        skip = self.skip[worker] if isinstance(self.skip, list | tuple) else self.skip
+        start_step = self.position // self.global_batch
+        for i, (step, part) in enumerate(self.rank_micro_batches(start_step)):
+            if i % workers == worker:
+                yield self.batch_at(step, part)
 
-        def samples():  # (epoch, raw sample)
-            epoch = 0
-            while True:
-                order = list(self.urls)
-                random.Random(f"{self.seed}/{epoch}").shuffle(order)
-                mine = order[stream::streams] if by_shard else order
-                raw = iter(wds.DataPipeline(wds.SimpleShardList(mine), open_urls, wds.tariterators.tar_file_expander,
-                                            wds.tariterators.group_by_keys))
-                if not by_shard:
-                    raw = (x for k, x in enumerate(raw) if k % streams == stream)
-                rng = random.Random(f"{self.seed}/{epoch}/{stream}")
-                shuffled = wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw) \
-                    if self.shuffle_buffer > 1 else raw
-                yield from ((epoch, x) for x in shuffled)
-                epoch += 1
-                if not self.repeat:
-                    return
 
-        it = samples()
-        for _ in range(skip):  # resume: drop what was consumed, before any decoding
-            next(it, None)
-        # an epoch seen whole in which map_fn dropped every sample would repeat forever: say so instead
-        epoch, seen, used, whole = None, 0, 0, skip == 0
-        for pos, (e, raw) in enumerate(it, start=skip):
-            if e != epoch:
-                if epoch is not None and whole and seen and not used:
-                    raise StoreError(f"{self.manifest.num_samples} samples, and none of the {seen} this reader saw "
-                                     f"in epoch {epoch} was usable (every image was dropped): nothing to train on")
-                epoch, seen, used, whole = e, 0, 0, whole or epoch is not None
-            seen += 1
-            sample = decode_sample(raw, self.manifest, self.tasks, compact=self.compact)
-            # where this sample sits in its worker's stream: a consumer that checkpoints the largest position it
-            # used, per worker, resumes exactly with skip = position + 1 (filtered samples included)
-            sample["stream"] = (worker, pos)
-            out = self.map_fn(sample) if self.map_fn is not None else sample
-            if out is not None:  # map_fn may drop a sample (e.g. an unusable image)
-                used += 1
-                yield out
-        if whole and seen and not used:
-            raise StoreError(f"none of the {seen} samples this reader saw was usable (every image was dropped)")
+def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    if rank is not None:
+        return rank, world or 1
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def loader(stream: TargetStream, num_workers: int = 0, pin_memory: bool = False, worker_init_fn=None,
+           prefetch_factor: int = 2):
+    """A DataLoader over the stream's micro-batches (workers build whole micro-batches, in turn), yielding them
+    in order and moving the stream's position as each one is handed out."""
+    dl = tud.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                        worker_init_fn=worker_init_fn, persistent_workers=False,
+                        prefetch_factor=prefetch_factor if num_workers > 0 else None)
+    for batch in dl:
+        stream.consumed(batch)
+        yield batch

@@ -337,7 +337,7 @@ def write_shard(loc: Location, result: ShardResult, previous: ShardRecord | None
     return ShardRecord(shard=i, start=start, stop=stop, tasks=all_tasks,
                        valid={t: valid_counts[t] for t in all_tasks},
                        bad_images=sum(1 for s in result.samples if s.error), files=files, errors=errors,
-                       seconds=round(result.seconds + (previous.seconds if previous else 0.0), 3))
+                       ids=[s.id for s in result.samples], seconds=round(result.seconds + (previous.seconds if previous else 0.0), 3))
 
 
 def commit_record(loc: Location, record: ShardRecord) -> None:

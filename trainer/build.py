@@ -1,0 +1,134 @@
+"""A PT run's parts, built from its config, once: the store (checked before any model loads), the frozen models,
+the trainable model, the stream, the optimizer and the schedule. `trainer.pt` trains what this builds; the
+benchmarks time it. Nothing is changed after it is built."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from pipeline.store import Store, StoreError, TargetStream
+from pipeline.teacher_manifest import REPO_ROOT, load_manifest
+from trainer.config import PTConfig
+from trainer.data import ImageRecipe, PTSample, collate
+from trainer.model import OLAPT, make_layout, num_image_tokens
+from trainer.templates import PromptBuilder, get_template, prompt_prefix
+
+
+class TrainerError(Exception):
+    """Something the user can fix; the message says what (exit status 2)."""
+
+
+def resolve_manifest(path: str) -> Path:
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
+
+
+def _from_pretrained(what: str, load, name: str, **kw):
+    """One message instead of transformers' chained tracebacks for a model that is not there."""
+    try:
+        return load(name, **kw)
+    except (OSError, ValueError) as e:
+        if Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).exists():
+            hint = f"the folder {name} does not exist" if not Path(name).exists() else "that folder is not a model"
+        elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            hint = "HF_HUB_OFFLINE is set and it is not in the HF cache (HF_HOME): download it once online or pass a local folder"
+        else:
+            hint = "not found on the Hub or in the cache: check the id, your token (HF_TOKEN) and the network"
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise TrainerError(f"cannot load the {what} {name!r}: {hint} ({first})") from None
+
+
+def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
+    """(tokenizer, LLM, vision tower, attention implementation), frozen, on the device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    attn = cfg.attn_implementation
+    if attn == "auto":
+        attn = "sdpa"
+        if device.type == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                attn = "flash_attention_2"
+            except ImportError:
+                pass
+    tokenizer = _from_pretrained("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.llm)
+    llm = _from_pretrained("LLM", AutoModelForCausalLM.from_pretrained, cfg.llm, dtype=dtype,
+                           attn_implementation=attn).to(device)
+    vision = _from_pretrained("vision tower", CLIPVisionModel.from_pretrained, cfg.vision_tower, dtype=dtype).to(device)
+    if cfg.gradient_checkpointing:
+        # the LLM is frozen but gradients flow through it to the projector and task tokens
+        kw = {"use_reentrant": False}
+        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    llm.train()  # no dropout in these LMs; train mode is what switches checkpointing on
+    return tokenizer, llm, vision, attn
+
+
+def open_store(cfg: PTConfig) -> tuple[Store, dict]:
+    """The store and the teacher identity it must have, checked (tasks, done shards, teachers)."""
+    expected = load_manifest(resolve_manifest(cfg.teachers_manifest), fidelity=cfg.fidelity).identity(cfg.tasks)
+    store = Store(cfg.store)
+    store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
+    if sum(store.records[i].count - store.records[i].bad_images for i in store.done_shards(cfg.tasks)) == 0:
+        raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks)} samples in done shards has "
+                         f"a usable image (errors.jsonl says why): nothing to train on")
+    return store, expected
+
+
+@dataclass(frozen=True)
+class PTRun:
+    cfg: PTConfig
+    device: torch.device
+    dtype: torch.dtype
+    store: Store
+    tokenizer: object
+    model: OLAPT
+    stream: TargetStream
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    pad_id: int
+    attn: str
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> PTRun:
+    store, expected = open_store(cfg)
+    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
+
+    torch.manual_seed(cfg.seed)  # the same initialisation on every rank
+    tokenizer, llm, vision, attn = load_frozen(cfg, device, dtype)
+    template = get_template(cfg.chat_template)
+    layout = make_layout(len(prompt_prefix(tokenizer, template)), num_image_tokens(vision.config), cfg.tasks,
+                         cfg.task_tokens)
+    builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start)
+    image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
+    model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    stream = TargetStream(store, cfg.tasks, global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
+                          seed=cfg.seed, chunk=cfg.order_chunk, mix=cfg.order_mix, rank=rank, world_size=world,
+                          expected_teachers=expected, allow_partial=cfg.allow_partial_store,
+                          map_fn=PTSample(builder, image, cfg.tasks, target_shapes),
+                          collate_fn=partial(collate, pad_id=pad_id))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.num_samples / cfg.global_batch_size))
+    stream.stop_step = total_steps
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    return PTRun(cfg, device, dtype, store, tokenizer, model, stream, optimizer, scheduler, total_steps, pad_id, attn)
