@@ -156,6 +156,34 @@ def timed_steps(run, loader, steps, device, autocast, teachers=None, raw_images=
     return batch["pixels"].shape[0] / statistics.median(times)
 
 
+def depth_head_cost(device, dtype, batch: int, repeats: int = 3) -> list[tuple[str, int, float]]:
+    """(name, parameters, ms per forward+backward) of one depth predictor at Llama-3-8B's size: the released
+    head (inner width 4096, the LLM's) vs the earlier olaf head (inner width 1024), on the keys of a PT
+    sequence (~650 positions) and 576 latents."""
+    from trainer.model import Predictor
+
+    H, keys_len = 4096, 650
+    out = []
+    for name, width in (("released: inner 4096", H), ("before: inner 1024", 1024)):
+        torch.manual_seed(0)
+        head = Predictor(H, 1024, 4, 32, 1, 1, width=width).to(device, dtype)
+        keys = torch.randn(batch, keys_len, H, device=device, dtype=dtype, requires_grad=True)
+        latents = torch.randn(batch, 576, H, device=device, dtype=dtype)
+        mask = torch.ones(batch, keys_len, dtype=torch.bool, device=device)
+        times = []
+        for k in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            head(keys, mask, latents).float().square().mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if k:
+                times.append(time.perf_counter() - t0)
+        out.append((name, sum(p.numel() for p in head.parameters()), 1000 * statistics.median(times)))
+    return out
+
+
 def loader_rate(loader, batches):
     it = iter(loader)
     next(it)
@@ -172,6 +200,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samples", type=int, default=None, help="dataset size (default 96, 256 for full)")
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--head-batch", type=int, default=None, help="batch of the depth-head timing (default 32 CUDA, 1 CPU)")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -198,6 +227,13 @@ def main(argv=None):
     print(f"{'teachers inside the step':<28} {inline:10.2f} {1.0:7.2f}x")
     print(f"{'targets from the store':<28} {stored:10.2f} {stored / inline:7.2f}x   (stored / in-step)")
     print(f"{'loader alone':<28} {feed:10.2f} {feed / stored:7.2f}x   (loader / step consumption)")
+    head_batch = a.head_batch or (32 if cuda else 1)
+    costs = depth_head_cost(device, dtype, head_batch)
+    print(f"\n# one depth predictor at full size (LLM width 4096 -> 1024), batch {head_batch}, forward + backward; "
+          f"the model has one per depth layer (2)")
+    print(f"{'depth head':<24} {'parameters':>12} {'ms':>10} {'ratio':>7}")
+    for name, n, ms in costs:
+        print(f"{name:<24} {n:>12,} {ms:>10.1f} {ms / costs[-1][2]:>6.2f}x")
     return 0
 
 

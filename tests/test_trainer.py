@@ -257,6 +257,11 @@ def test_export_loads_into_a_fresh_projector(trained):
     heads = load_file(exp / "predictors.safetensors")
     assert {k.split(".")[1] for k in heads if k.startswith("predictors.")} == {"gen_12", "gen_20", "depth_8",
                                                                                 "depth_20", "seg_10", "seg_18"}
+    # inner widths as the released heads: depth at the LLM's width, gen and seg at their targets'
+    width, shapes = info["hidden_size"], info["target_shapes"]
+    assert heads["predictors.depth_8.proj_in.weight"].shape == (width, width)
+    assert heads["predictors.seg_10.proj_in.weight"].shape == (shapes["seg"][1], width)
+    assert heads["predictors.gen_12.proj_in.weight"].shape == (shapes["gen"][1], width)
 
 
 def test_plot_writes_a_loss_curve_png(trained):
@@ -390,3 +395,104 @@ def test_trains_from_a_store_in_a_bucket(tmp_path, trained, trainer_store, tiny_
     assert got[0]["loss"] == local[0]["loss"]
     info = json.loads((out / "export" / "config.json").read_text())
     assert info["store"] == url
+
+
+# ---- the PT model as released --------------------------------------------------------------------------------
+
+class _RefAttention(torch.nn.Module):
+    """OLA-VLM's PerceiverAttention as its description reads: LayerNorm keys and latents, q from the latents,
+    k and v from [keys; latents], scores scaled by dim_head^-1/4 on each side, softmax in fp32, no mask."""
+
+    def __init__(self, dim, dim_head, heads):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.to_q = torch.nn.Linear(dim, dim_head * heads, bias=False)
+        self.to_kv = torch.nn.Linear(dim, 2 * dim_head * heads, bias=False)
+        self.to_out = torch.nn.Linear(dim_head * heads, dim, bias=False)
+
+    def forward(self, x, latents):
+        x, latents = self.norm1(x), self.norm2(latents)
+        b, n, _ = latents.shape
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        s = self.dim_head ** -0.25
+        w = torch.softmax(((q * s) @ (k * s).transpose(-2, -1)).float(), dim=-1)
+        return self.to_out((w @ v).permute(0, 2, 1, 3).reshape(b, n, -1))
+
+
+class _RefDepthHead(torch.nn.Module):
+    """TaskTokenDepthHead: TaskTokenResampler(dim = embedding_dim = LLM width, output 1024), then optionally
+    linear_1..3 = Linear -> ReLU -> Linear on the output, the loss on linear_1's."""
+
+    def __init__(self, llm, out, heads, dim_head, ff_mult, depth, intermediate):
+        super().__init__()
+        self.proj_in = torch.nn.Linear(llm, llm)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleList([
+            _RefAttention(llm, dim_head, heads),
+            torch.nn.Sequential(torch.nn.LayerNorm(llm), torch.nn.Linear(llm, int(llm * ff_mult), bias=False),
+                                torch.nn.GELU(), torch.nn.Linear(int(llm * ff_mult), llm, bias=False))]) for _ in range(depth))
+        self.proj_out, self.norm_out = torch.nn.Linear(llm, out), torch.nn.LayerNorm(out)
+        self.intermediate = intermediate
+        if intermediate:
+            mlp = lambda: torch.nn.Sequential(torch.nn.Linear(out, out), torch.nn.ReLU(), torch.nn.Linear(out, out))  # noqa: E731
+            self.linear_1, self.linear_2, self.linear_3 = mlp(), mlp(), mlp()
+
+    def forward(self, x, latents):
+        latents, x = self.proj_in(latents), self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        out = self.norm_out(self.proj_out(latents))
+        return self.linear_1(out) if self.intermediate else out
+
+
+@pytest.mark.parametrize("intermediate", [False, True])
+def test_the_depth_predictor_is_the_released_head(intermediate):
+    from trainer.model import OLAPT  # noqa: F401  (the model builds its depth predictors this way)
+
+    llm, out, heads, dim_head = 48, 16, 4, 8
+    torch.manual_seed(0)
+    ours = Predictor(llm, out, heads, dim_head, 1, 1, width=llm, intermediate=intermediate)
+    ref = _RefDepthHead(llm, out, heads, dim_head, 1, 1, intermediate)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+    names = {"blocks": "layers", "norm_keys": "norm1", "norm_latents": "norm2"}
+    state = {}
+    for k, v in ours.state_dict().items():
+        for a, b in names.items():
+            k = k.replace(a, b)
+        state[k] = v
+    ref.load_state_dict(state)  # every tensor has its counterpart, same shape
+    keys, latents = torch.randn(2, 30, llm), torch.randn(2, 12, llm)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    torch.testing.assert_close(ours(keys, mask, latents), ref(keys, latents), rtol=1e-5, atol=1e-6)
+    if intermediate:  # linear_2 and linear_3 never reach the loss: present, frozen
+        assert not any(p.requires_grad for p in [*ours.linear_2.parameters(), *ours.linear_3.parameters()])
+
+
+def test_the_full_size_depth_predictor_has_the_released_parameter_count():
+    """Llama-3-8B width 4096, output 1024, 4 heads x 32, ff mult 1, one block, counted from the layer list."""
+    H, out, inner = 4096, 1024, 4 * 32
+    want = (H * H + H) + (2 * H + 2 * H + H * inner + H * 2 * inner + inner * H) + (2 * H + 2 * H * H) \
+        + (H * out + out) + 2 * out
+    with torch.device("meta"):
+        got = sum(p.numel() for p in Predictor(H, out, 4, 32, 1, 1, width=H).parameters())
+        small = sum(p.numel() for p in Predictor(H, out, 4, 32, 1, 1).parameters())  # olaf's earlier head
+    assert got == want and got > 5 * small
+
+
+def test_gradients_are_not_clipped_by_default(tmp_path):
+    from trainer.config import load_config
+    from trainer.pt import clip_gradients
+
+    cfg = load_config([], {"store": "s", "output_dir": "o"})
+    assert cfg.max_grad_norm is None  # the released runs: no clipping
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3e6, 4e6, 0.0])  # a huge gradient
+    norm = clip_gradients([p], cfg.max_grad_norm)
+    assert norm.item() == pytest.approx(5e6) and p.grad.tolist() == [3e6, 4e6, 0.0]  # reported, left alone
+    norm = clip_gradients([p], 1.0)  # the option still works
+    assert norm.item() == pytest.approx(5e6) and torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)

@@ -96,7 +96,7 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged: {type(e).__name__}: {str(e)[:200]}") from None
     own = dict(model.named_parameters())
-    missing = [k for k, p in own.items() if p.requires_grad and k not in params]
+    missing = [k for k in model.trainable_state_dict() if k not in params]
     unexpected = [k for k in params if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:4]}, unexpected "

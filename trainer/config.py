@@ -34,6 +34,8 @@ class PTConfig:
     task_tokens: dict = field(default_factory=lambda: {"gen": 8, "depth": 8, "seg": 8})
     special_tokens: dict = field(default_factory=lambda: {"gen": 8, "depth": 576, "seg": 576})
     predictor: dict = field(default_factory=lambda: {"heads": 4, "dim_head": 32, "ff_mult": 1, "depth": 1})
+    predictor_width: dict = field(default_factory=lambda: {"gen": "out", "depth": "llm", "seg": "out"})
+    use_intermediate_depth: bool = False
     task_loss_weight: float = 0.5
     contrastive_weight: float = 0.3
     smooth_l1_beta: float = 1.0
@@ -46,7 +48,7 @@ class PTConfig:
     max_steps: int | None = None
     global_batch_size: int = 256
     micro_batch_size: int = 32
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = None
     max_length: int = 4096
     gradient_checkpointing: bool = True
     attn_implementation: str = "auto"
@@ -75,7 +77,7 @@ class PTConfig:
             bad = [t for t in self.tasks if t not in TASKS]
             if bad:
                 problems.append(f"tasks {bad} unknown; choose from {TASKS}")
-        for name in ("layers", "task_tokens", "special_tokens", "predictor"):
+        for name in ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width"):
             if not isinstance(getattr(self, name), dict):
                 problems.append(f"{name} must be a mapping (e.g. {{gen: ..., depth: ..., seg: ...}}), "
                                 f"got {getattr(self, name)!r}")
@@ -91,6 +93,9 @@ class PTConfig:
                 v = getattr(self, name).get(t)
                 if not isinstance(v, int) or v < 1:
                     problems.append(f"{name}.{t} must be a positive integer, got {v!r}")
+            w = self.predictor_width.get(t)
+            if not (w in ("out", "llm") or (isinstance(w, int) and w > 0)):
+                problems.append(f"predictor_width.{t} must be out, llm or a positive integer, got {w!r}")
             if not problems and t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
                 problems.append(f"special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
                                 f"task_tokens.{t} ({self.task_tokens[t]})")

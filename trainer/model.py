@@ -9,6 +9,8 @@ Sequence (per sample): [prefix | 576 image tokens | gen 8 | depth 8 | seg 8 | te
     out but attends to padding); its queries are the task's 576 vectors (depth, seg) or the mean of the 8 gen
     tokens' hidden states (gen), both through the predictor's input projection, as in OLA-VLM's
     TaskTokenResampler; its output has the target's shape (gen 1 x 1024, depth 576 x 1024, seg 576 x 1536).
+    Its inner width is the target's for gen and seg and the LLM's for depth (the original's TaskTokenDepthHead,
+    `predictor_width`); `use_intermediate_depth` adds the original's three MLPs on the depth output.
 Token grids are row-major (token = row * 24 + col), the stored targets' layout.
 """
 
@@ -59,24 +61,41 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(), nn.Linear(inner, dim, bias=False))
 
 
-class Predictor(nn.Module):
-    """One-block Perceiver resampler: (keys (B, L, H), key mask, latents (B, Q, H)) -> (B, Q, out_dim)."""
+def intermediate_mlp(width: int) -> nn.Sequential:
+    """The original's build_mlp(width, width): Linear -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
 
-    def __init__(self, llm_width: int, out_dim: int, heads: int = 4, dim_head: int = 32, ff_mult: float = 1, depth: int = 1):
+
+class Predictor(nn.Module):
+    """Perceiver resampler (OLA-VLM's TaskTokenResampler): (keys (B, L, H), key mask, latents (B, Q, H)) ->
+    (B, Q, out_dim). `width` is its inner width (the target's for gen and seg, the LLM's for depth, as in the
+    original's heads). With `intermediate` (the original's use_intermediate_depth) three MLPs sit on the output
+    and the prediction is linear_1's; linear_2 and linear_3 feed only the original's depth visualisation, get
+    no gradient there, and are kept frozen here (so DDP sees no unused trainable parameter)."""
+
+    def __init__(self, llm_width: int, out_dim: int, heads: int = 4, dim_head: int = 32, ff_mult: float = 1,
+                 depth: int = 1, width: int | None = None, intermediate: bool = False):
         super().__init__()
-        self.proj_in = nn.Linear(llm_width, out_dim)  # shared by keys and latents, as in TaskTokenResampler
+        width = width or out_dim
+        self.proj_in = nn.Linear(llm_width, width)  # shared by keys and latents, as in TaskTokenResampler
         self.blocks = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(out_dim, dim_head, heads), FeedForward(out_dim, ff_mult)]) for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(width, dim_head, heads), FeedForward(width, ff_mult)]) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(out_dim, out_dim)
+        self.proj_out = nn.Linear(width, out_dim)
         self.norm_out = nn.LayerNorm(out_dim)
+        self.intermediate = intermediate
+        if intermediate:
+            self.linear_1, self.linear_2, self.linear_3 = (intermediate_mlp(out_dim) for _ in range(3))
+            self.linear_2.requires_grad_(False)
+            self.linear_3.requires_grad_(False)
 
     def forward(self, keys, key_mask, latents):
         x, lat = self.proj_in(keys), self.proj_in(latents)
         for attn, ff in self.blocks:
             lat = attn(x, key_mask, lat) + lat
             lat = ff(lat) + lat
-        return self.norm_out(self.proj_out(lat))
+        out = self.norm_out(self.proj_out(lat))
+        return self.linear_1(out) if self.intermediate else out
 
 
 @dataclass
@@ -144,14 +163,17 @@ class OLAPT(nn.Module):
             queries = 1 if t == "gen" else cfg.special_tokens[t]
             if queries != tokens:
                 raise ValueError(f"{t}: the predictor makes {queries} tokens, the store's targets have {tokens}")
+            inner = {"out": out_dim, "llm": width}.get(cfg.predictor_width[t], cfg.predictor_width[t])
             for layer in cfg.layers[t]:
-                self.predictors[f"{t}_{layer}"] = Predictor(width, out_dim, p["heads"], p["dim_head"], p["ff_mult"], p["depth"])
+                self.predictors[f"{t}_{layer}"] = Predictor(width, out_dim, p["heads"], p["dim_head"], p["ff_mult"],
+                                                            p["depth"], inner, t == "depth" and cfg.use_intermediate_depth)
         self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(float(cfg.logit_scale_init))) for t in self.tasks})
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """What a checkpoint holds: the trained parameters, and the predictors whole (their frozen parts too)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad or n.startswith("predictors.")}
 
     def task_token_embeds(self, task: str) -> torch.Tensor:
         vecs = self.special_tokens[task]

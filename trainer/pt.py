@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -88,6 +87,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def clip_gradients(params, max_norm: float | None) -> torch.Tensor:
+    """The gradients' total norm (a device tensor); they are clipped to `max_norm` only when it is set (the
+    released runs did not clip: SPEC section 3)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm(grads)
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     rank, world, device = setup_distributed()
@@ -154,7 +162,6 @@ def main(argv=None) -> int:
 
     # ---- the loop --------------------------------------------------------------------------------------------
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and cuda else contextlib.nullcontext()
-    clip = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
     try:  # the bar is closed whatever happens, so an error starts on its own line
         t0 = time.perf_counter()
         counts = {"samples": 0, "tokens": 0, **{f"valid/{t}": 0 for t in cfg.tasks}}
@@ -184,7 +191,7 @@ def main(argv=None) -> int:
                     (loss / len(micro)).backward()
                 for k, v in parts.items():
                     terms[k] = terms.get(k, 0.0) + v / len(micro)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)  # clip = inf: the norm only
+            grad_norm = clip_gradients(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
