@@ -111,30 +111,21 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def shortest_edge_size(width: int, height: int, size: int, max_size: int | None = None) -> tuple[int, int]:
-    """Output (width, height) for a shortest-edge resize, with transformers' rounding.
-
-    Without `max_size`: CLIPImageProcessor's rule (`get_resize_output_image_size`, default_to_square=False):
-    the short side becomes `size`, the long side `int(size * long / short)`.
-    With `max_size`: OneFormer/DETR's rule (`get_size_with_aspect_ratio`).
-    """
-    if max_size is None:
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = size, int(size * long / short)
-        return (new_short, new_long) if width <= height else (new_long, new_short)
-    raw = None
-    lo, hi = float(min(height, width)), float(max(height, width))
-    if hi / lo * size > max_size:
-        raw = max_size * lo / hi
-        size = int(round(raw))
-    if (height <= width and height == size) or (width <= height and width == size):
-        return width, height
-    if width < height:
-        ow = size
-        oh = int((raw if raw is not None else size) * height / width)
-    else:
-        oh = size
-        ow = int((raw if raw is not None else size) * width / height)
-    return ow, oh
+    """Output (width, height) for a shortest-edge resize, with transformers' rounding: the rule of
+    `get_resize_output_image_size(default_to_square=False, max_size=...)`, which CLIPImageProcessor uses (no
+    cap) and OneFormerImageProcessor uses with `longest_edge` as the cap (transformers 4.x, the original's
+    environment): the short side becomes `size` and the long side `int(size * long / short)`; if that exceeds
+    `max_size`, the long side becomes `max_size` and the short side `int(max_size * size / long')`. (DETR's
+    `get_size_with_aspect_ratio`, which transformers 5 moved OneFormer to, rounds differently by a pixel on
+    about a quarter of capped non-square sizes; the released seg recipe resizes a square, so never caps.)"""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    if max_size is not None:
+        if max_size <= size:
+            raise ValueError(f"max_size {max_size} must be larger than the short side's size {size}")
+        if new_long > max_size:
+            new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
 def resize(img: Image.Image, width: int, height: int, resample: str) -> Image.Image:

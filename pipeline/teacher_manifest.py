@@ -50,7 +50,7 @@ class WeightsRef:
 
     def describe(self) -> str:
         if self.path:
-            return f"local path {self.path}"
+            return f"local path {self.path}" + (f", subfolder {self.subfolder}" if self.subfolder else "")
         sub = f", subfolder {self.subfolder}" if self.subfolder else ""
         var = f", variant {self.variant}" if self.variant else ""
         return f"HF repo {self.repo_id}{sub}{var} (revision {self.revision or 'main'})"

@@ -42,9 +42,10 @@ def how_to_get(ref: WeightsRef) -> str:
 
 def _source(ref: WeightsRef, task: str) -> tuple[str, dict]:
     if ref.path:
-        if not os.path.isdir(ref.path):
-            raise WeightsNotFound(f"teacher '{task}': weights folder {ref.path} does not exist; {how_to_get(ref)}")
-        return ref.path, {}
+        folder = os.path.join(ref.path, ref.subfolder) if ref.subfolder else ref.path
+        if not os.path.isdir(folder):
+            raise WeightsNotFound(f"teacher '{task}': weights folder {folder} does not exist; {how_to_get(ref)}")
+        return ref.path, {"subfolder": ref.subfolder} if ref.subfolder else {}
     kw = {"revision": ref.revision or "main"}
     if ref.subfolder:
         kw["subfolder"] = ref.subfolder
@@ -93,10 +94,16 @@ def load_model(model_cls, config, ref: WeightsRef, task: str, prefix: str = ""):
     finally:
         tf_logger.setLevel(level)
     bad = sorted(info.get("missing_keys") or []) + [str(m) for m in info.get("mismatched_keys") or []]
-    if bad:
+    # the checkpoint's other parts (a depth head, a pixel decoder) are unexpected by design; a tensor that lands
+    # in the module's own namespace but fits nothing there is not: the checkpoint is another variant
+    roots = {k.split(".")[0] for k in model.state_dict()}
+    unused = sorted(k for k in info.get("unexpected_keys") or [] if not prefix or k.split(".")[0] in roots)
+    if bad or unused:
+        what = ", ".join(x for x in (f"{len(bad)} missing or mismatched" if bad else "",
+                                     f"{len(unused)} unexpected" if unused else "") if x)
         raise WeightsNotFound(
             f"teacher '{task}': {ref.describe()} does not fit {model_cls.__name__} under prefix {prefix!r}: "
-            f"{len(bad)} missing or mismatched tensor(s), e.g. {bad[:4]}; is this the right checkpoint?"
+            f"{what} tensor(s), e.g. {(bad + unused)[:4]}; is this the right checkpoint?"
         )
     return model
 

@@ -288,3 +288,63 @@ def test_shape_true_stand_ins_give_the_real_target_shapes(tmp_path):
     assert {t: tuple(o.shape[1:]) for t, o in outs.items()} == {t: real.teachers[t].output_shape for t in outs}
     assert all(not e for e in errors.values()) and all(o.std() > 0 for o in outs.values())
     assert len(set(ts.weights_sha256().values())) == 3
+
+
+def test_shortest_edge_sizes_follow_transformers_get_resize_output_image_size():
+    """20,000 random sizes, capped or not: the output size is what transformers' own function gives (the rule
+    CLIPImageProcessor and, in the original's transformers 4.x, OneFormerImageProcessor resize with)."""
+    from transformers.image_transforms import get_resize_output_image_size
+
+    from pipeline.imageops import shortest_edge_size
+
+    rng = random.Random(0)
+    capped = 0
+    for _ in range(20_000):
+        w, h = rng.randint(1, 5000), rng.randint(1, 5000)
+        size = rng.choice([224, 336, 518, 800, rng.randint(16, 1024)])
+        max_size = rng.choice([None, 1333, size + rng.randint(1, 2000)])
+        image = np.broadcast_to(np.zeros(1, np.uint8), (h, w, 3))  # only its shape is read
+        want_h, want_w = get_resize_output_image_size(image, size, default_to_square=False, max_size=max_size,
+                                                      input_data_format="channels_last")
+        assert shortest_edge_size(w, h, size, max_size) == (want_w, want_h), (w, h, size, max_size)
+        capped += max_size is not None and max(w, h) / min(w, h) * size > max_size
+    assert capped > 2000  # the cap was exercised, not only the plain rule
+
+
+def test_weights_path_honours_the_subfolder_and_unexpected_tensors_are_refused(tmp_path, tiny_teachers, loaded):
+    from safetensors.torch import load_file, save_file
+
+    data = yaml.safe_load(tiny_teachers.read_text())
+    source = tiny_teachers.parent / "depth"
+
+    def manifest_for(weights: dict, name: str):
+        d = json_copy(data)
+        d["teachers"]["depth"]["weights"] = weights
+        (tmp_path / name).write_text(yaml.safe_dump(d))
+        return load_manifest(tmp_path / name)
+
+    # path + subfolder: the checkpoint is in path/subfolder, and only there
+    shutil.copytree(source, tmp_path / "pkg" / "depth_here")
+    got = load_teachers(manifest_for({"path": str(tmp_path / "pkg"), "subfolder": "depth_here"}, "a.yaml"), ["depth"])
+    assert got["depth"].weights_sha256 == loaded["depth"].weights_sha256
+    with pytest.raises(WeightsNotFound, match="depth_there does not exist"):
+        load_teachers(manifest_for({"path": str(tmp_path / "pkg"), "subfolder": "depth_there"}, "b.yaml"), ["depth"])
+    # a tensor in the backbone's own namespace that fits nothing: another variant, refused and named
+    tensors = load_file(source / "model.safetensors")
+    prefix = next(k for k in tensors if k.startswith("backbone.")).split(".")[:2]  # e.g. backbone.encoder
+    for name, extra in (("inside", ".".join(prefix) + ".extra_layer.weight"), ("outside", "elsewhere.weight")):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        save_file({**tensors, extra: torch.zeros(3)}, folder / "model.safetensors")
+        m = manifest_for({"path": str(folder)}, f"{name}.yaml")
+        if name == "inside":
+            with pytest.raises(WeightsNotFound, match=r"1 unexpected tensor.*extra_layer"):
+                load_teachers(m, ["depth"])
+        else:  # the checkpoint's other parts (head, neck, ...) are not the teacher's: ignored by design
+            assert load_teachers(m, ["depth"])["depth"].weights_sha256 == loaded["depth"].weights_sha256
+
+
+def json_copy(d):
+    import json
+
+    return json.loads(json.dumps(d))
