@@ -47,7 +47,14 @@ from pipeline.imageops import DEFAULT_MAX_PIXELS, image_libraries
 from pipeline.llava import DatasetError
 from pipeline.plan import Plan, make_plan
 from pipeline.store import Location, ShardRecord, StoreError, TaskLayout
-from pipeline.teacher_manifest import DEFAULT_MANIFEST, TASKS, ManifestError, TeacherManifest, load_manifest
+from pipeline.teacher_manifest import (
+    DEFAULT_MANIFEST,
+    TASKS,
+    ManifestError,
+    TeacherManifest,
+    compute_dtypes,
+    load_manifest,
+)
 from pipeline.work import BatchTargets, assemble_shard, batches_of, compute_batch
 from teachers.weights import WeightsNotFound
 
@@ -69,7 +76,7 @@ def _quiet_transformers():
 class TeacherActor:
     """Holds every teacher of the run on one device; `run` takes one decoded batch's pixels."""
 
-    def __init__(self, manifest_path: str, fidelity: str, tasks: list[str], device: str, dtype: str,
+    def __init__(self, manifest_path: str, fidelity: str, tasks: list[str], device: str, dtype: dict[str, str],
                  threads: int, encoding_by_task: dict[str, str]):
         import torch
 
@@ -81,7 +88,8 @@ class TeacherActor:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         manifest = load_manifest(manifest_path, fidelity=fidelity)
-        self.teachers = TeacherSet.load(manifest, tasks, device=device, dtype=getattr(torch, dtype))
+        self.teachers = TeacherSet.load(manifest, tasks, device=device,
+                                        dtype={t: getattr(torch, d) for t, d in dtype.items()})
         self.encoding_by_task = encoding_by_task
         self.busy = 0.0
         self.first = self.last = None
@@ -189,7 +197,9 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per actor (default 1 with GPUs, else 0)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor (default 1)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="teacher compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+                   help="teacher compute dtype for all teachers (default auto: each teacher's compute_dtype from "
+                        "the manifest on GPU, as the original ran them: gen float16, depth and seg bfloat16; "
+                        "float32 on CPU)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: its CPUs)")
     p.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per decode task (default 1)")
     p.add_argument("--prefetch", type=int, default=None,
@@ -340,7 +350,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     gpa = s.gpus_per_actor if s.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     n_actors = s.actors or (max(1, int(gpus // gpa)) if gpa > 0 else 1)
     device = "cuda" if gpa > 0 else "cpu"
-    dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dtype = compute_dtypes(manifest, list(manifest.teachers), device, s.dtype)  # {task: dtype name}
     batch = s.batch_size or (64 if device == "cuda" else 8)
     threads = s.torch_threads or max(1, int(s.cpus_per_actor))
     spare = cpus - n_actors * s.cpus_per_actor
@@ -402,8 +412,13 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
             if old and old != weights[t]:
                 raise UsageError(f"{t}: the store was computed with weights sha256 {old[:16]}..., the teacher now "
                                  f"loaded has {weights[t][:16]}...; use a new --output")
+            old_dtype = stored_teachers["teachers"].get(t, {}).get("compute_dtype")
+            if old_dtype and old_dtype != dtype[t]:
+                raise UsageError(f"{t}: the store's targets were computed in {old_dtype}, this run computes in "
+                                 f"{dtype[t]}; pass --dtype {old_dtype} (or run on the same kind of device), or "
+                                 f"use a new --output")
     # tasks computed now take this run's identity; the others keep what the store recorded for them
-    new_identity = manifest.identity(load_tasks, weights)
+    new_identity = manifest.identity(load_tasks, weights, compute_dtypes=dtype)
     merged = {t: new_identity["teachers"].get(t) or stored_teachers["teachers"].get(t) for t in identity_tasks}
     new_identity["teachers"] = {t: v for t, v in merged.items() if v is not None}
     versions = _versions()

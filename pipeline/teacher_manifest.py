@@ -80,6 +80,7 @@ class TeacherSpec:
     fidelity: str
     quirks_applied: tuple[str, ...]
     raw: dict = field(repr=False, compare=False)  # resolved YAML of this teacher, as recorded in stores
+    compute_dtype: str = "float32"  # what the teacher runs in on a GPU (the original's); CPUs use float32
 
     def recipe(self) -> dict:
         """Everything that defines the computed target except the weights (compared on their own). Fidelity
@@ -87,12 +88,24 @@ class TeacherSpec:
         r = copy.deepcopy(self.raw)
         r.pop("quirks", None)
         r.pop("weights", None)
+        r.pop("compute_dtype", None)  # recorded on its own: what a run used, which may differ from the declared
         r["task"] = self.task
         r["quirks_applied"] = list(self.quirks_applied)
         return r
 
     def recipe_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.recipe(), sort_keys=True).encode()).hexdigest()
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtypes(manifest, tasks, device: str, override: str | None = None) -> dict[str, str]:
+    """The dtype each teacher runs in: `override` (--dtype) for all, else the manifest's on a GPU (the
+    original's: gen float16, depth and seg bfloat16) and float32 on a CPU (no fast half-precision kernels)."""
+    if override and override != "auto":
+        return {t: override for t in tasks}
+    return {t: manifest.teachers[t].compute_dtype if device == "cuda" else "float32" for t in tasks}
 
 
 @dataclass(frozen=True)
@@ -113,9 +126,11 @@ class TeacherManifest:
             )
         return [self.teachers[t] for t in TASKS if t in tasks]
 
-    def identity(self, tasks=None, weights_sha256: dict[str, str] | None = None) -> dict:
+    def identity(self, tasks=None, weights_sha256: dict[str, str] | None = None,
+                 compute_dtypes: dict[str, str] | None = None) -> dict:
         """What a store records in teachers.yaml and readers compare: per task the recipe and its hash, the
-        weights reference and, once loaded, the weights' sha256."""
+        weights reference and, once loaded, the weights' sha256, and the compute dtype (the one a run used,
+        `compute_dtypes`, else the declared one)."""
         tasks = [t for t in TASKS if t in (tasks or self.teachers)]
         return {
             "format": FORMAT,
@@ -128,6 +143,7 @@ class TeacherManifest:
                     "recipe_sha256": self.teachers[t].recipe_hash(),
                     "weights": self.teachers[t].weights.to_dict(),
                     "weights_sha256": (weights_sha256 or {}).get(t),
+                    "compute_dtype": (compute_dtypes or {}).get(t, self.teachers[t].compute_dtype),
                     "recipe": self.teachers[t].recipe(),
                 }
                 for t in tasks
@@ -197,6 +213,9 @@ def _parse_teacher(task: str, raw: dict, fidelity: str, where: str) -> TeacherSp
     if len(shape) != 2 or not all(isinstance(x, int) and x > 0 for x in shape):
         raise ManifestError(f"{where}.output_shape: expected [tokens, width], got {shape}")
     resolved.pop("quirks", None)
+    compute = resolved.get("compute_dtype", "float32")
+    if compute not in COMPUTE_DTYPES:
+        raise ManifestError(f"{where}.compute_dtype: one of {', '.join(COMPUTE_DTYPES)}, got {compute!r}")
     return TeacherSpec(
         task=task,
         architecture=_get(resolved, "architecture", where, str),
@@ -214,6 +233,7 @@ def _parse_teacher(task: str, raw: dict, fidelity: str, where: str) -> TeacherSp
         fidelity=fidelity,
         quirks_applied=applied,
         raw=resolved,
+        compute_dtype=compute,
     )
 
 

@@ -25,12 +25,15 @@ def adapter_for(spec: TeacherSpec) -> type[Teacher]:
 
 
 def load_teachers(
-    manifest: TeacherManifest, tasks, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    manifest: TeacherManifest, tasks, device: str | torch.device = "cpu",
+    dtype: torch.dtype | dict[str, torch.dtype] = torch.float32
 ) -> dict[str, Teacher]:
-    """Load the teachers of `tasks` (checked against the manifest first, so a typo fails before any load)."""
+    """Load the teachers of `tasks` (checked against the manifest first, so a typo fails before any load), each
+    in its dtype (`dtype`: one for all, or one per task, as `compute_dtypes` resolves them)."""
     specs = manifest.select(list(tasks))
     adapters = [adapter_for(s) for s in specs]
-    return {s.task: a.load(s, device=device, dtype=dtype) for s, a in zip(specs, adapters, strict=True)}
+    per_task = dtype if isinstance(dtype, dict) else dict.fromkeys(tasks, dtype)
+    return {s.task: a.load(s, device=device, dtype=per_task[s.task]) for s, a in zip(specs, adapters, strict=True)}
 
 
 class TeacherSet:
@@ -46,6 +49,7 @@ class TeacherSet:
 
     @classmethod
     def load(cls, manifest: TeacherManifest, tasks, device="cpu", dtype=torch.float32) -> TeacherSet:
+        """`dtype`: one for all teachers, or {task: dtype}."""
         return cls(load_teachers(manifest, tasks, device=device, dtype=dtype), device)
 
     def weights_sha256(self) -> dict[str, str]:

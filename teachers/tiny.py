@@ -50,6 +50,7 @@ def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None, shape
             model.save_pretrained(out / task)
             continue
         model = make().eval()
+        spec["compute_dtype"] = "float32"  # CPU stand-ins: what a CPU run computes in, so stores and manifest agree
         variant = spec["weights"].get("variant")
         if variant == "fp16":  # as the real image encoder is published: fp16 weights in model.fp16.safetensors
             model = model.half()

@@ -348,3 +348,39 @@ def json_copy(d):
     import json
 
     return json.loads(json.dumps(d))
+
+
+def test_each_teacher_runs_in_its_own_compute_dtype(tmp_path, tiny_teachers, images):
+    """The released manifest declares the original's dtypes (gen float16; depth, seg bfloat16); a run resolves
+    them per device, loads each teacher in its own, and the identity records what was used, which readers
+    compare."""
+    from pipeline.store import teacher_mismatches
+    from pipeline.teacher_manifest import compute_dtypes
+
+    real = load_manifest(DEFAULT_MANIFEST)
+    assert {t: s.compute_dtype for t, s in real.teachers.items()} == {"gen": "float16", "depth": "bfloat16",
+                                                                     "seg": "bfloat16"}
+    tasks = ["gen", "depth", "seg"]
+    assert compute_dtypes(real, tasks, "cuda") == {"gen": "float16", "depth": "bfloat16", "seg": "bfloat16"}
+    assert compute_dtypes(real, tasks, "cpu") == dict.fromkeys(tasks, "float32")
+    assert compute_dtypes(real, tasks, "cuda", "float32") == dict.fromkeys(tasks, "float32")
+    # honoured: every teacher in its own dtype, outputs within that dtype's rounding of float32
+    m = load_manifest(tiny_teachers)
+    mixed = {"gen": torch.float32, "depth": torch.bfloat16, "seg": torch.float32}
+    got, ref = load_teachers(m, tasks, dtype=mixed), load_teachers(m, tasks)
+    for t in tasks:
+        assert {p.dtype for p in got[t].parameters()} == {mixed[t]}
+    x = torch.from_numpy(np.stack([preprocess(m.teachers["depth"], img) for img in images[:2]]))
+    a, b = got["depth"](x).float(), ref["depth"](x).float()
+    rel = ((a - b).norm() / b.norm()).item()
+    assert 1e-4 < rel < 3e-2, rel  # bfloat16 rounding: not float32, not garbage
+    # recorded: the identity holds the dtypes a run used; another dtype than expected is a mismatch
+    used = m.identity(tasks, compute_dtypes={"gen": "float32", "depth": "bfloat16", "seg": "float32"})
+    assert used["teachers"]["depth"]["compute_dtype"] == "bfloat16"
+    bad, _ = teacher_mismatches(used, m.identity(tasks), tasks)
+    assert bad == [bad[0]] and "depth: computed in bfloat16, expected float32" in bad[0]
+    old = m.identity(tasks)
+    for v in old["teachers"].values():
+        del v["compute_dtype"]  # a store from before dtypes were recorded: accepted, with a note
+    bad, notes = teacher_mismatches(old, m.identity(tasks), tasks)
+    assert bad == [] and len(notes) == 3 and "does not record the dtype" in notes[0]

@@ -496,3 +496,99 @@ def test_gradients_are_not_clipped_by_default(tmp_path):
     assert norm.item() == pytest.approx(5e6) and p.grad.tolist() == [3e6, 4e6, 0.0]  # reported, left alone
     norm = clip_gradients([p], 1.0)  # the option still works
     assert norm.item() == pytest.approx(5e6) and torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)
+
+
+# ---- the PT folder OLA-VLM's IFT continues from ----------------------------------------------------------------
+
+def _resampler_keys(prefix: str, llm: int, dim: int, out: int, heads: int, dim_head: int, ff: float, depth: int):
+    """TaskTokenResampler's tensors, from its description: proj_in, `depth` x (PerceiverAttention: norm1, norm2,
+    to_q, to_kv, to_out; FeedForward: LayerNorm, Linear, GELU, Linear), proj_out, norm_out."""
+    inner, hidden = heads * dim_head, int(dim * ff)
+    keys = {f"{prefix}.proj_in.weight": (dim, llm), f"{prefix}.proj_in.bias": (dim,),
+            f"{prefix}.proj_out.weight": (out, dim), f"{prefix}.proj_out.bias": (out,),
+            f"{prefix}.norm_out.weight": (out,), f"{prefix}.norm_out.bias": (out,)}
+    for k in range(depth):
+        a, f = f"{prefix}.layers.{k}.0", f"{prefix}.layers.{k}.1"
+        keys |= {f"{a}.norm1.weight": (dim,), f"{a}.norm1.bias": (dim,), f"{a}.norm2.weight": (dim,),
+                 f"{a}.norm2.bias": (dim,), f"{a}.to_q.weight": (inner, dim), f"{a}.to_kv.weight": (2 * inner, dim),
+                 f"{a}.to_out.weight": (dim, inner), f"{f}.0.weight": (dim,), f"{f}.0.bias": (dim,),
+                 f"{f}.1.weight": (hidden, dim), f"{f}.3.weight": (dim, hidden)}
+    return keys
+
+
+def test_the_ola_vlm_export_has_their_names_shapes_and_config(trained, tmp_path):
+    from safetensors import safe_open
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from trainer.export import main as export
+
+    out = tmp_path / "ola"
+    assert export([str(trained), "--format", "ola-vlm", "--out", str(out)]) == 0
+    run = json.loads((trained / "config.json").read_text())
+    info = json.loads((trained / "export" / "config.json").read_text())
+    llm_cfg = LlamaConfig.from_pretrained(run["llm"])
+    H, shapes, p = llm_cfg.hidden_size, info["target_shapes"], run["predictor"]
+    # what the folder must hold, derived here from the configs
+    want = {}
+    with torch.device("meta"):
+        want |= {k: tuple(v.shape) for k, v in LlamaForCausalLM(llm_cfg).state_dict().items()}
+        want |= {f"model.vision_tower.vision_tower.{k}": tuple(v.shape)
+                 for k, v in CLIPVisionModel(CLIPVisionConfig.from_pretrained(run["vision_tower"])).state_dict().items()}
+    mm = info["mm_hidden_size"]
+    want |= {"model.mm_projector.0.weight": (H, mm), "model.mm_projector.0.bias": (H,),
+             "model.mm_projector.2.weight": (H, H), "model.mm_projector.2.bias": (H,)}
+    want |= {"model.special_gen_tokens": (8, H), "model.special_depth_tokens": (576, H),
+             "model.special_seg_tokens": (576, H)}
+    for t in ("gen", "depth", "seg"):
+        want[f"{t}_logit_scale"] = ()
+        out_dim = shapes[t][1]
+        dim = H if t == "depth" else out_dim  # the released depth head runs at the LLM's width
+        for i, _ in enumerate(run["layers"][t]):
+            want |= _resampler_keys(f"image_{t}_heads.{i}.projector", H, dim, out_dim, p["heads"], p["dim_head"],
+                                    p["ff_mult"], p["depth"])
+    got = {}
+    index = out / "model.safetensors"
+    with safe_open(index, "pt") as f:
+        for k in f.keys():  # noqa: SIM118
+            got[k] = tuple(f.get_slice(k).get_shape())
+        proj = f.get_tensor("model.mm_projector.0.weight")
+        head = f.get_tensor("image_depth_heads.1.projector.proj_in.weight")
+    assert set(got) == set(want), (sorted(set(got) - set(want))[:5], sorted(set(want) - set(got))[:5])
+    assert got == want
+    # the trained values, under their new names
+    from safetensors.torch import load_file
+
+    last = load_file(sorted((trained / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors")
+    assert torch.equal(proj, last["projector.0.weight"]) and torch.equal(head, last["predictors.depth_20.proj_in.weight"])
+    # the fields their loader reads; task_token_format decides how many task tokens IFT inserts
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "ola_llama" and cfg["architectures"] == ["OlaLlavaLlamaForCausalLM"]
+    assert cfg["task_token_format"] == "expand_emb" and cfg["num_task_tokens"] == 8 and cfg["aux_mode"] == "gen-depth-seg"
+    assert cfg["image_depth"]["depth_layer_indices"] == "8-20" and cfg["image_seg"]["seg_layer_indices"] == "10-18"
+    assert cfg["image_gen"]["img_layer_indices"] == "12-20" and cfg["image_depth"]["num_tokens"] == 576
+    assert cfg["image_depth"]["use_intermediate_depth"] is False and cfg["image_seg"]["output_dim"] == shapes["seg"][1]
+    assert cfg["mm_vision_tower"] == run["vision_tower"] and cfg["mm_projector_type"] == "mlp2x_gelu"
+    assert cfg["mm_vision_select_layer"] == -2 and cfg["mm_hidden_size"] == mm
+    # the LLM part loads with plain transformers, nothing missing (their loader would make it up)
+    _, loading = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["mismatched_keys"]
+
+
+def test_a_pad_token_is_added_as_their_pt_does(tiny_models):
+    """Llama-3 has no pad token; their PT adds one whose input and output embeddings are the mean of the
+    others (so the vocabulary grows by one)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.export import add_pad_token
+
+    folder = Path(tiny_models).parent / "llm"
+    tok, llm = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    tok.pad_token = None  # as Llama-3's
+    before_in = llm.get_input_embeddings().weight.detach().clone()
+    before_out = llm.get_output_embeddings().weight.detach().clone()
+    pad = add_pad_token(tok, llm, token="<olaf-test-pad>")
+    assert pad == len(before_in) and len(tok) == len(before_in) + 1
+    assert llm.get_input_embeddings().weight.shape[0] == len(before_in) + 1
+    torch.testing.assert_close(llm.get_input_embeddings().weight[pad], before_in.mean(dim=0))
+    torch.testing.assert_close(llm.get_output_embeddings().weight[pad], before_out.mean(dim=0))
+    torch.testing.assert_close(llm.get_input_embeddings().weight[:pad], before_in)

@@ -301,7 +301,7 @@ def _reference(w: dict | None) -> dict:
 
 def teacher_mismatches(stored: dict, expected: dict, tasks) -> tuple[list[str], list[str]]:
     """(mismatches, notes) between the store's teachers and the expected ones (`TeacherManifest.identity()`
-    dicts) for `tasks`. What must agree: the recipe sha256, and the weights sha256 where both sides know it,
+    dicts) for `tasks`. What must agree: the recipe sha256, the compute dtype, and the weights sha256 where both sides know it,
     else the declared reference (HF repo id, subfolder, revision, variant). A local `path:` is only where the
     weights were: when that alone differs it is a note, not a mismatch."""
     out, notes = [], []
@@ -317,6 +317,12 @@ def teacher_mismatches(stored: dict, expected: dict, tasks) -> tuple[list[str], 
             diffs = [k for k in sorted(set(s.get("recipe", {})) | set(e.get("recipe", {})))
                      if s.get("recipe", {}).get(k) != e.get("recipe", {}).get(k)]
             out.append(f"{t}: recipe differs (fields: {', '.join(diffs) or '?'})")
+        ds, de = s.get("compute_dtype"), e.get("compute_dtype")
+        if ds and de and ds != de:
+            out.append(f"{t}: computed in {ds}, expected {de} (targets differ by the dtype's rounding: "
+                       f"re-extract with the manifest's dtypes, or use a manifest that says {ds})")
+        elif de and not ds:
+            notes.append(f"{t}: the store does not record the dtype its teacher ran in (written by an older olaf)")
         ws, we = s.get("weights_sha256"), e.get("weights_sha256")
         sw, ew = s.get("weights") or {}, e.get("weights") or {}
         if ws and we:

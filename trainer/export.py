@@ -1,0 +1,184 @@
+"""Exports of a PT run, for the next stage.
+
+    python -m trainer.export RUN_DIR --format ola-vlm --out DIR     # a PT model folder OLA-VLM's IFT loads
+    python -m trainer.export RUN_DIR --format llava --out DIR       # mm_projector.bin (+ tokens, predictors)
+
+`ola-vlm` writes what OLA-VLM's own PT run leaves in `outputs/pretrain_dsg_...` and its `finetune.sh` continues
+from (`--model_name_or_path DIR`), derived from reading their code (ola_vlm/train/ola_vlm_train.py,
+model/llava_arch.py, model/language_model/base_ola_vlm.py, model/aux_heads/*):
+  * the whole LLM, with the `<pad>` token their PT adds (vocabulary + 1; its input and output embeddings the
+    mean of the others, as their smart_tokenizer_and_embedding_resize), and the tokenizer with it;
+  * the CLIP tower under model.vision_tower.vision_tower.* (their loader initialises a missing key randomly,
+    with only a warning), the projector under model.mm_projector.{0,2};
+  * the task tokens model.special_{gen,depth,seg}_tokens (gen 8 x H; depth and seg 576 x H, pooled to 8 at load
+    because config.task_token_format = "expand_emb": without it IFT would insert all 576);
+  * the predictors as image_{gen,depth,seg}_heads.{i}.projector.* (TaskTokenResampler), the depth head's
+    linear_1..3 when use_intermediate_depth, and {task}_logit_scale, which their PT checkpoints carry;
+  * config.json: the LLM's config plus their fields (mm_*, aux_mode, num_task_tokens, task_token_format, the
+    image_gen / image_depth / image_seg dicts with token counts, widths, 1-based layer indices "a-b").
+The teachers (~9 GB in their checkpoints) are left out: IFT does not use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint
+from trainer.config import TASKS, PTConfig
+
+HEADS = {"gen": "image_gen_heads", "depth": "image_depth_heads", "seg": "image_seg_heads"}
+ARCH = {"llama": ("ola_llama", "OlaLlavaLlamaForCausalLM"), "phi3": ("ola_phi3", "OlaLlavaPhi3ForCausalLM")}
+LAYER_KEY = {"gen": "img_layer_indices", "depth": "depth_layer_indices", "seg": "seg_layer_indices"}
+WEIGHT_KEY = {"gen": "img_loss_weight", "depth": "depth_loss_weight", "seg": "seg_loss_weight"}
+
+
+class ExportError(Exception):
+    """The run cannot be exported as asked; the message says why."""
+
+
+def head_key(name: str) -> str:
+    """An olaf predictor parameter (after `predictors.<task>_<layer>.`) -> its name in OLA-VLM's head."""
+    name = re.sub(r"^blocks\.(\d+)\.0\.norm_keys\.", r"projector.layers.\1.0.norm1.", name)
+    name = re.sub(r"^blocks\.(\d+)\.0\.norm_latents\.", r"projector.layers.\1.0.norm2.", name)
+    name = re.sub(r"^blocks\.", "projector.layers.", name)
+    if name.startswith(("proj_in.", "proj_out.", "norm_out.")):
+        name = "projector." + name
+    return name  # linear_1..3 sit on the head itself
+
+
+def ola_vlm_config(cfg: PTConfig, llm_config: dict, info: dict, vocab: int, pad_id: int) -> dict:
+    if len({cfg.task_tokens[t] for t in cfg.tasks}) != 1:
+        raise ExportError(f"OLA-VLM has one num_task_tokens for every task; this run has {cfg.task_tokens}")
+    model_type, arch = ARCH.get(llm_config.get("model_type"), (None, None))
+    if arch is None:
+        raise ExportError(f"OLA-VLM releases Llama-3 and Phi-3 models; this run's LLM is {llm_config.get('model_type')!r}")
+    p, shapes = cfg.predictor, info["target_shapes"]
+    out = {**llm_config, "model_type": model_type, "architectures": [arch], "vocab_size": vocab,
+           "pad_token_id": pad_id,
+           "mm_vision_tower": cfg.vision_tower, "mm_vision_select_layer": cfg.vision_select_layer,
+           "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
+           "mm_hidden_size": info["mm_hidden_size"], "mm_patch_merge_type": "flat", "use_mm_proj": True,
+           "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": True,
+           "image_aspect_ratio": cfg.image_aspect, "tokenizer_padding_side": "right",
+           "tokenizer_model_max_length": cfg.max_length,
+           "aux_mode": "-".join(t for t in TASKS if t in cfg.tasks), "num_task_tokens": cfg.task_tokens[cfg.tasks[0]],
+           "task_token_format": "expand_emb", "contrastive_loss_weight": cfg.contrastive_weight,
+           "pass_text_to_aux": True, "use_contrastive": True, "use_ce": False, "sample_tokens": False,
+           "image_generator": "stabilityai/stable-diffusion-2-1-unclip",
+           "image_segmentor": "shi-labs/oneformer_coco_swin_large", "depth_estimator": "depth_anything_v2_vitl.pth",
+           "olaf": {"run": info.get("store"), "steps": info.get("steps"), "teachers": info.get("teachers")}}
+    for t in cfg.tasks:
+        d = {"depth": p["depth"], "dim_head": p["dim_head"], "num_heads": p["heads"],
+             "num_tokens": shapes[t][0], "output_dim": shapes[t][1], "ff_mult": p["ff_mult"],
+             LAYER_KEY[t]: "-".join(str(x) for x in cfg.layers[t]), WEIGHT_KEY[t]: cfg.task_loss_weight}
+        if t == "depth":
+            d["use_intermediate_depth"] = cfg.use_intermediate_depth
+        if t == "seg":
+            d["seg_teacher"] = "oneformer"
+        out[{"gen": "image_gen", "depth": "image_depth", "seg": "image_seg"}[t]] = d
+    return out
+
+
+def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: dict[str, torch.Tensor],
+                    vision_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder under OLA-VLM's names."""
+    out = dict(llm_state)
+    out.update({f"model.vision_tower.vision_tower.{k}": v for k, v in vision_state.items()})
+    for name, v in trained.items():
+        if name.startswith("projector."):
+            out[f"model.mm_{name}"] = v
+        elif name.startswith("special_tokens."):
+            out[f"model.special_{name.split('.', 1)[1]}_tokens"] = v
+        elif name.startswith("logit_scales."):
+            out[f"{name.split('.', 1)[1]}_logit_scale"] = v.reshape(())
+        elif name.startswith("predictors."):
+            which, rest = name[len("predictors."):].split(".", 1)
+            task, layer = which.split("_")
+            out[f"{HEADS[task]}.{cfg.layers[task].index(int(layer))}.{head_key(rest)}"] = v
+        else:
+            raise ExportError(f"no OLA-VLM name for the trained tensor {name!r}")
+    return out
+
+
+def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
+    """Their PT's smart_tokenizer_and_embedding_resize: a `<pad>` token when the tokenizer has none (Llama-3 has
+    none), its input and output embeddings the mean of the others. Returns the pad id."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    added = tokenizer.add_special_tokens({"pad_token": token})
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
+            emb.weight[-added:] = emb.weight[:-added].mean(dim=0, keepdim=True)
+    return tokenizer.pad_token_id
+
+
+def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard_size: str = "5GB") -> Path:
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    from trainer.config import load_config
+
+    info_path = run_dir / "export" / "config.json"
+    if not info_path.is_file():
+        raise ExportError(f"{run_dir} has no finished run (export/config.json): train it to the end first")
+    info = json.loads(info_path.read_text())
+    cfg = load_config([], {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()
+                           if k not in ("resume",)})
+    ckpt = ckpt or checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise ExportError(f"{run_dir} has no checkpoint")
+    trained = load_file(ckpt / "trainable.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype="auto")
+    vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype="auto")
+    pad_id = add_pad_token(tokenizer, llm)
+    llm_state = llm.state_dict()
+    if llm.config.tie_word_embeddings:
+        llm_state.pop("lm_head.weight", None)
+    dtype = next(iter(llm_state.values())).dtype
+    tensors = ola_vlm_tensors(cfg, {k: v.to(dtype) for k, v in trained.items()}, llm_state, vision.state_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, out, max_shard_size=max_shard_size)
+    config = ola_vlm_config(cfg, llm.config.to_dict(), info, len(tokenizer), pad_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a trainer.pt --output-dir, trained to the end")
+    p.add_argument("--format", choices=["ola-vlm", "llava"], required=True)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--checkpoint", help="a checkpoints/step-N folder (default: the latest)")
+    a = p.parse_args(argv)
+    run = Path(a.run_dir)
+    try:
+        if a.format == "ola-vlm":
+            path = export_ola_vlm(run, Path(a.out), Path(a.checkpoint) if a.checkpoint else None)
+        else:
+            import shutil
+
+            src = run / "export"
+            if not src.is_dir():
+                raise ExportError(f"{run} has no export/: train it to the end first")
+            shutil.copytree(src, a.out, dirs_exist_ok=True)
+            path = Path(a.out)
+    except (ExportError, checkpoint.CheckpointError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
