@@ -592,3 +592,28 @@ def test_a_pad_token_is_added_as_their_pt_does(tiny_models):
     torch.testing.assert_close(llm.get_input_embeddings().weight[pad], before_in.mean(dim=0))
     torch.testing.assert_close(llm.get_output_embeddings().weight[pad], before_out.mean(dim=0))
     torch.testing.assert_close(llm.get_input_embeddings().weight[:pad], before_in)
+
+
+def test_the_original_ntp_labels_are_a_switch(tiny_models, tmp_path):
+    """`ntp_labels: original` labels one more token than the corrected default: the instruction's last, the end
+    of the assistant header (the original's off-by-one); the run config records the choice."""
+    from transformers import AutoTokenizer
+
+    from trainer.config import load_config
+
+    tok = AutoTokenizer.from_pretrained(Path(tiny_models).parent / "llm")
+    t = TEMPLATES["llama_3"]
+    record = {"conversations": [{"from": "human", "value": "<image>\nDescribe it."},
+                                {"from": "gpt", "value": "a red square"}]}
+    corrected = PromptBuilder(tok, t, 4096)(record)
+    original = PromptBuilder(tok, t, 4096, label_header_end=True)(record)
+    assert original.text_ids == corrected.text_ids
+    diff = [i for i, (a, b) in enumerate(zip(corrected.text_labels, original.text_labels, strict=True)) if a != b]
+    first_caption = next(i for i, x in enumerate(corrected.text_labels) if x != -100)
+    assert diff == [first_caption - 1]  # just before the caption
+    assert t.assistant_start.endswith(tok.decode([original.text_labels[diff[0]]]))
+    cfg = load_config([], {"store": "s", "output_dir": "o"})
+    assert cfg.ntp_labels == "corrected"
+    assert load_config([], {"store": "s", "output_dir": "o"}, ["ntp_labels=original"]).ntp_labels == "original"
+    with pytest.raises(ValueError, match="preprocess_llama_3"):
+        load_config([], {"store": "s", "output_dir": "o"}, ["ntp_labels=original", "chat_template=phi_3"])

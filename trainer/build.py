@@ -73,6 +73,19 @@ def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     return tokenizer, llm, vision, attn
 
 
+def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
+    """Their PT's smart_tokenizer_and_embedding_resize: a `<pad>` token when the tokenizer has none (Llama-3 has
+    none), its input and output embeddings the mean of the others. Returns the pad id."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    added = tokenizer.add_special_tokens({"pad_token": token})
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
+            emb.weight[-added:] = emb.weight[:-added].mean(dim=0, keepdim=True)
+    return tokenizer.pad_token_id
+
+
 def open_store(cfg: PTConfig) -> tuple[Store, dict]:
     """The store and the teacher identity it must have, checked (tasks, done shards, teachers)."""
     expected = load_manifest(resolve_manifest(cfg.teachers_manifest), fidelity=cfg.fidelity).identity(cfg.tasks)
@@ -110,10 +123,13 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
 
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank
     tokenizer, llm, vision, attn = load_frozen(cfg, device, dtype)
+    if cfg.ntp_labels == "original":  # the original's PT adds <pad> to Llama-3 before training: V + 1 logits
+        add_pad_token(tokenizer, llm)
     template = get_template(cfg.chat_template)
     layout = make_layout(len(prompt_prefix(tokenizer, template)), num_image_tokens(vision.config), cfg.tasks,
                          cfg.task_tokens)
-    builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start)
+    builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start,
+                            label_header_end=cfg.ntp_labels == "original")
     image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
 

@@ -36,6 +36,7 @@ class PTConfig:
     predictor: dict = field(default_factory=lambda: {"heads": 4, "dim_head": 32, "ff_mult": 1, "depth": 1})
     predictor_width: dict = field(default_factory=lambda: {"gen": "out", "depth": "llm", "seg": "out"})
     use_intermediate_depth: bool = False
+    ntp_labels: str = "corrected"
     task_loss_weight: float = 0.5
     contrastive_weight: float = 0.3
     smooth_l1_beta: float = 1.0
@@ -123,6 +124,11 @@ class PTConfig:
                             f"{self.micro_batch_size}")
         if self.order_mix < self.order_chunk or self.order_mix % self.order_chunk:
             problems.append(f"order_mix ({self.order_mix}) must be a multiple of order_chunk ({self.order_chunk})")
+        if self.ntp_labels not in ("corrected", "original"):
+            problems.append(f"ntp_labels must be corrected or original, got {self.ntp_labels!r}")
+        elif self.ntp_labels == "original" and self.chat_template != "llama_3":
+            problems.append("ntp_labels: original reproduces an off-by-one of the original's preprocess_llama_3; "
+                            f"with chat_template {self.chat_template} use corrected")
         if self.image_aspect not in ("square", "pad"):
             problems.append(f"image_aspect must be square or pad, got {self.image_aspect!r}")
         if self.precision not in ("auto", "bf16", "fp32"):

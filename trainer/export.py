@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
+from trainer.build import add_pad_token
 from trainer.config import TASKS, PTConfig
 
 HEADS = {"gen": "image_gen_heads", "depth": "image_depth_heads", "seg": "image_seg_heads"}
@@ -104,19 +105,6 @@ def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: 
         else:
             raise ExportError(f"no OLA-VLM name for the trained tensor {name!r}")
     return out
-
-
-def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
-    """Their PT's smart_tokenizer_and_embedding_resize: a `<pad>` token when the tokenizer has none (Llama-3 has
-    none), its input and output embeddings the mean of the others. Returns the pad id."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    added = tokenizer.add_special_tokens({"pad_token": token})
-    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        for emb in {id(e): e for e in (llm.get_input_embeddings(), llm.get_output_embeddings())}.values():
-            emb.weight[-added:] = emb.weight[:-added].mean(dim=0, keepdim=True)
-    return tokenizer.pad_token_id
 
 
 def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard_size: str = "5GB") -> Path:

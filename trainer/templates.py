@@ -79,10 +79,15 @@ def prompt_prefix(tokenizer, template: Template) -> list[int]:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, template: Template, max_text_tokens: int):
+    """`label_header_end`: also label the instruction's last token (the assistant header's trailing "\n\n"),
+    as the original's preprocess_llama_3 does through `instruction_len = len(...) - 2`, one short of the BOS
+    it means to skip (`ntp_labels: original`)."""
+
+    def __init__(self, tokenizer, template: Template, max_text_tokens: int, label_header_end: bool = False):
         self.tok = tokenizer
         self.t = template
         self.max_text_tokens = max_text_tokens
+        self.label_header_end = label_header_end
         self.prefix_ids = prompt_prefix(tokenizer, template)
 
     def _ids(self, text: str) -> list[int]:
@@ -99,5 +104,6 @@ class PromptBuilder:
         instruction = self._ids("\n" + question[:limit] + self.t.sep + self.t.assistant_start)
         answer = self._ids(caption[:limit] + self.t.sep)
         ids = (instruction + answer)[: self.max_text_tokens]
-        labels = ([IGNORE_INDEX] * len(instruction) + answer)[: self.max_text_tokens]
+        masked = [IGNORE_INDEX] * (len(instruction) - 1) + (instruction[-1:] if self.label_header_end else [IGNORE_INDEX])
+        labels = (masked + answer)[: self.max_text_tokens]
         return Tokenized(self.prefix_ids, ids, labels)
