@@ -136,9 +136,13 @@ def resize_shortest_edge(img: Image.Image, size: int, resample: str, max_size: i
     return resize(img, *shortest_edge_size(img.width, img.height, size, max_size), resample)
 
 
-def center_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+def center_crop(img: Image.Image, width: int, height: int, rounding: str = "floor") -> Image.Image:
     """transformers' centre crop: top-left corner at ((W - w) // 2, (H - h) // 2); an image smaller than the
-    crop is first centred on a black canvas (padding rounded up on the top/left), as transformers does."""
+    crop is first centred on a black canvas (padding rounded up on the top/left), as transformers does.
+    `rounding="half_even"`: torchvision's CenterCrop (open_clip), corner at round((W - w) / 2)."""
+    if rounding == "half_even" and img.width >= width and img.height >= height:
+        left, top = int(round((img.width - width) / 2.0)), int(round((img.height - height) / 2.0))
+        return img.crop((left, top, left + width, top + height))
     left, top = (img.width - width) // 2, (img.height - height) // 2
     if left >= 0 and top >= 0:
         return img.crop((left, top, left + width, top + height))

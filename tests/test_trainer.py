@@ -617,3 +617,79 @@ def test_the_original_ntp_labels_are_a_switch(tiny_models, tmp_path):
     assert load_config([], {"store": "s", "output_dir": "o"}, ["ntp_labels=original"]).ntp_labels == "original"
     with pytest.raises(ValueError, match="preprocess_llama_3"):
         load_config([], {"store": "s", "output_dir": "o"}, ["ntp_labels=original", "chat_template=phi_3"])
+
+
+# ---- CLIP-ConvNeXT-XXL, the paper's best base encoder ----------------------------------------------------------
+
+def _timm_convnext_reference(state: dict, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """timm's ConvNeXt trunk written out from its tensor names: stem conv 4/4 + LayerNorm2d; per stage an optional
+    downsample (LayerNorm2d + conv 2/2) and blocks x + gamma * fc2(gelu(fc1(norm(dwconv7(x))))); tokens row-major."""
+    import torch.nn.functional as F
+
+    def ln2d(t, w, b):
+        return F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2], w, b, eps).permute(0, 3, 1, 2)
+
+    t = state
+    x = F.conv2d(x, t["stem.0.weight"], t["stem.0.bias"], stride=4)
+    x = ln2d(x, t["stem.1.weight"], t["stem.1.bias"])
+    stage = 0
+    while f"stages.{stage}.blocks.0.conv_dw.weight" in t:
+        p = f"stages.{stage}"
+        if f"{p}.downsample.0.weight" in t:
+            x = ln2d(x, t[f"{p}.downsample.0.weight"], t[f"{p}.downsample.0.bias"])
+            x = F.conv2d(x, t[f"{p}.downsample.1.weight"], t[f"{p}.downsample.1.bias"], stride=2)
+        block = 0
+        while f"{p}.blocks.{block}.conv_dw.weight" in t:
+            q = f"{p}.blocks.{block}"
+            y = F.conv2d(x, t[f"{q}.conv_dw.weight"], t[f"{q}.conv_dw.bias"], padding=3, groups=x.shape[1])
+            y = F.layer_norm(y.permute(0, 2, 3, 1), x.shape[1:2], t[f"{q}.norm.weight"], t[f"{q}.norm.bias"], eps)
+            y = F.linear(F.gelu(F.linear(y, t[f"{q}.mlp.fc1.weight"], t[f"{q}.mlp.fc1.bias"])),
+                         t[f"{q}.mlp.fc2.weight"], t[f"{q}.mlp.fc2.bias"])
+            x = x + (t[f"{q}.gamma"] * y).permute(0, 3, 1, 2)
+            block += 1
+        stage += 1
+    return x.flatten(2).transpose(1, 2)
+
+
+def test_the_convnext_tower_is_the_open_clip_trunk(tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.data import ImageRecipe
+    from trainer.tiny import build_convnext_tower
+    from trainer.towers import load_tower, split_convnext_name
+
+    name = build_convnext_tower(tmp_path / "convnext")
+    assert split_convnext_name(name) == (str((tmp_path / "convnext").resolve()), 768)
+    assert split_convnext_name("laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res768") == \
+        ("laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup", 768)
+    tower = load_tower(name, -2, torch.float32)
+    assert tower.num_tokens == 576 and tower.hidden_size == 32  # 768 / 32 = 24 x 24 tokens, the last stage's width
+    timm = {k[len("visual.trunk."):]: v for k, v in load_file(tmp_path / "convnext" / "open_clip_model.safetensors").items()}
+    x = torch.randn(2, 3, 768, 768)
+    got = tower.features(x)
+    assert got.shape == (2, 576, 32)
+    torch.testing.assert_close(got, _timm_convnext_reference(timm, x, 1e-5), rtol=1e-4, atol=1e-4)
+    assert set(tower.export_state()) == set(timm)  # exported under the trunk's own (timm) names
+    # open_clip's preprocessing: Resize(768) bicubic, CenterCrop(768) with torchvision's rounding of the margin
+    recipe = ImageRecipe.from_pretrained(name, "square")
+    assert (recipe.size, recipe.crop, recipe.resample, recipe.crop_rounding) == (768, 768, "bicubic", "half_even")
+    from PIL import Image
+
+    from pipeline.imageops import center_crop
+
+    img = Image.fromarray(np.arange(5 * 8, dtype=np.uint8).reshape(5, 8))
+    assert np.asarray(center_crop(img, 5, 5, "half_even"))[0, 0] == 2  # round(1.5) = 2 (torchvision)
+    assert np.asarray(center_crop(img, 5, 5))[0, 0] == 1  # (8 - 5) // 2 = 1 (transformers)
+
+
+def test_convnext_xxl_tiny_trains_end_to_end(tmp_path, trainer_store, tiny_models, tiny_teachers):
+    from trainer.tiny import build_convnext_tower
+
+    name = build_convnext_tower(tmp_path / "convnext")
+    out = tmp_path / "out"
+    rc, log = run_trainer(trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--vision-tower", name,
+                                       "--max-steps", "3", "--set", "num_workers=1"))
+    assert rc == 0, log
+    assert [r["step"] for r in log_of(out)] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log_of(out))
+    info = json.loads((out / "export" / "config.json").read_text())
+    assert info["mm_hidden_size"] == 32 and info["num_image_tokens"] == 576 and info["vision_tower"] == name

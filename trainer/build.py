@@ -16,8 +16,9 @@ from pipeline.store import Store, StoreError, TargetStream
 from pipeline.teacher_manifest import REPO_ROOT, load_manifest
 from trainer.config import PTConfig
 from trainer.data import ImageRecipe, PTSample, collate
-from trainer.model import OLAPT, make_layout, num_image_tokens
+from trainer.model import OLAPT, make_layout
 from trainer.templates import PromptBuilder, get_template, prompt_prefix
+from trainer.towers import load_tower
 
 
 class TrainerError(Exception):
@@ -46,7 +47,7 @@ def _from_pretrained(what: str, load, name: str, **kw):
 
 def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     """(tokenizer, LLM, vision tower, attention implementation), frozen, on the device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     attn = cfg.attn_implementation
     if attn == "auto":
@@ -61,7 +62,8 @@ def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     tokenizer = _from_pretrained("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.llm)
     llm = _from_pretrained("LLM", AutoModelForCausalLM.from_pretrained, cfg.llm, dtype=dtype,
                            attn_implementation=attn).to(device)
-    vision = _from_pretrained("vision tower", CLIPVisionModel.from_pretrained, cfg.vision_tower, dtype=dtype).to(device)
+    vision = _from_pretrained("vision tower", load_tower, cfg.vision_tower, select_layer=cfg.vision_select_layer,
+                              dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         # the LLM is frozen but gradients flow through it to the projector and task tokens
         kw = {"use_reentrant": False}
@@ -126,7 +128,7 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     if cfg.ntp_labels == "original":  # the original's PT adds <pad> to Llama-3 before training: V + 1 logits
         add_pad_token(tokenizer, llm)
     template = get_template(cfg.chat_template)
-    layout = make_layout(len(prompt_prefix(tokenizer, template)), num_image_tokens(vision.config), cfg.tasks,
+    layout = make_layout(len(prompt_prefix(tokenizer, template)), vision.num_tokens, cfg.tasks,
                          cfg.task_tokens)
     builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start,
                             label_header_end=cfg.ntp_labels == "original")

@@ -30,8 +30,16 @@ class ImageRecipe:
     std: tuple[float, float, float]
     aspect: str = "square"
 
+    crop_rounding: str = "floor"  # where an odd crop margin goes: transformers floors, torchvision rounds
+
     @classmethod
     def from_pretrained(cls, vision_tower: str, aspect: str) -> ImageRecipe:
+        from trainer import towers
+
+        if towers.is_convnext(vision_tower):  # open_clip's Resize(res, bicubic) + CenterCrop(res), OpenAI stats
+            _, res = towers.split_convnext_name(vision_tower)
+            return cls(size=res, crop=res, resample="bicubic", mean=towers.OPENAI_MEAN, std=towers.OPENAI_STD,
+                       aspect=aspect, crop_rounding="half_even")
         from transformers import CLIPImageProcessorPil
 
         p = CLIPImageProcessorPil.from_pretrained(vision_tower)
@@ -44,7 +52,7 @@ class ImageRecipe:
         img = decode_rgb(data)
         if self.aspect == "pad":
             img = pad_to_square(img, tuple(int(x * 255) for x in self.mean))
-        img = center_crop(resize_shortest_edge(img, self.size, self.resample), self.crop, self.crop)
+        img = center_crop(resize_shortest_edge(img, self.size, self.resample), self.crop, self.crop, self.crop_rounding)
         return np.array(img, dtype=np.uint8)
 
 

@@ -8,8 +8,9 @@ from (`--model_name_or_path DIR`), derived from reading their code (ola_vlm/trai
 model/llava_arch.py, model/language_model/base_ola_vlm.py, model/aux_heads/*):
   * the whole LLM, with the `<pad>` token their PT adds (vocabulary + 1; its input and output embeddings the
     mean of the others, as their smart_tokenizer_and_embedding_resize), and the tokenizer with it;
-  * the CLIP tower under model.vision_tower.vision_tower.* (their loader initialises a missing key randomly,
-    with only a warning), the projector under model.mm_projector.{0,2};
+  * the base encoder under model.vision_tower.vision_tower.* (CLIP's transformers names, ConvNeXt's timm names,
+    as their towers hold them; their loader initialises a missing key randomly, with only a warning), the
+    projector under model.mm_projector.{0,2};
   * the task tokens model.special_{gen,depth,seg}_tokens (gen 8 x H; depth and seg 576 x H, pooled to 8 at load
     because config.task_token_format = "expand_emb": without it IFT would insert all 576);
   * the predictors as image_{gen,depth,seg}_heads.{i}.projector.* (TaskTokenResampler), the depth head's
@@ -110,9 +111,10 @@ def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: 
 def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard_size: str = "5GB") -> Path:
     from huggingface_hub import save_torch_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.config import load_config
+    from trainer.towers import load_tower
 
     info_path = run_dir / "export" / "config.json"
     if not info_path.is_file():
@@ -126,13 +128,14 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     trained = load_file(ckpt / "trainable.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype="auto")
-    vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype="auto")
+    vision = load_tower(cfg.vision_tower, cfg.vision_select_layer, dtype=torch.float32)
     pad_id = add_pad_token(tokenizer, llm)
     llm_state = llm.state_dict()
     if llm.config.tie_word_embeddings:
         llm_state.pop("lm_head.weight", None)
     dtype = next(iter(llm_state.values())).dtype
-    tensors = ola_vlm_tensors(cfg, {k: v.to(dtype) for k, v in trained.items()}, llm_state, vision.state_dict())
+    tensors = ola_vlm_tensors(cfg, {k: v.to(dtype) for k, v in trained.items()}, llm_state,
+                              {k: v.to(dtype) for k, v in vision.export_state().items()})
     out.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, out, max_shard_size=max_shard_size)
     config = ola_vlm_config(cfg, llm.config.to_dict(), info, len(tokenizer), pad_id)

@@ -127,10 +127,6 @@ def predictor_keys(hidden: torch.Tensor, text_mask: torch.Tensor, layout: Layout
     return keys, torch.cat([fixed, text_mask.bool()], dim=1)
 
 
-def num_image_tokens(vision_config) -> int:
-    return (vision_config.image_size // vision_config.patch_size) ** 2
-
-
 class OLAPT(nn.Module):
     """`forward(batch, negatives)` -> (loss, terms): the whole PT objective, logit scales included, so DDP sees
     every trained parameter used in its forward."""
@@ -140,10 +136,9 @@ class OLAPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.llm = llm.requires_grad_(False)
-        self.vision = vision.eval().requires_grad_(False)
+        self.vision = vision.eval().requires_grad_(False)  # a trainer.towers tower: features(pixels) -> (B, T, C)
         width = llm.config.hidden_size
-        vcfg = vision.config
-        self.num_image_tokens = num_image_tokens(vcfg)
+        self.num_image_tokens = vision.num_tokens
         self.tasks = [t for t in TASKS if t in cfg.tasks]
         self.layout = layout
         if layout.image != self.num_image_tokens or list(layout.task_slots) != self.tasks:
@@ -153,7 +148,7 @@ class OLAPT(nn.Module):
             bad = [layer for layer in cfg.layers[t] if not 1 <= layer <= n_layers]
             if bad:
                 raise ValueError(f"layers.{t} {bad}: the LLM has decoder layers 1..{n_layers}")
-        self.projector = Projector(vcfg.hidden_size, width)
+        self.projector = Projector(vision.hidden_size, width)
         # std-1 normal initialisation, as the original's torch.randn
         self.special_tokens = nn.ParameterDict({t: nn.Parameter(torch.randn(cfg.special_tokens[t], width)) for t in self.tasks})
         p = cfg.predictor
@@ -186,8 +181,7 @@ class OLAPT(nn.Module):
         """uint8 (B, H, W, 3) -> projected image tokens (B, 576, H), the tower frozen and without grad."""
         x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.image_mean) / self.image_std
         with torch.no_grad():
-            hs = self.vision(pixel_values=x.to(self.vision.dtype), output_hidden_states=True).hidden_states
-            feats = hs[self.cfg.vision_select_layer][:, 1:]  # patch tokens, CLS dropped
+            feats = self.vision.features(x)
         return self.projector(feats.to(self.projector[0].weight.dtype))
 
     def forward(self, batch: dict, negatives: dict[str, Negatives] | None = None):

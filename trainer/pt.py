@@ -41,7 +41,9 @@ def parse_args(argv=None) -> PTConfig:
     p.add_argument("--store", help="store written by pipeline.extract_teachers: a folder or a URL (s3://bucket/prefix); "
                                    "its WebDataset shards are read")
     p.add_argument("--llm", help="HF id or folder of the causal LM (default: Meta-Llama-3-8B-Instruct)")
-    p.add_argument("--vision-tower", help="HF id or folder of the CLIP vision tower (default: clip-vit-large-patch14-336)")
+    p.add_argument("--vision-tower", help="HF id or folder of the base encoder: CLIP-ViT (default: "
+                                          "openai/clip-vit-large-patch14-336) or an open_clip ConvNeXt "
+                                          "(laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res768)")
     p.add_argument("--output-dir", help="where logs, checkpoints and the export go")
     p.add_argument("--config", action="append", default=[], help="YAML overriding the defaults (repeatable)")
     p.add_argument("--teachers-manifest", help="teacher manifest the store must match (default: ola_vlm.yaml)")
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
     if is_main:
         target_shapes = {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks}
         info = {"llm": cfg.llm, "vision_tower": cfg.vision_tower, "mm_projector_type": "mlp2x_gelu",
-                "mm_vision_select_layer": cfg.vision_select_layer, "mm_hidden_size": model.vision.config.hidden_size,
+                "mm_vision_select_layer": cfg.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
                 "hidden_size": model.llm.config.hidden_size, "chat_template": cfg.chat_template,
                 "image_offset": model.layout.prefix, "num_image_tokens": model.num_image_tokens,
                 "tasks": cfg.tasks, "token_order": ["gen", "depth", "seg"], "layers": cfg.layers,

@@ -110,6 +110,31 @@ def build_vision_tower(out: Path, seed: int):
                           resample=3).save_pretrained(out)
 
 
+def build_convnext_tower(out: Path, seed: int = 0) -> str:
+    """A tiny CLIP-ConvNeXt image tower laid out as an open_clip checkpoint (visual.trunk.* in timm's names,
+    open_clip_config.json), for `--vision-tower <returned name>` (the name carries -res768, as the real one)."""
+    from safetensors.torch import save_file
+    from transformers import ConvNextModel
+
+    from trainer.towers import convnext_config, hf_to_timm
+
+    out.mkdir(parents=True, exist_ok=True)
+    geometry = {"depths": [1, 1, 2, 1], "hidden_sizes": [8, 16, 24, 32], "layer_norm_eps": 1e-5}
+    config = {"model_cfg": {"embed_dim": 32, "vision_cfg": {"timm_model_name": "convnext_tiny_random",
+                                                            "olaf_convnext": geometry, "image_size": 768}}}
+    torch.manual_seed(seed + 2)
+    model = ConvNextModel(convnext_config(config))
+    with torch.no_grad():  # layer scales of 1e-6 would make every block a no-op: give them weight
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale_parameter"):
+                p.fill_(0.5)
+    trunk = {f"visual.trunk.{hf_to_timm(k)}": v.contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("layernorm.")}
+    save_file(trunk, out / "open_clip_model.safetensors")
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    return f"{out.resolve()}-res768"
+
+
 def build(out_dir: str | Path, captions_json: str | Path | None = None, lm_steps: int = 300, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
