@@ -132,3 +132,96 @@ def load_records(path: str | Path, limit: int | None = None, max_problems: int =
         raise DatasetError(f"{path}: the dataset has no records")
     return records, in_file
 
+
+
+# ---- any image folder (or a COCO caption file) as a LLaVA-format dataset -----------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PROBE_QUERY = "Describe the image in two lines."  # the paper's probing query (Sec. 3)
+
+
+def _conversation(query: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": f"{IMAGE_TOKEN}\n{query}"}, {"from": "gpt", "value": answer}]
+
+
+def records_from_images(images_dir: str | Path, query: str = PROBE_QUERY, coco: str | Path | None = None
+                        ) -> tuple[list[dict], list[dict]]:
+    """(records, skipped) for every image file under `images_dir`, nested folders included, in path order.
+
+    The id is the image's path relative to the folder without its extension ("val2017/000000000139"), so two
+    files of one name in different folders stay two samples; two files that differ only in extension
+    ("a.jpg", "a.png") would share an id: the second is skipped and said why, as is every file that is not an
+    image by its extension. With `coco` (a COCO captions annotation file) the images are those the file names,
+    the id is the COCO image id, and the answer is its first caption; an annotated image missing from the
+    folder is skipped and said why. Images are not decoded here: extraction records the undecodable ones."""
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root}")
+    skipped: list[dict] = []
+    records: list[dict] = []
+    if coco is not None:
+        data = json.loads(Path(coco).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise DatasetError(f"{coco}: not a COCO annotation file (no 'images' list)")
+        captions: dict[int, list[str]] = {}
+        for a in data.get("annotations") or []:
+            if isinstance(a, dict) and isinstance(a.get("caption"), str):
+                captions.setdefault(a.get("image_id"), []).append(a["caption"].strip())
+        by_name = {p.name: p for p in root.rglob("*") if p.is_file()}
+        for img in sorted(data["images"], key=lambda d: d.get("id", 0)):
+            name = img.get("file_name")
+            path = by_name.get(name) if isinstance(name, str) else None
+            if path is None:
+                skipped.append({"path": name, "reason": f"in {Path(coco).name} but not under {root}"})
+                continue
+            records.append({"id": str(img["id"]), "image": path.relative_to(root).as_posix(),
+                            "conversations": _conversation(query, (captions.get(img["id"]) or [""])[0])})
+        return records, skipped
+    seen: dict[str, str] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append({"path": rel, "reason": f"not an image file ({path.suffix or 'no extension'})"})
+            continue
+        rid = rel[: -len(path.suffix)]
+        if rid in seen:
+            skipped.append({"path": rel, "reason": f"same id {rid!r} as {seen[rid]} (names differ only in extension)"})
+            continue
+        seen[rid] = rel
+        records.append({"id": rid, "image": rel, "conversations": _conversation(query, "")})
+    return records, skipped
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.llava", description="LLaVA-format datasets from other sources")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("from-images", help="an image folder (nested) or a COCO caption file -> a LLaVA JSON that "
+                                           "pipeline.extract_teachers reads with --image-folder IMAGES_DIR")
+    f.add_argument("images_dir")
+    f.add_argument("--query", default=PROBE_QUERY, help=f"the human turn's text (default: {PROBE_QUERY!r})")
+    f.add_argument("--coco", help="a COCO captions annotation file (e.g. captions_val2017.json): its images, ids and "
+                                  "first captions")
+    f.add_argument("--out", required=True, help="the LLaVA JSON to write; skipped files go to OUT.skipped.jsonl")
+    a = p.parse_args(argv)
+    try:
+        records, skipped = records_from_images(a.images_dir, a.query, a.coco)
+    except (DatasetError, OSError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"error: no image under {a.images_dir} ({len(skipped)} files skipped)", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records, ensure_ascii=False, indent=0), encoding="utf-8")
+    side = out.with_name(out.name + ".skipped.jsonl")
+    side.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped), encoding="utf-8")
+    print(f"wrote {out}: {len(records)} images" + (f"; {len(skipped)} files skipped, see {side}" if skipped else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

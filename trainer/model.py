@@ -184,6 +184,10 @@ class OLAPT(nn.Module):
             feats = self.vision.features(x)
         return self.projector(feats.to(self.projector[0].weight.dtype))
 
+    def step_context(self, micro_batches: list[dict]) -> dict[str, Negatives]:
+        """What a step's micro-batches share: InfoNCE's columns, the targets of the whole global batch."""
+        return step_negatives(micro_batches, self.tasks)
+
     def forward(self, batch: dict, negatives: dict[str, Negatives] | None = None):
         """batch (on the device): pixels, prefix_ids, text_ids, text_mask, text_labels, targets, valid and
         row_offset (where the micro-batch sits in its global batch). `negatives`: the step's (`step_negatives`);
