@@ -45,3 +45,148 @@ def test_from_images_takes_nested_folders_and_says_what_it_skips(tmp_path):
     assert "gone.jpg" in (tmp_path / "coco.json.skipped.jsonl").read_text()
     assert llava_main(["from-images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.json")]) == 2
     assert np.asarray(Image.open(root / records[2].image)).shape == (30, 40, 3)
+
+
+# ---- the probes -------------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cosine_is_the_flattened_cosine_of_each_sample():
+    from trainer.probe import cosine
+
+    g = np.random.default_rng(0)
+    p, t = g.normal(size=(5, 7, 3)), g.normal(size=(5, 7, 3))
+    want = [float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(p, t, strict=True)]
+    np.testing.assert_allclose(cosine(torch.tensor(p), torch.tensor(t)).numpy(), want, rtol=1e-6)
+
+
+def _learnable_store(path: Path, tiny_models: Path, tiny_teachers: Path, n: int, seed: int) -> Path:
+    """A store whose targets are a fixed random projection of the tiny CLIP tower's features of each image, so a
+    probe reading the MLLM's layers has something to learn."""
+    from pipeline import encodings, store
+    from pipeline.llava import load_records
+    from pipeline.sample import generate
+    from pipeline.teacher_manifest import load_manifest
+    from trainer.data import ImageRecipe
+    from trainer.towers import load_tower
+
+    ds = path.parent / f"{path.name}-data"
+    json_path = generate(ds, num_samples=n, seed=seed)
+    records, _ = load_records(json_path)
+    tower_dir = str(Path(tiny_models).parent / "vision_tower")
+    recipe, tower = ImageRecipe.from_pretrained(tower_dir, "square"), load_tower(tower_dir, -2, torch.float32)
+    g = torch.Generator().manual_seed(123)
+    w_depth, w_gen = torch.randn(32, 8, generator=g), torch.randn(32, 16, generator=g)
+    mean, std = torch.tensor(recipe.mean).view(1, 3, 1, 1), torch.tensor(recipe.std).view(1, 3, 1, 1)
+    shapes = {"gen": (1, 16), "depth": (576, 8)}
+    m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=n, shard_size=8, formats=["wds"],
+                          tasks={t: store.TaskLayout.for_shape(s, "fp16") for t, s in shapes.items()})
+    loc = store.Location(path)
+    loc.makedirs()
+    store.write_manifest(loc, m)
+    store.write_teachers(loc, load_manifest(tiny_teachers).identity(["gen", "depth"]))
+    for i in range(m.num_shards):
+        a, b = m.shard_range(i)
+        imgs = [(ds / "images" / r.image).read_bytes() for r in records[a:b]]
+        x = torch.stack([torch.from_numpy(recipe(im)).permute(2, 0, 1).float() / 255 for im in imgs])
+        with torch.no_grad():
+            f = tower.features((x - mean) / std)  # (B, 576, 32)
+        f = torch.nn.functional.layer_norm(f, f.shape[-1:])
+        vals = {"depth": encodings.encode(f @ w_depth, "fp16")[0],
+                "gen": encodings.encode((f.mean(1, keepdim=True) @ w_gen), "fp16")[0]}
+        samples = [store.SampleResult(r.index, r.id, r.raw, r.image, im) for r, im in zip(records[a:b], imgs, strict=True)]
+        store.commit_shard(loc, store.ShardResult(i, ("gen", "depth"), samples, vals, dict.fromkeys(shapes),
+                                                   {t: np.ones(b - a, bool) for t in shapes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def probe_setup(tmp_path_factory, tiny_models, tiny_teachers):
+    from trainer.model import Projector
+
+    root = tmp_path_factory.mktemp("probe")
+    train = _learnable_store(root / "train", tiny_models, tiny_teachers, 32, 1)
+    val = _learnable_store(root / "val", tiny_models, tiny_teachers, 16, 2)
+    torch.manual_seed(0)
+    proj = Projector(32, 64)  # the tiny tower's and LLM's widths
+    torch.save({f"model.mm_projector.{k}": v for k, v in proj.state_dict().items()}, root / "mm_projector.bin")
+    return train, val, root / "mm_projector.bin"
+
+
+def probe(args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} | {"OMP_NUM_THREADS": "2"}
+    p = subprocess.run([sys.executable, "-m", "trainer.probe", *args], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_probes_learn_from_the_store_with_one_mllm_forward_per_batch(tmp_path, probe_setup, tiny_models, tiny_teachers):
+    train, val, proj = probe_setup
+    llm = str(Path(tiny_models).parent / "llm")
+    tower = str(Path(tiny_models).parent / "vision_tower")
+    common = ["--store", str(train), "--eval-store", str(val), "--model", llm, "--vision-tower", tower,
+              "--mm-projector", str(proj), "--teachers-manifest", str(tiny_teachers), "--layers", "1,10,20",
+              "--set", "global_batch_size=8", "--set", "micro_batch_size=4", "--set", "num_workers=0",
+              "--set", "learning_rate=3e-3", "--set", "log_every=1", "--set", "tensorboard=false"]
+    scores = {}
+    for steps in (1, 40):
+        out = tmp_path / f"steps{steps}"
+        rc, log = probe([*common, "--output-dir", str(out), "--max-steps", str(steps)])
+        assert rc == 0, log
+        data = json.loads((out / "probe_scores.json").read_text())
+        scores[steps] = data["scores"]
+        assert data["samples"] == {"gen": 16, "depth": 16}
+        # one MLLM forward per micro-batch, whatever the number of probes (2 tasks x 3 layers = 6):
+        # 2 per step of 8, plus the evaluation's 4 batches of 4
+        assert data["mllm_forwards"] == 2 * steps + 4
+        assert sorted(p.name for p in (out / "probes").iterdir()) == sorted(
+            f"{t}_{x}.safetensors" for t in ("gen", "depth") for x in (1, 10, 20))
+        rows = (out / "probe_scores.csv").read_text().splitlines()
+        assert rows[0] == "task,layer,cosine,samples" and len(rows) == 7
+        assert (out / "probe_plot.png").is_file()
+    for t in ("gen", "depth"):
+        for layer in ("1", "10", "20"):
+            assert scores[40][t][layer] > scores[1][t][layer] + 0.05, (t, layer, scores[1][t], scores[40][t])
+    rc, log = probe(["plot", str(tmp_path / "steps1"), str(tmp_path / "steps40"), "--out", str(tmp_path / "both.png")])
+    assert rc == 0 and (tmp_path / "both.png").is_file()
+
+
+def test_a_llava_hf_checkpoint_is_probed_as_it_is(tmp_path, probe_setup, tiny_models, tiny_teachers):
+    """A transformers LlavaForConditionalGeneration (the form llava-hf/llava-1.5-7b-hf comes in)."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    train, val, _ = probe_setup
+    tok = AutoTokenizer.from_pretrained(Path(tiny_models).parent / "llm")
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=3, num_attention_heads=2),
+                      text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+                      vision_feature_layer=-2, image_token_index=0)
+    folder = tmp_path / "llava-hf"
+    LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(folder)
+    out = tmp_path / "out"
+    rc, log = probe(["--store", str(train), "--eval-store", str(val), "--model", str(folder), "--output-dir", str(out),
+                     "--teachers-manifest", str(tiny_teachers), "--max-steps", "2", "--set", "global_batch_size=4",
+                     "--set", "micro_batch_size=4", "--set", "num_workers=0"])
+    assert rc == 0, log
+    data = json.loads((out / "probe_scores.json").read_text())
+    assert data["layers"] == [1, 2, 3, 4] and all(v == v for s in data["scores"].values() for v in s.values())
+    assert "LlavaForConditionalGeneration" in log

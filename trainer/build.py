@@ -134,7 +134,14 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
                             label_header_end=cfg.ntp_labels == "original")
     image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
+    return assemble(cfg, device, dtype, store, expected, tokenizer, model, builder, image, rank, world, attn)
 
+
+def assemble(cfg: PTConfig, device, dtype, store: Store, expected: dict, tokenizer, model, builder: PromptBuilder,
+             image: ImageRecipe, rank: int, world: int, attn: str) -> PTRun:
+    """A run from its model: the stream of the store's targets for `cfg.tasks`, AdamW over what trains, the
+    cosine schedule (PT and probing alike)."""
+    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     stream = TargetStream(store, cfg.tasks, global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
                           seed=cfg.seed, chunk=cfg.order_chunk, mix=cfg.order_mix, rank=rank, world_size=world,

@@ -24,7 +24,8 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, list[tuple[float, float]]], title: str) -> None:
+def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, list[tuple[float, float]]], title: str,
+           xlabel: str = "step") -> None:
     x0, y0, x1, y1 = box
     left, bottom, top = x0 + 60, y1 - 30, y0 + 24
     right = x1 - 170
@@ -54,7 +55,7 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, list[tuple[float, f
         xx, _ = px(x, ymin)
         draw.line((xx, bottom, xx, bottom + 4), fill=(0, 0, 0))
         draw.text((xx - 10, bottom + 6), f"{x:.0f}", fill=(0, 0, 0))
-    draw.text(((left + right) // 2 - 10, bottom + 16), "step", fill=(0, 0, 0))
+    draw.text(((left + right) // 2 - 10, bottom + 16), xlabel, fill=(0, 0, 0))
     for i, (name, s) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         line = [px(x, y) for x, y in s]

@@ -37,6 +37,14 @@ TEMPLATES = {
         assistant_start="<|start_header_id|>assistant<|end_header_id|>\n\n",
         sep="<|eot_id|>",
     ),
+    "vicuna_v1": Template(  # LLaVA-1.5 (llava-hf/llava-1.5-7b-hf): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>"
+        name="vicuna_v1",
+        system="A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the human's questions.",
+        user_start="USER: ",
+        assistant_start="ASSISTANT:",
+        sep=" ",
+    ),
     "phi_3": Template(
         name="phi_3",
         system="<|system|>\nYou are a helpful AI assistant.",

@@ -1,0 +1,392 @@
+"""Probing an MLLM from stored targets (OLA-VLM, Sec. 3 and docs/Probing.md): a single-block Perceiver resampler
+probe at every LLM layer, for every task of the store, trained together from one forward of the frozen MLLM per
+batch; no teacher is ever loaded.
+
+    python -m trainer.probe --store TRAIN_STORE --eval-store VAL_STORE --model MODEL --output-dir OUT \\
+        [--vision-tower T --mm-projector mm_projector.bin] [--layers 1-32] [--tasks gen,depth,seg] [--resume]
+    torchrun --nproc_per_node 8 -m trainer.probe ...     # DDP, as trainer.pt
+    python -m trainer.probe plot OUT [OUT2 ...] [--out probes.png]   # cosine vs layer, runs overlaid
+
+MODEL is one of:
+  (a) an olaf PT run's export/ folder (trainer.pt): its LLM, base encoder, projector and task tokens;
+  (b) an LLM (HF id or folder) with --vision-tower and --mm-projector (LLaVA's mm_projector.bin);
+  (c) a transformers LlavaForConditionalGeneration folder or id (e.g. llava-hf/llava-1.5-7b-hf).
+The probe is the original's probe head (a Resampler with learnable latents: 576 for depth and seg, 1 for gen,
+inner width = the target's width, 4 heads x 32, ff mult 1), its keys every token of its layer's hidden states
+(padding masked). Loss: smooth-L1 (beta 1). Defaults are the paper's (trainer/configs/probe.yaml: lr 1e-3,
+batch 256, 2 epochs, cosine with 3% warm-up). The prompt is each record's question (from-images writes the
+paper's "Describe the image in two lines."), and no answer.
+
+Outputs in OUT: probe_scores.json and .csv (mean cosine similarity between each probe's flattened output and the
+target, per (task, layer), over the eval store's valid samples), probe_plot.png, probes/<task>_<layer>
+.safetensors, and trainer.pt's logs/ and checkpoints/ (--resume continues, on any number of processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.store import Store, StoreError
+from pipeline.teacher_manifest import ManifestError
+from trainer import checkpoint
+from trainer.build import TrainerError, _from_pretrained, assemble, open_store
+from trainer.config import TASKS, PTConfig, load_config
+from trainer.data import ImageRecipe, PTSample, collate
+from trainer.loop import fit, start, teardown, to_device
+from trainer.loss import masked_smooth_l1
+from trainer.model import FeedForward, Layout, PerceiverAttention, Projector
+from trainer.templates import PromptBuilder, get_template, prompt_prefix
+from trainer.towers import CLIPTower, load_tower
+
+PROBE_DEFAULTS = Path(__file__).parent / "configs" / "probe.yaml"
+
+
+class ProbeHead(nn.Module):
+    """The original's probe (Resampler): learnable latents (Q, width) attend over the layer's tokens."""
+
+    def __init__(self, llm_width: int, out_dim: int, queries: int, heads: int = 4, dim_head: int = 32,
+                 ff_mult: float = 1, depth: int = 1):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, queries, out_dim) / out_dim ** 0.5)
+        self.proj_in = nn.Linear(llm_width, out_dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(out_dim, dim_head, heads), FeedForward(out_dim, ff_mult)]) for _ in range(depth))
+        self.proj_out = nn.Linear(out_dim, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+
+    def forward(self, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(keys)
+        lat = self.latents.expand(keys.shape[0], -1, -1)
+        for attn, ff in self.blocks:
+            lat = attn(x, key_mask, lat) + lat
+            lat = ff(lat) + lat
+        return self.norm_out(self.proj_out(lat))
+
+
+class FrozenMLLM(nn.Module):
+    """[prefix | image tokens | task tokens (olaf / OLA-VLM models) | text] through the frozen LLM: every
+    layer's hidden states, under no_grad. `forwards` counts its calls."""
+
+    def __init__(self, embed, decoder, tower, projector, layout: Layout, task_tokens: dict[str, torch.Tensor],
+                 image_mean, image_std):
+        super().__init__()
+        self.embed, self.decoder, self.tower, self.projector = embed, decoder, tower, projector
+        self.layout = layout
+        self.task_tokens = nn.ParameterDict({t: nn.Parameter(v, requires_grad=False) for t, v in task_tokens.items()})
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.forwards = 0
+
+    @property
+    def num_layers(self) -> int:
+        return self.decoder.config.num_hidden_layers
+
+    @property
+    def width(self) -> int:
+        return self.decoder.config.hidden_size
+
+    @torch.no_grad()
+    def hidden_states(self, batch: dict) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        self.forwards += 1
+        pixels, text_mask = batch["pixels"], batch["text_mask"]
+        b = pixels.shape[0]
+        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.image_mean) / self.image_std
+        dtype = self.embed.weight.dtype
+        feats = self.projector(self.tower.features(x).to(dtype))
+        parts = [self.embed(batch["prefix_ids"]), feats.to(dtype)]
+        parts += [v.to(dtype).unsqueeze(0).expand(b, -1, -1) for v in self.task_tokens.values()]
+        parts.append(self.embed(batch["text_ids"]))
+        inputs = torch.cat(parts, dim=1)
+        fixed = inputs.shape[1] - text_mask.shape[1]
+        mask = torch.cat([text_mask.new_ones(b, fixed), text_mask], dim=1)
+        out = self.decoder(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        return out.hidden_states, mask.bool()
+
+
+class ProbeSet(nn.Module):
+    """Every (task, layer) probe over one frozen MLLM. `forward(batch)` -> (sum of the probes' smooth-L1, terms):
+    one MLLM forward, then each probe on its layer (float32), each its own loss term."""
+
+    def __init__(self, mllm: FrozenMLLM, target_shapes: dict[str, tuple[int, int]], layers: list[int], head: dict):
+        super().__init__()
+        self.mllm, self.layers, self.tasks = mllm, list(layers), [t for t in TASKS if t in target_shapes]
+        self.probes = nn.ModuleDict({
+            f"{t}_{layer}": ProbeHead(mllm.width, target_shapes[t][1], target_shapes[t][0], head["heads"],
+                                      head["dim_head"], head["ff_mult"], head["depth"])
+            for t in self.tasks for layer in self.layers})
+
+    @property
+    def layout(self) -> Layout:
+        return self.mllm.layout
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def step_context(self, micro_batches):
+        return None
+
+    def predict(self, batch: dict) -> dict[str, dict[int, torch.Tensor]]:
+        hidden, mask = self.mllm.hidden_states(batch)
+        return {t: {layer: self.probes[f"{t}_{layer}"](hidden[layer].float(), mask) for layer in self.layers}
+                for t in self.tasks}
+
+    def forward(self, batch: dict, context=None):
+        preds = self.predict(batch)
+        terms, total = {}, 0.0
+        for t, by_layer in preds.items():
+            for layer, p in by_layer.items():
+                sl1 = masked_smooth_l1(p, batch["targets"][t], batch["valid"][t])
+                terms[f"{t}/{layer}/sl1"] = sl1.detach()
+                total = total + sl1
+        terms["loss"] = total.detach()
+        return total, terms
+
+
+# ---- the probed model, in the three forms users hold it -----------------------------------------------------------
+
+def _pool(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    return tokens if tokens.shape[0] == k else tokens.view(k, tokens.shape[0] // k, -1).mean(dim=1)
+
+
+def load_mllm(cfg: PTConfig, model: str, mm_projector: str | None, device, dtype):
+    """(FrozenMLLM pieces, tokenizer, template name, ImageRecipe, description) for the three MODEL forms."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(model)
+    if (folder / "task_tokens.safetensors").is_file() and (folder / "mm_projector.bin").is_file():  # (a)
+        info = json.loads((folder / "config.json").read_text())
+        llm_name, tower_name, template = info["llm"], info["vision_tower"], info["chat_template"]
+        proj_path, kind = folder / "mm_projector.bin", "olaf PT export"
+        tokens = load_file(folder / "task_tokens.safetensors")
+        task_tokens = {t: _pool(tokens[f"special_{t}_tokens"], info["task_tokens"][t])
+                       for t in TASKS if f"special_{t}_tokens" in tokens}
+        select = info["mm_vision_select_layer"]
+    else:
+        config = _from_pretrained("model", AutoConfig.from_pretrained, model)
+        if getattr(config, "model_type", None) == "llava":  # (c)
+            from transformers import LlavaForConditionalGeneration
+
+            m = _from_pretrained("LLaVA model", LlavaForConditionalGeneration.from_pretrained, model, dtype=dtype)
+            tokenizer = _from_pretrained("tokenizer", AutoTokenizer.from_pretrained, model)
+            tower = CLIPTower(m.model.vision_tower, config.vision_feature_layer)
+            template = cfg.chat_template if cfg.chat_template != "llama_3" else "vicuna_v1"
+            image = ImageRecipe.from_pretrained(model, cfg.image_aspect)
+            pieces = (m.get_input_embeddings(), m.model.language_model, tower, m.model.multi_modal_projector, {})
+            return pieces, tokenizer, template, image, f"LlavaForConditionalGeneration {model}"
+        if not mm_projector:  # (b)
+            raise TrainerError(f"{model} is an LLM: give --vision-tower and --mm-projector (LLaVA's mm_projector.bin), "
+                               f"or pass a PT export folder or a LlavaForConditionalGeneration checkpoint")
+        llm_name, tower_name, template = model, cfg.vision_tower, cfg.chat_template
+        proj_path, kind, task_tokens, select = Path(mm_projector), "LLM + tower + mm_projector.bin", {}, cfg.vision_select_layer
+    tokenizer = _from_pretrained("tokenizer", AutoTokenizer.from_pretrained, llm_name)
+    llm = _from_pretrained("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
+    tower = _from_pretrained("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
+    weights = torch.load(proj_path, map_location="cpu", weights_only=True)
+    projector = Projector(tower.hidden_size, llm.config.hidden_size)
+    projector.load_state_dict({k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector." in k})
+    image = ImageRecipe.from_pretrained(tower_name, cfg.image_aspect)
+    pieces = (llm.get_input_embeddings(), llm.get_decoder(), tower, projector.to(dtype), task_tokens)
+    return pieces, tokenizer, template, image, f"{kind}: {llm_name}, {tower_name}"
+
+
+def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: list[int] | None, device, dtype,
+                rank: int, world: int):
+    store, expected = open_store(cfg)
+    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
+    torch.manual_seed(cfg.seed)
+    (embed, decoder, tower, projector, task_tokens), tokenizer, template_name, image, what = \
+        load_mllm(cfg, model, mm_projector, device, dtype)
+    template = get_template(template_name)
+    prefix = len(prompt_prefix(tokenizer, template))
+    slots, pos = {}, prefix + tower.num_tokens
+    for t, v in task_tokens.items():
+        slots[t], pos = (pos, pos + v.shape[0]), pos + v.shape[0]
+    layout = Layout(prefix, tower.num_tokens, slots, pos)
+    mllm = FrozenMLLM(embed, decoder, tower, projector, layout, task_tokens, image.mean, image.std)
+    layers = layers or list(range(1, mllm.num_layers + 1))
+    bad = [x for x in layers if not 1 <= x <= mllm.num_layers]
+    if bad:
+        raise TrainerError(f"--layers {bad}: the LLM has layers 1..{mllm.num_layers}")
+    probes = ProbeSet(mllm, target_shapes, layers, cfg.predictor).to(device)
+    builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start)
+    run = assemble(cfg, device, dtype, store, expected, tokenizer, probes, builder, image, rank, world, "sdpa")
+    return run, builder, image, what
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------------
+
+def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sample: the cosine similarity of the flattened prediction and target (the original's
+    1 - CosineEmbeddingLoss on reshape(1, -1))."""
+    return F.cosine_similarity(pred.float().flatten(1), target.float().flatten(1), dim=1)
+
+
+@torch.no_grad()
+def evaluate(probes: ProbeSet, eval_store: Store, builder, image, pad_id: int, batch_size: int, device):
+    """{task: {layer: mean cosine}} and {task: samples} over every valid sample of the eval store's done shards."""
+    tasks = probes.tasks
+    shapes = {t: tuple(eval_store.manifest.tasks[t].shape) for t in tasks}
+    sample = PTSample(builder, image, tasks, shapes)
+    sums = {t: {layer: 0.0 for layer in probes.layers} for t in tasks}
+    counts = dict.fromkeys(tasks, 0)
+    bad = {e["index"] for i in eval_store.done_shards(tasks) for e in eval_store.records[i].errors if e.get("task") is None}
+    rows: list[dict] = []
+
+    def flush():
+        if not rows:
+            return
+        b = to_device({**collate(rows, pad_id), "positions": (0, len(rows)), "step": 0, "row_offset": 0}, device)
+        preds = probes.predict(b)
+        for t in tasks:
+            keep = b["valid"][t]
+            counts[t] += int(keep.sum())
+            for layer, p in preds[t].items():
+                sums[t][layer] += float(cosine(p, b["targets"][t])[keep].sum())
+        rows.clear()
+
+    for shard in eval_store.done_shards(tasks):
+        for s in eval_store.iter_decoded(shard, tasks, compact=True):
+            if s["index"] in bad:
+                continue
+            rows.append(sample({**s, "position": s["index"]}))
+            if len(rows) == batch_size:
+                flush()
+    flush()
+    scores = {t: {layer: sums[t][layer] / counts[t] if counts[t] else math.nan for layer in probes.layers} for t in tasks}
+    return scores, counts
+
+
+def write_scores(out: Path, scores: dict, counts: dict, info: dict) -> None:
+    (out / "probe_scores.json").write_text(json.dumps({**info, "samples": counts,
+                                                       "scores": {t: {str(k): v for k, v in s.items()}
+                                                                  for t, s in scores.items()}}, indent=1))
+    with open(out / "probe_scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "layer", "cosine", "samples"])
+        for t, by_layer in scores.items():
+            for layer, v in by_layer.items():
+                w.writerow([t, layer, f"{v:.6f}", counts[t]])
+
+
+def plot(runs: list[Path], out: Path) -> Path:
+    """Cosine similarity vs layer, one line per (run, task): the paper's Fig. 3."""
+    from PIL import Image, ImageDraw
+
+    from trainer.plot import _panel
+
+    series = {}
+    for run in runs:
+        data = json.loads((run / "probe_scores.json").read_text())
+        for t, by_layer in data["scores"].items():
+            label = f"{run.name}/{t}" if len(runs) > 1 else t
+            series[label] = sorted((int(k), v) for k, v in by_layer.items() if v == v)
+    img = Image.new("RGB", (1000, 420), (255, 255, 255))
+    _panel(ImageDraw.Draw(img), (0, 0, 1000, 420), series, "probe: cosine similarity to the target, per LLM layer",
+           xlabel="layer")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return out
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """'1-32', '8,12,20' or '1-4,20' -> sorted unique layers; None = every layer."""
+    if not text:
+        return None
+    out = set()
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return sorted(out)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m trainer.probe", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", required=True, help="the training store (e.g. COCO train2017, extracted by olaf)")
+    p.add_argument("--eval-store", required=True, help="the evaluation store (e.g. COCO val2017)")
+    p.add_argument("--model", required=True, help="the MLLM to probe: a PT export folder, an LLM (with "
+                                                  "--vision-tower and --mm-projector), or a LlavaForConditionalGeneration")
+    p.add_argument("--vision-tower", help="the base encoder, for an LLM MODEL")
+    p.add_argument("--mm-projector", help="LLaVA's mm_projector.bin, for an LLM MODEL")
+    p.add_argument("--chat-template", help="llama_3, phi_3 or vicuna_v1 (default: the export's; vicuna_v1 for llava-hf)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--layers", help="layers to probe, e.g. 1-32 or 8,12,20 (default: every layer)")
+    p.add_argument("--tasks", help="comma list (default: every task of the store)")
+    p.add_argument("--teachers-manifest", help="teacher manifest the stores must match (default: ola_vlm.yaml)")
+    p.add_argument("--config", action="append", default=[], help="YAML overriding the defaults (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--resume", action="store_true")
+    a = p.parse_args(argv)
+    tasks = a.tasks or ",".join(t for t in TASKS if t in Store(a.store).tasks)
+    try:
+        cfg = load_config([PROBE_DEFAULTS, *a.config], {
+            "store": a.store, "output_dir": a.output_dir, "vision_tower": a.vision_tower,
+            "chat_template": a.chat_template, "teachers_manifest": a.teachers_manifest, "max_steps": a.max_steps,
+            "resume": a.resume or None, "tasks": tasks, "llm": a.model}, a.set)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
+    return a, cfg
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plot"]:
+        p = argparse.ArgumentParser(prog="python -m trainer.probe plot")
+        p.add_argument("runs", nargs="+", type=Path)
+        p.add_argument("--out", type=Path)
+        a = p.parse_args(argv[1:])
+        print(f"wrote {plot(a.runs, a.out or a.runs[0] / 'probe_plot.png')}")
+        return 0
+    a, cfg = parse_args(argv)
+    rank, world, device, dtype, log = start(cfg)
+    out = Path(cfg.output_dir)
+    eval_store = Store(a.eval_store)
+    run, builder, image, what = build_probe(cfg, a.model, a.mm_projector, parse_layers(a.layers), device, dtype,
+                                            rank, world)
+    _, expected = open_store(cfg)
+    eval_store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
+    probes = run.model
+    log(f"probing {what}: {len(probes.layers)} layers x {len(probes.tasks)} tasks = {len(probes.probes)} probes "
+        f"({sum(p.numel() for p in run.trainable):,} parameters); {run.stream.num_samples:,} training samples, "
+        f"{run.total_steps} steps of {cfg.global_batch_size}")
+    step = fit(run, out, rank, world, device, log)
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        (out / "probes").mkdir(parents=True, exist_ok=True)
+        for name, probe in probes.probes.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()},
+                      out / "probes" / f"{name}.safetensors")
+        probes.eval()
+        scores, counts = evaluate(probes, eval_store, builder, image, run.pad_id, cfg.micro_batch_size, device)
+        write_scores(out, scores, counts, {"model": a.model, "store": cfg.store, "eval_store": a.eval_store,
+                                           "steps": step, "layers": probes.layers, "tasks": probes.tasks,
+                                           "mllm_forwards": probes.mllm.forwards})
+        log(f"wrote {out / 'probe_scores.json'} and {plot([out], out / 'probe_plot.png')}")
+    teardown(world)
+    return 0
+
+
+def run(argv=None) -> int:
+    try:
+        return main(argv)
+    except (StoreError, ManifestError, TrainerError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+if __name__ == "__main__":
+    sys.exit(run())
