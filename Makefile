@@ -44,16 +44,17 @@ DEMO ?= demo
 DEMO_DIR := $(abspath $(DEMO))
 DEMO_SAMPLES ?= 48
 DEMO_STEPS ?= 40
+DEMO_PROBE_STEPS ?= 8
 DEMO_RAY_PORT ?= 6390
 DEMO_DASHBOARD_PORT ?= 8275
 export HF_HUB_OFFLINE := 1
 
 demo: setup
-	@echo "== 1/6 sample dataset (LLaVA format, with broken and awkward images mixed in) -> $(DEMO)/data"
+	@echo "== 1/7 sample dataset (LLaVA format, with broken and awkward images mixed in) -> $(DEMO)/data"
 	$(PY) -m pipeline.sample $(DEMO_DIR)/data --num-samples $(DEMO_SAMPLES) --bad 7 --odd 7 --seed 0
-	@echo "== 2/6 tiny random-weight teachers -> $(DEMO)/teachers"
+	@echo "== 2/7 tiny random-weight teachers -> $(DEMO)/teachers"
 	$(PY) -m teachers.tiny $(DEMO_DIR)/teachers
-	@echo "== 3/6 extraction: a Ray head on 127.0.0.1 (stopped afterwards), the job through 'ray job submit'"
+	@echo "== 3/7 extraction: a Ray head on 127.0.0.1 (stopped afterwards), the job through 'ray job submit'"
 	$(PY) -m pipeline.localray stop $(DEMO_DIR)/ray >/dev/null
 	$(PY) -m pipeline.localray start $(DEMO_DIR)/ray --port $(DEMO_RAY_PORT) --dashboard-port $(DEMO_DASHBOARD_PORT)
 	eval "$$($(PY) -m pipeline.localray env $(DEMO_DIR)/ray)"; \
@@ -63,18 +64,29 @@ demo: setup
 	  python -m pipeline.extract_teachers --data-path $(DEMO_DIR)/data/blip_laion_cc_sbu_558k.json \
 	    --image-folder $(DEMO_DIR)/data/images --output $(DEMO_DIR)/store \
 	    --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --shard-size 16 --batch-size 8 --no-progress
-	@echo "== 4/6 what the store holds"
+	@echo "== 4/7 what the store holds"
 	$(PY) -m pipeline.inspect $(DEMO_DIR)/store summary
 	$(PY) -m pipeline.inspect $(DEMO_DIR)/store verify
 	$(PY) -m pipeline.inspect $(DEMO_DIR)/store render --out $(DEMO_DIR)/sample.png
-	@echo "== 5/6 tiny LLM (fitted on the captions) and CLIP tower -> $(DEMO)/models"
+	@echo "== 5/7 tiny LLM (fitted on the captions) and CLIP tower -> $(DEMO)/models"
 	$(PY) -m trainer.tiny $(DEMO_DIR)/models --captions $(DEMO_DIR)/data/blip_laion_cc_sbu_558k.json --lm-steps 200
-	@echo "== 6/6 PT training from the store ($(DEMO_STEPS) steps; the teachers are never loaded)"
+	@echo "== 6/7 PT training from the store ($(DEMO_STEPS) steps; the teachers are never loaded)"
 	rm -rf $(DEMO_DIR)/run
 	$(PY) -m trainer.pt --store $(DEMO_DIR)/store --config $(DEMO_DIR)/models/pt_tiny.yaml \
 	  --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --output-dir $(DEMO_DIR)/run --max-steps $(DEMO_STEPS) \
 	  --set learning_rate=3e-3
 	$(PY) -m trainer.plot $(DEMO_DIR)/run
+	@echo "== 7/7 probing the trained model at every layer, for every task: an image folder -> a store -> probes"
+	$(PY) -m pipeline.llava from-images $(DEMO_DIR)/data/images --out $(DEMO_DIR)/probe/eval.json
+	$(PY) -m pipeline.extract_teachers --data-path $(DEMO_DIR)/probe/eval.json --image-folder $(DEMO_DIR)/data/images \
+	  --output $(DEMO_DIR)/probe/eval_store --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --limit 24 \
+	  --shard-size 8 --batch-size 8 --no-progress
+	rm -rf $(DEMO_DIR)/probe/run
+	$(PY) -m trainer.probe --store $(DEMO_DIR)/store --eval-store $(DEMO_DIR)/probe/eval_store \
+	  --model $(DEMO_DIR)/run/export --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml \
+	  --output-dir $(DEMO_DIR)/probe/run --max-steps $(DEMO_PROBE_STEPS) --set global_batch_size=8 \
+	  --set micro_batch_size=4 --set num_workers=1 --set learning_rate=3e-3
 	@echo
 	@echo "demo done: $(DEMO)/store (targets), $(DEMO)/sample.png (a sample and its targets),"
-	@echo "           $(DEMO)/run/export (mm_projector.bin, task tokens, predictors), $(DEMO)/run/loss.png"
+	@echo "           $(DEMO)/run/export (mm_projector.bin, task tokens, predictors), $(DEMO)/run/loss.png,"
+	@echo "           $(DEMO)/probe/run/probe_scores.csv and probe_plot.png (cosine per task and layer)"

@@ -190,3 +190,35 @@ def test_a_llava_hf_checkpoint_is_probed_as_it_is(tmp_path, probe_setup, tiny_mo
     data = json.loads((out / "probe_scores.json").read_text())
     assert data["layers"] == [1, 2, 3, 4] and all(v == v for s in data["scores"].values() for v in s.values())
     assert "LlavaForConditionalGeneration" in log
+
+
+def test_an_olaf_pt_export_is_probed_with_its_task_tokens(tmp_path, probe_setup, trainer_store, tiny_models,
+                                                           tiny_teachers):
+    """Form (a): a trainer.pt run's export/ (its LLM, tower, projector and task tokens, pooled to 8); probing
+    resumed from its step-2 checkpoint continues with the uninterrupted run's losses (trainer.pt's loop)."""
+    train, val, _ = probe_setup
+    run = tmp_path / "pt"
+    p = subprocess.run([sys.executable, "-m", "trainer.pt", "--store", str(trainer_store), "--config", str(tiny_models),
+                        "--teachers-manifest", str(tiny_teachers), "--output-dir", str(run), "--max-steps", "1",
+                        "--set", "num_workers=0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    common = ["--store", str(train), "--eval-store", str(val), "--model", str(run / "export"), "--layers", "5,20",
+              "--teachers-manifest", str(tiny_teachers), "--set", "global_batch_size=4", "--set", "micro_batch_size=4",
+              "--set", "num_workers=0", "--set", "log_every=1", "--set", "save_every=1", "--set", "keep_checkpoints=0",
+              "--set", "tensorboard=false"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    rc, log = probe([*common, "--output-dir", str(whole), "--max-steps", "4"])
+    assert rc == 0, log
+    assert "probing olaf PT export" in log
+    import shutil
+
+    (part / "checkpoints").mkdir(parents=True)  # the run as it was after step 2 (what a killed run leaves)
+    shutil.copytree(whole / "checkpoints" / "step-000002", part / "checkpoints" / "step-000002")
+    shutil.copytree(whole / "logs", part / "logs")
+    rc, log = probe([*common, "--output-dir", str(part), "--max-steps", "4", "--resume"])
+    assert rc == 0 and "resumed from" in log, log
+    lines = lambda d: [json.loads(x) for x in (d / "logs" / "train.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = lines(whole), lines(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)

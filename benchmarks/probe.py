@@ -1,0 +1,121 @@
+"""Probing throughput: olaf's one pass (stored targets, one frozen-MLLM forward feeds every probe of every task)
+vs the authors' design (one job per task, the teacher run online per image inside each step), side by side.
+
+    python benchmarks/probe.py [--samples 64] [--batches 6] [--micro-batch 4]
+
+Same tiny models (trainer.tiny, teachers.tiny), same store, same probes (every layer of the tiny LLM): the
+table gives, per design, the seconds to train all (task, layer) probes on the same samples, the MLLM forwards
+that took, and probe updates per second (probes x samples / s). This script may import `teachers`; the
+trainer never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.imageops import decode_rgb  # noqa: E402
+from pipeline.sample import generate  # noqa: E402
+from pipeline.teacher_manifest import load_manifest  # noqa: E402
+from teachers.base import preprocess  # noqa: E402
+from teachers.registry import load_teachers  # noqa: E402
+from trainer.config import TASKS, load_config  # noqa: E402
+from trainer.loop import to_device  # noqa: E402
+from trainer.probe import build_probe  # noqa: E402
+
+
+def setup(work: Path, samples: int):
+    from teachers.tiny import build as build_teachers
+    from trainer.model import Projector
+    from trainer.tiny import build as build_models
+
+    json_path = generate(work / "data", samples, seed=0)
+    teachers_yaml = build_teachers(work / "teachers")
+    models_cfg = build_models(work / "models", lm_steps=0)
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import reference_store
+
+    path = reference_store(work / "store", (json_path, work / "data" / "images"), teachers_yaml, shard=16,
+                           teachers_yaml=True)
+    torch.save({f"model.mm_projector.{k}": v for k, v in Projector(32, 64).state_dict().items()}, work / "proj.bin")
+    return path, models_cfg, teachers_yaml, work / "proj.bin", work / "data" / "images"
+
+
+def timed(run, batches: int, device, teachers=None, raw: dict | None = None) -> tuple[float, int]:
+    """(median seconds per step, MLLM forwards) over `batches` steps after one warm-up."""
+    it = iter(run.stream)
+    times = []
+    before = run.model.mllm.forwards
+    for k in range(batches + 1):
+        batch = next(it)
+        t0 = time.perf_counter()
+        b = to_device(batch, device)
+        if teachers is not None:  # the authors' way: the teacher per image, inside the step
+            b["targets"] = {t: torch.stack([teacher(torch.from_numpy(preprocess(teacher.spec, decode_rgb(raw[i])))[None])[0]
+                                            for i in batch["ids"]]) for t, teacher in teachers.items()}
+        loss, _ = run.model(b)
+        loss.backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if k:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * batches, run.model.mllm.forwards - before - 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--batches", type=int, default=6)
+    p.add_argument("--micro-batch", type=int, default=4)
+    a = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(tempfile.mkdtemp(prefix="olaf-bench-probe-"))
+    store, models_cfg, teachers_yaml, proj, images = setup(work, a.samples)
+    device, dtype = torch.device("cpu"), torch.float32
+    base = load_config([models_cfg], {"store": str(store), "output_dir": str(work / "out"),
+                                      "teachers_manifest": str(teachers_yaml)},
+                       [f"global_batch_size={a.micro_batch}", f"micro_batch_size={a.micro_batch}"])
+    raw = {}
+    from pipeline.store import Store
+
+    s = Store(store)
+    for shard in s.done_shards():
+        for d in s.iter_decoded(shard, []):
+            if d["image"] is not None:
+                raw[d["id"]] = d["image"]
+
+    ours = build_probe(base, base.llm, str(proj), None, device, dtype, 0, 1)[0]
+    n_probes = len(ours.model.probes)
+    secs, forwards = timed(ours, a.batches, device)
+    rows = [("olaf: stored targets, all tasks, one pass", secs, forwards, n_probes)]
+    manifest = load_manifest(teachers_yaml)
+    total, total_fwd = 0.0, 0
+    for t in TASKS:
+        cfg = dataclasses.replace(base, tasks=[t])
+        run = build_probe(cfg, cfg.llm, str(proj), None, device, dtype, 0, 1)[0]
+        teacher = load_teachers(manifest, [t])
+        secs_t, fwd_t = timed(run, a.batches, device, teachers=teacher, raw=raw)
+        rows.append((f"authors: job '{t}', teacher online", secs_t, fwd_t, len(run.model.probes)))
+        total, total_fwd = total + secs_t, total_fwd + fwd_t
+    rows.append(("authors: the three jobs", total, total_fwd, n_probes))
+    samples = a.batches * a.micro_batch
+    print(f"# probing benchmark: tiny models on CPU ({torch.get_num_threads()} threads), {samples} samples "
+          f"({a.batches} batches of {a.micro_batch}), {ours.model.mllm.num_layers} layers x 3 tasks = {n_probes} probes")
+    print(f"{'design':<44} {'seconds':>8} {'MLLM fwd':>9} {'probe-updates/s':>16} {'ratio':>7}")
+    for name, sec, fwd, probes in rows:
+        print(f"{name:<44} {sec:>8.2f} {fwd:>9} {probes * samples / sec:>16.1f} {total / sec:>6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
