@@ -5,11 +5,13 @@
         [--config trainer/configs/ola_vlm_pt.yaml] [--max-steps N] [--resume] [--set key=value ...]
     torchrun --nproc_per_node 8 -m trainer.pt ...       # the same on several GPUs (nccl) or CPU processes (gloo)
 
-Frozen: the CLIP tower and the LLM. Trained: the mlp2x_gelu projector, the task tokens, the embedding predictors
-and the logit scales (AdamW, cosine with warm-up). Outputs in OUT: logs/train.jsonl (every logged step, every
-loss term), tensorboard/, checkpoints/step-NNNNNN (resume with --resume: same data order, same losses), and
-export/ (mm_projector.bin with LLaVA's key names, task tokens, predictors, config.json). Plot the losses with
-`python -m trainer.plot OUT`.
+Frozen: the base encoder (CLIP-ViT or CLIP-ConvNeXT) and the LLM. Trained: the mlp2x_gelu projector, the task
+tokens, the embedding predictors and the logit scales (AdamW, cosine with warm-up). The data come in the store's
+global order (pipeline.store.order), whatever the number of processes. Outputs in OUT: logs/train.jsonl (every
+logged step, every loss term), logs/samples.jsonl (each step's sample ids), tensorboard/, checkpoints/step-NNNNNN
+(--resume continues with the same samples and losses, also on another number of processes), and export/
+(mm_projector.bin with LLaVA's key names, task tokens, predictors, config.json; `python -m trainer.export` writes
+the folder OLA-VLM's IFT loads). Plot the losses with `python -m trainer.plot OUT`.
 """
 
 from __future__ import annotations
