@@ -25,7 +25,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +95,9 @@ def main(argv=None):
     server, s3_root = None, a.s3_url
     if "s3" in backends and not s3_root:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from s3server import SeaweedFS
+        from s3server import bucket_for_benchmark
 
-        server = SeaweedFS.start(root / "seaweedfs")
-        os.environ.update(server.env)
-        s3_root = f"s3://{server.bucket}/bench-{uuid.uuid4().hex[:8]}"
+        server, s3_root = bucket_for_benchmark(root / "seaweedfs")
     per_sample = sum(x * y for x, y in SHAPES.values()) * 2 + 60_000
     print(f"# loader benchmark: {a.samples} samples x {per_sample / 1e6:.2f} MB (fp16 targets at full shapes + "
           f"image), shards of {a.shard_size}, micro-batch {a.micro_batch}, {a.workers} workers, "

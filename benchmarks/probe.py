@@ -25,30 +25,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.imageops import decode_rgb  # noqa: E402
-from pipeline.sample import generate  # noqa: E402
-from pipeline.teacher_manifest import load_manifest  # noqa: E402
 from teachers.base import preprocess  # noqa: E402
-from teachers.registry import load_teachers  # noqa: E402
-from trainer.config import TASKS, load_config  # noqa: E402
+from trainer.config import TASKS  # noqa: E402
 from trainer.loop import to_device  # noqa: E402
 from trainer.probe import build_probe  # noqa: E402
 
 
 def setup(work: Path, samples: int):
-    from teachers.tiny import build as build_teachers
+    """pt_step's tiny setup (data, tiny teachers and models, a store), and a random mm_projector.bin."""
+    from pt_step import tiny_setup
+
     from trainer.model import Projector
-    from trainer.tiny import build as build_models
 
-    json_path = generate(work / "data", samples, seed=0)
-    teachers_yaml = build_teachers(work / "teachers")
-    models_cfg = build_models(work / "models", lm_steps=0)
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers import reference_store
-
-    path = reference_store(work / "store", (json_path, work / "data" / "images"), teachers_yaml, shard=16,
-                           teachers_yaml=True)
+    cfg, teachers = tiny_setup(work, samples)
     torch.save({f"model.mm_projector.{k}": v for k, v in Projector(32, 64).state_dict().items()}, work / "proj.bin")
-    return path, models_cfg, teachers_yaml, work / "proj.bin", work / "data" / "images"
+    return cfg, teachers, work / "proj.bin"
 
 
 def timed(run, batches: int, device, teachers=None, raw: dict | None = None) -> tuple[float, int]:
@@ -80,11 +71,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="olaf-bench-probe-"))
-    store, models_cfg, teachers_yaml, proj, images = setup(work, a.samples)
+    cfg, teachers, proj = setup(work, a.samples)
     device, dtype = torch.device("cpu"), torch.float32
-    base = load_config([models_cfg], {"store": str(store), "output_dir": str(work / "out"),
-                                      "teachers_manifest": str(teachers_yaml)},
-                       [f"global_batch_size={a.micro_batch}", f"micro_batch_size={a.micro_batch}"])
+    base = dataclasses.replace(cfg, global_batch_size=a.micro_batch, micro_batch_size=a.micro_batch)
+    store = cfg.store
     raw = {}
     from pipeline.store import Store
 
@@ -98,13 +88,11 @@ def main(argv=None) -> int:
     n_probes = len(ours.model.probes)
     secs, forwards = timed(ours, a.batches, device)
     rows = [("olaf: stored targets, all tasks, one pass", secs, forwards, n_probes)]
-    manifest = load_manifest(teachers_yaml)
     total, total_fwd = 0.0, 0
     for t in TASKS:
         cfg = dataclasses.replace(base, tasks=[t])
         run = build_probe(cfg, cfg.llm, str(proj), None, device, dtype, 0, 1)[0]
-        teacher = load_teachers(manifest, [t])
-        secs_t, fwd_t = timed(run, a.batches, device, teachers=teacher, raw=raw)
+        secs_t, fwd_t = timed(run, a.batches, device, teachers={t: teachers[t]}, raw=raw)
         rows.append((f"authors: job '{t}', teacher online", secs_t, fwd_t, len(run.model.probes)))
         total, total_fwd = total + secs_t, total_fwd + fwd_t
     rows.append(("authors: the three jobs", total, total_fwd, n_probes))

@@ -16,12 +16,10 @@ store does not offer), and the streaming reader's samples/s with 1 and 2 DataLoa
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +97,9 @@ def main(argv=None):
     s3_root = args.s3_url
     if "s3" in backends and not s3_root:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from s3server import SeaweedFS
+        from s3server import bucket_for_benchmark
 
-        server = SeaweedFS.start(root / "seaweedfs")
-        os.environ.update(server.env)
-        s3_root = f"s3://{server.bucket}/bench-{uuid.uuid4().hex[:8]}"
+        server, s3_root = bucket_for_benchmark(root / "seaweedfs")
     n = args.samples
     raw_mb = n * sum(a * b for a, b in SHAPES.values()) * 2 / 1e6  # fp16 bytes of the targets
     print(f"# store benchmark: {n} samples of 2.95 MB fp16 targets (+60 kB image), shards of {args.shard_size}, "

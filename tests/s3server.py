@@ -95,3 +95,12 @@ class SeaweedFS:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def bucket_for_benchmark(directory: str | Path) -> tuple[SeaweedFS, str]:
+    """A SeaweedFS server for a benchmark run, its AWS_* set in this process, and a fresh s3:// prefix."""
+    import uuid
+
+    server = SeaweedFS.start(directory)
+    os.environ.update(server.env)
+    return server, f"s3://{server.bucket}/bench-{uuid.uuid4().hex[:8]}"

@@ -30,7 +30,7 @@ def resolve_manifest(path: str) -> Path:
     return p if p.exists() or p.is_absolute() else REPO_ROOT / p
 
 
-def _from_pretrained(what: str, load, name: str, **kw):
+def load_or_explain(what: str, load, name: str, **kw):
     """One message instead of transformers' chained tracebacks for a model that is not there."""
     try:
         return load(name, **kw)
@@ -59,10 +59,10 @@ def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
                 attn = "flash_attention_2"
             except ImportError:
                 pass
-    tokenizer = _from_pretrained("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.llm)
-    llm = _from_pretrained("LLM", AutoModelForCausalLM.from_pretrained, cfg.llm, dtype=dtype,
+    tokenizer = load_or_explain("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.llm)
+    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, cfg.llm, dtype=dtype,
                            attn_implementation=attn).to(device)
-    vision = _from_pretrained("vision tower", load_tower, cfg.vision_tower, select_layer=cfg.vision_select_layer,
+    vision = load_or_explain("vision tower", load_tower, cfg.vision_tower, select_layer=cfg.vision_select_layer,
                               dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         # the LLM is frozen but gradients flow through it to the projector and task tokens

@@ -202,3 +202,24 @@ def teardown(world: int) -> None:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _one_line(e: Exception) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker, without the worker's traceback."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return msg
+
+
+def run_cli(main, argv=None) -> int:
+    """`main(argv)`, with the errors a user can fix printed as one line (exit status 2)."""
+    from pipeline.store import StoreError
+    from pipeline.teacher_manifest import ManifestError
+
+    try:
+        return main(argv)
+    except (StoreError, ManifestError, TrainerError, checkpoint.CheckpointError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2

@@ -35,13 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.store import Store, StoreError
-from pipeline.teacher_manifest import ManifestError
-from trainer import checkpoint
-from trainer.build import TrainerError, _from_pretrained, assemble, open_store
+from pipeline.store import Store
+from trainer.build import TrainerError, assemble, load_or_explain, open_store
 from trainer.config import TASKS, PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
-from trainer.loop import fit, start, teardown, to_device
+from trainer.loop import fit, run_cli, start, teardown, to_device
 from trainer.loss import masked_smooth_l1
 from trainer.model import FeedForward, Layout, PerceiverAttention, Projector
 from trainer.templates import PromptBuilder, get_template, prompt_prefix
@@ -173,12 +171,12 @@ def load_mllm(cfg: PTConfig, model: str, mm_projector: str | None, device, dtype
                        for t in TASKS if f"special_{t}_tokens" in tokens}
         select = info["mm_vision_select_layer"]
     else:
-        config = _from_pretrained("model", AutoConfig.from_pretrained, model)
+        config = load_or_explain("model", AutoConfig.from_pretrained, model)
         if getattr(config, "model_type", None) == "llava":  # (c)
             from transformers import LlavaForConditionalGeneration
 
-            m = _from_pretrained("LLaVA model", LlavaForConditionalGeneration.from_pretrained, model, dtype=dtype)
-            tokenizer = _from_pretrained("tokenizer", AutoTokenizer.from_pretrained, model)
+            m = load_or_explain("LLaVA model", LlavaForConditionalGeneration.from_pretrained, model, dtype=dtype)
+            tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, model)
             tower = CLIPTower(m.model.vision_tower, config.vision_feature_layer)
             template = cfg.chat_template if cfg.chat_template != "llama_3" else "vicuna_v1"
             image = ImageRecipe.from_pretrained(model, cfg.image_aspect)
@@ -189,9 +187,9 @@ def load_mllm(cfg: PTConfig, model: str, mm_projector: str | None, device, dtype
                                f"or pass a PT export folder or a LlavaForConditionalGeneration checkpoint")
         llm_name, tower_name, template = model, cfg.vision_tower, cfg.chat_template
         proj_path, kind, task_tokens, select = Path(mm_projector), "LLM + tower + mm_projector.bin", {}, cfg.vision_select_layer
-    tokenizer = _from_pretrained("tokenizer", AutoTokenizer.from_pretrained, llm_name)
-    llm = _from_pretrained("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
-    tower = _from_pretrained("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
+    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, llm_name)
+    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
+    tower = load_or_explain("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
     weights = torch.load(proj_path, map_location="cpu", weights_only=True)
     projector = Projector(tower.hidden_size, llm.config.hidden_size)
     projector.load_state_dict({k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector." in k})
@@ -382,11 +380,8 @@ def main(argv=None) -> int:
 
 
 def run(argv=None) -> int:
-    try:
-        return main(argv)
-    except (StoreError, ManifestError, TrainerError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
+
 
 if __name__ == "__main__":
     sys.exit(run())

@@ -20,12 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.store import StoreError
-from pipeline.teacher_manifest import ManifestError
 from trainer import checkpoint
-from trainer.build import TrainerError, build
+from trainer.build import build
 from trainer.config import PTConfig, load_config
-from trainer.loop import clip_gradients, fit, start, teardown, to_device  # noqa: F401  (re-exported)
+from trainer.loop import clip_gradients, fit, run_cli, start, teardown, to_device  # noqa: F401  (re-exported)
 
 
 def parse_args(argv=None) -> PTConfig:
@@ -92,21 +90,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _one_line(e: Exception) -> str:
-    """The error's own message; for one re-raised from a DataLoader worker, without the worker's traceback."""
-    msg = str(e)
-    if "Original Traceback" in msg:
-        last = msg.strip().splitlines()[-1]
-        msg = last.split(": ", 1)[1] if ": " in last else last
-    return msg
-
-
 def run(argv=None) -> int:
-    try:
-        return main(argv)
-    except (StoreError, ManifestError, TrainerError, checkpoint.CheckpointError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -44,35 +44,33 @@ def split_convnext_name(name: str) -> tuple[str, int]:
     return (name[: m.start()] + name[m.end():], int(m.group(1))) if m else (name, 768)
 
 
+# timm ConvNeXt trunk names <-> transformers ConvNextModel names ({i}: stage, {j}: block)
+_NAMES = [("stem.0.", "embeddings.patch_embeddings."), ("stem.1.", "embeddings.layernorm."),
+          ("stages.{i}.downsample.", "encoder.stages.{i}.downsampling_layer."),
+          ("stages.{i}.blocks.{j}.conv_dw.", "encoder.stages.{i}.layers.{j}.dwconv."),
+          ("stages.{i}.blocks.{j}.norm.", "encoder.stages.{i}.layers.{j}.layernorm."),
+          ("stages.{i}.blocks.{j}.mlp.fc1.", "encoder.stages.{i}.layers.{j}.pwconv1."),
+          ("stages.{i}.blocks.{j}.mlp.fc2.", "encoder.stages.{i}.layers.{j}.pwconv2."),
+          ("stages.{i}.blocks.{j}.gamma", "encoder.stages.{i}.layers.{j}.layer_scale_parameter")]
+
+
+def _rename(key: str, to_hf: bool) -> str:
+    for timm, hf in _NAMES:
+        src, dst = (timm, hf) if to_hf else (hf, timm)
+        pattern = "^" + re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+        m = re.match(pattern, key)
+        if m and (src.endswith(".") or key == m.group(0)):
+            return dst.format(**m.groupdict()) + key[m.end():]
+    raise KeyError(f"{key}: not a ConvNeXt trunk tensor name")
+
+
 def timm_to_hf(key: str) -> str:
     """A timm ConvNeXt trunk key -> transformers' ConvNextModel key."""
-    rules = [(r"^stem\.0\.", "embeddings.patch_embeddings."), (r"^stem\.1\.", "embeddings.layernorm."),
-             (r"^stages\.(\d+)\.downsample\.", r"encoder.stages.\1.downsampling_layer."),
-             (r"^stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"encoder.stages.\1.layers.\2.dwconv."),
-             (r"^stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"encoder.stages.\1.layers.\2.layernorm."),
-             (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"encoder.stages.\1.layers.\2.pwconv1."),
-             (r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"encoder.stages.\1.layers.\2.pwconv2."),
-             (r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"encoder.stages.\1.layers.\2.layer_scale_parameter")]
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    raise KeyError(f"not a ConvNeXt trunk tensor: {key}")
+    return _rename(key, to_hf=True)
 
 
 def hf_to_timm(key: str) -> str:
-    rules = [(r"^embeddings\.patch_embeddings\.", "stem.0."), (r"^embeddings\.layernorm\.", "stem.1."),
-             (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
-             (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-             (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
-             (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-             (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-             (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.blocks.\2.gamma")]
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    raise KeyError(f"no timm name for {key}")
+    return _rename(key, to_hf=False)
 
 
 class CLIPTower(nn.Module):
