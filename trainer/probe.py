@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.store import Store
+from pipeline.store import Location, Store, read_manifest
 from trainer.build import TrainerError, assemble, load_or_explain, open_store
 from trainer.config import TASKS, PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
@@ -219,7 +219,7 @@ def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: lis
     probes = ProbeSet(mllm, target_shapes, layers, cfg.predictor).to(device)
     builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start)
     run = assemble(cfg, device, dtype, store, expected, tokenizer, probes, builder, image, rank, world, "sdpa")
-    return run, builder, image, what
+    return run, builder, image, what, expected
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
@@ -329,7 +329,8 @@ def parse_args(argv):
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
-    tasks = a.tasks or ",".join(t for t in TASKS if t in Store(a.store).tasks)
+    # the store's tasks from its manifest alone (the records are read once, when the run is built)
+    tasks = a.tasks or ",".join(t for t in TASKS if t in read_manifest(Location(a.store)).tasks)
     try:
         cfg = load_config([PROBE_DEFAULTS, *a.config], {
             "store": a.store, "output_dir": a.output_dir, "vision_tower": a.vision_tower,
@@ -353,9 +354,8 @@ def main(argv=None) -> int:
     rank, world, device, dtype, log = start(cfg)
     out = Path(cfg.output_dir)
     eval_store = Store(a.eval_store)
-    run, builder, image, what = build_probe(cfg, a.model, a.mm_projector, parse_layers(a.layers), device, dtype,
+    run, builder, image, what, expected = build_probe(cfg, a.model, a.mm_projector, parse_layers(a.layers), device, dtype,
                                             rank, world)
-    _, expected = open_store(cfg)
     eval_store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
     probes = run.model
     log(f"probing {what}: {len(probes.layers)} layers x {len(probes.tasks)} tasks = {len(probes.probes)} probes "
