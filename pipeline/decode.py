@@ -2,8 +2,10 @@
 
 A pure function, run in Ray CPU workers (and by tests and the single-process reference as it is). Each sample
 fails alone: a missing, empty, truncated, non-image, bomb or escaping file, or a text-only record, becomes a
-recorded reason, and its neighbours in the batch go on. Good samples come out as one uint8 array per teacher
-(n_ok, H, W, 3), in batch order, ready for the device.
+recorded reason, and its neighbours in the batch go on. Good samples come out, in batch order, either as one
+uint8 array per teacher (n_ok, H, W, 3) (`resize_on="cpu"`: the recipes ran here, with PIL) or as the decoded
+RGB image of each (`resize_on="device"`: the teachers' device runs the recipes, bit-exactly, pipeline.pil_exact;
+an image over DEVICE_RESIZE_MAX_PIXELS is still resized here, so that one huge image cannot exhaust the device).
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from pipeline.llava import Record
 from pipeline.store import SampleResult
 from pipeline.teacher_manifest import TeacherSpec
 
+RESIZE_ON = ("cpu", "device")
+DEVICE_RESIZE_MAX_PIXELS = 16_000_000  # larger images are resized by the decode worker even with resize_on=device
+
 
 @dataclass
 class DecodedBatch:
-    pixels: dict[str, np.ndarray]  # task -> uint8 (n_ok, H, W, 3): row k is sample ids[k]
+    pixels: dict[str, np.ndarray]  # task -> uint8 (n_ok, H, W, 3): row k is sample ids[k] (resize_on="cpu")
     samples: list[SampleResult]  # every sample of the batch, in order (good and bad)
     seconds: float  # CPU time spent, for the starvation report
+    # resize_on="device": row k is sample ids[k], as its decoded uint8 (h, w, 3) image, or {task: resized (H, W, 3)}
+    images: list | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -31,7 +38,9 @@ class DecodedBatch:
         return [s.id for s in self.samples if s.error is None]
 
     def pixel_payload(self) -> dict:
-        """What the teachers get: the pixels with the id of every row."""
+        """What the teachers get: the pixels (or images) with the id of every row."""
+        if self.images is not None:
+            return {"ids": self.ids, "images": self.images}
         return {"ids": self.ids, "pixels": self.pixels}
 
     def without_pixels(self) -> DecodedBatch:
@@ -40,12 +49,15 @@ class DecodedBatch:
 
 
 def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSpec],
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, resize_on: str = "cpu") -> DecodedBatch:
     from teachers.base import preprocess  # the recipe's PIL ops; teachers owns their application
 
+    if resize_on not in RESIZE_ON:
+        raise ValueError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
     t0 = time.process_time()
     samples: list[SampleResult] = []
     arrays: dict[str, list[np.ndarray]] = {s.task: [] for s in specs}
+    images: list = []
     for rec in records:
         data, error = None, None
         try:
@@ -55,16 +67,24 @@ def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSp
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
             data = read_image_bytes(image_folder, rec.image)
             rgb = decode_rgb(data, max_pixels=max_pixels)
-            per_task = {spec.task: preprocess(spec, rgb) for spec in specs}
+            if resize_on == "device" and rgb.width * rgb.height <= DEVICE_RESIZE_MAX_PIXELS:
+                image = np.asarray(rgb)  # the device runs the recipes
+            else:
+                image = {spec.task: preprocess(spec, rgb) for spec in specs}
         except BadImage as e:
             error = str(e)
         except Exception as e:  # anything else a hostile file can provoke stays this sample's problem
             error = f"preprocessing failed: {type(e).__name__}: {e}"
         if error is None:
-            for task, arr in per_task.items():
-                arrays[task].append(arr)
+            if resize_on == "device":
+                images.append(image)
+            else:
+                for task, arr in image.items():
+                    arrays[task].append(arr)
         samples.append(SampleResult(index=rec.index, id=rec.id, record=rec.raw, image=rec.image,
                                     image_bytes=data, error=error))
+    if resize_on == "device":
+        return DecodedBatch({}, samples, time.process_time() - t0, images)
     pixels = {}
     for s in specs:
         h, w = s.preprocess.input_size

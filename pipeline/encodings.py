@@ -51,24 +51,25 @@ def get(name: str, candidates: bool = False) -> Encoding:
 
 
 def encode(x: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """float tensor (B, T, W) on any device -> (values, scale or None) as CPU numpy arrays."""
+    """float tensor (B, T, W) on any device -> (values, scale or None) as C-contiguous CPU numpy arrays (a
+    transposed teacher output would otherwise leave strided arrays, which Ray and np.save copy again)."""
     enc = get(name, candidates=True)
     if x.ndim != 3:
         raise ValueError(f"encode expects (batch, tokens, width), got {tuple(x.shape)}")
     if name == "fp16":
-        return x.to(torch.float16).cpu().numpy(), None
+        return x.to(torch.float16).contiguous().cpu().numpy(), None
     if name == "bf16":
-        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
+        return x.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16), None
     x = x.float()
     amax = x.abs().amax(dim=-1, keepdim=True)
     if name == "int8":
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
-        return q.cpu().numpy(), scale.squeeze(-1).cpu().numpy()
+        q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8).contiguous()
+        return q.cpu().numpy(), scale.squeeze(-1).contiguous().cpu().numpy()
     if name == "fp8":
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
-        return q.cpu().numpy(), scale.squeeze(-1).cpu().numpy()
+        q = (x / scale).to(torch.float8_e4m3fn).contiguous().view(torch.uint8)
+        return q.cpu().numpy(), scale.squeeze(-1).contiguous().cpu().numpy()
     raise AssertionError(enc)  # pragma: no cover
 
 

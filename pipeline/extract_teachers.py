@@ -77,7 +77,7 @@ class TeacherActor:
     """Holds every teacher of the run on one device; `run` takes one decoded batch's pixels."""
 
     def __init__(self, manifest_path: str, fidelity: str, tasks: list[str], device: str, dtype: dict[str, str],
-                 threads: int, encoding_by_task: dict[str, str]):
+                 threads: int, encoding_by_task: dict[str, str], resize_on: str = "cpu"):
         import torch
 
         from teachers.registry import TeacherSet
@@ -91,6 +91,13 @@ class TeacherActor:
         self.teachers = TeacherSet.load(manifest, tasks, device=device,
                                         dtype={t: getattr(torch, d) for t, d in dtype.items()})
         self.encoding_by_task = encoding_by_task
+        if resize_on == "device":  # the recipes will run here: prove them equal to this node's Pillow first
+            from pipeline import pil_exact
+
+            bad = pil_exact.self_check({t: manifest.teachers[t].preprocess.ops for t in tasks}, device)
+            if bad:
+                raise RuntimeError(f"the device resizes of {', '.join(bad)} differ from this node's Pillow "
+                                   f"{pil_exact.pillow_version()}; run with --resize-on cpu")
         self.busy = 0.0
         self.first = self.last = None
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({threads} threads)"
@@ -103,8 +110,9 @@ class TeacherActor:
         t = time.perf_counter()
         self.first = self.first or t
         subset = type(self.teachers)({k: self.teachers.teachers[k] for k in tasks}, self.teachers.device)
-        out = compute_batch(subset, {"ids": payload["ids"], "pixels": {k: payload["pixels"][k] for k in tasks}},
-                            self.encoding_by_task)
+        if "pixels" in payload:
+            payload = {"ids": payload["ids"], "pixels": {k: payload["pixels"][k] for k in tasks}}
+        out = compute_batch(subset, payload, self.encoding_by_task)
         self.last = time.perf_counter()
         self.busy += self.last - t
         return out
@@ -114,8 +122,8 @@ class TeacherActor:
         return {"busy_s": self.busy, "span_s": span, "busy_fraction": self.busy / span if span else None}
 
 
-def _decode(records, image_folder, specs, max_pixels):
-    b = decode_batch(records, image_folder, specs, max_pixels)
+def _decode(records, image_folder, specs, max_pixels, resize_on):
+    b = decode_batch(records, image_folder, specs, max_pixels, resize_on)
     return b.pixel_payload(), b.without_pixels()  # pixels (keyed by id) go to the actor, the rest to the writer
 
 
@@ -164,6 +172,7 @@ class Settings:
     prefetch: int | None = None
     max_writers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    resize_on: str = "auto"
     address: str | None = None
     num_cpus: int | None = None
     trust_done: bool = False
@@ -207,6 +216,10 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--max-writers", type=int, default=None, help="shards awaiting commit at once (default 2x actors+1)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images over this many pixels before decoding (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--resize-on", choices=["auto", "cpu", "device"], default="auto",
+                   help="where the recipes' resizes run: cpu (PIL in the decode workers) or device (the teachers' "
+                        "GPU, bit-identical to PIL, checked against this Pillow when the actors start; ~4x fewer "
+                        "bytes through Ray and most of the CPU work gone). Default auto: device on GPUs, else cpu")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray this job starts (default: all)")
@@ -233,7 +246,7 @@ def parse_args(argv=None) -> Settings:
         formats=formats, encoding=a.encoding, zarr_compression=a.zarr_compression, batch_size=a.batch_size,
         actors=a.actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor, dtype=a.dtype,
         torch_threads=a.torch_threads, decode_cpus=a.decode_cpus, prefetch=a.prefetch, max_writers=a.max_writers,
-        max_pixels=a.max_pixels, address=a.address, num_cpus=a.num_cpus, trust_done=a.trust_done,
+        max_pixels=a.max_pixels, resize_on=a.resize_on, address=a.address, num_cpus=a.num_cpus, trust_done=a.trust_done,
         shard_retries=a.shard_retries, plan_only=a.plan_only, progress=not a.no_progress)
 
 
@@ -362,6 +375,14 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
                          f"--cpus-per-actor (fractions are fine), or --decode-cpus")
     prefetch = s.prefetch or max(2, int(spare // s.decode_cpus // n_actors))
     max_writers = s.max_writers or 2 * n_actors + 1
+    resize_on = s.resize_on if s.resize_on != "auto" else ("device" if device == "cuda" else "cpu")
+    if resize_on == "device":
+        from pipeline import pil_exact
+
+        odd = [t for t in s.tasks if not pil_exact.supports(manifest.teachers[t].preprocess.ops)]
+        if odd:
+            raise UsageError(f"--resize-on device: the recipes of {', '.join(odd)} use an op or filter that only PIL "
+                             f"computes ({', '.join(pil_exact.FILTERS)} are reproduced); use --resize-on cpu")
 
     # 2. verify what is done (in parallel), recover interrupted commits
     damaged: dict[int, list[str]] = {}
@@ -392,8 +413,8 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
         enc_by_task = {t: all_layouts[t].encoding for t in load_tasks}
         actor_cls = ray.remote(TeacherActor).options(num_gpus=gpa, num_cpus=s.cpus_per_actor, max_restarts=-1,
                                                       max_task_retries=2, max_concurrency=1)
-        actors = [actor_cls.remote(s.teachers_manifest, manifest.fidelity, load_tasks, device, dtype, threads, enc_by_task)
-                  for _ in range(n_actors)]
+        actors = [actor_cls.remote(s.teachers_manifest, manifest.fidelity, load_tasks, device, dtype, threads, enc_by_task,
+                                   resize_on) for _ in range(n_actors)]
         try:
             infos = ray.get([a.info.remote() for a in actors])
         except Exception as e:  # a missing checkpoint on a worker node surfaces here
@@ -424,7 +445,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
     versions = _versions()
     extraction = {"batch_size": batch, "actors": n_actors, "gpus_per_actor": gpa, "cpus_per_actor": s.cpus_per_actor,
                   "device": teacher_info.get("device", device), "dtype": dtype, "torch_threads": threads,
-                  "max_pixels": s.max_pixels, "fidelity": manifest.fidelity, **versions}
+                  "max_pixels": s.max_pixels, "fidelity": manifest.fidelity, "resize_on": resize_on, **versions}
     if existing:
         m = existing
         new_layouts = layouts_for(manifest, load_tasks, s.encoding)
@@ -495,7 +516,7 @@ def _run_on_ray(ray, s, plan, manifest, out, existing, t_start, tqdm) -> int:
         metas, targets = [], []
         for chunk in batches_of(plan.shard_records(i), batch):
             a = min(range(len(actors)), key=load.__getitem__)
-            pix, meta = decode.remote(chunk, str(plan.image_folder), [specs[t] for t in tasks], s.max_pixels)
+            pix, meta = decode.remote(chunk, str(plan.image_folder), [specs[t] for t in tasks], s.max_pixels, resize_on)
             ref = actors[a].run.remote(pix, list(tasks))
             inflight[ref] = (a, len(chunk))
             load[a] += 1
@@ -631,14 +652,21 @@ def _versions() -> dict:
 
 def image_library_warnings(existing: store.RunManifest | None, now: dict, where: str = "this machine") -> list[str]:
     """Pixels are bit-exact only for the Pillow / libjpeg-turbo / zlib that computed them: a resume or an added
-    task with other versions may give targets that differ in the last bits from those already stored."""
+    task with other versions may give targets that differ in the last bits from those already stored. Pillow 13
+    and later resize in another pass order than the authors' Pillow (10.2), for every version of a store."""
+    out = []
+    if int(str(now.get("pillow", "0")).split(".")[0]) >= 13:
+        out.append(f"warning: Pillow {now['pillow']} on {where} resizes an image whose height shrinks by more than "
+                   f"twice as many pixels as its width vertically first; the authors' Pillow 10.2 always went "
+                   f"horizontally first, so such images (e.g. portrait photos for the depth recipe) get slightly "
+                   f"other pixels and targets. Install pillow<13 (what olaf's requirements ask) to match them.")
     if existing is None:
-        return []
+        return out
     before = {**existing.extraction, **{k: v for r in existing.runs for k, v in r.items() if k in now}}
     changed = [f"{k} {before[k]} -> {now[k]}" for k in now if k in before and before[k] != now[k]]
     if not changed:
-        return []
-    return [f"warning: the image libraries differ from those the store was computed with ({', '.join(changed)} "
+        return out
+    return out + [f"warning: the image libraries differ from those the store was computed with ({', '.join(changed)} "
             f"on {where}): the recipes' resizes are bit-exact only within one set of versions, so targets "
             f"computed now may differ slightly from those already stored. Install the store's versions to keep "
             f"the store uniform, or use a new --output."]

@@ -29,10 +29,12 @@ class BatchTargets:
 
 
 def compute_batch(teacher_set, batch: DecodedBatch | dict, encoding_by_task: dict[str, str]) -> BatchTargets:
-    """Run the teachers on a decoded batch's pixels (or its `pixel_payload()`) and encode the outputs."""
+    """Run the teachers on a decoded batch's pixels (or its `pixel_payload()`; decoded images get the recipes
+    on the teachers' device first) and encode the outputs."""
     payload = batch.pixel_payload() if isinstance(batch, DecodedBatch) else batch
-    ids, pixels = payload["ids"], payload["pixels"]
+    ids = payload["ids"]
     t0 = time.perf_counter()
+    pixels = teacher_set.run_recipes(payload["images"]) if "images" in payload else payload["pixels"]
     outs, row_errors = teacher_set.run(pixels)
     values, scales = {}, {}
     for task, out in outs.items():
@@ -93,14 +95,14 @@ def batches_of(records: list, batch_size: int) -> list[list]:
 
 
 def compute_shard(records: list, image_folder: str, specs: list, teacher_set, encoding_by_task: dict[str, str],
-                  batch_size: int) -> tuple[list[DecodedBatch], list[BatchTargets]]:
+                  batch_size: int, resize_on: str = "cpu") -> tuple[list[DecodedBatch], list[BatchTargets]]:
     """One shard in one process, batch after batch: what the Ray job distributes (decode tasks, actors), as
     the single-process reference, the tests and the benchmarks run it. Join with `assemble_shard`."""
     from pipeline.decode import decode_batch
 
     metas, targets = [], []
     for chunk in batches_of(records, batch_size):
-        d = decode_batch(chunk, image_folder, specs)
+        d = decode_batch(chunk, image_folder, specs, resize_on=resize_on)
         metas.append(d)
         targets.append(compute_batch(teacher_set, d, encoding_by_task))
     return metas, targets

@@ -71,6 +71,26 @@ class TeacherSet:
                 rows.append(torch.zeros(1, *teacher.spec.output_shape, device=x.device))
         return torch.cat(rows), errors
 
+    def run_recipes(self, images: list) -> dict[str, torch.Tensor]:
+        """Every teacher's recipe on this device, bit-exactly (pipeline.pil_exact): decoded uint8 (h, w, 3) images,
+        or rows the decode worker resized already ({task: uint8 (H, W, 3)}) -> task -> uint8 (n, H, W, 3)."""
+        import warnings
+
+        from pipeline import pil_exact
+
+        with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write them
+            warnings.simplefilter("ignore", UserWarning)
+            rows = [img if isinstance(img, dict) else torch.as_tensor(img).to(self.device, non_blocking=True)
+                    for img in images]
+            out = {}
+            for task, teacher in self.teachers.items():
+                pre = teacher.spec.preprocess
+                done = [torch.as_tensor(r[task]).to(self.device) if isinstance(r, dict) else
+                        pil_exact.apply_ops(r, pre.ops) for r in rows]
+                out[task] = (torch.stack(done) if done else
+                             torch.zeros((0, *pre.input_size, 3), dtype=torch.uint8, device=self.device))
+        return out
+
     def run(self, pixels: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:
         """pixels: task -> uint8 (n, H, W, 3) numpy or tensor. Returns (task -> float32 (n, T, W) on the device,
         task -> {row: reason} for rows that are not valid)."""

@@ -116,6 +116,16 @@ def test_end_to_end_with_bad_files_matches_the_reference(store_root, dataset, ti
     same_data(out, reference)
 
 
+def test_resizes_on_the_device_give_the_same_store(tmp_path, dataset, tiny_teachers, reference):
+    """--resize-on device (here the actor's device is the CPU): decode workers ship decoded images, the actor runs
+    the recipes after checking them against Pillow; every data file equals the PIL path's reference."""
+    out = tmp_path / "store"
+    rc, log = run(args(dataset, out, tiny_teachers, "--resize-on", "device"))
+    assert rc == 0, log
+    same_data(out, reference)
+    assert store.Store(out).manifest.extraction["resize_on"] == "device"
+
+
 def test_resume_after_killing_the_driver(store_root, dataset, tiny_teachers, reference):
     out = store_root("store")
     p = start(args(dataset, out, tiny_teachers, "--prefetch", "1", "--max-writers", "1"), start_new_session=True)

@@ -131,6 +131,16 @@ def test_lossless_encodings_are_exact():
         encodings.get("int8")  # measured candidate, not a store option
 
 
+def test_encoded_arrays_are_contiguous_for_transposed_teacher_outputs():
+    """A (B, C, tokens) feature map transposed to (B, tokens, C), as the seg teacher returns it: the encoded
+    arrays are C-contiguous (else Ray pickles them in-band and np.save copies them), with the same values."""
+    x = torch.randn(2, 96, 49).transpose(1, 2)
+    for name in ("fp16", "bf16", "fp8", "int8"):
+        values, scale = encodings.encode(x, name)
+        assert values.flags["C_CONTIGUOUS"] and (scale is None or scale.flags["C_CONTIGUOUS"]), name
+        assert torch.equal(encodings.decode(values, scale, name), encodings.decode(*encodings.encode(x.contiguous(), name), name))
+
+
 def _commit_in_child(url, shard):
     loc = Location(url)
     store.commit_shard(loc, make_result(store.read_manifest(loc), shard))
