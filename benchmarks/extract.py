@@ -135,10 +135,11 @@ class Clock:
 
 
 def shape_true(args, work: Path) -> int:
-    """The data path's stages at real target sizes, one table, and the cores needed per 250 img/s."""
+    """The data path's stages at real target sizes, one table, and the cores needed per 250 img/s, for the recipes
+    resized by PIL in the decode workers (`--resize-on cpu`, what every run did before) and on the device."""
     import ray
 
-    from pipeline import encodings, store
+    from pipeline import encodings, pil_exact, store
     from pipeline.decode import decode_batch
     from pipeline.plan import make_plan
     from pipeline.work import assemble_shard, batches_of, compute_shard
@@ -154,43 +155,66 @@ def shape_true(args, work: Path) -> int:
     specs = [manifest.teachers[t] for t in tasks]
     records, _ = load_records(json_path)
     raws = [read_image_bytes(images, r.image) for r in records]
-    rows = []  # (stage, CPU ms per sample, wall ms per sample, note, a CPU stage of the data path?)
+    CPU, DEV = "cpu", "device"
+    rows = []  # (stage, CPU ms per sample, wall ms per sample, note, the --resize-on modes whose CPU work it is)
 
     with Clock(n) as c:
         rgbs = [decode_rgb(data) for data in raws]
-    rows.append(("decode (JPEG -> RGB)", c.cpu_ms, c.wall_ms, "once per image, for all recipes", True))
+    rows.append(("decode (JPEG -> RGB)", c.cpu_ms, c.wall_ms, "once per image, for all recipes", {CPU, DEV}))
     for spec in specs:
         with Clock(n) as c:
             for rgb in rgbs:
                 preprocess(spec, rgb)
         rows.append((f"resize: {spec.task} recipe", c.cpu_ms, c.wall_ms,
-                     "x".join(map(str, spec.preprocess.input_size)) + " uint8, bit-exact PIL", True))
-    teachers = TeacherSet.load(manifest, tasks)
-    decoded = [decode_batch(chunk, str(images), specs) for chunk in batches_of(records, batch)]
+                     "x".join(map(str, spec.preprocess.input_size)) + " uint8, bit-exact PIL", {CPU}))
     with Clock(n) as c:
-        outs = [teachers.run(d.pixels)[0] for d in decoded]
+        arrays = [np.asarray(rgb) for rgb in rgbs]
+    rows.append(("decoded image -> array", c.cpu_ms, c.wall_ms, "what --resize-on device ships instead", {DEV}))
+    with Clock(n) as c:
+        for a in arrays:
+            for spec in specs:
+                pil_exact.apply_ops(torch.from_numpy(a), spec.preprocess.ops)
+    rows.append(("(recipes in torch, CPU)", c.cpu_ms, c.wall_ms, "--resize-on device: device work, here on this "
+                 "CPU; bit-identical", set()))
+    teachers = TeacherSet.load(manifest, tasks)
+    decoded = {mode: [decode_batch(chunk, str(images), specs, resize_on=mode) for chunk in batches_of(records, batch)]
+               for mode in (CPU, DEV)}
+    with Clock(n) as c:
+        outs = [teachers.run(d.pixels)[0] for d in decoded[CPU]]
     teacher = c
     with Clock(n) as c:
         encoded = [{k: encodings.encode(v, "fp16") for k, v in o.items()} for o in outs]
-    rows.append(("encode fp16", c.cpu_ms, c.wall_ms, "torch -> numpy", True))
+    rows.append(("encode fp16", c.cpu_ms, c.wall_ms, "torch -> numpy", {CPU, DEV}))
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        payload = decoded[0].pixel_payload()
         targets = {k: v[0] for k, v in encoded[0].items()}
-        reps, k = 10, len(decoded[0].ids)
+        strided = {k: np.swapaxes(np.ascontiguousarray(np.swapaxes(v, 1, 2)), 1, 2) for k, v in targets.items()}
+        reps, k = 10, len(decoded[CPU][0].ids)
 
         @ray.remote
         def touch(x):  # a worker receives the object (zero-copy numpy views from the object store)
-            return sum(int(a.nbytes) for a in (x["pixels"].values() if "pixels" in x else x.values()))
+            arrays = x["pixels"].values() if "pixels" in x else x["images"] if "images" in x else x.values()
+            return sum(int(a.nbytes) for a in arrays)
 
-        for what, obj in (("Ray transfer: pixels", payload), ("Ray transfer: targets", targets)):
-            mb = ray.get(touch.remote(obj)) / k / 1e6
-            with Clock(k * reps) as c:
-                for _ in range(reps):
+        objs = (("Ray transfer: resized pixels", decoded[CPU][0].pixel_payload(), "--resize-on cpu"),
+                ("Ray transfer: decoded images", decoded[DEV][0].pixel_payload(), "--resize-on device"),
+                ("Ray transfer: targets, strided", strided, "before: the seg target transposed"),
+                ("Ray transfer: targets", targets, "now: C-contiguous"))
+        for _, obj, _ in objs:  # warm up: the object store's first pages cost a fault each on a fresh node
+            for _ in range(3):
+                ray.get(touch.remote(ray.put(obj)))
+        times = {what: [] for what, _, _ in objs}
+        for _ in range(reps):  # interleaved rounds, median: one slow moment does not land on one row
+            for what, obj, _ in objs:
+                with Clock(k) as c:
                     ray.get(touch.remote(ray.put(obj)))
-            rows.append((what, c.cpu_ms, c.wall_ms, f"{mb:.2f} MB/sample, put here + get in a worker", False))
+                times[what].append((c.cpu_ms, c.wall_ms))
+        for what, obj, note in objs:
+            mb = ray.get(touch.remote(obj)) / k / 1e6
+            cpu, wall = (float(np.median([t[j] for t in times[what]])) for j in (0, 1))
+            rows.append((what, cpu, wall, f"{mb:.2f} MB/sample, put + get in a worker (median); {note}", set()))
     finally:
         ray.shutdown()
 
@@ -212,54 +236,45 @@ def shape_true(args, work: Path) -> int:
         hashed = sum(f["bytes"] for r in recs for f in r.files.values() if "bytes" in f)
         bytes_per[fmt] = hashed / n
         how = "every object hashed as it is written"
-        rows.append((f"write {fmt} (local disk)", c.cpu_ms, c.wall_ms, f"{hashed / n / 1e6:.2f} MB/sample, {how}", True))
+        rows.append((f"write {fmt} (local disk)", c.cpu_ms, c.wall_ms, f"{hashed / n / 1e6:.2f} MB/sample, {how}",
+                     {CPU, DEV}))
+        blobs = [loc.read_bytes(name) for r in recs for name in r.files]
+        with Clock(n) as c:  # the same bytes with one plain write() per object: what the kernel alone costs here
+            for j, blob in enumerate(blobs):
+                with open(work / f"floor-{fmt}-{j}", "wb") as f:
+                    f.write(blob)
+        rows.append(("  floor: write() same bytes", c.cpu_ms, c.wall_ms, "no format, no hash: this machine's "
+                     "page-cache cost", set()))
         with Clock(n) as c:
             for r in recs:
                 assert not store.check_files(loc, r, full=True)
-        rows.append((f"verify {fmt} (sha256)", c.cpu_ms, c.wall_ms, "re-hash on resume and `inspect verify`", False))
-        if fmt == "wds":  # the tar serialisation alone, before (webdataset's stream-mode TarWriter) and now
-            import webdataset as wds
-
-            from pipeline.store import writer
-
-            members = [[{k: v for k, v in raw.items() if k == "__key__" or not k.startswith("_")}
-                        for raw in store.Store(loc).iter_raw(i)] for i in range(plan.num_shards)]
-            with Clock(n) as c:  # both hash as they write, to a local file with an fsync at the end
-                for i, shard in enumerate(members):
-                    with open(work / f"before-{i}.tar", "wb") as f:
-                        hw = writer._HashingWriter(f)
-                        with wds.TarWriter(hw, user="", group="", mode=0o444, mtime=0.0, encoder=False) as w:
-                            for sample in shard:
-                                w.write(sample)
-                        f.flush()
-                        os.fsync(f.fileno())
-            before = c
-            with Clock(n) as c:
-                for i, shard in enumerate(members):
-                    writer.write_tar(store.Location(work), f"after-{i}.tar", shard)
-            same = all((work / f"before-{i}.tar").read_bytes() == (work / f"after-{i}.tar").read_bytes()
-                       for i in range(plan.num_shards))
-            rows.append(("  tar bytes: wds TarWriter", before.cpu_ms, before.wall_ms, "before: stream mode", False))
-            rows.append(("  tar bytes: olaf write_tar", c.cpu_ms, c.wall_ms,
-                         f"now: {c.cpu_ms / max(before.cpu_ms, 1e-9):.2f}x the CPU, identical bytes: {same}", False))
+        rows.append((f"verify {fmt} (sha256)", c.cpu_ms, c.wall_ms, "re-hash on resume and `inspect verify`", set()))
 
     print(f"# data path at real target sizes: {n} samples, CPU x{os.cpu_count()}, shape-true stand-ins, batch "
           f"{batch}, shards of {args.shard_size}, fp16")
-    print(f"{'stage':<28} {'CPU ms/smp':>10} {'wall ms/smp':>11}  note")
+    print(f"{'stage':<30} {'CPU ms/smp':>10} {'wall ms/smp':>11}  note")
     for stage, cpu, wall, note, _ in rows:
-        print(f"{stage:<28} {cpu:10.2f} {wall:11.2f}  {note}")
-    print(f"{'(teacher stand-ins)':<28} {teacher.cpu_ms:10.2f} {teacher.wall_ms:11.2f}  the device's work, not the "
+        print(f"{stage:<30} {cpu:10.2f} {wall:11.2f}  {note}")
+    print(f"{'(teacher stand-ins)':<30} {teacher.cpu_ms:10.2f} {teacher.wall_ms:11.2f}  the device's work, not the "
           f"data path's")
-    r = ray_run(json_path, images, manifest_path, work / "store-ray", 1, batch, None,
-                ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5"])
-    cpu_ms = sum(cpu for _, cpu, _, _, data_path in rows if data_path)
-    print(f"{'end to end (Ray job)':<28} {'':>10} {1e3 / r['samples_per_s']:11.2f}  {r['samples_per_s']:.1f} samples/s "
-          f"on this machine, stand-ins in one actor: busy {r['busy']:.2f}, {r['teacher_ms']:.1f} ms/sample; decode "
-          f"{r['decode_ms']:.1f} CPU ms/sample (the job's own report)")
+    for mode in (CPU, DEV):
+        r = ray_run(json_path, images, manifest_path, work / f"store-ray-{mode}", 1, batch, None,
+                    ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5", "--resize-on", mode])
+        print(f"{'end to end, --resize-on ' + mode:<30} {'':>10} {1e3 / r['samples_per_s']:11.2f}  "
+              f"{r['samples_per_s']:.1f} samples/s here, stand-ins in one actor: busy {r['busy']:.2f}, "
+              f"{r['teacher_ms']:.1f} ms/sample (recipes included with device); decode {r['decode_ms']:.1f} CPU ms/"
+              f"sample (the job's own report)")
     print(f"\nbytes per sample: zarr {bytes_per['zarr'] / 1e6:.2f} MB, wds {bytes_per['wds'] / 1e6:.2f} MB "
           f"(x 558,128 samples: {558128 * bytes_per['zarr'] / 1e12:.2f} TB + {558128 * bytes_per['wds'] / 1e12:.2f} TB)")
-    print(f"CPU stages (decode, resizes, encode, both writes): {cpu_ms:.1f} CPU ms/sample -> {250 * cpu_ms / 1e3:.1f} "
-          f"cores per 250 img/s; the data path's own ceiling: {1e3 / cpu_ms:.0f} img/s per core")
+    total = {mode: sum(cpu for _, cpu, _, _, modes in rows if mode in modes) for mode in (CPU, DEV)}
+    one_format = total[DEV] - next(cpu for stage, cpu, *_ in rows if stage.startswith("write wds"))
+    print("CPU stages of the data path (decode, resizes where they run on the CPU, encode, both writes; Ray "
+          "transfers not counted):")
+    for label, ms in (("--resize-on cpu (PIL in the decode workers, as before)", total[CPU]),
+                      ("--resize-on device (the default on GPUs)", total[DEV]),
+                      ("--resize-on device, --formats zarr", one_format)):
+        print(f"  {label:<52} {ms:6.1f} CPU ms/sample -> {250 * ms / 1e3:5.1f} cores per 250 img/s, "
+              f"{1e3 / ms:5.0f} img/s per core ({total[CPU] / ms:.2f}x)")
     return 0
 
 

@@ -131,6 +131,37 @@ def test_lossless_encodings_are_exact():
         encodings.get("int8")  # measured candidate, not a store option
 
 
+@pytest.mark.parametrize("encoding", ["fp16", "fp8"])
+def test_shard_objects_are_the_bytes_zarr_itself_writes(tmp_path, encoding):
+    """write_shard builds the target arrays' shard objects itself (one buffer, one copy); zarr-python writing the
+    same rows into a twin store gives the same bytes, the last, shorter shard (2 of 4 rows) included; rows of
+    failed samples are all zero (the fill): left out of the shard, and a shard of only such rows is no object."""
+    from pipeline.store import writer
+
+    m = create(tmp_path / "ours", encoding=encoding, formats=("zarr",))
+    create(tmp_path / "zarrs", encoding=encoding, formats=("zarr",))
+    ours, theirs = Location(tmp_path / "ours"), Location(tmp_path / "zarrs")
+    g = writer.zarr_group(theirs, "r+")
+    for i in range(m.num_shards):
+        r = make_result(m, i, bad=(5, 8, 9))
+        rec = store.write_shard(ours, r)
+        start, stop = m.shard_range(i)
+        for t in r.tasks:
+            assert writer._plain_sharding(g[t])
+            g[t][start:stop] = r.values[t]
+            if m.tasks[t].scaled:
+                g[layout.scale_array(t)][start:stop] = r.scales[t]
+        targets = [n for n in rec.files if n.split("/")[1] in (*r.tasks, *(layout.scale_array(t) for t in r.tasks))]
+        assert len(targets) == (6 if encoding == "fp8" else 3)
+        for name in targets:
+            assert ours.size(name) == theirs.size(name), name
+            if i == m.num_shards - 1 and name.split("/")[1] in r.tasks:  # (a failed row's fp8 scale is 1)
+                assert ours.size(name) is None and rec.files[name] == {"absent": True}, name
+            else:
+                assert ours.read_bytes(name) == theirs.read_bytes(name), name
+    assert m.shard_range(m.num_shards - 1) == (8, 10)
+
+
 def test_encoded_arrays_are_contiguous_for_transposed_teacher_outputs():
     """A (B, C, tokens) feature map transposed to (B, tokens, C), as the seg teacher returns it: the encoded
     arrays are C-contiguous (else Ray pickles them in-band and np.save copies them), with the same values."""

@@ -180,6 +180,75 @@ def ensure_zarr(loc: Location, m: RunManifest) -> None:
             valid.create_array(task, shape=(n,), chunks=(s,), dtype="uint8", fill_value=0, compressors=crc, config=cfg)
 
 
+MAX_UINT64 = 2**64 - 1  # the sharding index's mark of a chunk that is not in the shard
+
+
+def _plain_sharding(arr) -> bool:
+    """Whether `arr` is laid out as ensure_zarr makes uncompressed target arrays: shards of whole rows, chunks of
+    one row, chunk and index codecs [bytes (little-endian), crc32c], the index at the end."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    def plain(codecs) -> bool:
+        return (len(codecs) == 2 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], Crc32cCodec)
+                and getattr(codecs[0].endian, "value", "little") == "little")
+
+    codecs = arr.metadata.codecs
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return False
+    sc = codecs[0]
+    return (plain(sc.codecs) and plain(sc.index_codecs) and sc.index_location.value == "end"
+            and tuple(sc.chunk_shape) == (1, *arr.shape[1:]))
+
+
+def shard_object(arr, shard: int, values: np.ndarray) -> bytearray | None:
+    """The bytes of one Zarr shard object of a `_plain_sharding` array holding rows `values` (the shard's rows,
+    fewer in the store's last shard): byte for byte what zarr-python writes for `arr[rows] = values`
+    (tests/test_store.py compares them), built in one buffer with one copy of the data instead of zarr's
+    per-chunk buffers, checksum appends and final concatenation (~2x the CPU of the write itself at real
+    target sizes, `benchmarks/extract.py --shape-true`)."""
+    import google_crc32c
+
+    rows_per_shard = arr.metadata.chunk_grid.chunk_shape[0]
+    src = np.ascontiguousarray(values, dtype=np.dtype(arr.dtype).newbyteorder("<"))
+    n = src.shape[0]
+    if n > rows_per_shard or src.shape[1:] != arr.shape[1:] or n != min(rows_per_shard, arr.shape[0] - shard * rows_per_shard):
+        raise StoreError(f"shard {shard}: {src.shape} rows do not fill the shard of {arr.shape} in {rows_per_shard}s")
+    raw = src.reshape(n, -1).view(np.uint8)
+    kept = np.flatnonzero(raw.any(axis=1))  # like zarr, a row whose bits are all zero (the fill) is not stored
+    if len(kept) == 0:
+        return None  # and a shard with no row left is no object at all
+    chunk = raw.shape[1] + 4  # the row and its crc32c
+    index = np.full((rows_per_shard, *(1,) * (arr.ndim - 1), 2), MAX_UINT64, dtype="<u8")
+    out = bytearray(len(kept) * chunk + index.nbytes + 4)
+    body = np.frombuffer(out, dtype=np.uint8, count=len(kept) * chunk).reshape(len(kept), chunk)
+    body[:, :-4] = raw[kept]
+    crcs = np.array([google_crc32c.value(raw[i]) for i in kept], dtype="<u4")
+    body[:, -4:] = crcs.view(np.uint8).reshape(-1, 4)
+    flat = index.reshape(rows_per_shard, 2)
+    flat[kept, 0] = np.arange(len(kept), dtype=np.uint64) * chunk
+    flat[kept, 1] = chunk
+    tail = index.tobytes()
+    out[len(kept) * chunk:] = tail + np.array([google_crc32c.value(tail)], dtype="<u4").tobytes()
+    return out
+
+
+def write_rows(loc: Location, g, name: str, start: int, stop: int, values: np.ndarray, shard: int,
+               written: dict) -> None:
+    """g[name][start:stop] = values, through `shard_object` when the array is plainly sharded (hashing the object
+    as it goes out), else through zarr (whose HashingStore records the hash)."""
+    arr = g[name]
+    if not _plain_sharding(arr):
+        arr[start:stop] = values
+        return
+    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+    data = shard_object(arr, shard, values)
+    if data is None:  # every row is fill: no object, as zarr leaves none (the record says "absent")
+        loc.remove(f"{layout.ZARR}/{name}/{key}")
+        return
+    loc.write_bytes(f"{layout.ZARR}/{name}/{key}", data)
+    written[f"{name}/{key}"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def zarr_files(g, m: RunManifest, tasks: Iterable[str], shard: int, with_keys: bool = True) -> list[str]:
     """Names (relative to the store) of the one Zarr object per array that holds extraction shard `shard`."""
     names = ([layout.KEYS] if with_keys else []) + [a for t in tasks for a in layout.task_arrays(t, m.tasks[t].scaled)]
@@ -283,9 +352,9 @@ def write_shard(loc: Location, result: ShardResult, previous: ShardRecord | None
         # always (re)written: the same bytes each time, and a shard being redone may have a damaged keys chunk
         g[layout.KEYS][start:stop] = np.array([s.id for s in result.samples], dtype=object)
         for t in result.tasks:
-            g[t][start:stop] = result.values[t]
+            write_rows(loc, g, t, start, stop, result.values[t], i, written)
             if m.tasks[t].scaled:
-                g[layout.scale_array(t)][start:stop] = result.scales[t]
+                write_rows(loc, g, layout.scale_array(t), start, stop, result.scales[t], i, written)
             g[layout.valid_array(t)][start:stop] = result.valid[t].astype(np.uint8)
         for name in zarr_files(g, m, all_tasks, i):
             key = name[len(layout.ZARR) + 1:]
