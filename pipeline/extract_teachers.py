@@ -13,8 +13,10 @@ stopped by Ctrl-C / SIGTERM (committed shards are kept; re-run to resume).
 
 How it runs, and why this way rather than Ray Data:
   plan (driver)     validate the JSON, fixed shards of --shard-size samples in dataset order
-  decode (tasks)    CPU workers read, decode and resize a batch for every teacher: uint8 arrays + per-sample
-                    errors (pipeline.decode); many in flight, so the device never waits on PIL
+  decode (tasks)    CPU workers read and decode a batch, and (--resize-on cpu) run every teacher's PIL recipe:
+                    uint8 arrays + per-sample errors (pipeline.decode); many in flight, so the device never
+                    waits on PIL. --resize-on device (the default on GPUs) ships the decoded images instead and
+                    the actor runs the recipes, bit-identically (pipeline.pil_exact)
   teachers (actors) one actor per GPU (--gpus-per-actor; fractional or zero on CPU) holds all teachers once,
                     normalises and runs each batch, encodes targets on the device (pipeline.work)
   write (tasks)     per shard: scatter batches back into dataset order and commit the Zarr region + tar +
