@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 
 from pipeline import encodings, inspect, store
 from pipeline.store import Location, SampleResult, ShardResult, Store, StoreError, TaskLayout, layout
+from pipeline.store.fs import temp_name
 from pipeline.teacher_manifest import load_manifest
 
 N, S = 10, 4
@@ -265,6 +268,15 @@ def test_half_written_shard_is_never_read(store_root, monkeypatch, crash_after):
     assert v["ok"] and v["orphans"] == ([layout.tar_name(1)] if crash_after == "tar" else [])
     assert store.recover(loc) == ([f"{layout.tar_name(1)}: removed (left by an interrupted write)"]
                                   if crash_after == "tar" else [])
+    if loc.local:  # a writer killed mid-object leaves a temporary file in the Zarr tree (ours or zarr-python's)
+        for temp in (temp_name(layout.ZARR + "/seg/c/1/0/0"), layout.ZARR + "/seg/c/1/0/0.0123abcd.partial"):
+            Path(loc.path(temp)).parent.mkdir(parents=True, exist_ok=True)
+            Path(loc.path(temp)).write_bytes(b"half")
+        assert store.take_lease(loc, 1, "elsewhere:1:x")  # while another job holds the shard, they are its
+        assert store.orphans(loc) == []
+        store.release_lease(loc, 1, "elsewhere:1:x")
+        assert len(store.recover(loc)) == 2 and store.orphans(loc) == []
+        assert not any(".tmp-" in f or f.endswith(".partial") for f in os.listdir(loc.path(layout.ZARR + "/seg/c/1/0")))
     # the redo: the same bytes as a shard committed in one go elsewhere
     store.commit_shard(loc, make_result(m, 1))
     ref = store_root("half-ref")

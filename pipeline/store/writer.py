@@ -505,7 +505,27 @@ def orphans(loc: Location, records: dict[int, ShardRecord] | None = None) -> lis
     for name in loc.list(layout.SHARDS):
         if layout.shard_of_record(name) is None and not layout.is_lease(name):  # leases expire on their own
             out.append(name)
+    for name, shard in _zarr_temporaries(loc):
+        if shard is None or lease_holder(loc, shard) is None:
+            out.append(name)
     return out
+
+
+def _zarr_temporaries(loc: Location) -> list[tuple[str, int | None]]:
+    """Half-written Zarr objects of a local store killed mid-write (ours: `.<key>.tmp-*`, zarr-python's:
+    `*.partial`), with the extraction shard each belongs to. Object storage has none: an upload appears whole."""
+    if not loc.local:
+        return []
+    found = []
+    for folder, _, files in os.walk(loc.path(layout.ZARR)):
+        for f in files:
+            if not ((f.startswith(".") and ".tmp-" in f) or f.endswith(".partial")):
+                continue
+            name = os.path.relpath(os.path.join(folder, f), loc.path("")).replace(os.sep, "/")
+            parts = name.split("/")
+            shard = int(parts[parts.index("c") + 1]) if "c" in parts[:-1] and parts[parts.index("c") + 1].isdigit() else None
+            found.append((name, shard))
+    return sorted(found)
 
 
 def recover(loc: Location) -> list[str]:
