@@ -143,15 +143,22 @@ def center_crop(img: Image.Image, width: int, height: int, rounding: str = "floo
     if rounding == "half_even" and img.width >= width and img.height >= height:
         left, top = int(round((img.width - width) / 2.0)), int(round((img.height - height) / 2.0))
         return img.crop((left, top, left + width, top + height))
-    left, top = (img.width - width) // 2, (img.height - height) // 2
-    if left >= 0 and top >= 0:
-        return img.crop((left, top, left + width, top + height))
-    canvas_w, canvas_h = max(width, img.width), max(height, img.height)
-    pad_left, pad_top = -(-(canvas_w - img.width) // 2), -(-(canvas_h - img.height) // 2)
-    canvas = Image.new(img.mode, (canvas_w, canvas_h))
-    canvas.paste(img, (pad_left, pad_top))
-    left, top = left + pad_left, top + pad_top
-    return canvas.crop((left, top, left + width, top + height))
+    (canvas_w, canvas_h), (pad_left, pad_top), (left, top) = center_crop_geometry(img.width, img.height, width, height)
+    if (canvas_w, canvas_h) != img.size:
+        canvas = Image.new(img.mode, (canvas_w, canvas_h))
+        canvas.paste(img, (pad_left, pad_top))
+        img = canvas
+    return img.crop((left, top, left + width, top + height))
+
+
+def center_crop_geometry(img_w: int, img_h: int, width: int, height: int):
+    """transformers' centre crop as numbers: (canvas size, where the image goes on it, the crop's top-left corner
+    on it). The canvas is the image itself unless the image is smaller than the crop; then it is black, with the
+    padding rounded up on the top/left. Shared by the PIL op here and the device op (pipeline.pil_exact)."""
+    canvas_w, canvas_h = max(width, img_w), max(height, img_h)
+    pad_left, pad_top = -(-(canvas_w - img_w) // 2), -(-(canvas_h - img_h) // 2)
+    left, top = (img_w - width) // 2 + pad_left, (img_h - height) // 2 + pad_top
+    return (canvas_w, canvas_h), (pad_left, pad_top), (left, top)
 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

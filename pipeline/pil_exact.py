@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.imageops import Op, shortest_edge_size
+from pipeline.imageops import Op, center_crop_geometry, shortest_edge_size
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's: 8 bits of result, 2 bits of headroom for negative lobes and overshoot
 
@@ -147,15 +147,12 @@ def resize(x: torch.Tensor, width: int, height: int, resample: str, pillow: int 
 def center_crop(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """imageops.center_crop (transformers' rule, black padding when the image is smaller) on a tensor."""
     h, w = x.shape[0], x.shape[1]
-    top, left = (h - height) // 2, (w - width) // 2
-    if top >= 0 and left >= 0:
-        return x[top:top + height, left:left + width]
-    ch, cw = max(height, h), max(width, w)
-    pad_top, pad_left = -(-(ch - h) // 2), -(-(cw - w) // 2)
-    canvas = torch.zeros((ch, cw, x.shape[2]), dtype=x.dtype, device=x.device)
-    canvas[pad_top:pad_top + h, pad_left:pad_left + w] = x
-    top, left = top + pad_top, left + pad_left
-    return canvas[top:top + height, left:left + width]
+    (cw, ch), (pad_left, pad_top), (left, top) = center_crop_geometry(w, h, width, height)
+    if (cw, ch) != (w, h):
+        canvas = torch.zeros((ch, cw, x.shape[2]), dtype=x.dtype, device=x.device)
+        canvas[pad_top:pad_top + h, pad_left:pad_left + w] = x
+        x = canvas
+    return x[top:top + height, left:left + width]
 
 
 def apply(x: torch.Tensor, op: Op) -> torch.Tensor:

@@ -522,9 +522,9 @@ def _zarr_temporaries(loc: Location) -> list[tuple[str, int | None]]:
             if not ((f.startswith(".") and ".tmp-" in f) or f.endswith(".partial")):
                 continue
             name = os.path.relpath(os.path.join(folder, f), loc.path("")).replace(os.sep, "/")
-            parts = name.split("/")
-            shard = int(parts[parts.index("c") + 1]) if "c" in parts[:-1] and parts[parts.index("c") + 1].isdigit() else None
-            found.append((name, shard))
+            parts = name.split("/")  # targets.zarr/<array path>/c/<shard>/...: the first coordinate is the shard
+            coord = parts[parts.index("c", 2) + 1] if "c" in parts[2:-1] else ""
+            found.append((name, int(coord) if coord.isdigit() else None))
     return sorted(found)
 
 
