@@ -39,11 +39,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.imageops import decode_rgb, read_image_bytes  # noqa: E402
 from pipeline.llava import load_records  # noqa: E402
 from pipeline.sample import generate  # noqa: E402
-from pipeline.teacher_manifest import load_manifest  # noqa: E402
-from teachers.base import preprocess  # noqa: E402
+from recipes.imageops import decode_rgb, read_image_bytes  # noqa: E402
+from recipes.manifest import load_manifest  # noqa: E402
+from recipes.preprocess import preprocess  # noqa: E402
 from teachers.registry import load_teachers  # noqa: E402
 
 
@@ -139,10 +139,12 @@ def shape_true(args, work: Path) -> int:
     resized by PIL in the decode workers (`--resize-on cpu`, what every run did before) and on the device."""
     import ray
 
-    from pipeline import encodings, pil_exact, store
-    from pipeline.decode import decode_batch
-    from pipeline.plan import make_plan
-    from pipeline.work import assemble_shard, batches_of, compute_shard
+    import store
+    from pipeline.extract.compute import assemble_shard, batches_of, compute_shard
+    from pipeline.extract.decode import decode_batch
+    from pipeline.extract.plan import make_plan
+    from recipes import pil_exact
+    from store import encodings
     from teachers.registry import TeacherSet
     from teachers.tiny import build
 
@@ -227,12 +229,10 @@ def shape_true(args, work: Path) -> int:
         m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=plan.num_samples,
                               shard_size=args.shard_size, formats=[fmt],
                               tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks})
-        loc.makedirs()
-        store.write_manifest(loc, m)
-        store.ensure_zarr(loc, m)
+        w = store.StoreWriter.create(loc, m)
         shard_results = [assemble_shard(m, i, tuple(tasks), metas, tgts) for i, (metas, tgts) in enumerate(results)]
         with Clock(n) as c:
-            recs = [store.write_shard(loc, r) for r in shard_results]
+            recs = [w.write(r) for r in shard_results]
         hashed = sum(f["bytes"] for r in recs for f in r.files.values() if "bytes" in f)
         bytes_per[fmt] = hashed / n
         how = "every object hashed as it is written"

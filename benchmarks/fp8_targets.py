@@ -22,12 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import store  # noqa: E402
-from pipeline.decode import decode_batch  # noqa: E402
-from pipeline.plan import make_plan  # noqa: E402
+import store  # noqa: E402
+from pipeline.extract.compute import assemble_shard, batches_of, compute_batch  # noqa: E402
+from pipeline.extract.decode import decode_batch  # noqa: E402
+from pipeline.extract.plan import make_plan  # noqa: E402
 from pipeline.sample import generate  # noqa: E402
-from pipeline.teacher_manifest import load_manifest  # noqa: E402
-from pipeline.work import assemble_shard, batches_of, compute_batch  # noqa: E402
+from recipes.manifest import load_manifest  # noqa: E402
 
 TASKS = ("gen", "depth", "seg")
 
@@ -48,12 +48,10 @@ def build_stores(work: Path, json_path: Path, images: Path, manifest_path: Path,
         loc = store.Location(work / f"store-{enc}")
         m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=16, formats=["wds"],
                               tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, enc) for t in TASKS})
-        loc.makedirs()
-        store.write_manifest(loc, m)
-        store.write_teachers(loc, manifest.identity(list(TASKS), teachers.weights_sha256()))
+        w = store.StoreWriter.create(loc, m, manifest.identity(list(TASKS), teachers.weights_sha256()))
         for i, ds in decoded.items():
             targets = [compute_batch(_Replay(o), d, dict.fromkeys(TASKS, enc)) for d, o in zip(ds, outs[i], strict=True)]
-            store.commit_shard(loc, assemble_shard(m, i, TASKS, ds, targets))
+            w.commit_shard(assemble_shard(m, i, TASKS, ds, targets))
         paths[enc] = loc.url
     return paths
 

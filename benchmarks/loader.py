@@ -32,8 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import encodings, store  # noqa: E402
-from pipeline.store import Location  # noqa: E402
+import store  # noqa: E402
+from store import (
+    Location,  # noqa: E402
+    encodings,  # noqa: E402
+)
 
 SHAPES = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
 
@@ -42,18 +45,15 @@ def build(url: str, n: int, shard: int) -> None:
     layouts = {t: store.TaskLayout.for_shape(s, "fp16") for t, s in SHAPES.items()}
     m = store.RunManifest(dataset={"json": "synthetic"}, num_samples=n, shard_size=shard, formats=["wds"],
                           tasks=layouts)
-    loc = Location(url)
-    loc.makedirs()
-    store.write_manifest(loc, m)
-    store.write_teachers(loc, {"teachers": {}})
+    w = store.StoreWriter.create(url, m, {"teachers": {}})
     img = b"\xff\xd8" + bytes(60_000)
     g = torch.Generator().manual_seed(0)
     for i in range(m.num_shards):
         a, b = m.shard_range(i)
         vals = {t: encodings.encode(torch.randn(b - a, *s, generator=g), "fp16")[0] for t, s in SHAPES.items()}
         samples = [store.SampleResult(j, f"{j:09d}", {"id": f"{j:09d}"}, f"x/{j}.jpg", img) for j in range(a, b)]
-        store.commit_shard(loc, store.ShardResult(i, tuple(SHAPES), samples, vals, dict.fromkeys(SHAPES),
-                                                   {t: np.ones(b - a, bool) for t in SHAPES}))
+        w.commit_shard(store.ShardResult(i, tuple(SHAPES), samples, vals, dict.fromkeys(SHAPES),
+                                         {t: np.ones(b - a, bool) for t in SHAPES}))
 
 
 def resume(url: str, fraction: float, micro: int) -> tuple[float, int, int]:

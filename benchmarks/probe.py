@@ -24,9 +24,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.imageops import decode_rgb  # noqa: E402
-from teachers.base import preprocess  # noqa: E402
-from trainer.config import TASKS  # noqa: E402
+from recipes.imageops import decode_rgb  # noqa: E402
+from recipes.manifest import TASKS  # noqa: E402
+from recipes.preprocess import preprocess  # noqa: E402
 from trainer.loop import to_device  # noqa: E402
 from trainer.probe import build_probe  # noqa: E402
 
@@ -35,7 +35,7 @@ def setup(work: Path, samples: int):
     """pt_step's tiny setup (data, tiny teachers and models, a store), and a random mm_projector.bin."""
     from pt_step import tiny_setup
 
-    from trainer.model import Projector
+    from trainer.sequence import Projector
 
     cfg, teachers = tiny_setup(work, samples)
     torch.save({f"model.mm_projector.{k}": v for k, v in Projector(32, 64).state_dict().items()}, work / "proj.bin")
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     base = dataclasses.replace(cfg, global_batch_size=a.micro_batch, micro_batch_size=a.micro_batch)
     store = cfg.store
     raw = {}
-    from pipeline.store import Store
+    from store import Store
 
     s = Store(store)
     for shard in s.done_shards():

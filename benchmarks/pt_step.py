@@ -30,16 +30,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import encodings, store  # noqa: E402
-from pipeline.imageops import decode_rgb  # noqa: E402
+import store  # noqa: E402
 from pipeline.sample import generate  # noqa: E402
-from pipeline.teacher_manifest import load_manifest  # noqa: E402
+from recipes.imageops import decode_rgb  # noqa: E402
+from recipes.manifest import TASKS, load_manifest  # noqa: E402
+from recipes.preprocess import preprocess  # noqa: E402
+from store import encodings  # noqa: E402
 from teachers import depth, gen, seg  # noqa: E402
-from teachers.base import preprocess  # noqa: E402
 from teachers.registry import ADAPTERS, load_teachers  # noqa: E402
 from trainer.build import build  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.pt import to_device  # noqa: E402
+from trainer.loop import to_device  # noqa: E402
 
 
 def tiny_setup(work: Path, samples: int):
@@ -87,7 +88,7 @@ def full_setup(work: Path, samples: int, device, dtype):
     CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, resample=3
                           ).save_pretrained(work / "vision")
     manifest = load_manifest()
-    shapes = {t: manifest.teachers[t].output_shape for t in ("gen", "depth", "seg")}
+    shapes = {t: manifest.teachers[t].output_shape for t in TASKS}
     layouts = {t: store.TaskLayout.for_shape(s, "fp16") for t, s in shapes.items()}
     from pipeline.llava import load_records
 
@@ -95,17 +96,14 @@ def full_setup(work: Path, samples: int, device, dtype):
     m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=len(records), shard_size=16,
                           formats=["wds"], tasks=layouts)
     path = work / "store"
-    loc = store.Location(path)
-    loc.makedirs()
-    store.write_manifest(loc, m)
-    store.write_teachers(loc, manifest.identity(list(shapes)))
+    w = store.StoreWriter.create(path, m, manifest.identity(list(shapes)))
     for i in range(m.num_shards):
         a, b = m.shard_range(i)
         samples = [store.SampleResult(r.index, r.id, r.raw, r.image, (work / "data" / "images" / r.image).read_bytes())
                    for r in records[a:b]]
         vals = {t: encodings.encode(torch.randn(b - a, *s) * 0.5, "fp16")[0] for t, s in shapes.items()}
-        store.commit_shard(loc, store.ShardResult(i, tuple(shapes), samples, vals, dict.fromkeys(shapes),
-                                                   {t: np.ones(b - a, bool) for t in shapes}))
+        w.commit_shard(store.ShardResult(i, tuple(shapes), samples, vals, dict.fromkeys(shapes),
+                                         {t: np.ones(b - a, bool) for t in shapes}))
     cfg = load_config([], {"store": str(path), "output_dir": str(work / "out"), "llm": str(work / "llm"),
                            "vision_tower": str(work / "vision")})
     teachers = {}
@@ -160,7 +158,7 @@ def depth_head_cost(device, dtype, batch: int, repeats: int = 3) -> list[tuple[s
     """(name, parameters, ms per forward+backward) of one depth predictor at Llama-3-8B's size: the released
     head (inner width 4096, the LLM's) vs the earlier olaf head (inner width 1024), on the keys of a PT
     sequence (~650 positions) and 576 latents."""
-    from trainer.model import Predictor
+    from trainer.heads import Predictor
 
     H, keys_len = 4096, 650
     out = []

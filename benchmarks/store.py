@@ -27,8 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import encodings, store  # noqa: E402
-from pipeline.store import Location, layout  # noqa: E402
+import store  # noqa: E402
+from store import (  # noqa: E402
+    Location,
+    encodings,  # noqa: E402
+    layout,
+)
 
 SHAPES = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
 
@@ -45,11 +49,7 @@ def build(url: str, n: int, shard: int, encoding: str, compression: str, formats
     layouts = {t: store.TaskLayout.for_shape(s, encoding) for t, s in SHAPES.items()}
     m = store.RunManifest(dataset={"json": "synthetic"}, num_samples=n, shard_size=shard, formats=list(formats),
                           tasks=layouts, zarr_compression=compression)
-    loc = Location(url)
-    loc.makedirs()
-    store.write_manifest(loc, m)
-    store.ensure_zarr(loc, m)
-    store.write_teachers(loc, {"teachers": {}})
+    w = store.StoreWriter.create(url, m, {"teachers": {}})
     img = b"\xff\xd8" + bytes(60_000)  # a typical LLaVA JPEG's size
     encoded = []
     for i in range(m.num_shards):
@@ -62,7 +62,7 @@ def build(url: str, n: int, shard: int, encoding: str, compression: str, formats
         encoded.append(store.ShardResult(i, tuple(SHAPES), samples, vals, scales, valid))
     t = time.perf_counter()
     for r in encoded:
-        store.commit_shard(loc, r)
+        w.commit_shard(r)
     return time.perf_counter() - t
 
 

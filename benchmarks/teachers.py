@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import sample  # noqa: E402
-from pipeline.teacher_manifest import load_manifest  # noqa: E402
+from recipes.manifest import load_manifest  # noqa: E402
+from recipes.preprocess import preprocess  # noqa: E402
 from teachers import depth, gen, seg  # noqa: E402
-from teachers.base import preprocess  # noqa: E402
 from teachers.registry import ADAPTERS  # noqa: E402
 from teachers.tiny import output_width  # noqa: E402
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.store import Store, StoreError, verify_store
+from store import Store, StoreError, member_sizes, verify_store
 
 
 def _human(n: float) -> str:
@@ -169,7 +169,7 @@ def show(s: Store, key: str) -> dict:
     if raw is not None:
         d = s.decode(raw, rec.tasks)
         out.update(index=d["index"], record=d["record"], valid=d["valid"],
-                   tar_members={k: len(v) for k, v in sorted(raw.items()) if k != "__key__"})
+                   tar_members=member_sizes(raw))
         targets = {t: x for t, x in d["targets"].items() if x is not None}
     if "zarr" in s.formats:
         z = s.get(key, rec.tasks)
@@ -218,7 +218,7 @@ def render(s: Store, key: str, out_png: str | Path) -> dict:
 # ---- CLI -------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("store", help="a store written by pipeline.extract_teachers: a folder or a URL (s3://bucket/prefix)")
@@ -239,56 +239,70 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("render", parents=[after], help="a PNG: the image beside PCA-to-RGB maps of its targets")
     r.add_argument("key", nargs="?", help="the sample id (default: the first valid one)")
     r.add_argument("--out", required=True, help="output PNG path")
-    args = p.parse_args(argv)
+    return p
 
+
+def _summary(s: Store, args) -> int:
+    d = summary(s)
+    print(json.dumps(d, indent=1)) if args.json else print_summary(d)
+    return 0
+
+
+def _verify(s: Store, args) -> int:
+    d = verify_store(s, full=args.full, spot=args.spot, progress=not args.json)
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return 0 if d["ok"] else 1
+    for shard, problems in d["bad_shards"].items():
+        for prob in problems:
+            print(f"BAD shard {shard}: {prob}")
+    for name in d["orphans"]:
+        print(f"note: {name} is not part of any commit (left by an interrupted write; the next extraction run "
+              f"removes or overwrites it)")
+    print(f"{'OK' if d['ok'] else 'DAMAGED'}: {d['shards_checked']} done shards, {_human(d['bytes_hashed'])} "
+          f"hashed, zarr == wds on {d['agreement']}; {len(d['bad_shards'])} bad shard(s)"
+          + (f"; {len(d['shards_not_done'])} shard(s) not done yet" if d["shards_not_done"] else ""))
+    return 0 if d["ok"] else 1
+
+
+def _stats(s: Store, args) -> int:
+    d = stats(s, per_shard=args.per_shard, tasks=args.tasks.split(",") if args.tasks else None,
+              progress=not args.json)
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return 0
+    rows = [("all", t, m) for t, m in d["overall"].items()]
+    rows += [(k, t, m) for k, v in d.get("per_shard", {}).items() for t, m in v.items()]
+
+    def f(x):
+        return f"{x:10.4f}" if x is not None else f"{'-':>10}"
+
+    print(f"{'shard':<6} {'task':<6} {'values':>12} {'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'NaN':>6}")
+    for shard, t, m in rows:
+        print(f"{shard:<6} {t:<6} {m['values']:>12} {f(m['mean'])} {f(m['std'])} {f(m['min'])} {f(m['max'])} "
+              f"{m['nan']:>6}")
+    return 0
+
+
+def _show(s: Store, args) -> int:
+    print(json.dumps(show(s, args.key or s.first_valid_key()), indent=1, default=str))
+    return 0
+
+
+def _render(s: Store, args) -> int:
+    d = render(s, args.key or s.first_valid_key(), args.out)
+    print(json.dumps(d) if args.json else f"wrote {d['out']} (image{' + ' if d['maps'] else ''}"
+          f"{' + '.join(d['maps'])} maps{', ' + ' + '.join(d['vectors']) + ' strip' if d['vectors'] else ''})")
+    return 0
+
+
+COMMANDS = {"summary": _summary, "verify": _verify, "stats": _stats, "show": _show, "render": _render}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        s = Store(args.store)
-        if args.command == "summary":
-            d = summary(s)
-            print(json.dumps(d, indent=1)) if args.json else print_summary(d)
-            return 0
-        if args.command == "verify":
-            d = verify_store(s, full=args.full, spot=args.spot, progress=not args.json)
-            if args.json:
-                print(json.dumps(d, indent=1))
-            else:
-                for shard, problems in d["bad_shards"].items():
-                    for prob in problems:
-                        print(f"BAD shard {shard}: {prob}")
-                for name in d["orphans"]:
-                    print(f"note: {name} is not part of any commit (left by an interrupted write; the next "
-                          f"extraction run removes or overwrites it)")
-                print(f"{'OK' if d['ok'] else 'DAMAGED'}: {d['shards_checked']} done shards, {_human(d['bytes_hashed'])} "
-                      f"hashed, zarr == wds on {d['agreement']}; {len(d['bad_shards'])} bad shard(s)"
-                      + (f"; {len(d['shards_not_done'])} shard(s) not done yet" if d["shards_not_done"] else ""))
-            return 0 if d["ok"] else 1
-        if args.command == "stats":
-            tasks = args.tasks.split(",") if args.tasks else None
-            d = stats(s, per_shard=args.per_shard, tasks=tasks, progress=not args.json)
-            if args.json:
-                print(json.dumps(d, indent=1))
-            else:
-                rows = [("all", t, m) for t, m in d["overall"].items()]
-                rows += [(k, t, m) for k, v in d.get("per_shard", {}).items() for t, m in v.items()]
-                print(f"{'shard':<6} {'task':<6} {'values':>12} {'mean':>10} {'std':>10} {'min':>10} {'max':>10} {'NaN':>6}")
-                def f(x):
-                    return f"{x:10.4f}" if x is not None else f"{'-':>10}"
-
-                for shard, t, m in rows:
-                    print(f"{shard:<6} {t:<6} {m['values']:>12} {f(m['mean'])} {f(m['std'])} {f(m['min'])} "
-                          f"{f(m['max'])} {m['nan']:>6}")
-            return 0
-        if args.command in ("show", "render") and not args.key:
-            args.key = s.first_valid_key()
-        if args.command == "show":
-            d = show(s, args.key)
-            print(json.dumps(d, indent=1, default=str))
-            return 0
-        if args.command == "render":
-            d = render(s, args.key, args.out)
-            print(json.dumps(d) if args.json else f"wrote {d['out']} (image{' + ' if d['maps'] else ''}"
-                  f"{' + '.join(d['maps'])} maps{', ' + ' + '.join(d['vectors']) + ' strip' if d['vectors'] else ''})")
-            return 0
+        return COMMANDS[args.command](Store(args.store), args)
     except (StoreError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
@@ -300,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {args.store}: {type(e).__name__}: {e}\n"
               f"  run `python -m pipeline.inspect {args.store} verify` to find the damaged shards", file=sys.stderr)
         return 2
-    return 2  # pragma: no cover
 
 
 if __name__ == "__main__":

@@ -15,25 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.teacher_manifest import REPO_ROOT
+from pipeline.provenance import CODE_INFO, PACKAGES, REPO_ROOT, git_describe
 
-PACKAGES = ("pipeline", "teachers", "trainer")  # Python packages: their *.py and *.yaml files
-DATA = ("manifests",)  # folders copied as they are, *.yaml only
 FILES = ("pyproject.toml",)
-CODE_INFO = "olaf_code.json"
-
-
-def git_describe(root: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def allowed_files(root: Path) -> list[Path]:
@@ -42,8 +29,6 @@ def allowed_files(root: Path) -> list[Path]:
     for pkg in PACKAGES:
         out += [p.relative_to(root) for p in sorted((root / pkg).rglob("*")) if p.suffix in (".py", ".yaml")
                 and p.is_file() and "__pycache__" not in p.parts]
-    for d in DATA:
-        out += [p.relative_to(root) for p in sorted((root / d).rglob("*.yaml")) if p.is_file()]
     out += [Path(f) for f in FILES if (root / f).is_file()]
     return out
 
@@ -51,7 +36,7 @@ def allowed_files(root: Path) -> list[Path]:
 def build(out: str | Path, root: Path = REPO_ROOT) -> Path:
     out = Path(out).resolve()
     root = Path(root).resolve()
-    if out == root or root in out.parents and out.parts[len(root.parts)] in PACKAGES + DATA:
+    if out == root or root in out.parents and out.parts[len(root.parts)] in PACKAGES:
         raise SystemExit(f"error: {out} would overwrite the sources; choose a folder outside them (e.g. build/job)")
     shutil.rmtree(out, ignore_errors=True)
     for rel in allowed_files(root):

@@ -58,6 +58,54 @@ def conversation_problem(conv) -> str | None:
     return None
 
 
+def _read_json(path: Path):
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {path} (expected a LLaVA JSON such as {DATASET_JSON})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text: {e}") from None
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    return data
+
+
+def _id_problem(rid) -> str | None:
+    if not isinstance(rid, str) or not rid.strip():
+        return "missing or empty 'id'"
+    if rid != rid.strip() or any(c in rid for c in "\n\r\t\0"):
+        return f"id {rid!r} has surrounding whitespace or control characters"
+    try:  # every store writes ids as UTF-8 (Zarr keys, tar names, JSON): a lone surrogate cannot be
+        rid.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"id {rid!r} is not valid Unicode text (a lone surrogate): it cannot be stored"
+    return None
+
+
+def _record(i: int, rec, first_seen: dict[str, int]) -> tuple[Record | None, str | None]:
+    """(the record, None) or (None, the structural problem of record `i`)."""
+    if not isinstance(rec, dict):
+        return None, f"record {i}: not a JSON object ({type(rec).__name__})"
+    rid = rec.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    problem = _id_problem(rid)
+    if problem:
+        return None, f"record {i}: {problem}"
+    if rid in first_seen:
+        return None, f"record {i}: duplicate id {rid!r} (first at record {first_seen[rid]})"
+    first_seen[rid] = i
+    conv = rec.get("conversations")
+    if conv is not None and not isinstance(conv, list):
+        return None, f"record {i} (id {rid}): 'conversations' is not a list"
+    image = rec.get("image")
+    return Record(index=i, id=rid, image=image if isinstance(image, str) and image else None, raw=rec,
+                  problem=conversation_problem(conv)), None
+
+
 def load_records(path: str | Path, limit: int | None = None, max_problems: int = 50) -> tuple[list[Record], int]:
     """Read and structurally validate a LLaVA JSON file.
 
@@ -70,64 +118,26 @@ def load_records(path: str | Path, limit: int | None = None, max_problems: int =
     Returns (records, number of records in the file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path} (expected a LLaVA JSON such as {DATASET_JSON})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path} is not UTF-8 text: {e}") from None
-    if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    data = _read_json(path)
     in_file = len(data)
     if limit is not None:
         if limit < 1:
             raise DatasetError(f"--limit must be >= 1, got {limit}")
         data = data[:limit]
-
     problems: list[str] = []
     records: list[Record] = []
     first_seen: dict[str, int] = {}
     for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            problems.append(f"record {i}: not a JSON object ({type(rec).__name__})")
-            continue
-        rid = rec.get("id")
-        if isinstance(rid, int) and not isinstance(rid, bool):
-            rid = str(rid)
-        if not isinstance(rid, str) or not rid.strip():
-            problems.append(f"record {i}: missing or empty 'id'")
-            continue
-        if rid != rid.strip() or any(c in rid for c in "\n\r\t\0"):
-            problems.append(f"record {i}: id {rid!r} has surrounding whitespace or control characters")
-            continue
-        try:  # every store writes ids as UTF-8 (Zarr keys, tar names, JSON): a lone surrogate cannot be
-            rid.encode("utf-8")
-        except UnicodeEncodeError:
-            problems.append(f"record {i}: id {rid!r} is not valid Unicode text (a lone surrogate): it cannot be stored")
-            continue
-        if rid in first_seen:
-            problems.append(f"record {i}: duplicate id {rid!r} (first at record {first_seen[rid]})")
-            continue
-        first_seen[rid] = i
-        conv = rec.get("conversations")
-        if conv is not None and not isinstance(conv, list):
-            problems.append(f"record {i} (id {rid}): 'conversations' is not a list")
-            continue
-        image = rec.get("image")
-        records.append(Record(index=i, id=rid, image=image if isinstance(image, str) and image else None, raw=rec,
-                              problem=conversation_problem(conv)))
-
+        record, problem = _record(i, rec, first_seen)
+        if problem:
+            problems.append(problem)
+        else:
+            records.append(record)
     if problems:
         shown = problems[:max_problems]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise DatasetError(
-            f"{path}: {len(problems)} structural problem(s); fix the file before extracting:\n  "
-            + "\n  ".join(shown)
-            + more
-        )
+        raise DatasetError(f"{path}: {len(problems)} structural problem(s); fix the file before extracting:\n  "
+                           + "\n  ".join(shown) + more)
     if not records:
         raise DatasetError(f"{path}: the dataset has no records")
     return records, in_file

@@ -26,14 +26,17 @@ import urllib.request
 from pathlib import Path
 
 MARKER = "OLAF_LOCAL_RAY"
+# The one copy of what a Ray on this machine alone needs (Ray reads it at import time; its workers inherit it):
+# single-node mode, so that it binds and talks on 127.0.0.1 only (else it picks the default route's address),
+# and no usage statistics sent anywhere.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def ray_env(state: Path) -> dict[str, str]:
     """What every process talking to this head needs (Ray reads these at import time)."""
     info = json.loads((state / "state.json").read_text())
     return {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
+        **LOOPBACK_ENV,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(state / "auth_token"),
         "RAY_ADDRESS": f"http://127.0.0.1:{info['dashboard_port']}",

@@ -1,34 +1,17 @@
-"""What every teacher adapter shares: CPU preprocessing to uint8, device-side normalisation, batched forward.
+"""What every teacher adapter shares: device-side normalisation, batched forward, loading and identity.
 
-The split follows where the work is cheap: the recipe's PIL resizes run in CPU workers (a few ms per image per
-core) and produce uint8 arrays; the device gets uint8 (4x fewer bytes than float32), normalises the whole
-batch in one go, and runs one forward for it.
+The recipe's resizes (recipes.preprocess) give uint8 arrays, in CPU workers or on the device; the teacher gets
+uint8 (4x fewer bytes than float32), normalises the whole batch in one go, and runs one forward for it.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
-from PIL import Image
 
-from pipeline.imageops import apply_ops
-from pipeline.teacher_manifest import TeacherSpec
+from recipes.manifest import TeacherSpec
 from teachers.weights import load_config, load_model, tensors_sha256
-
-
-def preprocess(spec: TeacherSpec, rgb: Image.Image) -> np.ndarray:
-    """The recipe's PIL ops on a decoded RGB image: a uint8 (H, W, 3) array of the teacher's input size."""
-    if rgb.mode != "RGB":
-        raise ValueError(f"preprocess expects an RGB image (decode with imageops.decode_rgb), got mode {rgb.mode}")
-    arr = apply_ops(rgb, spec.preprocess.ops)
-    if arr.shape[:2] != spec.preprocess.input_size:
-        raise ValueError(
-            f"teacher '{spec.task}': preprocessing gave {arr.shape[:2]}, the manifest's input_size is "
-            f"{spec.preprocess.input_size}; the ops list must end at the input size"
-        )
-    return arr
 
 
 class Teacher(torch.nn.Module):

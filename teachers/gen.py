@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from pipeline.teacher_manifest import TeacherSpec
+from recipes.manifest import TeacherSpec
 from teachers.base import Teacher
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.teacher_manifest import ManifestError, TeacherManifest, TeacherSpec
+from recipes.manifest import ManifestError, TeacherManifest, TeacherSpec
 from teachers.base import Teacher
 from teachers.depth import DepthTeacher
 from teachers.gen import GenTeacher
@@ -72,11 +72,11 @@ class TeacherSet:
         return torch.cat(rows), errors
 
     def run_recipes(self, images: list) -> dict[str, torch.Tensor]:
-        """Every teacher's recipe on this device, bit-exactly (pipeline.pil_exact): decoded uint8 (h, w, 3) images,
+        """Every teacher's recipe on this device, bit-exactly (recipes.pil_exact): decoded uint8 (h, w, 3) images,
         or rows the decode worker resized already ({task: uint8 (H, W, 3)}) -> task -> uint8 (n, H, W, 3)."""
         import warnings
 
-        from pipeline import pil_exact
+        from recipes.preprocess import preprocess_on_device
 
         with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we never write them
             warnings.simplefilter("ignore", UserWarning)
@@ -84,11 +84,10 @@ class TeacherSet:
                     for img in images]
             out = {}
             for task, teacher in self.teachers.items():
-                pre = teacher.spec.preprocess
                 done = [torch.as_tensor(r[task]).to(self.device) if isinstance(r, dict) else
-                        pil_exact.apply_ops(r, pre.ops) for r in rows]
-                out[task] = (torch.stack(done) if done else
-                             torch.zeros((0, *pre.input_size, 3), dtype=torch.uint8, device=self.device))
+                        preprocess_on_device(teacher.spec, r) for r in rows]
+                out[task] = (torch.stack(done) if done else torch.zeros(
+                    (0, *teacher.spec.preprocess.input_size, 3), dtype=torch.uint8, device=self.device))
         return out
 
     def run(self, pixels: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]]:

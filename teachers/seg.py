@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import OneFormerConfig, SwinBackbone, SwinConfig
 
-from pipeline.teacher_manifest import TeacherSpec
+from recipes.manifest import TeacherSpec
 from teachers.base import Teacher
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel
 
-from pipeline.teacher_manifest import TeacherSpec
+from recipes.manifest import TeacherSpec
 from teachers.base import Teacher
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.teacher_manifest import DEFAULT_MANIFEST, load_manifest
+from recipes.manifest import DEFAULT_MANIFEST, load_manifest
 from teachers import depth, gen, seg, standin
 
 TINY_BUILDERS = {"gen": gen.tiny_model, "depth": depth.tiny_model, "seg": seg.tiny_model}

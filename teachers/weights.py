@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from pipeline.teacher_manifest import WeightsRef
+from recipes.manifest import WeightsRef
 
 
 class WeightsNotFound(FileNotFoundError):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import store
-from pipeline.plan import make_plan
-from pipeline.teacher_manifest import load_manifest
-from pipeline.work import assemble_shard, compute_shard
+import store
+from pipeline.extract.compute import assemble_shard, compute_shard
+from pipeline.extract.plan import make_plan
+from recipes.manifest import load_manifest
 
 SHARD, BATCH = 8, 4
 
@@ -35,15 +35,12 @@ def _build(path, dataset, manifest_path, tasks, shard, teachers_yaml, TeacherSet
     layouts = {t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks}
     m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
                           formats=["zarr", "wds"], tasks=layouts)
-    loc = store.Location(path)
-    loc.makedirs()
-    store.write_manifest(loc, m)
-    store.ensure_zarr(loc, m)
-    if teachers_yaml:  # what the Ray job records; the extraction tests compare data files only
-        store.write_teachers(loc, manifest.identity(list(tasks), teachers.weights_sha256()))
+    # teachers.yaml as the Ray job records it; the extraction tests compare data files only
+    identity = manifest.identity(list(tasks), teachers.weights_sha256()) if teachers_yaml else None
+    w = store.StoreWriter.create(path, m, identity)
     specs = [manifest.teachers[t] for t in tasks]
     for i in range(plan.num_shards):
         metas, targets = compute_shard(plan.shard_records(i), str(images), specs, teachers,
                                        dict.fromkeys(tasks, "fp16"), BATCH)
-        store.commit_shard(loc, assemble_shard(m, i, tuple(tasks), metas, targets))
+        w.commit_shard(assemble_shard(m, i, tuple(tasks), metas, targets))
     return path

@@ -20,9 +20,10 @@ import pytest
 from conftest import free_port
 from helpers import BATCH, SHARD, reference_store
 
-from pipeline import localray, store
-from pipeline.store import Location, layout
-from pipeline.teacher_manifest import load_manifest
+import store
+from pipeline import localray
+from recipes.manifest import load_manifest
+from store import Location, layout
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +220,7 @@ def test_structural_problems_stop_before_any_work(tmp_path, tiny_teachers, datas
 def test_incompatible_resume_is_refused(tmp_path, dataset, tiny_teachers, reference):
     out = tmp_path / "store"
     shutil.copytree(reference, out)
-    store.write_teachers(Location(out), load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
+    store.StoreWriter.open(out).save(load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
     argv = args(dataset, out, tiny_teachers)
     argv[argv.index("--shard-size") + 1] = "4"
     rc, log = run(argv + ["--fidelity", "corrected", "--plan-only"], timeout=120)

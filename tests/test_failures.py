@@ -22,9 +22,10 @@ from helpers import reference_store
 from test_extract import args, dataset, records, reference, run, same_data, start, wait_for  # noqa: F401
 from test_store import N, create, make_result
 
-from pipeline import inspect, localray, store
-from pipeline.store import Location, layout
-from pipeline.teacher_manifest import load_manifest
+import store
+from pipeline import inspect, localray
+from recipes.manifest import load_manifest
+from store import Location, layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,16 +81,13 @@ def undecodable_store(path: Path, tiny_teachers) -> Path:
     tasks = ("gen", "depth", "seg")
     m = store.RunManifest(dataset={"json": "x", "sha256": "0" * 64}, num_samples=8, shard_size=8, formats=["wds"],
                           tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks})
-    loc = Location(path)
-    loc.makedirs()
-    store.write_manifest(loc, m)
-    store.write_teachers(loc, manifest.identity(list(tasks)))
+    w = store.StoreWriter.create(path, m, manifest.identity(list(tasks)))
     rec = {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red square"}]}
     samples = [store.SampleResult(j, f"{j:09d}", {"id": f"{j:09d}", **rec}, f"x/{j}.jpg", b"\xff\xd8 not a jpeg")
                for j in range(8)]
     shapes = {t: manifest.teachers[t].output_shape for t in tasks}
-    store.commit_shard(loc, store.ShardResult(0, tasks, samples, {t: np.zeros((8, *s), np.float16) for t, s in shapes.items()},
-                                              dict.fromkeys(tasks), {t: np.ones(8, bool) for t in tasks}))
+    w.commit_shard(store.ShardResult(0, tasks, samples, {t: np.zeros((8, *s), np.float16) for t, s in shapes.items()},
+                                     dict.fromkeys(tasks), {t: np.ones(8, bool) for t in tasks}))
     return path
 
 
@@ -118,10 +116,10 @@ def test_sigterm_to_the_trainer_takes_its_workers_along(tmp_path, trainer_store,
 
 def test_a_missing_zarr_chunk_is_named_not_read_as_zeros(tmp_path, capsys):
     url = str(tmp_path / "store")
-    m = create(url)
+    w = create(url)
     loc = Location(url)
-    for i in range(m.num_shards):
-        store.commit_shard(loc, make_result(m, i))
+    for i in range(w.manifest.num_shards):
+        w.commit_shard(make_result(w.manifest, i))
     gone = "targets.zarr/depth/c/1/0/0"
     assert gone in store.Store(url).records[1].files
     loc.remove(gone)
@@ -173,7 +171,7 @@ def test_the_job_upload_holds_only_the_allow_list(tmp_path):
     job = jobdir.build(tmp_path / "job", root=src)
     shipped = {str(p.relative_to(job)) for p in job.rglob("*") if p.is_file()}
     assert shipped == {str(r) for r in jobdir.allowed_files(src)} | {jobdir.CODE_INFO}
-    assert not shipped & set(secrets) and "pipeline/store/layout.py" in shipped
+    assert not shipped & set(secrets) and "store/layout.py" in shipped
 
     # and through a real `ray job submit`: the job sees the code, not the planted .env
     state = tmp_path / "ray"
@@ -188,7 +186,7 @@ def test_the_job_upload_holds_only_the_allow_list(tmp_path):
                             "--", "python", "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         seen = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("FILES")).split(" ", 1)[1])
-        assert "pipeline/store/layout.py" in seen and ".env" not in seen and "pipeline/.env" not in seen
+        assert "store/layout.py" in seen and ".env" not in seen and "pipeline/.env" not in seen
     finally:
         localray.stop(state)
 
@@ -246,7 +244,7 @@ def test_damaged_shard_records_are_redone(tmp_path, dataset, tiny_teachers, refe
     out = tmp_path / "store"
     shutil.copytree(reference, out)
     loc = Location(out)
-    store.write_teachers(loc, load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
+    store.StoreWriter.open(out).save(load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
     loc.write_bytes(layout.record_name(1), b'["not", "an object"]')
     d = json.loads(loc.read_bytes(layout.record_name(2)))
     d["files"] = {}  # a record without files once counted as done forever
@@ -300,7 +298,7 @@ def test_a_model_that_is_not_there_is_one_message(tmp_path, trainer_store, tiny_
 
 
 def test_conversations_that_cannot_be_tokenised_are_bad_samples(tmp_path, tiny_teachers, dataset, tiny_models):  # noqa: F811
-    from pipeline.decode import decode_batch
+    from pipeline.extract.decode import decode_batch
     from pipeline.llava import load_records
 
     recs = json.loads(dataset[0].read_text())
@@ -358,28 +356,39 @@ def test_a_huge_caption_is_cut_before_tokenising(tiny_models):
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_a_lease_keeps_a_second_job_off_a_shard(tmp_path, backend, request):
+    """Time is the test's: the leases read a clock it moves, never the wall clock."""
     url = str(tmp_path / "s") if backend == "local" else f"s3://{request.getfixturevalue('seaweedfs').bucket}/lease-{time.time_ns()}"
     loc = Location(url)
     loc.makedirs()
-    assert store.take_lease(loc, 3, "job-a", ttl=60)
-    assert store.take_lease(loc, 3, "job-a", ttl=60)  # its own: still held
-    assert not store.take_lease(loc, 3, "job-b", ttl=60)
-    assert store.lease_holder(loc, 3)["owner"] == "job-a"
-    store.release_lease(loc, 3, "job-b")  # not b's to release
-    assert store.lease_holder(loc, 3)["owner"] == "job-a"
-    store.renew_lease(loc, 3, "job-a", ttl=-1)  # let it expire
-    assert store.lease_holder(loc, 3) is None and store.take_lease(loc, 3, "job-b", ttl=60)
-    store.release_lease(loc, 3, "job-b")
-    assert not loc.exists(layout.lease_name(3)) and store.orphans(loc) == []
+    now = [1000.0]
+    a, b = (store.Leases(loc, owner, ttl=60, clock=lambda: now[0]) for owner in ("job-a", "job-b"))
+    assert a.take(3) and a.take(3)  # its own: still held
+    assert not b.take(3) and b.holder(3)["owner"] == "job-a"
+    b.release(3)  # not b's to release
+    assert b.holder(3)["owner"] == "job-a"
+    now[0] += 59.0  # a second before it lapses: still a's
+    assert not b.take(3)
+    now[0] += 2.0  # lapsed: b breaks it and takes the shard
+    assert b.holder(3) is None and b.take(3) and b.holder(3)["owner"] == "job-b"
+    b.release(3)
+    assert not loc.exists(layout.lease_name(3)) and store.orphans(loc, leases=b) == [] and b.held == set()
+    # renewal: a lease renewed once a quarter of its TTL has passed holds a full TTL from then
+    assert a.take(7)
+    now[0] += 16.0
+    a.renew_due()
+    now[0] += 59.0
+    assert not b.take(7)
+    a.release_all()
+    assert b.take(7) and a.held == set()
     # a driver killed with -9 on this host holds nothing: its lease is stale at once, not after its expiry
     import socket
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    assert store.take_lease(loc, 4, f"{socket.gethostname()}:{dead.pid}:killed", ttl=600)
-    assert store.lease_holder(loc, 4) is None and store.take_lease(loc, 4, "job-c", ttl=60)
-    assert store.take_lease(loc, 5, store.lease_owner(), ttl=600)  # this live process: held
-    assert not store.take_lease(loc, 5, "job-c", ttl=60)
+    assert store.Leases(loc, f"{socket.gethostname()}:{dead.pid}:killed", ttl=600).take(4)
+    assert b.holder(4) is None and b.take(4)
+    assert store.Leases(loc, ttl=600).take(5)  # this live process: held
+    assert not b.take(5)
 
 
 def test_two_jobs_on_one_output_compute_each_shard_once(tmp_path, dataset, tiny_teachers, reference):  # noqa: F811
@@ -395,18 +404,30 @@ def test_two_jobs_on_one_output_compute_each_shard_once(tmp_path, dataset, tiny_
 
 
 def test_shards_another_job_holds_are_waited_for_then_taken_over(tmp_path, dataset, tiny_teachers, reference):  # noqa: F811
-    """Another job holds shards 2 and 3 and then vanishes (its leases expire): this one waits, then takes the two
-    over once the leases lapse. Nothing is computed twice, nothing is lost."""
+    """Another job holds shards 2 and 3 and then vanishes: this one computes the others, says it waits, and takes
+    the two over once their leases lapse, which happens when the test says (after the job said it waits), not
+    after a fixed time. Nothing is computed twice, nothing is lost."""
     out = tmp_path / "store"
     shutil.copytree(reference, out)
-    loc = Location(out)
-    store.write_teachers(loc, load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
+    w = store.StoreWriter.open(out)
+    w.save(load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
+    other = w.leases("other-job", ttl=3600)
     for i in (2, 3):
-        store.begin_redo(loc, i)  # as the other job does before rewriting them
-        assert store.take_lease(loc, i, "other-job", ttl=20)
-    rc, log = run(args(dataset, out, tiny_teachers))
-    assert rc == 0, log
-    assert "waiting for 2 shard(s) that another job is computing (other-job)" in log
+        w.redo(i)  # as the other job does before rewriting them
+        assert other.take(i)
+    p = start(args(dataset, out, tiny_teachers))
+    log = []
+    for line in p.stdout:  # until the job says it waits for the other job's shards
+        log.append(line)
+        if "waiting for 2 shard(s) that another job is computing (other-job)" in line:
+            break
+    assert p.poll() is None and len(records(out)) == 2, "".join(log)  # the other two done, 2 and 3 not
+    lapsed = w.leases("other-job", ttl=-1)  # the other job is gone: its leases lapse now
+    for i in (2, 3):
+        lapsed.renew(i)
+    rest, _ = p.communicate(timeout=300)
+    log = "".join(log) + rest
+    assert p.returncode == 0, log
     assert "2 written now, 2 were already done" in log
     same_data(out, reference)
 
@@ -415,8 +436,8 @@ def test_the_format_doc_says_what_the_tar_writer_does(tmp_path):
     import tarfile
 
     url = str(tmp_path / "s")
-    m = create(url, formats=("wds",))
-    store.commit_shard(Location(url), make_result(m, 0))
+    w = create(url, formats=("wds",))
+    w.commit_shard(make_result(w.manifest, 0))
     with tarfile.open(tmp_path / "s" / layout.tar_name(0)) as tf:
         members = tf.getmembers()
     assert len(members) > N // 3 and all(mem.pax_headers for mem in members)  # PAX, as the doc now says
@@ -432,7 +453,7 @@ def test_the_job_upload_records_the_submitters_git_commit(tmp_path):
     from pipeline import jobdir
 
     job = jobdir.build(tmp_path / "job")
-    code = "import pipeline.store as s, json; print(json.dumps([s.__file__, s.code_version()]))"
+    code = "import pipeline.provenance as s, json; print(json.dumps([s.__file__, s.code_version()]))"
     p = subprocess.run([sys.executable, "-c", code], cwd=job, capture_output=True, text=True, timeout=60,
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     where, version = json.loads(p.stdout.strip().splitlines()[-1])
@@ -441,18 +462,17 @@ def test_the_job_upload_records_the_submitters_git_commit(tmp_path):
 
 
 def test_other_image_libraries_on_resume_are_warned_about(tmp_path, dataset, tiny_teachers, reference):  # noqa: F811
-    from pipeline.imageops import image_libraries
+    from recipes.imageops import image_libraries
 
     out = tmp_path / "store"
     shutil.copytree(reference, out)
-    loc = Location(out)
-    store.write_teachers(loc, load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
-    m = store.read_manifest(loc)
-    m.extraction.update(image_libraries(), pillow="9.0.0")
-    store.write_manifest(loc, m)
+    w = store.StoreWriter.open(out)
+    w.save(load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
+    w.manifest.extraction.update(image_libraries(), pillow="9.0.0")
+    w.save_manifest()
     rc, log = run(args(dataset, out, tiny_teachers, "--plan-only"), timeout=120)
     assert rc == 0 and f"pillow 9.0.0 -> {image_libraries()['pillow']}" in log and "bit-exact" in log, log
-    m.extraction.update(image_libraries())
-    store.write_manifest(loc, m)
+    w.manifest.extraction.update(image_libraries())
+    w.save_manifest()
     rc, log = run(args(dataset, out, tiny_teachers, "--plan-only"), timeout=120)
     assert rc == 0 and "image libraries differ" not in log

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import encodings, store
-from pipeline.store import GlobalOrder, Location, SampleResult, SampleTable, ShardResult, StoreError, TaskLayout
+import store
+from store import GlobalOrder, Location, SampleResult, SampleTable, ShardResult, StoreError, TaskLayout, encodings
 
 SHARDS, PER_SHARD = 24, 8
 BAD = {3, 17, 18, 100}  # image errors at extraction: never in the order
@@ -18,9 +18,7 @@ G, MICRO = 16, 4
 def make_store(url) -> str:
     m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=SHARDS * PER_SHARD,
                           shard_size=PER_SHARD, formats=["wds"], tasks={"gen": TaskLayout((1, 16), "fp16")})
-    loc = Location(url)
-    loc.makedirs()
-    store.write_manifest(loc, m)
+    w = store.StoreWriter.create(url, m)
     for i in range(SHARDS):
         a, b = m.shard_range(i)
         samples = [SampleResult(j, f"s{j:05d}", {"id": f"s{j:05d}"}, f"{j}.jpg",
@@ -28,8 +26,8 @@ def make_store(url) -> str:
                                 "image file not found" if j in BAD else None) for j in range(a, b)]
         x = torch.arange(a, b, dtype=torch.float32).view(-1, 1, 1).expand(-1, 1, 16).contiguous()
         values, scales = encodings.encode(x, "fp16")
-        store.commit_shard(loc, ShardResult(i, ("gen",), samples, {"gen": values}, {"gen": scales},
-                                            {"gen": np.array([j not in BAD for j in range(a, b)])}))
+        w.commit_shard(ShardResult(i, ("gen",), samples, {"gen": values}, {"gen": scales},
+                                   {"gen": np.array([j not in BAD for j in range(a, b)])}))
     return url
 
 

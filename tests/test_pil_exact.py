@@ -1,4 +1,4 @@
-"""The recipes' resizes in torch (pipeline.pil_exact) against the installed Pillow itself: every pixel equal."""
+"""The recipes' resizes in torch (recipes.pil_exact) against the installed Pillow itself: every pixel equal."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import pil_exact
-from pipeline.imageops import RESAMPLE, BadImage, Op, apply_ops, decode_rgb
-from pipeline.teacher_manifest import load_manifest
+from recipes import pil_exact
+from recipes.imageops import RESAMPLE, BadImage, Op, apply_ops, decode_rgb
+from recipes.manifest import load_manifest
 
 
 def random_image(rng, w, h, smooth=False) -> np.ndarray:
@@ -34,7 +34,7 @@ def test_resize_equals_pillow_for_random_sizes(resample):
 
 def test_the_real_recipes_equal_pil_on_real_images(sample_dataset):
     json_path, images = sample_dataset
-    m = load_manifest("manifests/teachers/ola_vlm.yaml")
+    m = load_manifest()  # the default manifest: the real recipes
     rgbs = []
     for f in sorted(images.rglob("*.*")):  # the awkward modes and the 12:1 aspect ratio included
         try:
@@ -98,9 +98,9 @@ def test_large_passes_are_chunked_without_changing_a_pixel(monkeypatch):
 def test_device_recipes_give_the_targets_of_the_cpu_recipes(sample_dataset, tiny_teachers, monkeypatch):
     """decode (no resizes) -> recipes on the teachers' device -> teachers: the same encoded targets as the PIL
     path, also for an image the decode worker keeps resizing itself because it is too large."""
-    from pipeline import decode
+    from pipeline.extract import decode
+    from pipeline.extract.compute import compute_batch
     from pipeline.llava import load_records
-    from pipeline.work import compute_batch
     from teachers.registry import TeacherSet
 
     json_path, images = sample_dataset
@@ -128,7 +128,7 @@ def test_device_recipes_give_the_targets_of_the_cpu_recipes(sample_dataset, tiny
 
 
 def test_pillow_13_is_warned_about_on_every_run():
-    from pipeline.extract_teachers import image_library_warnings
+    from pipeline.provenance import image_library_warnings
 
     libs = {"libjpeg_turbo": "3.0.2", "zlib": "1.3.1"}
     warned = image_library_warnings(None, {"pillow": "13.0.0", **libs})

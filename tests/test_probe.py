@@ -72,10 +72,11 @@ def test_cosine_is_the_flattened_cosine_of_each_sample():
 def _learnable_store(path: Path, tiny_models: Path, tiny_teachers: Path, n: int, seed: int) -> Path:
     """A store whose targets are a fixed random projection of the tiny CLIP tower's features of each image, so a
     probe reading the MLLM's layers has something to learn."""
-    from pipeline import encodings, store
+    import store
     from pipeline.llava import load_records
     from pipeline.sample import generate
-    from pipeline.teacher_manifest import load_manifest
+    from recipes.manifest import load_manifest
+    from store import encodings
     from trainer.data import ImageRecipe
     from trainer.towers import load_tower
 
@@ -90,10 +91,7 @@ def _learnable_store(path: Path, tiny_models: Path, tiny_teachers: Path, n: int,
     shapes = {"gen": (1, 16), "depth": (576, 8)}
     m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=n, shard_size=8, formats=["wds"],
                           tasks={t: store.TaskLayout.for_shape(s, "fp16") for t, s in shapes.items()})
-    loc = store.Location(path)
-    loc.makedirs()
-    store.write_manifest(loc, m)
-    store.write_teachers(loc, load_manifest(tiny_teachers).identity(["gen", "depth"]))
+    w = store.StoreWriter.create(path, m, load_manifest(tiny_teachers).identity(["gen", "depth"]))
     for i in range(m.num_shards):
         a, b = m.shard_range(i)
         imgs = [(ds / "images" / r.image).read_bytes() for r in records[a:b]]
@@ -104,14 +102,14 @@ def _learnable_store(path: Path, tiny_models: Path, tiny_teachers: Path, n: int,
         vals = {"depth": encodings.encode(f @ w_depth, "fp16")[0],
                 "gen": encodings.encode((f.mean(1, keepdim=True) @ w_gen), "fp16")[0]}
         samples = [store.SampleResult(r.index, r.id, r.raw, r.image, im) for r, im in zip(records[a:b], imgs, strict=True)]
-        store.commit_shard(loc, store.ShardResult(i, ("gen", "depth"), samples, vals, dict.fromkeys(shapes),
+        w.commit_shard(store.ShardResult(i, ("gen", "depth"), samples, vals, dict.fromkeys(shapes),
                                                    {t: np.ones(b - a, bool) for t in shapes}))
     return path
 
 
 @pytest.fixture(scope="module")
 def probe_setup(tmp_path_factory, tiny_models, tiny_teachers):
-    from trainer.model import Projector
+    from trainer.sequence import Projector
 
     root = tmp_path_factory.mktemp("probe")
     train = _learnable_store(root / "train", tiny_models, tiny_teachers, 32, 1)

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import encodings, inspect, store
-from pipeline.store import Location, SampleResult, ShardResult, Store, StoreError, TaskLayout, layout
-from pipeline.store.fs import temp_name
-from pipeline.teacher_manifest import load_manifest
+import store
+from pipeline import inspect
+from recipes.manifest import load_manifest
+from store import Location, SampleResult, ShardResult, Store, StoreError, StoreWriter, TaskLayout, encodings, layout
+from store.fs import temp_name
 
 N, S = 10, 4
 LAYOUTS = {"gen": TaskLayout((1, 16), "fp16"), "depth": TaskLayout((576, 32), "fp16", (24, 24)),
@@ -57,17 +58,11 @@ def make_result(manifest: store.RunManifest, shard: int, tasks=("gen", "depth", 
 
 
 def create(url, encoding="fp16", formats=("zarr", "wds"), tasks=("gen", "depth", "seg"), compression="none",
-           teachers=None) -> store.RunManifest:
+           teachers=None) -> StoreWriter:
     layouts = {t: TaskLayout(LAYOUTS[t].shape, encoding, LAYOUTS[t].grid) for t in tasks}
     m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=N, shard_size=S,
                           formats=list(formats), tasks=layouts, zarr_compression=compression)
-    loc = Location(url)
-    loc.makedirs()
-    store.write_manifest(loc, m)
-    store.ensure_zarr(loc, m)
-    if teachers is not None:
-        store.write_teachers(loc, teachers)
-    return m
+    return StoreWriter.create(url, m, teachers)
 
 
 def flip(loc: Location, name: str, at: int, mask: int = 0x01) -> None:
@@ -86,11 +81,10 @@ def identity(tiny_teachers):
 def full_store(store_root, identity):
     """A 3-shard store, on a local folder or on S3 (the test runs for both): its URL."""
     url = store_root("store")
-    m = create(url, teachers=identity)
-    loc = Location(url)
-    for i in range(m.num_shards):
-        store.commit_shard(loc, make_result(m, i))
-    store.rebuild_errors(loc)
+    w = create(url, teachers=identity)
+    for i in range(w.manifest.num_shards):
+        w.commit_shard(make_result(w.manifest, i))
+    w.rebuild_errors()
     return url
 
 
@@ -98,9 +92,9 @@ def full_store(store_root, identity):
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_round_trip_both_formats(tmp_path, encoding, compression):
     path = tmp_path / "s"
-    m = create(path, encoding=encoding, compression=compression)
-    for i in range(m.num_shards):
-        store.commit_shard(Location(path), make_result(m, i))
+    w = create(path, encoding=encoding, compression=compression)
+    for i in range(w.manifest.num_shards):
+        w.commit_shard(make_result(w.manifest, i))
     s = Store(path)
     assert s.done_shards() == [0, 1, 2] and s.pending_shards() == []
     assert len(s.tar_urls(check="sha256")) == 3
@@ -139,18 +133,19 @@ def test_shard_objects_are_the_bytes_zarr_itself_writes(tmp_path, encoding):
     """write_shard builds the target arrays' shard objects itself (one buffer, one copy); zarr-python writing the
     same rows into a twin store gives the same bytes, the last, shorter shard (2 of 4 rows) included; rows of
     failed samples are all zero (the fill): left out of the shard, and a shard of only such rows is no object."""
-    from pipeline.store import writer
+    from store import zarr_io
 
-    m = create(tmp_path / "ours", encoding=encoding, formats=("zarr",))
+    w = create(tmp_path / "ours", encoding=encoding, formats=("zarr",))
+    m = w.manifest
     create(tmp_path / "zarrs", encoding=encoding, formats=("zarr",))
     ours, theirs = Location(tmp_path / "ours"), Location(tmp_path / "zarrs")
-    g = writer.zarr_group(theirs, "r+")
+    g = zarr_io.open_group(theirs, "r+")
     for i in range(m.num_shards):
         r = make_result(m, i, bad=(5, 8, 9))
-        rec = store.write_shard(ours, r)
+        rec = w.write(r)
         start, stop = m.shard_range(i)
         for t in r.tasks:
-            assert writer._plain_sharding(g[t])
+            assert zarr_io.plain_sharding(g[t])
             g[t][start:stop] = r.values[t]
             if m.tasks[t].scaled:
                 g[layout.scale_array(t)][start:stop] = r.scales[t]
@@ -176,13 +171,13 @@ def test_encoded_arrays_are_contiguous_for_transposed_teacher_outputs():
 
 
 def _commit_in_child(url, shard):
-    loc = Location(url)
-    store.commit_shard(loc, make_result(store.read_manifest(loc), shard))
+    w = StoreWriter.open(url)
+    w.commit_shard(make_result(w.manifest, shard))
 
 
 def test_concurrent_writers_in_separate_processes(store_root, full_store):
     url = store_root("conc")
-    m = create(url)
+    m = create(url).manifest
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_commit_in_child, args=(url, i)) for i in range(m.num_shards)]
     for p in procs:
@@ -198,7 +193,7 @@ def test_concurrent_writers_in_separate_processes(store_root, full_store):
     # a second writer of a committed shard is refused at the commit point (conditional create)
     rec = Store(url).records[1]
     with pytest.raises(StoreError, match="already has a record"):
-        store.commit_record(Location(url), rec)
+        StoreWriter.open(url).commit(rec)
 
 
 def test_flipped_bytes_are_caught_and_named(full_store, capsys):
@@ -245,19 +240,21 @@ def test_half_written_shard_is_never_read(store_root, monkeypatch, crash_after):
     read; verify names what is left over; a redo gives the bytes of an uninterrupted commit."""
     url = store_root("half")
     loc = Location(url)
-    m = create(url)
-    store.commit_shard(loc, make_result(m, 0))
-    from pipeline.store import writer
+    w = create(url)
+    m = w.manifest
+    w.commit_shard(make_result(m, 0))
+    from store import tar, zarr_io
 
-    real = writer.write_tar if crash_after == "tar" else writer.zarr_files
+    module, name = (tar, "write_tar") if crash_after == "tar" else (zarr_io, "shard_objects")
+    real = getattr(module, name)
 
     def crash(*a, **k):
         real(*a, **k)
         raise Crash(f"killed after the {crash_after} data")
 
-    monkeypatch.setattr(writer, "write_tar" if crash_after == "tar" else "zarr_files", crash)
+    monkeypatch.setattr(module, name, crash)
     with pytest.raises(Crash):
-        store.commit_shard(loc, make_result(m, 1))
+        w.commit_shard(make_result(m, 1))
     monkeypatch.undo()
     s = Store(url)
     assert s.done_shards() == [0] and 1 in s.pending_shards()
@@ -266,22 +263,22 @@ def test_half_written_shard_is_never_read(store_root, monkeypatch, crash_after):
         s.get(f"{4:09d}")
     v = store.verify_store(s, progress=False)
     assert v["ok"] and v["orphans"] == ([layout.tar_name(1)] if crash_after == "tar" else [])
-    assert store.recover(loc) == ([f"{layout.tar_name(1)}: removed (left by an interrupted write)"]
-                                  if crash_after == "tar" else [])
+    assert w.recover() == ([f"{layout.tar_name(1)}: removed (left by an interrupted write)"]
+                           if crash_after == "tar" else [])
     if loc.local:  # a writer killed mid-object leaves a temporary file in the Zarr tree (ours or zarr-python's)
         for temp in (temp_name(layout.ZARR + "/seg/c/1/0/0"), layout.ZARR + "/seg/c/1/0/0.0123abcd.partial"):
             Path(loc.path(temp)).parent.mkdir(parents=True, exist_ok=True)
             Path(loc.path(temp)).write_bytes(b"half")
-        assert store.take_lease(loc, 1, "elsewhere:1:x")  # while another job holds the shard, they are its
+        elsewhere = store.Leases(loc, "elsewhere:1:x")
+        assert elsewhere.take(1)  # while another job holds the shard, they are its
         assert store.orphans(loc) == []
-        store.release_lease(loc, 1, "elsewhere:1:x")
-        assert len(store.recover(loc)) == 2 and store.orphans(loc) == []
+        elsewhere.release(1)
+        assert len(w.recover()) == 2 and store.orphans(loc) == []
         assert not any(".tmp-" in f or f.endswith(".partial") for f in os.listdir(loc.path(layout.ZARR + "/seg/c/1/0")))
     # the redo: the same bytes as a shard committed in one go elsewhere
-    store.commit_shard(loc, make_result(m, 1))
+    w.commit_shard(make_result(m, 1))
     ref = store_root("half-ref")
-    create(ref)
-    store.commit_shard(Location(ref), make_result(m, 1))
+    create(ref).commit_shard(make_result(m, 1))
     got, want = Store(url).records[1].files, Store(ref).records[1].files
     assert got.keys() == want.keys() and all(got[k]["sha256"] == want[k]["sha256"] for k in got)
 
@@ -289,7 +286,7 @@ def test_half_written_shard_is_never_read(store_root, monkeypatch, crash_after):
 def test_a_redo_takes_the_record_away_first(full_store):
     """A shard being rewritten is not done: its old record never vouches for new, half-written data."""
     loc = Location(full_store)
-    prev = store.begin_redo(loc, 1)
+    prev = StoreWriter.open(full_store).redo(1)
     assert prev.tasks == ["gen", "depth", "seg"] and not loc.exists(layout.record_name(1))
     assert Store(full_store).done_shards() == [0, 2]
 
@@ -310,15 +307,15 @@ def test_damaged_records_are_no_commit(full_store, capsys):
 
 def test_adding_a_task_keeps_what_is_there(store_root):
     one, two = store_root("one"), store_root("two")
-    m1 = create(one)
+    w1 = create(one)
     for i in range(3):
-        store.commit_shard(Location(one), make_result(m1, i))
-    m2 = create(two)
+        w1.commit_shard(make_result(w1.manifest, i))
+    w2 = create(two)
     for i in range(3):
-        store.commit_shard(Location(two), make_result(m2, i, tasks=("gen", "depth")))
+        w2.commit_shard(make_result(w2.manifest, i, tasks=("gen", "depth")))
     assert Store(two).done_shards(["seg"]) == [] and Store(two).done_shards(["gen"]) == [0, 1, 2]
     for i in range(3):
-        store.commit_shard(Location(two), make_result(m2, i, tasks=("seg",)))
+        w2.commit_shard(make_result(w2.manifest, i, tasks=("seg",)))
     a, b = Store(one), Store(two)
     for i in range(3):  # byte-identical data files to a one-pass store
         fa, fb = a.records[i].files, b.records[i].files
@@ -459,12 +456,12 @@ def test_the_tar_writer_gives_webdataset_tarwriters_bytes(tmp_path):
     webdataset's TarWriter with the same settings, the writer the format was defined with."""
     import webdataset as wds
 
-    from pipeline.store import writer
+    from store import tar
 
     rng = np.random.default_rng(0)
     samples = [{"__key__": f"{j:09d}", "json": json.dumps({"id": j}).encode(), "jpg": rng.bytes(1000 + 37 * j),
                 "seg.npy": rng.bytes(200_000 + j), "gen.npy": b""} for j in range(5)]
-    got = writer.write_tar(Location(tmp_path), "ours.tar", samples)
+    got = tar.write_tar(Location(tmp_path), "ours.tar", samples)
     with open(tmp_path / "ref.tar", "wb") as f, wds.TarWriter(f, user="", group="", mode=0o444, mtime=0.0,
                                                                encoder=False) as w:
         for s in samples:

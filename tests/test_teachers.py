@@ -15,8 +15,8 @@ import yaml
 from PIL import Image
 
 from pipeline import sample
-from pipeline.teacher_manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
-from teachers.base import preprocess
+from recipes.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest
+from recipes.preprocess import preprocess
 from teachers.registry import load_teachers
 from teachers.weights import WeightsNotFound
 
@@ -272,7 +272,7 @@ def test_shape_true_stand_ins_give_the_real_target_shapes(tmp_path):
     real loading path (so the data path can be measured at real sizes anywhere)."""
     import numpy as np
 
-    from pipeline.teacher_manifest import load_manifest
+    from recipes.manifest import load_manifest
     from teachers.registry import TeacherSet
     from teachers.tiny import build
 
@@ -295,7 +295,7 @@ def test_shortest_edge_sizes_follow_transformers_get_resize_output_image_size():
     CLIPImageProcessor and, in the original's transformers 4.x, OneFormerImageProcessor resize with)."""
     from transformers.image_transforms import get_resize_output_image_size
 
-    from pipeline.imageops import shortest_edge_size
+    from recipes.imageops import shortest_edge_size
 
     rng = random.Random(0)
     capped = 0
@@ -354,8 +354,8 @@ def test_each_teacher_runs_in_its_own_compute_dtype(tmp_path, tiny_teachers, ima
     """The released manifest declares the original's dtypes (gen float16; depth, seg bfloat16); a run resolves
     them per device, loads each teacher in its own, and the identity records what was used, which readers
     compare."""
-    from pipeline.store import teacher_mismatches
-    from pipeline.teacher_manifest import compute_dtypes
+    from recipes.manifest import compute_dtypes
+    from store import teacher_mismatches
 
     real = load_manifest(DEFAULT_MANIFEST)
     assert {t: s.compute_dtype for t, s in real.teachers.items()} == {"gen": "float16", "depth": "bfloat16",

@@ -18,7 +18,8 @@ from conftest import free_port
 
 from trainer import loss as L
 from trainer.config import PTConfig
-from trainer.model import Predictor, make_layout, predictor_keys
+from trainer.heads import Predictor
+from trainer.sequence import Layout
 from trainer.templates import TEMPLATES, PromptBuilder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,12 +191,12 @@ def test_image_offset_and_predictor_keys(tiny_models, template):
     assert tok.decode(x.text_ids).startswith("\nDescribe the image." + t.sep)
     # keys: prefix + image + the task's own tokens + text, padding masked, other tasks' tokens left out
     P, image = builder.image_offset, 576
-    layout = make_layout(P, image, ["gen", "depth", "seg"], {"gen": 8, "depth": 8, "seg": 8})
+    layout = Layout.of(P, image, {"gen": 8, "depth": 8, "seg": 8})
     assert layout.task_slots == {"gen": (P + 576, P + 584), "depth": (P + 584, P + 592), "seg": (P + 592, P + 600)}
     n_text = 5
     hidden = torch.arange(layout.text_start + n_text, dtype=torch.float32).view(1, -1, 1).repeat(2, 1, 3)
     text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    keys, mask = predictor_keys(hidden, text_mask, layout, "depth")
+    keys, mask = layout.keys(hidden, text_mask, "depth")
     pos = keys[0, :, 0].long().tolist()
     assert pos == list(range(P + 576)) + list(range(P + 584, P + 592)) + list(range(P + 600, P + 605))
     assert mask[0].all() and mask[1].tolist() == [True] * (P + 576 + 8 + 3) + [False, False]
@@ -237,8 +238,7 @@ def test_loss_decreases_on_the_sample_data(trained):
 def test_export_loads_into_a_fresh_projector(trained):
     from safetensors.torch import load_file
 
-    from trainer.checkpoint import load_mm_projector
-    from trainer.model import Projector
+    from trainer.sequence import Projector, load_mm_projector
 
     exp = trained / "export"
     info = json.loads((exp / "config.json").read_text())
@@ -486,7 +486,7 @@ def test_the_full_size_depth_predictor_has_the_released_parameter_count():
 
 def test_gradients_are_not_clipped_by_default(tmp_path):
     from trainer.config import load_config
-    from trainer.pt import clip_gradients
+    from trainer.loop import clip_gradients
 
     cfg = load_config([], {"store": "s", "output_dir": "o"})
     assert cfg.max_grad_norm is None  # the released runs: no clipping
@@ -675,7 +675,7 @@ def test_the_convnext_tower_is_the_open_clip_trunk(tmp_path):
     assert (recipe.size, recipe.crop, recipe.resample, recipe.crop_rounding) == (768, 768, "bicubic", "half_even")
     from PIL import Image
 
-    from pipeline.imageops import center_crop
+    from recipes.imageops import center_crop
 
     img = Image.fromarray(np.arange(5 * 8, dtype=np.uint8).reshape(5, 8))
     assert np.asarray(center_crop(img, 5, 5, "half_even"))[0, 0] == 2  # round(1.5) = 2 (torchvision)

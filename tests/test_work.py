@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.decode import DecodedBatch
-from pipeline.store import RunManifest, SampleResult, TaskLayout
-from pipeline.work import BatchTargets, assemble_shard
+from pipeline.extract.compute import BatchTargets, assemble_shard
+from pipeline.extract.decode import DecodedBatch
+from store import RunManifest, SampleResult, TaskLayout
 
 M = RunManifest(dataset={}, num_samples=6, shard_size=6, formats=["wds"],
                 tasks={"gen": TaskLayout((1, 4), "fp16"), "seg": TaskLayout((4, 2), "fp16", (2, 2))})

@@ -1,6 +1,6 @@
-"""A PT run's parts, built from its config, once: the store (checked before any model loads), the frozen models,
-the trainable model, the stream, the optimizer and the schedule. `trainer.pt` trains what this builds; the
-benchmarks time it. Nothing is changed after it is built."""
+"""A run's parts, built from its config, once: the store (checked before any model loads), the frozen models, the
+trainable model, the stream, the optimizer and the schedule. `trainer.pt` trains what this builds, `trainer.probe`
+builds its probes on the same stream and schedule, the benchmarks time it. Nothing is changed after it is built."""
 
 from __future__ import annotations
 
@@ -12,22 +12,18 @@ from pathlib import Path
 
 import torch
 
-from pipeline.store import Store, StoreError, TargetStream
-from pipeline.teacher_manifest import REPO_ROOT, load_manifest
+from recipes.manifest import DEFAULT_MANIFEST, load_manifest
+from store import Store, StoreError, TargetStream
 from trainer.config import PTConfig
 from trainer.data import ImageRecipe, PTSample, collate
-from trainer.model import OLAPT, make_layout
+from trainer.model import OLAPT
+from trainer.sequence import Layout
 from trainer.templates import PromptBuilder, get_template, prompt_prefix
 from trainer.towers import load_tower
 
 
 class TrainerError(Exception):
     """Something the user can fix; the message says what (exit status 2)."""
-
-
-def resolve_manifest(path: str) -> Path:
-    p = Path(path)
-    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
 
 
 def load_or_explain(what: str, load, name: str, **kw):
@@ -45,25 +41,29 @@ def load_or_explain(what: str, load, name: str, **kw):
         raise TrainerError(f"cannot load the {what} {name!r}: {hint} ({first})") from None
 
 
+def attention_implementation(cfg: PTConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
 def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     """(tokenizer, LLM, vision tower, attention implementation), frozen, on the device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    attn = cfg.attn_implementation
-    if attn == "auto":
-        attn = "sdpa"
-        if device.type == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-
-                attn = "flash_attention_2"
-            except ImportError:
-                pass
+    attn = attention_implementation(cfg, device)
     tokenizer = load_or_explain("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.llm)
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, cfg.llm, dtype=dtype,
-                           attn_implementation=attn).to(device)
+                          attn_implementation=attn).to(device)
     vision = load_or_explain("vision tower", load_tower, cfg.vision_tower, select_layer=cfg.vision_select_layer,
-                              dtype=dtype).to(device)
+                             dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         # the LLM is frozen but gradients flow through it to the projector and task tokens
         kw = {"use_reentrant": False}
@@ -88,15 +88,26 @@ def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
     return tokenizer.pad_token_id
 
 
-def open_store(cfg: PTConfig) -> tuple[Store, dict]:
-    """The store and the teacher identity it must have, checked (tasks, done shards, teachers)."""
-    expected = load_manifest(resolve_manifest(cfg.teachers_manifest), fidelity=cfg.fidelity).identity(cfg.tasks)
-    store = Store(cfg.store)
+def expected_teachers(cfg: PTConfig) -> dict:
+    """The teacher identity the store's targets must have (the trainer's manifest; it never loads a teacher)."""
+    return load_manifest(cfg.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.fidelity).identity(cfg.tasks)
+
+
+def open_store(cfg: PTConfig, url: str | None = None) -> tuple[Store, dict]:
+    """The store (`url`, default the config's) and the teacher identity it must have, checked (tasks, done
+    shards, teachers, at least one usable sample)."""
+    expected = expected_teachers(cfg)
+    store = Store(url or cfg.store)
     store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
-    if sum(store.records[i].count - store.records[i].bad_images for i in store.done_shards(cfg.tasks)) == 0:
+    if usable_samples(store, cfg.tasks) == 0:
         raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks)} samples in done shards has "
                          f"a usable image (errors.jsonl says why): nothing to train on")
     return store, expected
+
+
+def usable_samples(store: Store, tasks) -> int:
+    """Samples per epoch: those of the done shards whose image was usable."""
+    return sum(store.records[i].usable_count() for i in store.done_shards(tasks))
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ class PTRun:
     dtype: torch.dtype
     store: Store
     tokenizer: object
-    model: OLAPT
+    model: torch.nn.Module  # OLAPT, or trainer.probe's ProbeSet
     stream: TargetStream
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -128,8 +139,8 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     if cfg.ntp_labels == "original":  # the original's PT adds <pad> to Llama-3 before training: V + 1 logits
         add_pad_token(tokenizer, llm)
     template = get_template(cfg.chat_template)
-    layout = make_layout(len(prompt_prefix(tokenizer, template)), vision.num_tokens, cfg.tasks,
-                         cfg.task_tokens)
+    layout = Layout.of(len(prompt_prefix(tokenizer, template)), vision.num_tokens,
+                       {t: cfg.task_tokens[t] for t in cfg.tasks})
     builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start,
                             label_header_end=cfg.ntp_labels == "original")
     image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
@@ -139,18 +150,17 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
 
 def assemble(cfg: PTConfig, device, dtype, store: Store, expected: dict, tokenizer, model, builder: PromptBuilder,
              image: ImageRecipe, rank: int, world: int, attn: str) -> PTRun:
-    """A run from its model: the stream of the store's targets for `cfg.tasks`, AdamW over what trains, the
-    cosine schedule (PT and probing alike)."""
+    """A run from its model: the stream of the store's targets for `cfg.tasks` to the run's last step, AdamW
+    over what trains, the cosine schedule (PT and probing alike)."""
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * usable_samples(store, cfg.tasks)
+                                                    / cfg.global_batch_size))
     stream = TargetStream(store, cfg.tasks, global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
                           seed=cfg.seed, chunk=cfg.order_chunk, mix=cfg.order_mix, rank=rank, world_size=world,
                           expected_teachers=expected, allow_partial=cfg.allow_partial_store,
                           map_fn=PTSample(builder, image, cfg.tasks, target_shapes),
-                          collate_fn=partial(collate, pad_id=pad_id))
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.num_samples / cfg.global_batch_size))
-    stream.stop_step = total_steps
-
+                          collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
     from transformers import get_cosine_schedule_with_warmup
 
     trainable = [p for p in model.parameters() if p.requires_grad]

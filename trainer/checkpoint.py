@@ -1,23 +1,20 @@
-"""Checkpoints (trainable parameters, optimizer, scheduler, RNG, exact data position) and the final export.
+"""Checkpoints of a run's stateful parts, after torchtitan's checkpointer: a dict of parts, each with
+`state_dict()` / `load_state_dict()`, saved together and restored together.
 
-    OUT/checkpoints/step-000500/trainable.safetensors   projector, task tokens, predictors, logit scales
-                               /optimizer.pt             AdamW + LR scheduler state, torch RNG (tensors and
-                                                         plain values only: loaded with weights_only=True)
-                               /state.json               step, data position per rank and worker, Python and
-                                                         NumPy RNG, config
-    OUT/export/mm_projector.bin         LLaVA's key names: usable as --pretrain_mm_mlp_adapter
-              /task_tokens.safetensors  special_{gen,depth,seg}_tokens
-              /predictors.safetensors   predictors.<task>_<layer>.* and logit_scales.<task>
-              /config.json              layers, token counts, widths, base model ids, teachers, store
-A checkpoint is written to a temporary folder and renamed, so a crash never leaves a half one; the frozen LLM
-and vision tower are never saved (they are the base ids in config.json). Nothing in a checkpoint is unpickled:
-a crafted file in a checkpoint folder cannot run code on --resume.
+    OUT/checkpoints/step-000500/trainable.safetensors   the model's trained tensors (projector, task tokens,
+                                                         predictors, logit scales; or the probes)
+                               /optimizer.pt             the torch parts: AdamW, the LR schedule, torch RNG
+                                                         (tensors and plain values only: loaded with weights_only)
+                               /state.json               the JSON parts: the stream's data position, Python and
+                                                         NumPy RNG; the step and the config
+A checkpoint is built in a temporary folder and renamed (store.atomic_path), so a crash never leaves a half one;
+the frozen LLM and vision tower are never saved. Nothing in a checkpoint is unpickled: a crafted file in a
+checkpoint folder cannot run code on --resume.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -27,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from store import atomic_path
+
 PREFIX = "step-"
 
 
@@ -34,98 +33,101 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 
-def rng_state() -> tuple[dict, dict]:
-    """(JSON-able Python and NumPy generator states, torch generator tensors)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {"python": [version, list(internal), gauss],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state_all()
-    return plain, tensors
+class PlainRNG:
+    """Python's and NumPy's generators, as JSON."""
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"python": [version, list(internal), gauss],
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def set_rng_state(plain: dict, tensors: dict) -> None:
-    version, internal, gauss = plain["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["cuda"])
+class TorchRNG:
+    """torch's CPU (and CUDA) generators, as tensors."""
 
+    def state_dict(self) -> dict:
+        out = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            out["cuda"] = torch.cuda.get_rng_state_all()
+        return out
 
-def save(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Rank 0 only. `state` (JSON): step, micro_batches, positions {rank: {worker: next stream position}}, config."""
-    ckpt_root = out_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"{PREFIX}{step:06d}"
-    tmp = ckpt_root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}, tmp / "trainable.safetensors")
-    plain_rng, tensor_rng = rng_state()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": tensor_rng},
-               tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state, "rng": plain_rng}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckpt_root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def latest(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / "checkpoints").glob(f"{PREFIX}[0-9]*")) if (out_dir / "checkpoints").is_dir() else []
+    root = Path(out_dir) / "checkpoints"
+    found = sorted(root.glob(f"{PREFIX}[0-9]*")) if root.is_dir() else []
     return found[-1] if found else None
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restores everything in place; returns state.json's content. Tensors load through safetensors and
-    `torch.load(weights_only=True)` (no unpickling of arbitrary objects), state from JSON."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-        params = load_file(path / "trainable.safetensors")
-        extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {path}: optimizer.pt holds more than tensors and plain values, refused "
-                              f"(was it written by olaf? {str(e).splitlines()[0][:200]})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged: {type(e).__name__}: {str(e)[:200]}") from None
-    own = dict(model.named_parameters())
-    missing = [k for k in model.trainable_state_dict() if k not in params]
-    unexpected = [k for k in params if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:4]}, unexpected "
-                              f"{unexpected[:4]}")
-    with torch.no_grad():
-        for k, v in params.items():
-            own[k].copy_(v)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    set_rng_state(state.pop("rng"), extra["rng"])
-    return state
+class Checkpointer:
+    """`model` (its `trainable_state_dict()`), `torch_parts` ({name: stateful} -> optimizer.pt) and `json_parts`
+    ({name: stateful} -> state.json); `meta`: JSON saved beside them and not restored (the config)."""
 
+    def __init__(self, out_dir: Path, model, torch_parts: dict, json_parts: dict, keep: int, meta: dict | None = None):
+        self.root = Path(out_dir) / "checkpoints"
+        self.model, self.torch_parts, self.json_parts, self.keep = model, torch_parts, json_parts, keep
+        self.meta = meta or {}
 
-def export(out_dir: Path, model, info: dict) -> Path:
-    """The artefacts later stages use (rank 0)."""
-    exp = out_dir / "export"
-    exp.mkdir(parents=True, exist_ok=True)
-    proj = {f"model.mm_projector.{k}": v.detach().cpu().clone() for k, v in model.projector.state_dict().items()}
-    torch.save(proj, exp / "mm_projector.bin")
-    save_file({f"special_{t}_tokens": p.detach().cpu().contiguous() for t, p in model.special_tokens.items()},
-              exp / "task_tokens.safetensors")
-    heads = {f"predictors.{k}": v.detach().cpu().contiguous() for k, v in model.predictors.state_dict().items()}
-    heads.update({f"logit_scales.{t}": p.detach().cpu().reshape(1) for t, p in model.logit_scales.items()})
-    save_file(heads, exp / "predictors.safetensors")
-    (exp / "config.json").write_text(json.dumps(info, indent=1))
-    return exp
+    def save(self, step: int) -> Path:
+        """Rank 0 only."""
+        final = self.root / f"{PREFIX}{step:06d}"
+        with atomic_path(final) as tmp:
+            tmp = Path(tmp)
+            tmp.mkdir()
+            tensors = {k: v.contiguous().cpu() for k, v in self.model.trainable_state_dict().items()}
+            save_file(tensors, tmp / "trainable.safetensors")
+            torch.save({k: p.state_dict() for k, p in self.torch_parts.items()}, tmp / "optimizer.pt")
+            state = {"step": step, **{k: p.state_dict() for k, p in self.json_parts.items()}, **self.meta}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for old in sorted(self.root.glob(f"{PREFIX}*"))[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
 
+    def load(self, path: Path) -> tuple[int, list[str]]:
+        """Restores every part in place; returns (step, notes the parts gave). Tensors load through safetensors
+        and `torch.load(weights_only=True)` (no unpickling of arbitrary objects), the rest from JSON."""
+        try:
+            state = json.loads((path / "state.json").read_text())
+            params = load_file(path / "trainable.safetensors")
+            extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is missing") from None
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"checkpoint {path}: optimizer.pt holds more than tensors and plain values, refused "
+                                  f"(was it written by olaf? {str(e).splitlines()[0][:200]})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is damaged: {type(e).__name__}: {str(e)[:200]}") from None
+        missing = [k for k in (*self.torch_parts, *self.json_parts) if k not in (extra if k in self.torch_parts
+                                                                                   else state)]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} state (written by an older olaf): "
+                                  f"start a new --output-dir")
+        self._load_model(path, params)
+        for k, part in self.torch_parts.items():
+            part.load_state_dict(extra[k])
+        notes = []
+        for k, part in self.json_parts.items():
+            notes += part.load_state_dict(state[k]) or []
+        return int(state["step"]), notes
 
-def load_mm_projector(path: str | Path, module: torch.nn.Module) -> None:
-    """What LLaVA's --pretrain_mm_mlp_adapter does with mm_projector.bin."""
-    weights = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict({k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector" in k})
+    def _load_model(self, path: Path, params: dict) -> None:
+        own = dict(self.model.named_parameters())
+        missing = [k for k in self.model.trainable_state_dict() if k not in params]
+        unexpected = [k for k in params if k not in own]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:4]}, unexpected "
+                                  f"{unexpected[:4]}")
+        with torch.no_grad():
+            for k, v in params.items():
+                own[k].copy_(v)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from recipes.manifest import TASKS
+
 DEFAULTS = Path(__file__).parent / "configs" / "ola_vlm_pt.yaml"
-TASKS = ("gen", "depth", "seg")
 REMOVED = {  # keys of earlier olaf configs: what took their place
     "shuffle_buffer": "the global order shuffles the whole store (order_chunk, order_mix)",
     "skip_bad_images": "samples whose image failed at extraction are never in the order; one that fails in the "
@@ -27,7 +28,7 @@ class PTConfig:
     vision_select_layer: int = -2
     image_aspect: str = "square"
     chat_template: str = "llama_3"
-    teachers_manifest: str = "manifests/teachers/ola_vlm.yaml"
+    teachers_manifest: str | None = None  # None: recipes/manifests/ola_vlm.yaml
     fidelity: str | None = None
     tasks: list = field(default_factory=lambda: list(TASKS))
     layers: dict = field(default_factory=lambda: {"gen": [12, 20], "depth": [8, 20], "seg": [10, 18]})
@@ -67,6 +68,14 @@ class PTConfig:
     note: str = ""
 
     def validate(self) -> None:
+        """Every problem of the config in one ValueError, in stages: a later stage reads what an earlier one
+        checked."""
+        for stage in (self._structure_problems, self._task_problems, self._value_problems, self._choice_problems):
+            problems = stage()
+            if problems:
+                raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
+
+    def _structure_problems(self) -> list[str]:
         problems = []
         if not self.store:
             problems.append("store is required (--store)")
@@ -74,16 +83,16 @@ class PTConfig:
             problems.append("output_dir is required (--output-dir)")
         if not isinstance(self.tasks, list) or not self.tasks:
             problems.append(f"tasks must be a non-empty list of {', '.join(TASKS)} (e.g. tasks=gen,seg), got {self.tasks!r}")
-        else:
-            bad = [t for t in self.tasks if t not in TASKS]
-            if bad:
-                problems.append(f"tasks {bad} unknown; choose from {TASKS}")
+        elif [t for t in self.tasks if t not in TASKS]:
+            problems.append(f"tasks {[t for t in self.tasks if t not in TASKS]} unknown; choose from {TASKS}")
         for name in ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width"):
             if not isinstance(getattr(self, name), dict):
                 problems.append(f"{name} must be a mapping (e.g. {{gen: ..., depth: ..., seg: ...}}), "
                                 f"got {getattr(self, name)!r}")
-        if problems:
-            raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
+        return problems
+
+    def _task_problems(self) -> list[str]:
+        problems = []
         for t in self.tasks:
             layers = self.layers.get(t)
             if not layers:
@@ -100,25 +109,27 @@ class PTConfig:
             if not problems and t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
                 problems.append(f"special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
                                 f"task_tokens.{t} ({self.task_tokens[t]})")
+        return problems
+
+    def _value_problems(self) -> list[str]:
         at_least = {"micro_batch_size": 1, "global_batch_size": 1, "max_length": 1, "log_every": 1,
                     "save_every": 1, "num_workers": 0, "keep_checkpoints": 0, "order_chunk": 1}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                problems.append(f"{name} must be >= {low}, got {getattr(self, name)}")
+        problems = [f"{name} must be >= {low}, got {getattr(self, name)}" for name, low in at_least.items()
+                    if getattr(self, name) < low]
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"max_steps must be >= 1 (or null: one run of `epochs`), got {self.max_steps}")
-        for name in ("learning_rate", "epochs"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "task_loss_weight", "contrastive_weight"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        problems += [f"{name} must be > 0, got {getattr(self, name)}" for name in ("learning_rate", "epochs")
+                     if not getattr(self, name) > 0]
+        problems += [f"{name} must be >= 0, got {getattr(self, name)}"
+                     for name in ("weight_decay", "task_loss_weight", "contrastive_weight") if getattr(self, name) < 0]
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             problems.append(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
-        if problems:
-            raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
+        return problems
+
+    def _choice_problems(self) -> list[str]:
+        problems = []
         if self.global_batch_size % self.micro_batch_size:
             problems.append(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                             f"{self.micro_batch_size}")
@@ -133,8 +144,7 @@ class PTConfig:
             problems.append(f"image_aspect must be square or pad, got {self.image_aspect!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if problems:
-            raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
+        return problems
 
 
 _TYPES = {f.name: str(f.type) for f in dataclasses.fields(PTConfig)}

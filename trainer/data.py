@@ -1,6 +1,6 @@
 """Training data: the store's WebDataset stream -> model inputs, in DataLoader workers.
 
-    TargetStream (pipeline.store: the global order, this rank's micro-batches, each built by one worker)
+    TargetStream (store: the global order, this rank's micro-batches, each built by one worker)
       -> PTSample (here, in each worker): decode the image and resize it for the base encoder (uint8),
          tokenise the conversation with the chat template
       -> collate: pad the text on the right, stack images and targets, keep ids and valid flags
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.imageops import BadImage, center_crop, decode_rgb, pad_to_square, resize_shortest_edge
+from recipes.imageops import BadImage, center_crop, decode_rgb, pad_to_square, resize_shortest_edge
 from trainer.templates import IGNORE_INDEX, PromptBuilder
 
 

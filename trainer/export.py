@@ -1,7 +1,12 @@
-"""Exports of a PT run, for the next stage.
+"""Exports of a PT run, for the next stage: the one module that writes them.
 
+    RUN/export/  (written by trainer.pt at its end)
+        mm_projector.bin          LLaVA's key names: usable as --pretrain_mm_mlp_adapter
+        task_tokens.safetensors   special_{gen,depth,seg}_tokens
+        predictors.safetensors    predictors.<task>_<layer>.* and logit_scales.<task>
+        config.json               layers, token counts, widths, base model ids, teachers, store
     python -m trainer.export RUN_DIR --format ola-vlm --out DIR     # a PT model folder OLA-VLM's IFT loads
-    python -m trainer.export RUN_DIR --format llava --out DIR       # mm_projector.bin (+ tokens, predictors)
+    python -m trainer.export RUN_DIR --format llava --out DIR       # RUN/export/ (mm_projector.bin, tokens, heads)
 
 `ola-vlm` writes what OLA-VLM's own PT run leaves in `outputs/pretrain_dsg_...` and its `finetune.sh` continues
 from (`--model_name_or_path DIR`), derived from reading their code (ola_vlm/train/ola_vlm_train.py,
@@ -29,10 +34,13 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from recipes.manifest import TASKS
+from store import TOKEN_ORDER
 from trainer import checkpoint
 from trainer.build import add_pad_token
-from trainer.config import TASKS, PTConfig
+from trainer.config import PTConfig
 
 HEADS = {"gen": "image_gen_heads", "depth": "image_depth_heads", "seg": "image_seg_heads"}
 ARCH = {"llama": ("ola_llama", "OlaLlavaLlamaForCausalLM"), "phi3": ("ola_phi3", "OlaLlavaPhi3ForCausalLM")}
@@ -42,6 +50,44 @@ WEIGHT_KEY = {"gen": "img_loss_weight", "depth": "depth_loss_weight", "seg": "se
 
 class ExportError(Exception):
     """The run cannot be exported as asked; the message says why."""
+
+
+# ---- RUN/export/: what trainer.pt leaves -------------------------------------------------------------------------
+
+def run_info(run, step: int) -> dict:
+    """export/config.json of a finished PT run (`run`: trainer.build.PTRun)."""
+    cfg, model = run.cfg, run.model
+    return {"llm": cfg.llm, "vision_tower": cfg.vision_tower, "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": cfg.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
+            "hidden_size": model.config.hidden_size, "chat_template": cfg.chat_template,
+            "image_offset": model.layout.prefix, "num_image_tokens": model.layout.image, "tasks": cfg.tasks,
+            "token_order": list(TASKS), "layers": cfg.layers, "task_tokens": cfg.task_tokens,
+            "special_tokens": cfg.special_tokens, "predictor": cfg.predictor,
+            "target_shapes": {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks},
+            "target_token_order": TOKEN_ORDER, "teachers": run.store.teachers(), "store": run.store.url,
+            "steps": step, "global_batch_size": cfg.global_batch_size}
+
+
+def export_run(out_dir: Path, model, info: dict) -> Path:
+    """RUN/export/ (rank 0), written whole or not at all."""
+    from store import atomic_path
+
+    final = Path(out_dir) / "export"
+    with atomic_path(final) as tmp:
+        exp = Path(tmp)
+        exp.mkdir()
+        proj = {f"model.mm_projector.{k}": v.detach().cpu().clone() for k, v in model.projector.state_dict().items()}
+        torch.save(proj, exp / "mm_projector.bin")
+        save_file({f"special_{t}_tokens": p.detach().cpu().contiguous() for t, p in model.special_tokens.items()},
+                  exp / "task_tokens.safetensors")
+        heads = {f"predictors.{k}": v.detach().cpu().contiguous() for k, v in model.predictors.state_dict().items()}
+        heads.update({f"logit_scales.{t}": p.detach().cpu().reshape(1) for t, p in model.logit_scales.items()})
+        save_file(heads, exp / "predictors.safetensors")
+        (exp / "config.json").write_text(json.dumps(info, indent=1))
+    return final
+
+
+# ---- --format ola-vlm: the folder their IFT continues from ---------------------------------------------------------
 
 
 def head_key(name: str) -> str:
@@ -143,6 +189,8 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     tokenizer.save_pretrained(out)
     return out
 
+
+# ---- the command ------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0],

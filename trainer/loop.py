@@ -1,26 +1,104 @@
-"""The training loop shared by PT (`trainer.pt`) and probing (`trainer.probe`): nanoGPT's shape, a run's parts
-from `trainer.build`. The model returns its loss from `forward(batch, context)`, where `context =
-model.step_context(micro_batches)` is what a step needs beyond one micro-batch (PT: the InfoNCE negatives of the
-whole global batch; probes: nothing). The host waits for the device only on log steps; checkpoints hold the
-stream's position."""
+"""The training loop PT (`trainer.pt`) and probing (`trainer.probe`) share, in nanoGPT's shape: it reads top to
+bottom; the model returns its loss from `forward(batch, context)`, where `context = model.step_context(micro)` is
+what a step needs beyond one micro-batch (PT: InfoNCE's negatives over the whole global batch; probes: nothing);
+the run's parts come from `trainer.build`; checkpoints (trainer.checkpoint) hold the stream's position, the logs
+(trainer.runlog) wait for the device only on log steps."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pipeline.store import loader
-from trainer import checkpoint
-from trainer.build import TrainerError
+from store import loader
+from trainer.build import PTRun, TrainerError
+from trainer.checkpoint import Checkpointer, CheckpointError, PlainRNG, TorchRNG, latest
 from trainer.data import die_with_parent, worker_init
+from trainer.runlog import RunLog
+
+
+def train(run: PTRun, out: Path, rank: int, world: int, log) -> int:
+    """Resume if asked, then train `run` to its last step; returns that step."""
+    cfg, model, stream, cuda = run.cfg, run.model, run.stream, run.device.type == "cuda"
+    ckpt = Checkpointer(out, model, {"optimizer": run.optimizer, "scheduler": run.scheduler, "rng": TorchRNG()},
+                        {"data": stream, "rng": PlainRNG()}, cfg.keep_checkpoints,
+                        {"config": dataclasses.asdict(cfg)})
+    step = resume(ckpt, out, log) if cfg.resume else 0
+    runlog = RunLog(out, run, step, rank, world, log)
+    data = loader(stream, num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=worker_init, prefetch_factor=4)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None) \
+        if world > 1 else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.dtype == torch.bfloat16 and cuda \
+        else contextlib.nullcontext()
+    with contextlib.closing(runlog):  # the bar closes whatever happens, so an error starts on its own line
+        while step < run.total_steps:
+            micro = [next(data) for _ in range(stream.accum)]  # this rank's part of global batch `step`
+            check_usable(step, micro)
+            runlog.count(step, micro)
+            micro = [to_device(b, run.device) for b in micro]
+            context = model.step_context(micro)
+            terms = {}
+            for j, batch in enumerate(micro):
+                with net.no_sync() if world > 1 and j < len(micro) - 1 else contextlib.nullcontext():
+                    with autocast:
+                        loss, parts = net(batch, context)
+                    (loss / len(micro)).backward()
+                terms = {k: terms.get(k, 0.0) + v / len(micro) for k, v in parts.items()}
+            grad_norm = clip_gradients(run.trainable, cfg.max_grad_norm)
+            lr = run.scheduler.get_last_lr()[0]
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            runlog.step(step, terms, grad_norm, lr)
+            if rank == 0 and (step % cfg.save_every == 0 or step == run.total_steps):
+                ckpt.save(step)
+    return step
+
+
+def resume(ckpt: Checkpointer, out: Path, log) -> int:
+    path = latest(out)
+    if path is None:
+        return 0
+    step, notes = ckpt.load(path)
+    for note in notes:
+        log(f"note: {note}")
+    log(f"resumed from {path} at step {step} (sample position {ckpt.json_parts['data'].position:,})")
+    return step
+
+
+def check_usable(step: int, micro: list[dict]) -> None:
+    """A step in which no sample of this process has an image the trainer can decode stops the run: the store's
+    images decoded at extraction, so the decoder here is another."""
+    unusable = sum(len(b["problems"]) for b in micro)
+    if unusable == sum(len(b["ids"]) for b in micro):
+        first = next(iter(micro[0]["problems"].values()))
+        raise TrainerError(f"step {step + 1}: none of this process's {unusable} samples has an image the "
+                           f"trainer can use ({first}), though extraction decoded them: is the image "
+                           f"decoder (Pillow) of this machine another than the store's?")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The tensors the model reads, on the device (non-blocking from pinned memory), plus where the micro-batch
+    sits in its global batch."""
+    out = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "prefix_ids", "text_ids", "text_mask", "text_labels")}
+    out["targets"] = {t: x.to(device, non_blocking=True) for t, x in batch["targets"].items()}
+    out["valid"] = {t: v.to(device, non_blocking=True) for t, v in batch["valid"].items()}
+    out["row_offset"] = batch["row_offset"]
+    return out
+
+
+def clip_gradients(params, max_norm: float | None) -> torch.Tensor:
+    """The gradients' total norm (a device tensor); they are clipped to `max_norm` only when it is set (the
+    released runs did not clip: SPEC section 3)."""
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -41,27 +119,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The tensors the model reads, on the device (non-blocking from pinned memory), plus where the micro-batch
-    sits in its global batch."""
-    out = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "prefix_ids", "text_ids", "text_mask", "text_labels")}
-    out["targets"] = {t: x.to(device, non_blocking=True) for t, x in batch["targets"].items()}
-    out["valid"] = {t: v.to(device, non_blocking=True) for t, v in batch["valid"].items()}
-    out["row_offset"] = batch["row_offset"]
-    return out
-
-
-def clip_gradients(params, max_norm: float | None) -> torch.Tensor:
-    """The gradients' total norm (a device tensor); they are clipped to `max_norm` only when it is set (the
-    released runs did not clip: SPEC section 3)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if max_norm:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm(grads)
-
-
-
-
 def start(cfg) -> tuple[int, int, torch.device, torch.dtype, object]:
     """(rank, world size, device, compute dtype, log) of this process; refuses to overwrite a run unasked."""
     rank, world, device = setup_distributed()
@@ -70,132 +127,11 @@ def start(cfg) -> tuple[int, int, torch.device, torch.dtype, object]:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out = Path(cfg.output_dir)
-    if not cfg.resume and checkpoint.latest(out) is not None:
-        raise SystemExit(f"error: {out} already has checkpoints: pass --resume to continue, or use a new --output-dir")
+    if not cfg.resume and latest(Path(cfg.output_dir)) is not None:
+        raise TrainerError(f"{cfg.output_dir} already has checkpoints: pass --resume to continue, or use a new "
+                           f"--output-dir")
     log = print if rank == 0 else (lambda *a, **k: None)
     return rank, world, device, torch.bfloat16 if bf16 else torch.float32, log
-
-
-def fit(run, out: Path, rank: int, world: int, device: torch.device, log) -> int:
-    """Resume if asked, then train `run` (a `trainer.build.PTRun`) to its last step; returns that step."""
-    cfg, model, stream, optimizer, scheduler = run.cfg, run.model, run.stream, run.optimizer, run.scheduler
-    is_main, cuda = rank == 0, device.type == "cuda"
-    bf16 = run.dtype == torch.bfloat16
-    trainable = run.trainable
-    # ---- resume: parameters, optimizer, scheduler, RNG, data position ----------------------------------------
-    step = 0
-    if cfg.resume and (ckpt := checkpoint.latest(out)) is not None:
-        state = checkpoint.load(ckpt, model, optimizer, scheduler)
-        if "data" not in state:
-            raise checkpoint.CheckpointError(f"checkpoint {ckpt} has no global data position (written by an older "
-                                             f"olaf): start a new --output-dir")
-        for note in stream.load_state_dict(state["data"]):
-            log(f"note: {note}")
-        step = state["step"]
-        log(f"resumed from {ckpt} at step {step} (sample position {stream.position:,})")
-    data = loader(stream, num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=worker_init,
-                  prefetch_factor=4)
-    ddp = world > 1
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if ddp else model
-
-    # ---- logging ---------------------------------------------------------------------------------------------
-    logs = out / "logs"
-    tb = None
-    if is_main:
-        logs.mkdir(parents=True, exist_ok=True)
-        for name in ("train.jsonl", "samples.jsonl"):  # drop what a killed run logged after its last checkpoint
-            if cfg.resume and (logs / name).exists():
-                kept = [ln for ln in (logs / name).read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-                (logs / name).write_text("".join(ln + "\n" for ln in kept))
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                tb = SummaryWriter(out / "tensorboard")
-            except ImportError:
-                log("note: tensorboard is not installed: no TensorBoard events (logs/train.jsonl has everything)")
-    from tqdm import tqdm
-
-    bar = tqdm(total=run.total_steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
-
-    # ---- the loop --------------------------------------------------------------------------------------------
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and cuda else contextlib.nullcontext()
-    try:  # the bar is closed whatever happens, so an error starts on its own line
-        t0 = time.perf_counter()
-        counts = {"samples": 0, "tokens": 0, **{f"valid/{t}": 0 for t in cfg.tasks}}
-        while step < run.total_steps:
-            micro = [next(data) for _ in range(stream.accum)]  # this rank's part of global batch `step`
-            unusable = sum(len(b["problems"]) for b in micro)
-            if unusable == sum(len(b["ids"]) for b in micro):
-                first = next(iter(micro[0]["problems"].values()))
-                raise TrainerError(f"step {step + 1}: none of this process's {unusable} samples has an image the "
-                                   f"trainer can use ({first}), though extraction decoded them: is the image "
-                                   f"decoder (Pillow) of this machine another than the store's?")
-            for b in micro:  # counted on the host, from the CPU batch: no device sync
-                counts["samples"] += len(b["ids"])
-                counts["tokens"] += int(b["text_mask"].sum()) + model.layout.text_start * len(b["ids"])
-                for t in cfg.tasks:
-                    counts[f"valid/{t}"] += int(b["valid"][t].sum())
-                for sample_id, problem in b["problems"].items():
-                    print(f"warning: step {step + 1}: sample {sample_id}: {problem} (masked out)", file=sys.stderr)
-            micro = [to_device(b, device) for b in micro]
-            context = model.step_context(micro)  # what the step needs beyond a micro-batch (PT: InfoNCE's columns)
-            terms = {}
-            for j, batch in enumerate(micro):
-                sync = net.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        loss, parts = net(batch, context)
-                    (loss / len(micro)).backward()
-                for k, v in parts.items():
-                    terms[k] = terms.get(k, 0.0) + v / len(micro)
-            grad_norm = clip_gradients(trainable, cfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if is_main:
-                start = (step - 1) * cfg.global_batch_size
-                with open(logs / "samples.jsonl", "a") as f:  # which samples made this step (from the order, no sync)
-                    f.write(json.dumps({"step": step, "position": start,
-                                        "ids": stream.ids_of(start, start + cfg.global_batch_size)}) + "\n")
-                bar.update(1)
-
-            if step % cfg.log_every == 0 or step == run.total_steps:  # the only place the host waits for the device
-                keys = sorted(terms)
-                losses = torch.stack([terms[k].double() for k in keys])
-                totals = torch.tensor(list(counts.values()), dtype=torch.float64, device=device)
-                if ddp:
-                    dist.all_reduce(losses)
-                    losses /= world  # the mean over ranks; the grad norm is the same on every rank
-                    dist.all_reduce(totals)  # counts: summed
-                secs = time.perf_counter() - t0
-                steps = (step - 1) % cfg.log_every + 1  # steps since the last log
-                total = dict(zip(counts, totals.tolist(), strict=True))
-                record = {"step": step, "lr": lr, "grad_norm": grad_norm.item(),
-                          **dict(zip(keys, losses.tolist(), strict=True)),
-                          "samples": total["samples"] / steps, "samples_per_s": total["samples"] / secs,
-                          "tokens_per_s": total["tokens"] / secs,
-                          **{f"valid/{t}": total[f"valid/{t}"] / steps for t in cfg.tasks}}
-                if is_main:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", smp_s=f"{record['samples_per_s']:.1f}", refresh=False)
-                    with open(logs / "train.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if tb is not None:
-                        for k, v in record.items():
-                            if k != "step":
-                                tb.add_scalar(k, v, step)
-                t0 = time.perf_counter()
-                counts = dict.fromkeys(counts, 0)
-            if is_main and (step % cfg.save_every == 0 or step == run.total_steps):
-                checkpoint.save(out, step, model, optimizer, scheduler,
-                                {"data": stream.state_dict(), "config": dataclasses.asdict(cfg)}, cfg.keep_checkpoints)
-    finally:
-        bar.close()
-    return step
 
 
 def teardown(world: int) -> None:
@@ -215,11 +151,11 @@ def _one_line(e: Exception) -> str:
 
 def run_cli(main, argv=None) -> int:
     """`main(argv)`, with the errors a user can fix printed as one line (exit status 2)."""
-    from pipeline.store import StoreError
-    from pipeline.teacher_manifest import ManifestError
+    from recipes.manifest import ManifestError
+    from store import StoreError
 
     try:
         return main(argv)
-    except (StoreError, ManifestError, TrainerError, checkpoint.CheckpointError) as e:
+    except (StoreError, ManifestError, TrainerError, CheckpointError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

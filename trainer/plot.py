@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from recipes.manifest import TASKS
+
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 120, 255)]
 
@@ -68,7 +70,7 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, list[tuple[float, f
 
 
 def plot(records: list[dict], out: Path) -> Path:
-    tasks = [k for k in ("gen", "depth", "seg") if any(k in r for r in records)]
+    tasks = [k for k in TASKS if any(k in r for r in records)]
     main = {k: [(r["step"], r[k]) for r in records if k in r] for k in ["loss", "ntp", *tasks]}
     terms = sorted({k for r in records for k in r if k.count("/") == 2})
     detail = {k: [(r["step"], r[k]) for r in records if k in r] for k in terms}

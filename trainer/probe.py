@@ -29,99 +29,43 @@ import csv
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.store import Location, Store, read_manifest
+from recipes.manifest import TASKS
+from store import Location, Store, read_manifest
 from trainer.build import TrainerError, assemble, load_or_explain, open_store
-from trainer.config import TASKS, PTConfig, load_config
+from trainer.config import PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
-from trainer.loop import fit, run_cli, start, teardown, to_device
+from trainer.heads import Predictor
+from trainer.loop import run_cli, start, teardown, to_device, train
 from trainer.loss import masked_smooth_l1
-from trainer.model import FeedForward, Layout, PerceiverAttention, Projector
+from trainer.sequence import MLLM, Layout, Projector, TaskTokens, load_mm_projector
 from trainer.templates import PromptBuilder, get_template, prompt_prefix
 from trainer.towers import CLIPTower, load_tower
 
 PROBE_DEFAULTS = Path(__file__).parent / "configs" / "probe.yaml"
 
 
-class ProbeHead(nn.Module):
-    """The original's probe (Resampler): learnable latents (Q, width) attend over the layer's tokens."""
-
-    def __init__(self, llm_width: int, out_dim: int, queries: int, heads: int = 4, dim_head: int = 32,
-                 ff_mult: float = 1, depth: int = 1):
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, queries, out_dim) / out_dim ** 0.5)
-        self.proj_in = nn.Linear(llm_width, out_dim)
-        self.blocks = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(out_dim, dim_head, heads), FeedForward(out_dim, ff_mult)]) for _ in range(depth))
-        self.proj_out = nn.Linear(out_dim, out_dim)
-        self.norm_out = nn.LayerNorm(out_dim)
-
-    def forward(self, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        x = self.proj_in(keys)
-        lat = self.latents.expand(keys.shape[0], -1, -1)
-        for attn, ff in self.blocks:
-            lat = attn(x, key_mask, lat) + lat
-            lat = ff(lat) + lat
-        return self.norm_out(self.proj_out(lat))
-
-
-class FrozenMLLM(nn.Module):
-    """[prefix | image tokens | task tokens (olaf / OLA-VLM models) | text] through the frozen LLM: every
-    layer's hidden states, under no_grad. `forwards` counts its calls."""
-
-    def __init__(self, embed, decoder, tower, projector, layout: Layout, task_tokens: dict[str, torch.Tensor],
-                 image_mean, image_std):
-        super().__init__()
-        self.embed, self.decoder, self.tower, self.projector = embed, decoder, tower, projector
-        self.layout = layout
-        self.task_tokens = nn.ParameterDict({t: nn.Parameter(v, requires_grad=False) for t, v in task_tokens.items()})
-        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.forwards = 0
-
-    @property
-    def num_layers(self) -> int:
-        return self.decoder.config.num_hidden_layers
-
-    @property
-    def width(self) -> int:
-        return self.decoder.config.hidden_size
-
-    @torch.no_grad()
-    def hidden_states(self, batch: dict) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        self.forwards += 1
-        pixels, text_mask = batch["pixels"], batch["text_mask"]
-        b = pixels.shape[0]
-        x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.image_mean) / self.image_std
-        dtype = self.embed.weight.dtype
-        feats = self.projector(self.tower.features(x).to(dtype))
-        parts = [self.embed(batch["prefix_ids"]), feats.to(dtype)]
-        parts += [v.to(dtype).unsqueeze(0).expand(b, -1, -1) for v in self.task_tokens.values()]
-        parts.append(self.embed(batch["text_ids"]))
-        inputs = torch.cat(parts, dim=1)
-        fixed = inputs.shape[1] - text_mask.shape[1]
-        mask = torch.cat([text_mask.new_ones(b, fixed), text_mask], dim=1)
-        out = self.decoder(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        return out.hidden_states, mask.bool()
-
-
 class ProbeSet(nn.Module):
-    """Every (task, layer) probe over one frozen MLLM. `forward(batch)` -> (sum of the probes' smooth-L1, terms):
-    one MLLM forward, then each probe on its layer (float32), each its own loss term."""
+    """Every (task, layer) probe over one frozen MLLM (trainer.sequence.MLLM). `forward(batch)` -> (sum of the
+    probes' smooth-L1, terms): one MLLM forward, under no_grad, then each probe on its layer (float32), each its
+    own loss term. A probe is the predictor with learned latents (trainer.heads.Predictor)."""
 
-    def __init__(self, mllm: FrozenMLLM, target_shapes: dict[str, tuple[int, int]], layers: list[int], head: dict):
+    def __init__(self, mllm: MLLM, target_shapes: dict[str, tuple[int, int]], layers: list[int], head: dict):
         super().__init__()
-        self.mllm, self.layers, self.tasks = mllm, list(layers), [t for t in TASKS if t in target_shapes]
+        self.mllm = mllm.requires_grad_(False)
+        self.layers, self.tasks = list(layers), [t for t in TASKS if t in target_shapes]
+        width = mllm.config.hidden_size
         self.probes = nn.ModuleDict({
-            f"{t}_{layer}": ProbeHead(mllm.width, target_shapes[t][1], target_shapes[t][0], head["heads"],
-                                      head["dim_head"], head["ff_mult"], head["depth"])
+            f"{t}_{layer}": Predictor(width, target_shapes[t][1], head["heads"], head["dim_head"], head["ff_mult"],
+                                      head["depth"], learned_latents=target_shapes[t][0])
             for t in self.tasks for layer in self.layers})
+        self.forwards = 0  # MLLM forwards, whatever the number of probes
 
     @property
     def layout(self) -> Layout:
@@ -134,9 +78,16 @@ class ProbeSet(nn.Module):
         return None
 
     def predict(self, batch: dict) -> dict[str, dict[int, torch.Tensor]]:
-        hidden, mask = self.mllm.hidden_states(batch)
-        return {t: {layer: self.probes[f"{t}_{layer}"](hidden[layer].float(), mask) for layer in self.layers}
-                for t in self.tasks}
+        self.forwards += 1
+        with torch.no_grad():
+            hidden, _ = self.mllm.run(batch)
+        out = {}
+        for t in self.tasks:
+            out[t] = {}
+            for layer in self.layers:
+                keys, mask = self.layout.keys(hidden[layer].float(), batch["text_mask"])
+                out[t][layer] = self.probes[f"{t}_{layer}"](keys, mask)
+        return out
 
     def forward(self, batch: dict, context=None):
         preds = self.predict(batch)
@@ -152,50 +103,82 @@ class ProbeSet(nn.Module):
 
 # ---- the probed model, in the three forms users hold it -----------------------------------------------------------
 
-def _pool(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    return tokens if tokens.shape[0] == k else tokens.view(k, tokens.shape[0] // k, -1).mean(dim=1)
+@dataclass
+class Probed:
+    """A model to probe, loaded: its MLLM's parts, tokenizer, chat template, image recipe, and what it is."""
+
+    embed: nn.Module
+    decoder: nn.Module
+    tower: nn.Module
+    projector: nn.Module
+    task_tokens: TaskTokens
+    tokenizer: object
+    template: str
+    image: ImageRecipe
+    what: str
+
+    def mllm(self, layout: Layout) -> MLLM:
+        return MLLM(self.embed, self.decoder, None, self.tower, self.projector, self.task_tokens, layout,
+                    self.image.mean, self.image.std)
 
 
-def load_mllm(cfg: PTConfig, model: str, mm_projector: str | None, device, dtype):
-    """(FrozenMLLM pieces, tokenizer, template name, ImageRecipe, description) for the three MODEL forms."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(model)
-    if (folder / "task_tokens.safetensors").is_file() and (folder / "mm_projector.bin").is_file():  # (a)
-        info = json.loads((folder / "config.json").read_text())
-        llm_name, tower_name, template = info["llm"], info["vision_tower"], info["chat_template"]
-        proj_path, kind = folder / "mm_projector.bin", "olaf PT export"
-        tokens = load_file(folder / "task_tokens.safetensors")
-        task_tokens = {t: _pool(tokens[f"special_{t}_tokens"], info["task_tokens"][t])
-                       for t in TASKS if f"special_{t}_tokens" in tokens}
-        select = info["mm_vision_select_layer"]
-    else:
-        config = load_or_explain("model", AutoConfig.from_pretrained, model)
-        if getattr(config, "model_type", None) == "llava":  # (c)
-            from transformers import LlavaForConditionalGeneration
-
-            m = load_or_explain("LLaVA model", LlavaForConditionalGeneration.from_pretrained, model, dtype=dtype)
-            tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, model)
-            tower = CLIPTower(m.model.vision_tower, config.vision_feature_layer)
-            template = cfg.chat_template if cfg.chat_template != "llama_3" else "vicuna_v1"
-            image = ImageRecipe.from_pretrained(model, cfg.image_aspect)
-            pieces = (m.get_input_embeddings(), m.model.language_model, tower, m.model.multi_modal_projector, {})
-            return pieces, tokenizer, template, image, f"LlavaForConditionalGeneration {model}"
-        if not mm_projector:  # (b)
-            raise TrainerError(f"{model} is an LLM: give --vision-tower and --mm-projector (LLaVA's mm_projector.bin), "
-                               f"or pass a PT export folder or a LlavaForConditionalGeneration checkpoint")
-        llm_name, tower_name, template = model, cfg.vision_tower, cfg.chat_template
-        proj_path, kind, task_tokens, select = Path(mm_projector), "LLM + tower + mm_projector.bin", {}, cfg.vision_select_layer
     tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, llm_name)
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
     tower = load_or_explain("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
-    weights = torch.load(proj_path, map_location="cpu", weights_only=True)
-    projector = Projector(tower.hidden_size, llm.config.hidden_size)
-    projector.load_state_dict({k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector." in k})
-    image = ImageRecipe.from_pretrained(tower_name, cfg.image_aspect)
-    pieces = (llm.get_input_embeddings(), llm.get_decoder(), tower, projector.to(dtype), task_tokens)
-    return pieces, tokenizer, template, image, f"{kind}: {llm_name}, {tower_name}"
+    proj = Projector(tower.hidden_size, llm.config.hidden_size)
+    load_mm_projector(projector, proj)
+    return tokenizer, llm, tower, proj.to(dtype), ImageRecipe.from_pretrained(tower_name, cfg.image_aspect)
+
+
+def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
+    """(a) an olaf PT run's export/: its LLM, tower, projector and task tokens."""
+    from safetensors.torch import load_file
+
+    info = json.loads((folder / "config.json").read_text())
+    tokenizer, llm, tower, proj, image = _llm_tower_projector(cfg, info["llm"], info["vision_tower"],
+                                                              info["mm_vision_select_layer"],
+                                                              folder / "mm_projector.bin", dtype)
+    vectors = load_file(folder / "task_tokens.safetensors")
+    tokens = TaskTokens({t: vectors[f"special_{t}_tokens"] for t in TASKS if f"special_{t}_tokens" in vectors},
+                        info["task_tokens"], trainable=False)
+    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
+                  info["chat_template"], image, f"olaf PT export: {info['llm']}, {info['vision_tower']}")
+
+
+def _from_llava_hf(cfg: PTConfig, model: str, config, dtype) -> Probed:
+    """(c) a transformers LlavaForConditionalGeneration (e.g. llava-hf/llava-1.5-7b-hf)."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    m = load_or_explain("LLaVA model", LlavaForConditionalGeneration.from_pretrained, model, dtype=dtype)
+    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, model)
+    tower = CLIPTower(m.model.vision_tower, config.vision_feature_layer)
+    template = cfg.chat_template if cfg.chat_template != "llama_3" else "vicuna_v1"
+    return Probed(m.get_input_embeddings(), m.model.language_model, tower, m.model.multi_modal_projector,
+                  TaskTokens({}, {}), tokenizer, template, ImageRecipe.from_pretrained(model, cfg.image_aspect),
+                  f"LlavaForConditionalGeneration {model}")
+
+
+def load_probed(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> Probed:
+    """The three forms: (a) a PT export folder, (c) a LlavaForConditionalGeneration, (b) an LLM with
+    --vision-tower and --mm-projector."""
+    from transformers import AutoConfig
+
+    folder = Path(model)
+    if (folder / "task_tokens.safetensors").is_file() and (folder / "mm_projector.bin").is_file():
+        return _from_export(cfg, folder, dtype)
+    config = load_or_explain("model", AutoConfig.from_pretrained, model)
+    if getattr(config, "model_type", None) == "llava":
+        return _from_llava_hf(cfg, model, config, dtype)
+    if not mm_projector:
+        raise TrainerError(f"{model} is an LLM: give --vision-tower and --mm-projector (LLaVA's mm_projector.bin), "
+                           f"or pass a PT export folder or a LlavaForConditionalGeneration checkpoint")
+    tokenizer, llm, tower, proj, image = _llm_tower_projector(cfg, model, cfg.vision_tower, cfg.vision_select_layer,
+                                                              Path(mm_projector), dtype)
+    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, TaskTokens({}, {}), tokenizer,
+                  cfg.chat_template, image, f"LLM + tower + mm_projector.bin: {model}, {cfg.vision_tower}")
 
 
 def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: list[int] | None, device, dtype,
@@ -203,23 +186,21 @@ def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: lis
     store, expected = open_store(cfg)
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     torch.manual_seed(cfg.seed)
-    (embed, decoder, tower, projector, task_tokens), tokenizer, template_name, image, what = \
-        load_mllm(cfg, model, mm_projector, device, dtype)
-    template = get_template(template_name)
-    prefix = len(prompt_prefix(tokenizer, template))
-    slots, pos = {}, prefix + tower.num_tokens
-    for t, v in task_tokens.items():
-        slots[t], pos = (pos, pos + v.shape[0]), pos + v.shape[0]
-    layout = Layout(prefix, tower.num_tokens, slots, pos)
-    mllm = FrozenMLLM(embed, decoder, tower, projector, layout, task_tokens, image.mean, image.std)
-    layers = layers or list(range(1, mllm.num_layers + 1))
-    bad = [x for x in layers if not 1 <= x <= mllm.num_layers]
+    probed = load_probed(cfg, model, mm_projector, dtype)
+    template = get_template(probed.template)
+    layout = Layout.of(len(prompt_prefix(probed.tokenizer, template)), probed.tower.num_tokens,
+                       probed.task_tokens.pooled)
+    mllm = probed.mllm(layout)
+    n_layers = mllm.config.num_hidden_layers
+    layers = layers or list(range(1, n_layers + 1))
+    bad = [x for x in layers if not 1 <= x <= n_layers]
     if bad:
-        raise TrainerError(f"--layers {bad}: the LLM has layers 1..{mllm.num_layers}")
+        raise TrainerError(f"--layers {bad}: the LLM has layers 1..{n_layers}")
     probes = ProbeSet(mllm, target_shapes, layers, cfg.predictor).to(device)
-    builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start)
-    run = assemble(cfg, device, dtype, store, expected, tokenizer, probes, builder, image, rank, world, "sdpa")
-    return run, builder, image, what, expected
+    builder = PromptBuilder(probed.tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start)
+    run = assemble(cfg, device, dtype, store, expected, probed.tokenizer, probes, builder, probed.image, rank, world,
+                   "sdpa")
+    return run, builder, probed.image, probed.what, expected
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
@@ -238,7 +219,7 @@ def evaluate(probes: ProbeSet, eval_store: Store, builder, image, pad_id: int, b
     sample = PTSample(builder, image, tasks, shapes)
     sums = {t: {layer: 0.0 for layer in probes.layers} for t in tasks}
     counts = dict.fromkeys(tasks, 0)
-    bad = {e["index"] for i in eval_store.done_shards(tasks) for e in eval_store.records[i].errors if e.get("task") is None}
+    bad = set().union(*(eval_store.records[i].bad_indices() for i in eval_store.done_shards(tasks)))
     rows: list[dict] = []
 
     def flush():
@@ -361,7 +342,7 @@ def main(argv=None) -> int:
     log(f"probing {what}: {len(probes.layers)} layers x {len(probes.tasks)} tasks = {len(probes.probes)} probes "
         f"({sum(p.numel() for p in run.trainable):,} parameters); {run.stream.num_samples:,} training samples, "
         f"{run.total_steps} steps of {cfg.global_batch_size}")
-    step = fit(run, out, rank, world, device, log)
+    step = train(run, out, rank, world, log)
     if rank == 0:
         from safetensors.torch import save_file
 
@@ -373,7 +354,7 @@ def main(argv=None) -> int:
         scores, counts = evaluate(probes, eval_store, builder, image, run.pad_id, cfg.micro_batch_size, device)
         write_scores(out, scores, counts, {"model": a.model, "store": cfg.store, "eval_store": a.eval_store,
                                            "steps": step, "layers": probes.layers, "tasks": probes.tasks,
-                                           "mllm_forwards": probes.mllm.forwards})
+                                           "mllm_forwards": probes.forwards})
         log(f"wrote {out / 'probe_scores.json'} and {plot([out], out / 'probe_plot.png')}")
     teardown(world)
     return 0

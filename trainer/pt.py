@@ -7,11 +7,11 @@
 
 Frozen: the base encoder (CLIP-ViT or CLIP-ConvNeXT) and the LLM. Trained: the mlp2x_gelu projector, the task
 tokens, the embedding predictors and the logit scales (AdamW, cosine with warm-up). The data come in the store's
-global order (pipeline.store.order), whatever the number of processes. Outputs in OUT: logs/train.jsonl (every
+global order (store.order), whatever the number of processes. Outputs in OUT: logs/train.jsonl (every
 logged step, every loss term), logs/samples.jsonl (each step's sample ids), tensorboard/, checkpoints/step-NNNNNN
 (--resume continues with the same samples and losses, also on another number of processes), and export/
-(mm_projector.bin with LLaVA's key names, task tokens, predictors, config.json; `python -m trainer.export` writes
-the folder OLA-VLM's IFT loads). Plot the losses with `python -m trainer.plot OUT`.
+(mm_projector.bin with LLaVA's key names, task tokens, predictors, config.json: trainer.export; `python -m
+trainer.export` writes the folder OLA-VLM's IFT loads). Plot the losses with `python -m trainer.plot OUT`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer import checkpoint
 from trainer.build import build
 from trainer.config import PTConfig, load_config
-from trainer.loop import clip_gradients, fit, run_cli, start, teardown, to_device  # noqa: F401  (re-exported)
+from trainer.export import export_run, run_info
+from trainer.loop import run_cli, start, teardown, train
 
 
 def parse_args(argv=None) -> PTConfig:
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> PTConfig:
                                           "(laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res768)")
     p.add_argument("--output-dir", help="where logs, checkpoints and the export go")
     p.add_argument("--config", action="append", default=[], help="YAML overriding the defaults (repeatable)")
-    p.add_argument("--teachers-manifest", help="teacher manifest the store must match (default: ola_vlm.yaml)")
+    p.add_argument("--teachers-manifest", help="teacher manifest the store must match (default: recipes' ola_vlm.yaml)")
     p.add_argument("--fidelity", choices=["original", "corrected"], help="fidelity the store must have")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: epochs x samples / global batch)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -55,37 +55,20 @@ def parse_args(argv=None) -> PTConfig:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     rank, world, device, dtype, log = start(cfg)
-    is_main, out = rank == 0, Path(cfg.output_dir)
-
     run = build(cfg, device, dtype, rank, world)  # the store is checked before any model loads
     model, stream = run.model, run.stream
     for note in stream.notes:
         log(f"note: {note}")
-    trainable = run.trainable
-    log(f"model: {cfg.llm} ({model.llm.config.num_hidden_layers} layers, width {model.llm.config.hidden_size}, "
-        f"{run.attn}), {cfg.vision_tower}; image offset {model.layout.prefix}; "
-        f"{sum(p.numel() for p in trainable):,} trainable parameters; {dtype} on {device}"
+    log(f"model: {cfg.llm} ({model.config.num_hidden_layers} layers, width {model.config.hidden_size}, {run.attn}), "
+        f"{cfg.vision_tower}; image offset {model.layout.prefix}; "
+        f"{sum(p.numel() for p in run.trainable):,} trainable parameters; {dtype} on {device}"
         + (f" x {world}" if world > 1 else ""))
     log(f"data: {stream.num_samples:,} usable samples per epoch, global batch {cfg.global_batch_size} = "
         f"{stream.accum} x {cfg.micro_batch_size} x {world} processes, {run.total_steps} steps")
-
-    step = fit(run, out, rank, world, device, log)
-
-    # ---- export ----------------------------------------------------------------------------------------------
-    if is_main:
-        target_shapes = {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks}
-        info = {"llm": cfg.llm, "vision_tower": cfg.vision_tower, "mm_projector_type": "mlp2x_gelu",
-                "mm_vision_select_layer": cfg.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
-                "hidden_size": model.llm.config.hidden_size, "chat_template": cfg.chat_template,
-                "image_offset": model.layout.prefix, "num_image_tokens": model.num_image_tokens,
-                "tasks": cfg.tasks, "token_order": ["gen", "depth", "seg"], "layers": cfg.layers,
-                "task_tokens": cfg.task_tokens, "special_tokens": cfg.special_tokens, "predictor": cfg.predictor,
-                "target_shapes": target_shapes,
-                "target_token_order": "row-major: token index = row * 24 + col",
-                "teachers": run.store.teachers(), "store": run.store.url, "steps": step,
-                "global_batch_size": cfg.global_batch_size}
-        exp = checkpoint.export(out, model, info)
-        log(f"exported to {exp}")
+    out = Path(cfg.output_dir)
+    step = train(run, out, rank, world, log)
+    if rank == 0:
+        log(f"exported to {export_run(out, model, run_info(run, step))}")
     teardown(world)
     return 0
 

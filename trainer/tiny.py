@@ -36,18 +36,15 @@ LLAMA3_CHAT_TEMPLATE = (
 LLM_LAYERS, LLM_WIDTH = 20, 64
 
 
-def corpus(captions: list[str]) -> list[str]:
-    from pipeline import sample
-
-    words = list(sample.COLOURS) + list(sample.BACKGROUNDS) + list(sample.SHAPES) + list(sample.SIZES)
+def corpus(texts: list[str]) -> list[str]:
+    """What the tiny tokenizer is trained on: the chat templates' text, the dataset's texts given, a pangram."""
     lines = [t.system + t.user_start + t.assistant_start for t in TEMPLATES.values()]
-    lines += list(sample.PROMPTS) + list(sample.POSITIONS.values()) + [" ".join(words)] * 20
-    lines += captions or []
+    lines += texts or []
     lines += ["the quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\"()"]
     return lines
 
 
-def build_tokenizer(out: Path, captions: list[str]):
+def build_tokenizer(out: Path, texts: list[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -56,7 +53,7 @@ def build_tokenizer(out: Path, captions: list[str]):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(captions), trainer=trainer)
+    tok.train_from_iterator(corpus(texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                    pad_token="<pad>", model_max_length=4096)
     fast.chat_template = LLAMA3_CHAT_TEMPLATE
@@ -138,11 +135,11 @@ def build_convnext_tower(out: Path, seed: int = 0) -> str:
 def build(out_dir: str | Path, captions_json: str | Path | None = None, lm_steps: int = 300, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    captions = []
-    if captions_json:
-        records = json.loads(Path(captions_json).read_text())
-        captions = [t["value"] for r in records for t in r.get("conversations", []) if t.get("from") == "gpt"]
-    tokenizer = build_tokenizer(out / "llm", captions)
+    turns = [t for r in json.loads(Path(captions_json).read_text()) for t in r.get("conversations") or []
+             if isinstance(t, dict) and isinstance(t.get("value"), str)] if captions_json else []
+    captions = [t["value"] for t in turns if t.get("from") == "gpt"]
+    questions = [t["value"] for t in turns if t.get("from") == "human"]
+    tokenizer = build_tokenizer(out / "llm", captions + sorted(set(questions)))
     build_llm(out / "llm", tokenizer, captions, lm_steps, seed)
     build_vision_tower(out / "vision_tower", seed)
     cfg = {

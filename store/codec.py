@@ -9,9 +9,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from pipeline import encodings
-from pipeline.store import layout
-from pipeline.store.manifest import RunManifest
+from store import encodings, layout
+from store.manifest import RunManifest
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:

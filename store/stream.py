@@ -1,4 +1,4 @@
-"""The trainer's reader: a store's samples in the global order (`pipeline.store.order`), as micro-batches, on
+"""The trainer's reader: a store's samples in the global order (`store.order`), as micro-batches, on
 any filesystem, resumable in O(1) and elastic.
 
     global position -> (rank, micro-batch, DataLoader worker) by fixed arithmetic
@@ -18,16 +18,14 @@ the first request is the first new micro-batch's.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch.utils.data as tud
 
-from pipeline.store import layout
-from pipeline.store.codec import decode_sample, meta_of
-from pipeline.store.fs import StoreError
-from pipeline.store.order import GlobalOrder, SampleTable
-from pipeline.store.reader import Store, tar_samples
+from store import layout, tar
+from store.codec import decode_sample, meta_of
+from store.fs import StoreError
+from store.order import GlobalOrder, SampleTable
+from store.reader import Store
 
 
 def micro_batch_positions(step: int, part: int, *, global_batch: int, micro_batch: int) -> tuple[int, int]:
@@ -142,7 +140,7 @@ class TargetStream(tud.IterableDataset):
                 r = rows[k]
                 a = int(t.offset[r]) - base
                 where = f"{self.store.loc.url_of(name)}@{t.offset[r]}"
-                raw = next(tar_samples(io.BytesIO(data[a:a + int(t.size[r])]), where), None)
+                raw = tar.sample_in(data[a:a + int(t.size[r])], where)
                 if raw is None or meta_of(raw).get("index") != int(t.index[r]):
                     got = None if raw is None else meta_of(raw).get("index")
                     raise StoreError(f"{where}: expected sample {int(t.index[r])}, found {got}: the tar does not "

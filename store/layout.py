@@ -2,7 +2,7 @@
 shard ranges. Everything else in olaf asks this module (through the store package) instead of spelling them.
 
     STORE/                       (a local folder, a shared filesystem or an object-storage prefix)
-      olaf_store.json            run manifest (pipeline.store.manifest.RunManifest)
+      olaf_store.json            run manifest (store.manifest.RunManifest)
       teachers.yaml              the teacher identity the targets were computed with
       targets.zarr/              Zarr v3 group: keys, valid/<task>, <task> [, <task>_scale]
       wds/shard-NNNNNN.tar       one WebDataset tar per extraction shard

@@ -1,4 +1,4 @@
-"""How target values are stored: part of the store format (pipeline/store.py is the only other place that knows).
+"""How target values are stored: part of the store format (the store package is the only code that knows it).
 
 Each encoding turns a float tensor (B, T, W) into arrays that Zarr and .npy can hold, and back:
 

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.imageops import Op, center_crop_geometry, shortest_edge_size
+from recipes.imageops import Op, center_crop_geometry, shortest_edge_size
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's: 8 bits of result, 2 bits of headroom for negative lobes and overshoot
 
@@ -183,7 +183,7 @@ def self_check(ops_by_task: dict[str, tuple[Op, ...]], device: str | torch.devic
     differ (empty: the device path is exact for this Pillow)."""
     from PIL import Image
 
-    from pipeline.imageops import apply_ops as pil_apply_ops
+    from recipes.imageops import apply_ops as pil_apply_ops
 
     rng = np.random.default_rng(seed)
     sizes = [(1, 1), (7, 300), (333, 500), (500, 333), (640, 480), (1024, 77), (801, 799)]

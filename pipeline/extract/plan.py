@@ -1,12 +1,13 @@
-"""Planning, before any model is loaded: validate the dataset and split it into fixed shards in dataset order."""
+"""Planning, before any model is loaded: validate the dataset and split it into the store's shards (fixed,
+contiguous, in dataset order; the store says which samples a shard holds)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import store
 from pipeline.llava import DatasetError, Record, load_records
-from pipeline.store import Location
 
 
 @dataclass
@@ -25,10 +26,11 @@ class Plan:
 
     @property
     def num_shards(self) -> int:
-        return -(-self.num_samples // self.shard_size)
+        return store.num_shards(self.num_samples, self.shard_size)
 
     def shard_records(self, shard: int) -> list[Record]:
-        return self.records[shard * self.shard_size:(shard + 1) * self.shard_size]
+        start, stop = store.shard_range(self.num_samples, self.shard_size, shard)
+        return self.records[start:stop]
 
     def dataset_info(self) -> dict:
         return {"json": str(self.data_path), "sha256": self.dataset_sha256, "image_folder": str(self.image_folder),
@@ -43,4 +45,5 @@ def make_plan(data_path: str | Path, image_folder: str | Path, shard_size: int, 
     if not image_folder.is_dir():
         raise DatasetError(f"image folder not found: {image_folder}")
     records, in_file = load_records(data_path, limit=limit)
-    return Plan(data_path, image_folder, records, in_file, limit, shard_size, Location(data_path.parent).sha256(data_path.name))
+    sha = store.Location(data_path.parent).sha256(data_path.name)
+    return Plan(data_path, image_folder, records, in_file, limit, shard_size, sha)

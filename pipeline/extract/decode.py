@@ -4,7 +4,7 @@ A pure function, run in Ray CPU workers (and by tests and the single-process ref
 fails alone: a missing, empty, truncated, non-image, bomb or escaping file, or a text-only record, becomes a
 recorded reason, and its neighbours in the batch go on. Good samples come out, in batch order, either as one
 uint8 array per teacher (n_ok, H, W, 3) (`resize_on="cpu"`: the recipes ran here, with PIL) or as the decoded
-RGB image of each (`resize_on="device"`: the teachers' device runs the recipes, bit-exactly, pipeline.pil_exact;
+RGB image of each (`resize_on="device"`: the teachers' device runs the recipes, bit-exactly, recipes.pil_exact;
 an image over DEVICE_RESIZE_MAX_PIXELS is still resized here, so that one huge image cannot exhaust the device).
 """
 
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.imageops import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, read_image_bytes
 from pipeline.llava import Record
-from pipeline.store import SampleResult
-from pipeline.teacher_manifest import TeacherSpec
+from recipes.imageops import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, read_image_bytes
+from recipes.manifest import TeacherSpec
+from recipes.preprocess import preprocess
+from store import SampleResult
 
 RESIZE_ON = ("cpu", "device")
 DEVICE_RESIZE_MAX_PIXELS = 16_000_000  # larger images are resized by the decode worker even with resize_on=device
@@ -50,8 +51,6 @@ class DecodedBatch:
 
 def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSpec],
                  max_pixels: int = DEFAULT_MAX_PIXELS, resize_on: str = "cpu") -> DecodedBatch:
-    from teachers.base import preprocess  # the recipe's PIL ops; teachers owns their application
-
     if resize_on not in RESIZE_ON:
         raise ValueError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
     t0 = time.process_time()

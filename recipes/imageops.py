@@ -154,7 +154,7 @@ def center_crop(img: Image.Image, width: int, height: int, rounding: str = "floo
 def center_crop_geometry(img_w: int, img_h: int, width: int, height: int):
     """transformers' centre crop as numbers: (canvas size, where the image goes on it, the crop's top-left corner
     on it). The canvas is the image itself unless the image is smaller than the crop; then it is black, with the
-    padding rounded up on the top/left. Shared by the PIL op here and the device op (pipeline.pil_exact)."""
+    padding rounded up on the top/left. Shared by the PIL op here and the device op (recipes.pil_exact)."""
     canvas_w, canvas_h = max(width, img_w), max(height, img_h)
     pad_left, pad_top = -(-(canvas_w - img_w) // 2), -(-(canvas_h - img_h) // 2)
     left, top = (img_w - width) // 2 + pad_left, (img_h - height) // 2 + pad_top

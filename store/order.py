@@ -3,7 +3,7 @@
 Positions run over epoch after epoch: position p is slot p mod N of epoch p // N, where N is the number of
 usable samples (the done shards' samples minus those whose image could not be decoded at extraction, which are
 never trained on). Nothing here depends on the number of processes or DataLoader workers: they only decide who
-reads which positions (`pipeline.store.stream`), so a run can stop on 8 GPUs and continue on 4 with the same
+reads which positions (`store.stream`), so a run can stop on 8 GPUs and continue on 4 with the same
 global batches.
 
 One epoch's order, in two steps:
@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from pipeline.store.fs import StoreError
+from store.fs import StoreError
 
 ORDER_VERSION = "olaf.order/1"
 
@@ -63,7 +63,7 @@ class SampleTable:
             if ranges is None or len(ranges) != rec.count:
                 raise StoreError(f"shard {i}'s record gives no byte range for each sample (written by an older "
                                  f"olaf): re-extract the store to train from it with a global order")
-            bad = {e["index"] for e in rec.errors if e.get("task") is None}
+            bad = rec.bad_indices()
             with_ids = with_ids and rec.ids is not None
             for pos, (a, n) in enumerate(ranges):
                 j = rec.start + pos

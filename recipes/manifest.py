@@ -1,8 +1,9 @@
-"""Teacher manifests: the declarative definition of what each teacher computes (YAML under manifests/teachers/).
+"""Teacher manifests: the declarative definition of what each teacher computes (YAML; the default is
+recipes/manifests/ola_vlm.yaml).
 
 This is data, not model code: the extraction reads it to run the teachers (teachers/ holds the adapters), the
-store records the resolved manifest, and the trainer reads it to check a store (the trainer never imports
-teachers/), so it lives beside the store format.
+store records the resolved manifest's identity, and the trainer reads it to check a store (the trainer never
+imports teachers/), so it sits at the bottom of olaf's layers, beside the recipes' image ops.
 
 A manifest names, per task (gen, depth, seg): the weights (HF repo id + subfolder + revision, or a local
 path), the preprocessing (PIL ops, channel order, rescale, mean/std), the feature definition, the output shape,
@@ -24,14 +25,13 @@ from typing import Any
 
 import yaml
 
-from pipeline.imageops import Op, parse_ops
+from recipes.imageops import Op, parse_ops
 
 FORMAT = "olaf.teachers/1"
-TASKS = ("gen", "depth", "seg")  # canonical order everywhere (store columns, sequence layout)
+TASKS = ("gen", "depth", "seg")  # the one copy of the task names; their canonical order everywhere
 FIDELITIES = ("original", "corrected")
 STORED_DTYPES = ("float16", "bfloat16")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MANIFEST = REPO_ROOT / "manifests" / "teachers" / "ola_vlm.yaml"
+DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifests" / "ola_vlm.yaml"
 
 
 class ManifestError(ValueError):
@@ -263,7 +263,7 @@ def parse_manifest(data: dict, source: str = "<manifest>", fidelity: str | None 
 
 
 def load_manifest(path: str | Path | None = None, fidelity: str | None = None) -> TeacherManifest:
-    """Read a teacher manifest (default: manifests/teachers/ola_vlm.yaml). Relative local weight paths are
+    """Read a teacher manifest (default: recipes/manifests/ola_vlm.yaml). Relative local weight paths are
     resolved against the manifest's own folder, so a manifest and its weights can move together."""
     path = Path(path) if path else DEFAULT_MANIFEST
     if not path.is_file():

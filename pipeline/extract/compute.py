@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import encodings
-from pipeline.decode import DecodedBatch
-from pipeline.store import RunManifest, ShardResult
+from pipeline.extract.decode import DecodedBatch, decode_batch
+from store import RunManifest, ShardResult, encodings
 
 
 @dataclass
@@ -98,8 +97,6 @@ def compute_shard(records: list, image_folder: str, specs: list, teacher_set, en
                   batch_size: int, resize_on: str = "cpu") -> tuple[list[DecodedBatch], list[BatchTargets]]:
     """One shard in one process, batch after batch: what the Ray job distributes (decode tasks, actors), as
     the single-process reference, the tests and the benchmarks run it. Join with `assemble_shard`."""
-    from pipeline.decode import decode_batch
-
     metas, targets = [], []
     for chunk in batches_of(records, batch_size):
         d = decode_batch(chunk, image_folder, specs, resize_on=resize_on)

@@ -1,21 +1,17 @@
-"""The store's manifests as typed objects: the run manifest (olaf_store.json), each task's layout, each shard's
-record (shards/NNNNNN.json) and the teacher identity (teachers.yaml). Read, validated and written here only;
-the JSON they map to is described in docs/format.md."""
+"""The store's manifests as typed objects: the run manifest (olaf_store.json), each task's layout and each shard's
+record (shards/NNNNNN.json). Read, validated and written here only; the JSON they map to is described in
+docs/format.md. What the manifest records about the code and the run (`code`, `extraction`, `runs`) is handed
+in by the extraction as data: the store knows nothing else of olaf."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 from dataclasses import dataclass, field
 
-import yaml
-
-from pipeline import encodings
-from pipeline.store import layout
-from pipeline.store.fs import Location, StoreError
-from pipeline.teacher_manifest import REPO_ROOT, TASKS
+from store import encodings, layout
+from store.fs import Location, StoreError
 
 
 def now() -> str:
@@ -26,28 +22,6 @@ def dumps(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
-def code_version() -> dict:
-    """olaf's version, the git commit (in a Ray job's uploaded working dir: the one pipeline.jobdir recorded on
-    the submitting side), and a hash of the source that ran, which always identifies the code."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        pkg = version("olaf")
-    except PackageNotFoundError:
-        pkg = "unknown"
-    h = hashlib.sha256()
-    for sub in ("pipeline", "teachers", "trainer"):
-        for p in sorted((REPO_ROOT / sub).rglob("*.py")):
-            h.update(str(p.relative_to(REPO_ROOT)).encode())
-            h.update(p.read_bytes())
-    from pipeline.jobdir import CODE_INFO, git_describe
-
-    git = git_describe(REPO_ROOT)
-    if git is None and (REPO_ROOT / CODE_INFO).is_file():  # a Ray job's working dir, built by pipeline.jobdir
-        git = json.loads((REPO_ROOT / CODE_INFO).read_text()).get("git")
-    return {"version": pkg, "git": git, "source_sha256": h.hexdigest()}
-
-
 # ---- task layouts ------------------------------------------------------------------------------------------------
 
 
@@ -56,7 +30,7 @@ class TaskLayout:
     """How one task's targets are stored."""
 
     shape: tuple[int, int]  # (tokens, width) per sample
-    encoding: str  # see pipeline.encodings
+    encoding: str  # see store.encodings
     grid: tuple[int, int] | None = None  # (rows, cols) when the tokens are a row-major grid
 
     @property
@@ -91,12 +65,12 @@ class RunManifest:
     num_samples: int
     shard_size: int
     formats: list[str]
-    tasks: dict[str, TaskLayout]
+    tasks: dict[str, TaskLayout]  # in the order every listing of tasks follows (the creator's)
     zarr_compression: str = "none"
     extraction: dict = field(default_factory=dict)
     progress: dict = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
-    code: dict = field(default_factory=code_version)
+    code: dict = field(default_factory=dict)  # olaf's version, git commit, source hash (the extraction's)
     created: str = field(default_factory=now)
     updated: str = field(default_factory=now)
     finished: str | None = None
@@ -112,7 +86,6 @@ class RunManifest:
         if self.shard_size < 1:
             raise StoreError(f"shard size must be >= 1, got {self.shard_size}")
         self.formats = [f for f in layout.FORMATS if f in self.formats]
-        self.tasks = {t: self.tasks[t] for t in TASKS if t in self.tasks}
 
     @property
     def num_shards(self) -> int:
@@ -164,11 +137,6 @@ def read_manifest(loc: Location) -> RunManifest:
     return RunManifest.from_dict(d, where)
 
 
-def write_manifest(loc: Location, m: RunManifest) -> None:
-    m.updated = now()
-    loc.write_bytes(layout.MANIFEST, dumps(m.to_dict()))
-
-
 # ---- shard records ---------------------------------------------------------------------------------------------
 
 
@@ -193,6 +161,15 @@ class ShardRecord:
     @property
     def count(self) -> int:
         return self.stop - self.start
+
+    def bad_indices(self) -> set[int]:
+        """Global indices of the samples whose image could not be used (an error with no task): every target of
+        theirs is invalid, and training never sees them."""
+        return {e["index"] for e in self.errors if e.get("task") is None}
+
+    def usable_count(self) -> int:
+        """Samples of the shard with a usable image."""
+        return self.count - len(self.bad_indices())
 
     def to_dict(self) -> dict:
         return {"shard": self.shard, "start": self.start, "stop": self.stop, "count": self.count,
@@ -266,73 +243,3 @@ def read_records(loc: Location, damaged: dict[int, str] | None = None) -> dict[i
         elif problem and damaged is not None:
             damaged[i] = problem
     return out
-
-
-# ---- teacher identity --------------------------------------------------------------------------------------------
-
-
-def write_teachers(loc: Location, teachers: dict) -> None:
-    """teachers.yaml: a `TeacherManifest.identity()` dict: {format, name, fidelity, stored_dtype, description,
-    teachers: {task: {recipe_sha256, weights, weights_sha256, recipe}}}."""
-    text = yaml.safe_dump(teachers, sort_keys=False, default_flow_style=None, width=120)
-    loc.write_bytes(layout.TEACHERS, text.encode())
-
-
-def read_teachers(loc: Location, missing_ok: bool = False) -> dict | None:
-    if not loc.isfile(layout.TEACHERS):
-        if missing_ok:
-            return None
-        raise StoreError(f"{loc}: {layout.TEACHERS} is missing: the store does not say which teachers computed it")
-    try:
-        d = yaml.safe_load(loc.read_bytes(layout.TEACHERS))
-    except yaml.YAMLError as e:
-        raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not YAML: {str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict) or not isinstance(d.get("teachers", {}), dict):
-        raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not a teacher identity mapping)")
-    return d
-
-
-_LOCATION_FIELDS = ("path",)  # where weights are, not which weights they are
-
-
-def _reference(w: dict | None) -> dict:
-    return {k: v for k, v in (w or {}).items() if k not in _LOCATION_FIELDS}
-
-
-def teacher_mismatches(stored: dict, expected: dict, tasks) -> tuple[list[str], list[str]]:
-    """(mismatches, notes) between the store's teachers and the expected ones (`TeacherManifest.identity()`
-    dicts) for `tasks`. What must agree: the recipe sha256, the compute dtype, and the weights sha256 where both sides know it,
-    else the declared reference (HF repo id, subfolder, revision, variant). A local `path:` is only where the
-    weights were: when that alone differs it is a note, not a mismatch."""
-    out, notes = [], []
-    for t in tasks:
-        s, e = stored.get("teachers", {}).get(t), expected.get("teachers", {}).get(t)
-        if s is None:
-            out.append(f"{t}: the store has no {t} teacher")
-            continue
-        if e is None:
-            out.append(f"{t}: the expected manifest has no {t} teacher")
-            continue
-        if s.get("recipe_sha256") != e.get("recipe_sha256"):
-            diffs = [k for k in sorted(set(s.get("recipe", {})) | set(e.get("recipe", {})))
-                     if s.get("recipe", {}).get(k) != e.get("recipe", {}).get(k)]
-            out.append(f"{t}: recipe differs (fields: {', '.join(diffs) or '?'})")
-        ds, de = s.get("compute_dtype"), e.get("compute_dtype")
-        if ds and de and ds != de:
-            out.append(f"{t}: computed in {ds}, expected {de} (targets differ by the dtype's rounding: "
-                       f"re-extract with the manifest's dtypes, or use a manifest that says {ds})")
-        elif de and not ds:
-            notes.append(f"{t}: the store does not record the dtype its teacher ran in (written by an older olaf)")
-        ws, we = s.get("weights_sha256"), e.get("weights_sha256")
-        sw, ew = s.get("weights") or {}, e.get("weights") or {}
-        if ws and we:
-            if ws != we:
-                out.append(f"{t}: weights sha256 differs: store {ws[:16]}..., expected {we[:16]}...")
-        elif _reference(sw) != _reference(ew):
-            out.append(f"{t}: weights differ: store {sw}, expected {ew}")
-        if sw.get("path") != ew.get("path") and _reference(sw) == _reference(ew) and not (ws and we and ws != we):
-            notes.append(f"{t}: the teacher weights are named by another location (store: {sw.get('path')}, "
-                         f"manifest: {ew.get('path')}); only the location differs, so the store is accepted. The "
-                         f"store recorded weights sha256 {str(ws)[:16]}...: if the weights at the new location may "
-                         f"differ, re-extract with them (`--tasks` for just that teacher)")
-    return out, notes

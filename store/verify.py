@@ -7,11 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline.store import layout
-from pipeline.store.codec import meta_of, raw_targets
-from pipeline.store.fs import Location
-from pipeline.store.manifest import ShardRecord
-from pipeline.store.writer import orphans
+from store import layout
+from store.codec import meta_of, raw_targets
+from store.fs import Location
+from store.manifest import ShardRecord
+from store.recovery import orphans
 
 
 def check_files(loc: Location, record: ShardRecord | dict, full: bool = True, on_bytes=None) -> list[str]:

@@ -3,24 +3,15 @@ access to samples by key or index through Zarr or the tars. Works on any `Locati
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from pipeline import encodings
-from pipeline.store import layout
-from pipeline.store.codec import decode_sample, meta_of
-from pipeline.store.fs import Location, StoreError
-from pipeline.store.manifest import (
-    RunManifest,
-    ShardRecord,
-    read_manifest,
-    read_records,
-    read_teachers,
-    teacher_mismatches,
-)
+from store import encodings, layout, tar, zarr_io
+from store.codec import decode_sample, meta_of
+from store.fs import Location, StoreError
+from store.identity import read_teachers, teacher_mismatches
+from store.manifest import RunManifest, ShardRecord, read_manifest, read_records
 
 
 class Store:
@@ -114,7 +105,7 @@ class Store:
         """URLs of the done shards' tars, checked against their records ('size', 'sha256' or 'none')."""
         if "wds" not in self.manifest.formats:
             raise StoreError(f"{self.url} has no WebDataset shards (formats: {self.manifest.formats})")
-        from pipeline.store.verify import check_files
+        from store.verify import check_files
 
         out = []
         for i in self.done_shards(tasks):
@@ -131,7 +122,7 @@ class Store:
 
     def iter_raw(self, shard: int) -> Iterator[dict]:
         """Raw samples of one shard's tar, in order, one in memory at a time."""
-        yield from iter_tar(self.loc, layout.tar_name(shard))
+        yield from tar.iter_tar(self.loc, layout.tar_name(shard))
 
     def iter_decoded(self, shard: int, tasks: Iterable[str], compact: bool = False) -> Iterator[dict]:
         tasks = list(tasks)
@@ -140,12 +131,10 @@ class Store:
 
     # -- Zarr random access
     def zarr(self):
-        from pipeline.store.writer import zarr_group
-
         if "zarr" not in self.manifest.formats:
             raise StoreError(f"{self.url} has no Zarr arrays (formats: {self.manifest.formats})")
         if self._zarr is None:
-            self._zarr = zarr_group(self.loc, "r")
+            self._zarr = zarr_io.open_group(self.loc, "r")
         return self._zarr
 
     def _require_zarr_objects(self, shard: int, array: str) -> None:
@@ -238,23 +227,21 @@ class Store:
             raise StoreError(f"shard {shard} of {self.url} records no sample offsets (written by an older olaf): "
                              f"re-extract it to read samples by position")
         offset, size = where
-        data = self.loc.read_range(layout.tar_name(shard), offset, offset + size)
+        name = layout.tar_name(shard)
+        data = self.loc.read_range(name, offset, offset + size)
         self.bytes_read += len(data)
-        return next(tar_samples(io.BytesIO(data), f"{self.loc.url_of(layout.tar_name(shard))}@{offset}"))
+        return tar.sample_in(data, f"{self.loc.url_of(name)}@{offset}")
 
     def raw_sample(self, shard: int, key: str) -> dict | None:
-        """The raw tar sample of `key` in `shard` ({"__key__", suffix: bytes}), or None."""
-        if "wds" not in self.manifest.formats or layout.tar_name(shard) not in self.records[shard].files:
+        """The raw tar sample of `key` in `shard` ({"__key__", suffix: bytes}), or None: one range read where the
+        record lists ids and ranges, else a scan of the tar."""
+        rec = self.records[shard]
+        if "wds" not in self.manifest.formats or layout.tar_name(shard) not in rec.files:
             return None
+        if rec.ids is not None and self.sample_range(shard, 0) is not None:
+            return self.read_sample(shard, rec.ids.index(key)) if key in rec.ids else None
         tk = layout.tar_key(key)
-        out = {}
-        with self.loc.open(layout.tar_name(shard)) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
-            for mem in tf:
-                if mem.name.startswith(tk + "."):
-                    out[mem.name[len(tk) + 1:]] = tf.extractfile(mem).read()
-                elif out:
-                    break  # members of one sample are contiguous
-        return {"__key__": tk, **out} if out else None
+        return next((raw for raw in self.iter_raw(shard) if raw["__key__"] == tk), None)
 
     def find(self, key: str) -> tuple[int, dict | None]:
         """(shard, raw tar sample or None) for a key, through Zarr keys when there are any, else the tars."""
@@ -283,16 +270,3 @@ class Store:
 
     def decode(self, raw: dict, tasks: Iterable[str], compact: bool = False) -> dict:
         return decode_sample(raw, self.manifest, tasks, compact=compact)
-
-
-def tar_samples(stream, url: str) -> Iterator[dict]:
-    """Raw samples of a tar stream (a whole tar, or the byte range of some of its samples), grouped by key."""
-    import webdataset as wds
-
-    yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
-
-
-def iter_tar(loc: Location, name: str) -> Iterator[dict]:
-    """Raw samples of one tar, in order, as WebDataset groups them, streamed from any filesystem."""
-    with loc.open(name) as f:
-        yield from tar_samples(f, loc.url_of(name))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -35,6 +36,36 @@ def final_name(rel: str) -> str:
     if base.startswith(".") and ".tmp-" in base:
         base = base[1:].rsplit(".tmp-", 1)[0]
     return f"{head + '/' if head else ''}{base}"
+
+
+@contextlib.contextmanager
+def atomic_path(final) -> Iterator[str]:
+    """olaf's one temp-write-then-commit on a local filesystem: a temporary path beside `final` (`temp_name`) to
+    write a file or build a folder at; when the block exits normally a file is fsynced and the path is renamed
+    onto `final` (replacing what was there), otherwise it is removed. Store objects, checkpoints, exports and
+    dataset files are all written through it, so a crash never leaves half of one under its final name."""
+    final = os.path.abspath(os.fspath(final))
+    tmp = temp_name(final)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+        yield tmp
+        if os.path.isfile(tmp):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        if os.path.isdir(tmp) and os.path.isdir(final):
+            shutil.rmtree(final)  # a rename cannot replace a folder that is not empty
+        os.replace(tmp, final)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path, data: bytes) -> None:
+    """`data` under `path`, whole or not at all (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 _INHERITED: list = []  # filesystems a forked child inherited from its parent
@@ -209,17 +240,8 @@ class Location:
         Local: a temporary name in the same folder, fsync, rename. Object storage: a streamed (multipart)
         upload that is aborted on error, so memory stays bounded by one part whatever the file's size."""
         if self.local:
-            final, tmp = self.path(rel), self.path(temp_name(rel))
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            try:
-                with open(tmp, "wb") as f:
-                    yield f
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_path(self.path(rel)) as tmp, open(tmp, "wb") as f:
+                yield f
             return
         f = self.fs.open(self.path(rel), "wb")
         try:

@@ -1,0 +1,170 @@
+"""Run the OLA-VLM teachers once over a LLaVA dataset and write a store (Zarr + WebDataset + manifests).
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir "$(python -m pipeline.jobdir build/job)" -- \\
+      python -m pipeline.extract_teachers --data-path /data/blip_laion_cc_sbu_558k.json \\
+        --image-folder /data/images --output /stores/ola558k [--tasks gen,depth,seg] [--shard-size 256]
+    python -m pipeline.extract_teachers ...      # the same, on a local Ray it starts (127.0.0.1) and stops
+
+Re-running the same command resumes: done shards are verified by their checksums and skipped, partial ones are
+redone, and the data files come out byte-identical to an uninterrupted run's. `--tasks seg` on an existing
+store computes only seg. Exit status: 0 when every shard is done, 1 when some shard kept failing (listed; the
+rest is finished), 2 for unusable input (reported before any model is loaded where possible), 130 / 143 when
+stopped by Ctrl-C / SIGTERM (committed shards are kept; re-run to resume).
+
+How it runs (pipeline/extract/, one module per stage):
+  plan        validate the JSON, fixed shards of --shard-size samples in dataset order
+  preflight   everything that needs no model: the output, the store to continue, the weights' configs
+  resources   actors, GPUs, CPUs, batch size, queues, where the recipes run, from the cluster
+  actors      decode tasks (CPU: read, decode, and with --resize-on cpu every recipe's PIL ops), one teacher actor
+              per GPU (normalise, forward, encode; with --resize-on device the recipes too, bit-identically),
+              writer tasks (join a shard's batches on sample ids, write its data)
+  scheduler   shard after shard in dataset order: leases, bounded queues, retries, commits (the driver only)
+  report      progress in the manifest, the summary
+The unit of commit, resume, verification and retry is the shard. Ray Data's map_batches would give the
+decode/teacher overlap too, but it reorders and re-blocks data, has no per-shard commit hook, and regrouping its
+output into contiguous shards means a shuffle of 1.65 TB of features. An actor pool fed shard by shard keeps
+order and exactly-once commits simple, bounds memory explicitly (--prefetch decoded batches per actor,
+--max-writers shards awaiting their commit), and Ray supplies fault tolerance: a decode or writer worker killed
+mid-shard is retried, an actor killed is restarted and its in-flight batch re-run; a shard whose commit still
+fails is retried --shard-retries times, then reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import store
+from pipeline.llava import DatasetError
+from recipes.imageops import DEFAULT_MAX_PIXELS
+from recipes.manifest import DEFAULT_MANIFEST, TASKS, ManifestError
+from teachers.weights import WeightsNotFound
+
+
+class UsageError(Exception):
+    """Bad arguments or an output that cannot be used; exit status 2."""
+
+
+@dataclass
+class Settings:
+    data_path: str
+    image_folder: str
+    output: str
+    teachers_manifest: str = str(DEFAULT_MANIFEST)
+    fidelity: str | None = None
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    shard_size: int = 256
+    limit: int | None = None
+    formats: list[str] = field(default_factory=lambda: ["zarr", "wds"])
+    encoding: str | None = None
+    zarr_compression: str = "none"
+    batch_size: int | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    dtype: str = "auto"
+    torch_threads: int | None = None
+    decode_cpus: float = 1.0
+    prefetch: int | None = None
+    max_writers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resize_on: str = "auto"
+    address: str | None = None
+    num_cpus: int | None = None
+    trust_done: bool = False
+    shard_retries: int = 2
+    plan_only: bool = False
+    progress: bool = True
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.extract_teachers", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    a = p.add_argument
+    a("--data-path", required=True, help="the LLaVA JSON (blip_laion_cc_sbu_558k.json)")
+    a("--image-folder", required=True, help="folder the records' image paths are relative to")
+    a("--output", required=True, help="store directory or URL (created, or resumed if it is one)")
+    a("--teachers-manifest", default=str(DEFAULT_MANIFEST), help="teacher manifest YAML (default: ola_vlm.yaml)")
+    a("--fidelity", choices=["original", "corrected"], default=None,
+      help="original recipe with its quirks (default) or corrected (e.g. RGB for depth)")
+    a("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)} (default: all three)")
+    a("--shard-size", type=int, default=256, help="samples per shard (default 256, ~0.76 GB fp16)")
+    a("--limit", type=int, default=None, help="only the first N records (smoke runs)")
+    a("--formats", default="zarr,wds", help="comma list of zarr,wds (default both)")
+    a("--encoding", choices=list(store.encodings.ENCODINGS), default=None,
+      help="stored encoding: fp16 or bf16 (lossless; default: the manifest's stored_dtype) or fp8 (half the bytes, "
+           "~2%% relative error)")
+    a("--zarr-compression", choices=list(store.COMPRESSIONS), default="none",
+      help="zstd on Zarr chunks (fp16 features compress ~1.09x; default none)")
+    a("--batch-size", type=int, default=None, help="images per teacher forward (default 64 GPU, 8 CPU)")
+    a("--actors", type=int, default=None, help="teacher actors (default: GPUs / --gpus-per-actor, or 1)")
+    a("--gpus-per-actor", type=float, default=None, help="GPUs per actor (default 1 with GPUs, else 0)")
+    a("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor (default 1)")
+    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+      help="teacher compute dtype for all teachers (default auto: each teacher's compute_dtype from the manifest on "
+           "GPU, as the original ran them: gen float16, depth and seg bfloat16; float32 on CPU)")
+    a("--torch-threads", type=int, default=None, help="torch threads per actor (default: its CPUs)")
+    a("--decode-cpus", type=float, default=1.0, help="CPUs per decode task (default 1)")
+    a("--prefetch", type=int, default=None,
+      help="decoded batches queued per actor (default: enough to keep every CPU decoding, >= 2)")
+    a("--max-writers", type=int, default=None, help="shards awaiting commit at once (default 2x actors+1)")
+    a("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+      help=f"refuse images over this many pixels before decoding (default {DEFAULT_MAX_PIXELS})")
+    a("--resize-on", choices=["auto", "cpu", "device"], default="auto",
+      help="where the recipes' resizes run: cpu (PIL in the decode workers) or device (the teachers' GPU, "
+           "bit-identical to PIL, checked against this Pillow when the actors start; ~4x fewer bytes through Ray "
+           "and most of the CPU work gone). Default auto: device on GPUs, else cpu")
+    a("--address", default=None,
+      help="Ray cluster to join (default: RAY_ADDRESS, as set by `ray job submit`, else a local Ray)")
+    a("--num-cpus", type=int, default=None, help="CPUs of the local Ray this job starts (default: all)")
+    a("--trust-done", action="store_true",
+      help="skip done shards after a size check instead of re-hashing them (fast resume)")
+    a("--shard-retries", type=int, default=2, help="resubmissions of a shard that fails (default 2)")
+    a("--plan-only", action="store_true", help="validate and print the plan, then exit")
+    a("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def parse_args(argv=None) -> Settings:
+    p = _parser()
+    a = p.parse_args(argv)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        p.error(f"--tasks: unknown {bad}; choose from {','.join(TASKS)}")
+    if [f for f in formats if f not in store.FORMATS] or not formats:
+        p.error(f"--formats: choose from {','.join(store.FORMATS)}")
+    for name in ("shard_size", "batch_size", "actors", "limit", "prefetch", "max_writers"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    values = {k: v for k, v in vars(a).items() if k not in ("tasks", "formats", "no_progress")}
+    return Settings(**values, tasks=[t for t in TASKS if t in tasks], formats=formats, progress=not a.no_progress)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send on preemption): stop as on Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main(argv=None) -> int:
+    from pipeline.extract.run import run
+
+    s = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return run(s)
+    except (DatasetError, ManifestError, store.StoreError, UsageError, WeightsNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"\n{name}: stopped; committed shards are safe; re-run the same command to resume", file=sys.stderr)
+        return code

@@ -1,0 +1,80 @@
+"""Everything that needs no model, checked before any is loaded: the dataset (plan), the teacher manifest, the
+store to continue (or a new one), that the output can be written, that the weights are where the manifest says;
+and, once the done shards are verified, which tasks each shard still needs."""
+
+from __future__ import annotations
+
+import os
+
+import store
+from pipeline.extract.cli import Settings, UsageError
+from pipeline.extract.plan import Plan
+from recipes.manifest import TASKS, TeacherManifest
+from store import ShardRecord, StoreWriter, TaskLayout
+
+
+def layouts_for(manifest: TeacherManifest, tasks: list[str], encoding: str | None) -> dict[str, TaskLayout]:
+    enc = encoding or store.encodings.LOSSLESS_FOR_DTYPE[manifest.stored_dtype]
+    return {t: TaskLayout.for_shape(manifest.teachers[t].output_shape, enc) for t in tasks}
+
+
+def existing_store(s: Settings, plan: Plan, manifest: TeacherManifest) -> StoreWriter | None:
+    """The store at --output if it is one this run may continue, None if --output is new. Every incompatibility
+    is listed in one UsageError."""
+    try:
+        w = StoreWriter.existing(s.output)
+    except store.StoreError as e:
+        raise UsageError(f"--output: {e}") from None
+    if w is None:
+        return None
+    shared = [t for t in s.tasks if t in w.manifest.tasks]
+    problems = w.resume_problems(dataset_sha256=plan.dataset_sha256, num_samples=plan.num_samples,
+                                 shard_size=s.shard_size, formats=s.formats, compression=s.zarr_compression,
+                                 layouts=layouts_for(manifest, s.tasks, s.encoding), identity=manifest.identity(shared))
+    if problems:
+        raise UsageError(f"{w.loc} is a store this run cannot continue:\n  " + "\n  ".join(problems)
+                         + "\nUse a new --output, or the settings the store was made with.")
+    return w
+
+
+def check_writable(out: store.Location) -> None:
+    """Fail before any model is loaded when the output cannot be written (under a file, read-only, no
+    permission, no bucket): write and remove a probe file or object."""
+    probe = f".olaf-write-probe-{os.getpid()}"
+    try:
+        out.makedirs()
+        out.write_bytes(probe, b"ok")
+        out.remove(probe)
+    except (OSError, ValueError, PermissionError) as e:
+        what = type(e).__name__ if not getattr(e, "strerror", None) else e.strerror
+        raise UsageError(f"--output {out} cannot be written ({what}): choose a writable folder or bucket "
+                         f"prefix") from None
+
+
+def check_weights_locally(manifest: TeacherManifest, tasks: list[str]) -> None:
+    """With a local Ray the driver sees what the actors will see: fail fast, with the loader's message, on a
+    checkpoint that is not there (config.json only; no weights are read)."""
+    from teachers.registry import adapter_for
+    from teachers.weights import load_config
+
+    for spec in manifest.select(tasks):
+        load_config(adapter_for(spec).config_class, spec.weights, spec.task)
+
+
+def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged: dict[int, list[str]],
+               store_tasks=()) -> dict[int, tuple[str, ...]]:
+    """shard -> tasks to compute. A done shard whose files verify needs only the tasks it lacks; a damaged one
+    is redone for everything it had and everything asked; one without a (readable) record for every task the
+    store holds and everything asked."""
+    work = {}
+    for i in range(plan.num_shards):
+        rec = records.get(i)
+        if rec is None:
+            need = [t for t in TASKS if t in s.tasks or t in store_tasks]
+        elif i in damaged:
+            need = [t for t in TASKS if t in s.tasks or t in rec.tasks]
+        else:
+            need = [t for t in s.tasks if t not in rec.tasks]
+        if need:
+            work[i] = tuple(need)
+    return work

@@ -1,0 +1,146 @@
+"""The driver's loop: shards through decode tasks -> teacher actors -> writer tasks, in dataset order, with
+bounded queues (back-pressure), leases (two jobs on one store never compute a shard twice), retries, and the
+commit of each shard's record, which only this process makes."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from pipeline.extract.actors import decode_task, write_task
+from pipeline.extract.compute import batches_of
+from pipeline.extract.plan import Plan
+from pipeline.extract.resources import Resources
+from store import ShardRecord, StoreWriter
+
+
+class ShardScheduler:
+    """`run()` computes and commits every shard of `work` ({shard: tasks}); afterwards `done` holds the records
+    committed, `failed` the shards that kept failing (with why), `by_others` those another job committed."""
+
+    def __init__(self, ray, writer: StoreWriter, plan: Plan, work: dict[int, tuple[str, ...]], actors: list,
+                 specs: dict, res: Resources, *, records: dict[int, ShardRecord], decode_cpus: float,
+                 max_pixels: int, retries: int, bar, on_commit: Callable[[ShardScheduler], None] = lambda s: None,
+                 poll: float = 1.0):
+        """`records`: the store's records when the run began (a shard whose record changes since was committed by
+        another job); `on_commit` runs after each commit (the run's progress); `poll`: seconds between looks at
+        shards another job holds."""
+        self.ray, self.writer, self.plan, self.work, self.actors = ray, writer, plan, work, actors
+        self.specs, self.res, self.max_pixels, self.retries, self.bar = specs, res, max_pixels, retries, bar
+        self.records_at_start, self.on_commit, self.poll = records, on_commit, poll
+        self.decode = ray.remote(num_cpus=decode_cpus, max_retries=3)(decode_task).options(num_returns=2)
+        self.write = ray.remote(num_cpus=min(1.0, decode_cpus), max_retries=3)(write_task)  # mostly I/O
+        self.queue = deque(sorted(work))
+        self.attempts = dict.fromkeys(work, 0)
+        self.failed: dict[int, str] = {}
+        self.done: dict[int, ShardRecord] = {}
+        self.by_others: set[int] = set()
+        self.inflight: dict = {}  # teacher ref -> (actor, samples)
+        self.load = [0] * len(actors)
+        self.writers: dict = {}  # writer ref -> shard
+        self.previous: dict[int, ShardRecord | None] = {}  # shard -> the record it had before this run redid it
+        self.leases = writer.leases()
+        self.deferred: dict[int, str] = {}  # shard -> the job holding its lease
+        self.said_waiting = False
+
+    def run(self) -> None:
+        try:
+            while self.queue or self.inflight or self.writers or self.deferred:
+                while self.queue and len(self.writers) < self.res.max_writers and min(self.load) < self.res.prefetch:
+                    self._submit(self.queue.popleft())
+                self.leases.renew_due()
+                if self.queue or self.inflight or self.writers:
+                    self._collect()
+                else:  # only shards another job holds are left: wait for them
+                    self._wait_for_others()
+        finally:
+            self.leases.release_all()  # stopped or failed: hand the shards back at once rather than at expiry
+
+    # ---- one shard ----------------------------------------------------------------------------------------------
+    def _done_by_another_job(self, i: int) -> bool:
+        rec = self.writer.record(i)  # a record that was not there (or not this one) when this run began
+        before = self.records_at_start.get(i)
+        fresh = rec is not None and (before is None or rec.to_dict() != before.to_dict())
+        return fresh and set(self.work[i]) <= set(rec.tasks)
+
+    def _by_another(self, i: int) -> None:
+        self.by_others.add(i)
+        self.bar.update(len(self.plan.shard_records(i)))
+
+    def _claim(self, i: int) -> bool:
+        if i in self.leases.held:
+            return True
+        if not self.leases.take(i):
+            self.deferred[i] = (self.leases.holder(i) or {}).get("owner", "another job")
+            return False
+        if self._done_by_another_job(i):  # it committed the shard and let go of it before this run got here
+            self.leases.release(i)
+            self._by_another(i)
+            return False
+        return True
+
+    def _submit(self, i: int) -> None:
+        if not self._claim(i):
+            return
+        tasks, metas, targets = self.work[i], [], []
+        for chunk in batches_of(self.plan.shard_records(i), self.res.batch):
+            a = min(range(len(self.actors)), key=self.load.__getitem__)
+            pix, meta = self.decode.remote(chunk, str(self.plan.image_folder), [self.specs[t] for t in tasks],
+                                           self.max_pixels, self.res.resize_on)
+            ref = self.actors[a].run.remote(pix, list(tasks))
+            self.inflight[ref] = (a, len(chunk))
+            self.load[a] += 1
+            metas.append(meta)
+            targets.append(ref)
+        if i not in self.previous:  # a shard being redone is not done meanwhile (a damaged record goes too);
+            self.previous[i] = self.writer.redo(i)  # a retry keeps what the first attempt found
+        self.writers[self.write.remote(self.writer, i, tasks, self.previous[i], metas, targets)] = i
+        self.attempts[i] += 1
+
+    def _collect(self) -> None:
+        ready, _ = self.ray.wait(list(self.inflight) + list(self.writers), num_returns=1, timeout=1.0,
+                                 fetch_local=False)
+        for ref in ready:
+            if ref in self.inflight:
+                a, n = self.inflight.pop(ref)
+                self.load[a] -= 1
+                self.bar.update(n)
+            else:
+                self._commit(self.writers.pop(ref), ref)
+
+    def _commit(self, i: int, ref) -> None:
+        try:
+            rec = self.ray.get(ref)
+            self.writer.commit(rec)
+        except Exception as e:  # the write or the commit failed even after Ray's retries
+            reason = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:400]}"
+            if self.attempts[i] <= self.retries:
+                print(f"shard {i} failed ({reason}); retrying", flush=True)
+                self.queue.append(i)
+                self.bar.update(-len(self.plan.shard_records(i)))
+            else:
+                self.failed[i] = reason
+                self.leases.release(i)
+                print(f"shard {i} FAILED after {self.attempts[i]} attempts: {reason}", flush=True)
+            return
+        self.leases.release(i)
+        self.done[i] = rec
+        bad = sum(r.bad_images for r in self.done.values())
+        self.bar.set_postfix(shards=f"{len(self.done)}/{len(self.work)}", bad=bad, failed=len(self.failed),
+                             refresh=False)
+        self.on_commit(self)
+
+    def _wait_for_others(self) -> None:
+        if not self.said_waiting:
+            print(f"waiting for {len(self.deferred)} shard(s) that another job is computing "
+                  f"({', '.join(sorted(set(self.deferred.values())))})", flush=True)
+            self.said_waiting = True
+        time.sleep(self.poll)
+        for i in list(self.deferred):
+            if self._done_by_another_job(i):
+                self.deferred.pop(i)
+                self._by_another(i)
+            elif self.leases.holder(i) is None:  # it gave the shard up (failed, stopped): ours now
+                self.deferred.pop(i)
+                self.queue.append(i)

@@ -1,0 +1,104 @@
+"""Leases: while a job computes a shard it holds `shards/NNNNNN.lease` ({"owner", "expires"}), so that two jobs on
+one store never compute a shard twice (docs/format.md, "Leases"). Created with the same conditional create as
+records; an expired lease, or one whose owner is a dead process on this host, holds nothing.
+
+Time comes from `clock` (default `time.time`), so tests decide when a lease lapses instead of waiting for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+
+from store import layout
+from store.fs import Location
+
+LEASE_TTL = 120.0  # seconds a lease holds without renewal; holders renew every TTL / 4
+
+
+def lease_owner() -> str:
+    """This job's lease owner id: host, pid and a random run id."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """A lease of a process on this host that no longer runs (a driver killed with -9) is stale at once; on other
+    hosts only its expiry tells."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Leases:
+    """One job's leases on one store. `held` are the shards this job holds."""
+
+    def __init__(self, loc: Location, owner: str | None = None, ttl: float = LEASE_TTL,
+                 clock: Callable[[], float] = time.time):
+        self.loc, self.owner, self.ttl, self.clock = loc, owner or lease_owner(), ttl, clock
+        self.held: set[int] = set()
+        self._renewed = clock()
+
+    def holder(self, shard: int) -> dict | None:
+        """The live lease on a shard ({"owner", "expires"}), or None when there is none, it expired, or its owner
+        is a dead process on this host."""
+        try:
+            d = json.loads(self.loc.read_bytes(layout.lease_name(shard)))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # a damaged lease holds nothing
+        if not isinstance(d, dict) or float(d.get("expires", 0)) <= self.clock() or _owner_is_dead(str(d.get("owner"))):
+            return None
+        return d
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "expires": self.clock() + self.ttl}).encode()
+
+    def take(self, shard: int) -> bool:
+        """Claim a shard: a lease object created exclusively. An expired or damaged lease is broken first. False
+        when another job holds it."""
+        name = layout.lease_name(shard)
+        got = self.loc.create_exclusive(name, self._body())
+        if not got:
+            held = self.holder(shard)
+            if held is not None:
+                got = held.get("owner") == self.owner
+            else:
+                self.loc.remove(name)  # expired: break it, then race for it like anyone else
+                got = self.loc.create_exclusive(name, self._body())
+        if got:
+            self.held.add(shard)
+        return got
+
+    def renew(self, shard: int) -> None:
+        held = self.holder(shard)
+        if held is None or held.get("owner") == self.owner:
+            self.loc.write_bytes(layout.lease_name(shard), self._body())
+
+    def renew_due(self) -> None:
+        """Renew every held lease once a quarter of the TTL has passed since the last renewal."""
+        if self.clock() - self._renewed > self.ttl / 4:
+            for shard in self.held:
+                self.renew(shard)
+            self._renewed = self.clock()
+
+    def release(self, shard: int) -> None:
+        held = self.holder(shard)
+        if held is None or held.get("owner") == self.owner:
+            self.loc.remove(layout.lease_name(shard))
+        self.held.discard(shard)
+
+    def release_all(self) -> None:
+        for shard in list(self.held):
+            self.release(shard)

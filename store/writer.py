@@ -1,0 +1,273 @@
+"""Writing a store, through one object with one protocol: `StoreWriter`.
+
+    w = StoreWriter.create(url, manifest, teachers)     # or StoreWriter.existing(url) / StoreWriter.open(url)
+    previous = w.redo(i)                               # 1. a shard being (re)done loses its record first
+    record = w.write(result, previous)                 # 2. its data files, each whole under its final name
+    w.commit(record)                                   # 3. the record, created last and exactly once
+    w.commit_shard(result)                             # 1-3 in one process
+
+Commit protocol (the same on a local path and on object storage; docs/format.md "Commits"):
+  1. a shard being redone first loses its record: from then on it is simply not done;
+  2. its data files are written under their final names, each whole (local: temporary name + rename; object
+     storage: one PUT or multipart upload, visible only once complete): the Zarr shard objects, then the tar,
+     hashed as they are written;
+  3. the record is created last, with a conditional create (local: hard link; S3: If-None-Match). A record that
+     already exists means another writer committed the shard: refused.
+A crash before 3 leaves the shard not done and at most orphan data objects, which the redo overwrites and
+`verify` reports; readers never look at a shard without a record. `write` may run in any process (shards are
+independent); `redo` and `commit` belong to the one process that schedules the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from store import layout, recovery, tar, zarr_io
+from store.codec import meta_of, sample_members, target_members_of
+from store.fs import Location, StoreError
+from store.identity import read_teachers, teacher_mismatches, write_teachers
+from store.lease import Leases
+from store.manifest import (
+    RunManifest,
+    ShardRecord,
+    TaskLayout,
+    dumps,
+    now,
+    read_manifest,
+    read_record,
+    read_records,
+)
+
+
+@dataclass
+class SampleResult:
+    """One sample as the writer gets it: the dataset record, the raw image bytes, and why it failed if it did."""
+
+    index: int
+    id: str
+    record: dict
+    image: str | None  # the record's relative image path
+    image_bytes: bytes | None
+    error: str | None = None  # decode or preprocessing failure: every task invalid
+
+
+@dataclass
+class ShardResult:
+    """One shard's samples in dataset order and their encoded targets, rows aligned with `samples` (the
+    extraction builds it by joining on sample ids)."""
+
+    shard: int
+    tasks: tuple[str, ...]  # tasks computed in this pass
+    samples: list[SampleResult]
+    values: dict[str, np.ndarray]  # task -> encoded (n, T, W); rows of invalid samples are zero
+    scales: dict[str, np.ndarray | None]
+    valid: dict[str, np.ndarray]  # task -> bool (n,)
+    task_errors: dict[str, dict[int, str]] = field(default_factory=dict)  # task -> {position in shard: reason}
+    seconds: float = 0.0
+
+
+class StoreWriter:
+    """A store opened for writing: its location and run manifest."""
+
+    def __init__(self, loc: Location | str, manifest: RunManifest):
+        self.loc = loc if isinstance(loc, Location) else Location(loc)
+        self.manifest = manifest
+
+    # ---- opening ------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, url, manifest: RunManifest, teachers: dict | None = None) -> StoreWriter:
+        """A new store at `url` (a folder or a prefix): manifest, teacher identity and Zarr arrays."""
+        w = cls(url, manifest)
+        w.loc.makedirs()
+        w.save(teachers)
+        return w
+
+    @classmethod
+    def open(cls, url) -> StoreWriter:
+        """The store at `url`, to write more shards (a writer worker opens it so)."""
+        loc = url if isinstance(url, Location) else Location(url)
+        return cls(loc, read_manifest(loc))
+
+    @classmethod
+    def existing(cls, url) -> StoreWriter | None:
+        """The store at `url` if there is one, None if `url` is absent or empty; anything else there is refused."""
+        loc = url if isinstance(url, Location) else Location(url)
+        if loc.is_empty_or_absent():
+            return None
+        if not loc.isfile(layout.MANIFEST):
+            raise StoreError(f"{loc} exists, is not empty and is not an olaf store; choose another output")
+        return cls(loc, read_manifest(loc))
+
+    def save(self, teachers: dict | None = None) -> None:
+        """Write the run manifest (and the teacher identity), and create the Zarr arrays its tasks need; the one
+        place shard writers' metadata comes from (they write data objects only)."""
+        self.save_manifest()
+        if teachers is not None:
+            write_teachers(self.loc, teachers)
+        zarr_io.create_arrays(self.loc, self.manifest)
+
+    def save_manifest(self) -> None:
+        self.manifest.updated = now()
+        self.loc.write_bytes(layout.MANIFEST, dumps(self.manifest.to_dict()))
+
+    # ---- what is there --------------------------------------------------------------------------------------------
+    def teachers(self) -> dict | None:
+        return read_teachers(self.loc, missing_ok=True)
+
+    def records(self) -> dict[int, ShardRecord]:
+        return read_records(self.loc)
+
+    def record(self, shard: int) -> ShardRecord | None:
+        return read_record(self.loc, shard)
+
+    def resume_problems(self, *, dataset_sha256: str, num_samples: int, shard_size: int, formats: list[str],
+                        compression: str, layouts: dict[str, TaskLayout], identity: dict) -> list[str]:
+        """Why this store cannot be continued with these settings (empty: it can). `identity` is the run's
+        teacher identity."""
+        m, problems = self.manifest, []
+        if m.dataset.get("sha256") != dataset_sha256:
+            problems.append(f"the dataset JSON differs (sha256 {str(m.dataset.get('sha256'))[:12]}... in the store, "
+                            f"{dataset_sha256[:12]}... now)")
+        if m.num_samples != num_samples:
+            problems.append(f"the store holds {m.num_samples} samples, this run plans {num_samples} (--limit?)")
+        if m.shard_size != shard_size:
+            problems.append(f"the store's shard size is {m.shard_size}, this run asks {shard_size}")
+        if sorted(m.formats) != sorted(formats):
+            problems.append(f"the store's formats are {m.formats}, this run asks {formats}")
+        if m.zarr_compression != compression:
+            problems.append(f"the store's zarr compression is {m.zarr_compression}, this run asks {compression}")
+        for t, want in layouts.items():
+            have = m.tasks.get(t)
+            if have is not None and (have.shape, have.encoding) != (want.shape, want.encoding):
+                problems.append(f"{t}: the store has {have.shape} {have.encoding}, this run would write "
+                                f"{want.shape} {want.encoding}")
+        stored = self.teachers()
+        if stored is not None:
+            problems += teacher_mismatches(stored, identity, [t for t in layouts if t in m.tasks])[0]
+            if stored.get("fidelity") != identity.get("fidelity"):  # one store, one fidelity, whatever the tasks
+                problems.append(f"the store was extracted with fidelity {stored.get('fidelity')}, this run uses "
+                                f"{identity.get('fidelity')}")
+        return problems
+
+    # ---- leases ---------------------------------------------------------------------------------------------------
+    def leases(self, owner: str | None = None, **kw) -> Leases:
+        return Leases(self.loc, owner, **kw)
+
+    @contextlib.contextmanager
+    def lease(self, shard: int, owner: str | None = None):
+        """Hold shard `shard` for the block (single-process use); StoreError when another job holds it."""
+        leases = self.leases(owner)
+        if not leases.take(shard):
+            raise StoreError(f"shard {shard} is leased by {(leases.holder(shard) or {}).get('owner', 'another job')}")
+        try:
+            yield leases
+        finally:
+            leases.release(shard)
+
+    # ---- one shard ------------------------------------------------------------------------------------------------
+    def redo(self, shard: int) -> ShardRecord | None:
+        """Before a shard's data is rewritten: take its record away (the shard is then not done) and return it,
+        so that `write` can carry over the tasks it already had."""
+        rec = read_record(self.loc, shard)
+        self.loc.remove(layout.record_name(shard))
+        return rec
+
+    def write(self, result: ShardResult, previous: ShardRecord | None = None) -> ShardRecord:
+        """Write one shard's Zarr objects and tar under their final names and return the record that commits them
+        (not yet written: `commit`). With `previous` (what `redo` took away) the tasks it had and this pass does
+        not compute are kept: the tar is rebuilt with their members, their Zarr objects are listed again."""
+        m, i = self.manifest, result.shard
+        _check_result(m, result)
+        kept = [t for t in (previous.tasks if previous else []) if t not in result.tasks]
+        files: dict[str, dict] = {}
+        if "zarr" in m.formats:
+            files.update(zarr_io.write_shard(self.loc, m, result, kept))
+        if "wds" in m.formats:
+            old = tar.members_by_key(self.loc, layout.tar_name(i)) if kept else {}
+            files[layout.tar_name(i)] = tar.write_tar(self.loc, layout.tar_name(i), _tar_samples(m, result, kept, old))
+        all_tasks = [t for t in m.tasks if t in kept or t in result.tasks]
+        valid = dict(previous.valid if previous else {})
+        valid.update({t: int(result.valid[t].sum()) for t in result.tasks})
+        start, stop = m.shard_range(i)
+        return ShardRecord(shard=i, start=start, stop=stop, tasks=all_tasks, valid={t: valid[t] for t in all_tasks},
+                           bad_images=sum(1 for s in result.samples if s.error), files=files,
+                           errors=_errors(result, previous), ids=[s.id for s in result.samples],
+                           seconds=round(result.seconds + (previous.seconds if previous else 0.0), 3))
+
+    def commit(self, record: ShardRecord) -> None:
+        """The commit point: create the shard's record, only if no record exists (see the module docstring)."""
+        if not self.loc.create_exclusive(layout.record_name(record.shard), dumps(record.to_dict())):
+            raise StoreError(f"shard {record.shard} already has a record: another job committed it meanwhile "
+                             f"(one --output, one extraction at a time)")
+
+    def commit_shard(self, result: ShardResult) -> ShardRecord:
+        """redo + write + commit in one process (tests, benchmarks, single-process use)."""
+        record = self.write(result, self.redo(result.shard))
+        self.commit(record)
+        return record
+
+    # ---- the whole store ------------------------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        return recovery.recover(self.loc)
+
+    def rebuild_errors(self, records: dict[int, ShardRecord] | None = None) -> int:
+        """errors.jsonl from the shard records (the records are the source of truth). Returns the line count."""
+        records = self.records() if records is None else records
+        lines = [json.dumps(e, sort_keys=True) for i in sorted(records) for e in records[i].errors]
+        self.loc.write_bytes(layout.ERRORS, "".join(line + "\n" for line in lines).encode())
+        return len(lines)
+
+
+def _check_result(m: RunManifest, result: ShardResult) -> None:
+    start, stop = m.shard_range(result.shard)
+    if len(result.samples) != stop - start:
+        raise StoreError(f"shard {result.shard}: got {len(result.samples)} samples, the shard holds {stop - start}")
+    if [s.index for s in result.samples] != list(range(start, stop)):
+        raise StoreError(f"shard {result.shard}: samples are not the shard's indices {start}..{stop - 1} in order")
+    unknown = [t for t in result.tasks if t not in m.tasks]
+    if unknown:
+        raise StoreError(f"shard {result.shard}: tasks {unknown} are not in the store manifest")
+
+
+def _tar_samples(m: RunManifest, result: ShardResult, kept: list[str], old: dict):
+    """The shard's samples as tar members: this pass's targets, and the kept tasks' members and flags from the
+    shard's previous tar."""
+    all_tasks = [t for t in m.tasks if t in kept or t in result.tasks]
+    for pos, s in enumerate(result.samples):
+        prev = old.get(layout.tar_key(s.id), {})
+        prev_meta = meta_of(prev) if layout.META_MEMBER in prev else {}
+        valid = {t: bool(prev_meta.get("valid", {}).get(t, False)) for t in kept}
+        valid.update({t: bool(result.valid[t][pos]) for t in result.tasks})
+        errors = {k: v for k, v in (prev_meta.get("errors") or {}).items() if k not in result.tasks}
+        if s.error:
+            errors["image"] = s.error
+        for t in result.tasks:
+            if pos in result.task_errors.get(t, {}):
+                errors[t] = result.task_errors[t][pos]
+        meta = {"id": s.id, "index": s.index, "shard": result.shard, "record": s.record,
+                "image_member": layout.image_member(s.image) if s.image_bytes is not None else None,
+                "valid": {t: valid[t] for t in all_tasks}, "errors": errors or None}
+        carried = {k: v for t in kept for k, v in target_members_of(prev, t).items()}
+        now = {t: (result.values[t][pos], result.scales[t][pos] if m.tasks[t].scaled else None)
+               for t in result.tasks if result.valid[t][pos]}
+        yield sample_members(meta, s.image_bytes, now, carried)
+
+
+def _errors(result: ShardResult, previous: ShardRecord | None) -> list[dict]:
+    """The record's errors: the previous record's for tasks not computed now, this pass's image and task errors."""
+    errors = [e for e in (previous.errors if previous else []) if e.get("task") not in result.tasks]
+    for pos, s in enumerate(result.samples):
+        where = {"id": s.id, "index": s.index, "shard": result.shard, "image": s.image}
+        if s.error:
+            if not any(e["index"] == s.index and e.get("task") is None for e in errors):
+                errors.append({**where, "task": None, "reason": s.error})
+            continue
+        for t in result.tasks:
+            if pos in result.task_errors.get(t, {}):
+                errors.append({**where, "task": t, "reason": result.task_errors[t][pos]})
+    errors.sort(key=lambda e: (e["index"], e.get("task") or ""))
+    return errors

@@ -1,0 +1,106 @@
+"""A run's logs, in OUT: config.json, logs/train.jsonl (every logged step, every loss term), logs/samples.jsonl
+(the sample ids of each step, from the global order, without communication), tensorboard/, the progress bar; the
+counts kept between logs, and their reduction over ranks at log time, the only place the host waits for the
+device."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class RunLog:
+    def __init__(self, out: Path, run, step: int, rank: int, world: int, log=print):
+        self.cfg, self.stream, self.device, self.world = run.cfg, run.stream, run.device, world
+        self.main, self.logs = rank == 0, Path(out) / "logs"
+        self.fixed_tokens = run.model.layout.text_start  # per sample, before the text
+        self.tb, self.samples_file = None, None
+        if self.main:
+            self._open(Path(out), step, log)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=run.total_steps, initial=step, disable=not self.main, unit="step", dynamic_ncols=True)
+        self._reset()
+
+    def _open(self, out: Path, step: int, log) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for name in ("train.jsonl", "samples.jsonl"):  # drop what a killed run logged after its last checkpoint
+            if self.cfg.resume and (self.logs / name).exists():
+                kept = [ln for ln in (self.logs / name).read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+                (self.logs / name).write_text("".join(ln + "\n" for ln in kept))
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
+        self.samples_file = open(self.logs / "samples.jsonl", "a")  # noqa: SIM115  (closed in close())
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(out / "tensorboard")
+            except ImportError:
+                log("note: tensorboard is not installed: no TensorBoard events (logs/train.jsonl has everything)")
+
+    def _reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.counts = {"samples": 0, "tokens": 0, **{f"valid/{t}": 0 for t in self.cfg.tasks}}
+
+    def count(self, step: int, micro: list[dict]) -> None:
+        """A step's micro-batches, counted on the host from the CPU batches (no device sync); samples the trainer
+        could not use are said on stderr."""
+        for b in micro:
+            self.counts["samples"] += len(b["ids"])
+            self.counts["tokens"] += int(b["text_mask"].sum()) + self.fixed_tokens * len(b["ids"])
+            for t in self.cfg.tasks:
+                self.counts[f"valid/{t}"] += int(b["valid"][t].sum())
+            for sample_id, problem in b["problems"].items():
+                print(f"warning: step {step + 1}: sample {sample_id}: {problem} (masked out)", file=sys.stderr)
+
+    def step(self, step: int, terms: dict, grad_norm: torch.Tensor, lr: float) -> None:
+        """After optimizer step `step`: its sample ids; on log steps the losses and rates."""
+        if self.main:
+            start = (step - 1) * self.cfg.global_batch_size
+            ids = self.stream.ids_of(start, start + self.cfg.global_batch_size)
+            self.samples_file.write(json.dumps({"step": step, "position": start, "ids": ids}) + "\n")
+            self.samples_file.flush()
+            self.bar.update(1)
+        if step % self.cfg.log_every == 0 or step == self.bar.total:
+            self._write(step, self._reduce(step, terms, grad_norm, lr))
+            self._reset()
+
+    def _reduce(self, step: int, terms: dict, grad_norm: torch.Tensor, lr: float) -> dict:
+        keys = sorted(terms)
+        losses = torch.stack([terms[k].double() for k in keys])
+        totals = torch.tensor(list(self.counts.values()), dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(losses)
+            losses /= self.world  # the mean over ranks; the grad norm is the same on every rank
+            dist.all_reduce(totals)  # counts: summed
+        secs = time.perf_counter() - self.t0
+        steps = (step - 1) % self.cfg.log_every + 1  # steps since the last log
+        total = dict(zip(self.counts, totals.tolist(), strict=True))
+        return {"step": step, "lr": lr, "grad_norm": grad_norm.item(), **dict(zip(keys, losses.tolist(), strict=True)),
+                "samples": total["samples"] / steps, "samples_per_s": total["samples"] / secs,
+                "tokens_per_s": total["tokens"] / secs,
+                **{f"valid/{t}": total[f"valid/{t}"] / steps for t in self.cfg.tasks}}
+
+    def _write(self, step: int, record: dict) -> None:
+        if not self.main:
+            return
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", smp_s=f"{record['samples_per_s']:.1f}", refresh=False)
+        with open(self.logs / "train.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.samples_file is not None:
+            self.samples_file.close()
+        if self.tb is not None:
+            self.tb.close()
