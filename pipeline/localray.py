@@ -18,10 +18,12 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,8 +45,29 @@ def ray_env(state: Path) -> dict[str, str]:
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str, token: str | None = None) -> bool:
+    """Whether an HTTP server answers at `url` (any status: it is up)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
 def start(state: Path, port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None,
           timeout: float = 120) -> dict:
+    """Start the head and return once it takes jobs: its dashboard answers and so does the node's job agent.
+    The agent and the Ray Client server get free ports (Ray's fixed defaults, 52365 and 10001, would collide
+    with any other Ray on the machine, and the job server would then answer "No available agent")."""
     state = state.resolve()
     state.mkdir(parents=True, exist_ok=True)
     if (state / "state.json").exists():
@@ -55,7 +78,9 @@ def start(state: Path, port: int = 6379, dashboard_port: int = 8265, num_cpus: i
         token.chmod(0o600)
     temp = tempfile.mkdtemp(prefix="olaf-ray-")  # short: Ray's socket paths must fit in 107 bytes
     marker = f"{os.getpid()}-{secrets.token_hex(4)}"
-    info = {"marker": marker, "temp_dir": temp, "port": port, "dashboard_port": dashboard_port}
+    agent_port = _free_port()
+    info = {"marker": marker, "temp_dir": temp, "port": port, "dashboard_port": dashboard_port,
+            "agent_port": agent_port}
     (state / "state.json").write_text(json.dumps(info))
     env = {**os.environ, **ray_env(state), MARKER: marker}
     env.pop("RAY_ADDRESS")
@@ -63,23 +88,20 @@ def start(state: Path, port: int = 6379, dashboard_port: int = 8265, num_cpus: i
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
            "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+           "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(_free_port()),
            "--temp-dir", temp, "--disable-usage-stats"] + (["--num-cpus", str(num_cpus)] if num_cpus else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         stop(state)
         raise SystemExit(f"ray start failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    # the job server answers once the dashboard is up
     t0 = time.time()
     while time.time() - t0 < timeout:
-        try:
-            req = urllib.request.Request(f"http://127.0.0.1:{dashboard_port}/api/version",
-                                         headers={"Authorization": f"Bearer {token.read_text().strip()}"})
-            with urllib.request.urlopen(req, timeout=2):
-                return info
-        except OSError:
-            time.sleep(0.5)
+        if _answers(f"http://127.0.0.1:{dashboard_port}/api/version", token.read_text().strip()) and \
+                _answers(f"http://127.0.0.1:{agent_port}/api/local_raylet_healthz"):
+            return info
+        time.sleep(0.2)
     stop(state)
-    raise SystemExit(f"the Ray dashboard did not come up on 127.0.0.1:{dashboard_port} within {timeout:.0f} s")
+    raise SystemExit(f"the Ray head on 127.0.0.1:{dashboard_port} did not take jobs within {timeout:.0f} s")
 
 
 def descendants(roots) -> list[int]:
