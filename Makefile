@@ -36,7 +36,7 @@ test: setup
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline teachers trainer tests benchmarks
+	$(VENV)/bin/ruff check recipes teachers store pipeline trainer tests benchmarks
 
 # ---- the demo: sample data -> tiny teachers -> local Ray head -> `ray job submit` extraction -> inspect
 #      -> tiny LLM + CLIP -> trainer.pt (a few dozen PT steps) -> export + loss curve

@@ -1,5 +1,6 @@
 """The extraction job, one module per stage (`python -m pipeline.extract_teachers --help` tells the story):
 
+    settings   what the command line gives, the usage error, SIGTERM as Ctrl-C
     cli        arguments, signals, exit statuses
     plan       the dataset validated, split into the store's shards
     preflight  what needs no model: the output, the store to continue, the weights, the work per shard

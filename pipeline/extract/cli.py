@@ -34,49 +34,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from dataclasses import dataclass, field
 
 import store
+from pipeline.extract.run import run
+from pipeline.extract.settings import SIGNALS_RECEIVED, Settings, Terminated, UsageError, on_sigterm
 from pipeline.llava import DatasetError
 from recipes.imageops import DEFAULT_MAX_PIXELS
 from recipes.manifest import DEFAULT_MANIFEST, TASKS, ManifestError
 from teachers.weights import WeightsNotFound
-
-
-class UsageError(Exception):
-    """Bad arguments or an output that cannot be used; exit status 2."""
-
-
-@dataclass
-class Settings:
-    data_path: str
-    image_folder: str
-    output: str
-    teachers_manifest: str = str(DEFAULT_MANIFEST)
-    fidelity: str | None = None
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    shard_size: int = 256
-    limit: int | None = None
-    formats: list[str] = field(default_factory=lambda: ["zarr", "wds"])
-    encoding: str | None = None
-    zarr_compression: str = "none"
-    batch_size: int | None = None
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1.0
-    dtype: str = "auto"
-    torch_threads: int | None = None
-    decode_cpus: float = 1.0
-    prefetch: int | None = None
-    max_writers: int | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    resize_on: str = "auto"
-    address: str | None = None
-    num_cpus: int | None = None
-    trust_done: bool = False
-    shard_retries: int = 2
-    plan_only: bool = False
-    progress: bool = True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,17 +111,7 @@ def parse_args(argv=None) -> Settings:
     return Settings(**values, tasks=[t for t in TASKS if t in tasks], formats=formats, progress=not a.no_progress)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what SLURM and Kubernetes send on preemption): stop as on Ctrl-C."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None) -> int:
-    from pipeline.extract.run import run
-
     s = parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -165,6 +120,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        sigterm = isinstance(e, Terminated) or "SIGTERM" in SIGNALS_RECEIVED
+        name, code = ("SIGTERM", 143) if sigterm else ("interrupted", 130)
         print(f"\n{name}: stopped; committed shards are safe; re-run the same command to resume", file=sys.stderr)
         return code

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 
 import store
-from pipeline.extract.cli import Settings, UsageError
 from pipeline.extract.plan import Plan
+from pipeline.extract.settings import Settings, UsageError
 from recipes.manifest import TASKS, TeacherManifest
 from store import ShardRecord, StoreWriter, TaskLayout
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline.extract.cli import Settings, UsageError
+from pipeline.extract.settings import Settings, UsageError
 from pipeline.localray import LOOPBACK_ENV
 from recipes.manifest import TeacherManifest, compute_dtypes
 

@@ -12,11 +12,11 @@ from tqdm import tqdm
 
 from pipeline.extract import preflight
 from pipeline.extract.actors import TeacherActor, verify_task
-from pipeline.extract.cli import Settings, UsageError, on_sigterm
 from pipeline.extract.plan import Plan, make_plan
 from pipeline.extract.report import print_summary, progress
 from pipeline.extract.resources import Resources, init_ray, plan_resources
 from pipeline.extract.scheduler import ShardScheduler
+from pipeline.extract.settings import Settings, UsageError, on_sigterm
 from pipeline.provenance import code_version, image_library_warnings, versions
 from recipes.imageops import image_libraries
 from recipes.manifest import TASKS, TeacherManifest, load_manifest

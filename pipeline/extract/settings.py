@@ -1,0 +1,57 @@
+"""The job's settings (what the command line gives, `pipeline.extract.cli`), the error that means "fix your
+input" (exit status 2), and SIGTERM taken as Ctrl-C (what SLURM and Kubernetes send on preemption)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from recipes.imageops import DEFAULT_MAX_PIXELS
+from recipes.manifest import DEFAULT_MANIFEST, TASKS
+
+
+class UsageError(Exception):
+    """Bad arguments or an output that cannot be used; exit status 2."""
+
+
+@dataclass
+class Settings:
+    data_path: str
+    image_folder: str
+    output: str
+    teachers_manifest: str = str(DEFAULT_MANIFEST)
+    fidelity: str | None = None
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    shard_size: int = 256
+    limit: int | None = None
+    formats: list[str] = field(default_factory=lambda: ["zarr", "wds"])
+    encoding: str | None = None
+    zarr_compression: str = "none"
+    batch_size: int | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    dtype: str = "auto"
+    torch_threads: int | None = None
+    decode_cpus: float = 1.0
+    prefetch: int | None = None
+    max_writers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    resize_on: str = "auto"
+    address: str | None = None
+    num_cpus: int | None = None
+    trust_done: bool = False
+    shard_retries: int = 2
+    plan_only: bool = False
+    progress: bool = True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and Kubernetes send on preemption): stop as on Ctrl-C."""
+
+
+SIGNALS_RECEIVED: list[str] = []  # what stopped the job, whatever exception reached main (libraries re-raise)
+
+
+def on_sigterm(signum, frame):
+    SIGNALS_RECEIVED.append("SIGTERM")
+    raise Terminated()
