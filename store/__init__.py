@@ -29,10 +29,20 @@ from store.manifest import RunManifest, ShardRecord, TaskLayout, now, read_manif
 from store.order import GlobalOrder, SampleTable
 from store.reader import Store
 from store.recovery import orphans
-from store.stream import TargetStream, loader
 from store.tar import member_sizes
 from store.verify import check_files, verify_store
 from store.writer import SampleResult, ShardResult, StoreWriter
+
+
+def __getattr__(name: str):
+    """The trainer's stream needs torch; the rest of the store does not (extraction's decode and writer workers
+    start faster without it), so the stream is imported when it is asked for."""
+    if name in ("TargetStream", "loader"):
+        from store import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module 'store' has no attribute {name!r}")
+
 
 __all__ = [
     "COMPRESSIONS", "FORMATS", "LEASE_TTL", "TOKEN_ORDER", "GlobalOrder", "Leases", "Location", "RunManifest",

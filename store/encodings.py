@@ -13,15 +13,19 @@ largest value to its typical one, and ViT features have exactly such outlier cha
 activations"): with a few channels 50x larger, int8 reaches 5.4% while fp8 stays at 1.7%. fp8's error is
 about the same for any distribution, so it is the 8-bit encoding the store offers; int8 stays a candidate.
 
-numpy has no bfloat16 or float8, hence the bit patterns; decoding goes through torch, which has both.
+numpy has no bfloat16 or float8, hence the bit patterns; encoding and decoding go through torch, which has both
+(imported when they run: the store's writers and readers of raw bytes need no torch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ def get(name: str, candidates: bool = False) -> Encoding:
 def encode(x: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     """float tensor (B, T, W) on any device -> (values, scale or None) as C-contiguous CPU numpy arrays (a
     transposed teacher output would otherwise leave strided arrays, which Ray and np.save copy again)."""
+    import torch
+
     enc = get(name, candidates=True)
     if x.ndim != 3:
         raise ValueError(f"encode expects (batch, tokens, width), got {tuple(x.shape)}")
@@ -73,8 +79,11 @@ def encode(x: torch.Tensor, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     raise AssertionError(enc)  # pragma: no cover
 
 
-def decode(values: np.ndarray, scale: np.ndarray | None, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def decode(values: np.ndarray, scale: np.ndarray | None, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Stored arrays -> float tensor of `dtype` (float32 by default). Works for one sample (T, W) or a batch."""
+    import torch
+
+    dtype = dtype or torch.float32
     enc = get(name, candidates=True)
     if enc.scaled and scale is None:
         raise ValueError(f"encoding {name} needs its scale array")
@@ -92,6 +101,8 @@ def decode(values: np.ndarray, scale: np.ndarray | None, name: str, dtype: torch
 
 def compact_dtype(name: str) -> torch.dtype:
     """The 16-bit dtype a reader hands to training without losing what the encoding stores."""
+    import torch
+
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
