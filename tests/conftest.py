@@ -1,19 +1,23 @@
-"""Shared fixtures: tiny teachers and small LLaVA-format datasets, built once per test session."""
+"""Shared fixtures, built once per test session: tiny teachers and models, the datasets, the stores every module
+reads, a trained PT run, a Ray head on loopback, a real S3 server on loopback."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
+
+from pipeline.localray import LOOPBACK_ENV
 
 # Tests never reach a hub: every model is built locally from config classes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every Ray the tests start is single-node on 127.0.0.1, sends no usage stats, and uses a token of this session.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.update(LOOPBACK_ENV)
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.pop("RAY_ADDRESS", None)
 if "RAY_AUTH_TOKEN_PATH" not in os.environ:
     import atexit
     import secrets
@@ -25,14 +29,35 @@ if "RAY_AUTH_TOKEN_PATH" not in os.environ:
     os.environ["RAY_AUTH_TOKEN_PATH"] = _token_path
     atexit.register(lambda: os.path.exists(_token_path) and os.unlink(_token_path))
 
+from s3server import SeaweedFS, free_port  # noqa: E402
+
+# ---- models -----------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory):
     """OUT/teachers.yaml + OUT/{gen,depth,seg}: random-weight stand-ins saved with save_pretrained."""
     from teachers.tiny import build
 
-    out = tmp_path_factory.mktemp("tiny_teachers")
-    return build(out)
+    return build(tmp_path_factory.mktemp("tiny_teachers"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, trainer_dataset):
+    """trainer.tiny's LLM (its tokenizer knows the sample's words) and CLIP tower, and a config for them."""
+    import yaml
+
+    from trainer.tiny import build
+
+    cfg = build(tmp_path_factory.mktemp("tiny_models"), trainer_dataset[0], lm_steps=0)
+    data = yaml.safe_load(cfg.read_text())
+    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, save_every=2, learning_rate=3e-3,
+                gradient_checkpointing=False, tensorboard=False)
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+# ---- datasets and stores ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -41,40 +66,70 @@ def sample_dataset(tmp_path_factory):
     from pipeline.sample import generate
 
     out = tmp_path_factory.mktemp("sample_ds")
-    json_path = generate(out, num_samples=24, seed=11, bad=7, odd=7)
-    return json_path, out / "images"
+    return generate(out, num_samples=24, seed=11, bad=7, odd=7), out / "images"
 
 
 @pytest.fixture(scope="session")
-def trainer_store(tmp_path_factory, tiny_teachers):
-    from helpers import reference_store
+def extract_dataset(tmp_path_factory):
+    """What the extraction tests run on: 18 records, 7 of them broken, 7 awkward (4 shards of EXTRACT_SHARD)."""
+    from pipeline.sample import generate
 
+    out = tmp_path_factory.mktemp("extract_ds")
+    return generate(out, num_samples=4, seed=3, bad=7, odd=7), out / "images"
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, extract_dataset, tiny_teachers):
+    """The extraction dataset's store, written the straightforward way (one process, no Ray)."""
+    from helpers import EXTRACT_SHARD, reference_store
+
+    return reference_store(tmp_path_factory.mktemp("ref") / "store", extract_dataset, tiny_teachers, shard=EXTRACT_SHARD)
+
+
+@pytest.fixture(scope="session")
+def trainer_dataset(tmp_path_factory):
     from pipeline.sample import generate
 
     ds = tmp_path_factory.mktemp("trainer_ds")
-    json_path = generate(ds, num_samples=28, seed=5, bad=4)
-    return reference_store(tmp_path_factory.mktemp("trainer_store") / "store", (json_path, ds / "images"),
-                           tiny_teachers, teachers_yaml=True)
+    return generate(ds, num_samples=28, seed=5, bad=4), ds / "images"
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    import yaml
+def trainer_store(tmp_path_factory, trainer_dataset, tiny_teachers):
+    from helpers import reference_store
 
-    from trainer.tiny import build
-
-    out = tmp_path_factory.mktemp("tiny_models")
-    cfg = build(out, lm_steps=0)
-    data = yaml.safe_load(cfg.read_text())
-    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, save_every=2,
-                learning_rate=3e-3)
-    cfg.write_text(yaml.safe_dump(data))
-    return cfg
+    return reference_store(tmp_path_factory.mktemp("trainer_store") / "store", trainer_dataset, tiny_teachers,
+                           teachers_yaml=True)
 
 
-from s3server import SeaweedFS, free_port  # noqa: E402, F401  (free_port: re-exported for the test modules)
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, trainer_store, tiny_models, tiny_teachers):
+    """A finished PT run of TRAINED_STEPS steps on the trainer store (in this process)."""
+    from helpers import TRAINED_STEPS, call, trainer_args
 
-# ---- a real S3-compatible server on loopback ------------------------------------------------------------------
+    from trainer.pt import run
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc, log = call(run, trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", str(TRAINED_STEPS)))
+    assert rc == 0, log
+    return out
+
+
+# ---- servers on loopback ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory, seaweedfs):
+    """One Ray head on 127.0.0.1 for the session's extraction jobs (`--address`), stopped afterwards without
+    touching any other Ray on the machine. Started after the S3 server: its workers, like a real cluster's
+    nodes, have the bucket's credentials in their environment."""
+    from pipeline import localray
+
+    state = tmp_path_factory.mktemp("ray_head")
+    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], state / "auth_token")  # the session's token
+    info = localray.start(state, port=free_port(), dashboard_port=free_port(), num_cpus=2)
+    yield f"127.0.0.1:{info['port']}"
+    localray.stop(state)
 
 
 @pytest.fixture(scope="session")

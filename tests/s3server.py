@@ -91,7 +91,7 @@ class SeaweedFS:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(5)
+                self.proc.wait(1)  # a test server: nothing to save
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

@@ -1,7 +1,8 @@
-"""extract_teachers on a real local Ray (loopback) with tiny teachers: end to end, resume, faults, added tasks;
-to a local folder and to a real S3-compatible server (SeaweedFS on loopback).
+"""The extraction job as users run it (its own process) with tiny teachers: as a driver of a Ray cluster (one head
+on loopback for the session) and on a local Ray it starts; end to end, an added task, resume after kill -9, a
+killed actor; on a local folder and on a real S3-compatible server (SeaweedFS on loopback).
 
-Every store is compared file by file (sha256 of every tar and zarr shard file) with a single-process reference
+Every store is compared file by file (sha256 of every tar and Zarr shard file) with a single-process reference
 that runs the same stages in a plain loop, without Ray.
 """
 
@@ -13,146 +14,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import free_port
-from helpers import BATCH, SHARD, reference_store
+from helpers import REPO, call, extract, extraction_args, records, same_data, start_extraction, wait_for
 
 import store
 from pipeline import localray
+from pipeline.extract.cli import main as extraction_main
 from recipes.manifest import load_manifest
 from store import Location, layout
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from pipeline.sample import generate
-
-    out = tmp_path_factory.mktemp("extract_ds")
-    return generate(out, num_samples=16, seed=3, bad=7, odd=7), out / "images"
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, dataset, tiny_teachers):
-    return reference_store(tmp_path_factory.mktemp("ref") / "store", dataset, tiny_teachers)
-
-
-def args(dataset, out, manifest, *extra):
-    json_path, images = dataset
-    return ["--data-path", str(json_path), "--image-folder", str(images), "--output", str(out),
-            "--teachers-manifest", str(manifest), "--shard-size", str(SHARD), "--batch-size", str(BATCH),
-            "--torch-threads", "1", "--no-progress", *extra]
-
-
-def start(argv, **kw) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.extract_teachers", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def run(argv, timeout=300) -> tuple[int, str]:
-    p = start(argv)
-    out, _ = p.communicate(timeout=timeout)
-    return p.returncode, out
-
-
-def records(url) -> dict:
-    return store.read_records(Location(url))
-
-
-def same_data(a, b) -> None:
-    """Every data file of store `a` (any URL) equals the reference's, by the records and by the objects."""
-    ra, rb = records(a), records(b)
-    assert sorted(ra) == sorted(rb)
-    loc = Location(a)
-    for i in ra:
-        fa, fb = ra[i].files, rb[i].files
-        assert fa.keys() == fb.keys(), i
-        for rel in fa:
-            assert fa[rel]["sha256"] == fb[rel]["sha256"], f"shard {i}: {rel} differs from the reference"
-        assert ra[i].valid == rb[i].valid and ra[i].errors == rb[i].errors
-    assert not store.check_files(loc, {n: f for r in ra.values() for n, f in r.files.items()}, full=True)
-
-
-def wait_for(cond, timeout=180, what="condition"):
-    t = time.time()
-    while time.time() - t < timeout:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_end_to_end_with_bad_files_matches_the_reference(store_root, dataset, tiny_teachers, reference):
-    """The local run resizes on the device (here the actor's CPU): decode workers ship decoded images and the
-    actor runs the recipes after checking them against Pillow; its store equals the PIL path's reference too."""
-    out = store_root("store")
-    device = not out.startswith("s3://")
-    rc, log = run(args(dataset, out, tiny_teachers, *(["--resize-on", "device"] if device else [])))
-    assert rc == 0, log
-    assert "extraction summary" in log and "4 written now" in log
-    same_data(out, reference)
-    s = store.Store(out)
-    assert s.manifest.finished and s.manifest.progress["samples_done"] == 30
-    assert s.manifest.extraction["resize_on"] == ("device" if device else "cpu")
-    from PIL import features
-
-    assert s.manifest.extraction["libjpeg_turbo"] == features.version("libjpeg_turbo")  # what the pixels depend on
-    assert s.manifest.extraction["zlib"] == features.version("zlib") and s.manifest.extraction["pillow"]
-    errors = [json.loads(x) for x in Location(out).read_bytes(layout.ERRORS).decode().splitlines()]
-    reasons = " | ".join(e["reason"] for e in errors)
-    assert len(errors) == 7 and all(e["task"] is None for e in errors)
-    for what in ("not found", "undecodable image", "not an image", "empty", "escapes the image folder",
-                 "text-only record", "decompression bomb"):
-        assert what in reasons, what
-    bad_ids = {e["id"] for e in errors}
-    records = json.loads(dataset[0].read_text())
-    for r in records:  # every other sample, the awkward modes included, has all three targets
-        got = s.get(r["id"])
-        assert all(got["valid"].values()) == (r["id"] not in bad_ids), r
-    assert store.verify_store(s, full=True, progress=False)["ok"]
-    rc, log = run(args(dataset, out, tiny_teachers))  # again: everything verified, nothing recomputed
-    assert rc == 0 and "nothing to do" in log, log
-    same_data(out, reference)
-
-
-def test_resume_after_killing_the_driver(store_root, dataset, tiny_teachers, reference):
-    out = store_root("store")
-    p = start(args(dataset, out, tiny_teachers, "--prefetch", "1", "--max-writers", "1"), start_new_session=True)
-    wait_for(lambda: len(records(out)) >= 1 or p.poll() is not None, what="a first shard")
-    assert p.poll() is None, "the job finished before it could be killed"
-    victims = [pid for pid in localray.descendants({p.pid}) if pid != p.pid]
-    os.killpg(p.pid, signal.SIGKILL)
-    for pid in victims:  # the local Ray it started, wherever its processes went
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    p.wait()
-    done_before = len(records(out))
-    assert 1 <= done_before < 4
-    rc, log = run(args(dataset, out, tiny_teachers))
-    assert rc == 0, log
-    assert f"{4 - done_before} written now, {done_before} were already done" in log
-    same_data(out, reference)  # byte-identical to an uninterrupted run
-    loc = Location(out)
-    assert not store.orphans(loc)
-    assert all(not n.rsplit("/", 1)[-1].startswith(".") for d in (layout.WDS, layout.SHARDS) for n in loc.list(d))
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head on 127.0.0.1, stopped afterwards without touching any other Ray on the machine."""
-    state = tmp_path_factory.mktemp("ray_head")
-    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], state / "auth_token")  # the session's token (conftest)
-    info = localray.start(state, port=free_port(), dashboard_port=free_port(), num_cpus=2)
-    yield f"127.0.0.1:{info['port']}"
-    localray.stop(state)
+BAD_REASONS = ("not found", "undecodable image", "not an image", "empty", "escapes the image folder",
+               "text-only record", "decompression bomb")
 
 
 def _actor_pids() -> list[int]:
@@ -167,85 +43,126 @@ def _actor_pids() -> list[int]:
     return pids
 
 
-def test_actor_killed_mid_job_is_restarted(tmp_path, dataset, tiny_teachers, reference, ray_head):
+def test_a_job_on_a_cluster_matches_the_reference_and_adds_a_task_later(tmp_path, extract_dataset, tiny_teachers,
+                                                                         reference, ray_head):
+    """gen and depth first, resized on the teachers' device (here the actor's CPU: decode workers ship decoded
+    images, the actor checks its recipes against Pillow first); then seg alone, with its teacher actor killed
+    mid-run (Ray restarts it and re-runs its batch), which leaves the other tasks' objects untouched; the store
+    equals the one-pass PIL reference byte for byte; a third run finds nothing to do."""
     out = tmp_path / "store"
-    p = start(args(dataset, out, tiny_teachers, "--address", ray_head, "--prefetch", "1", "--max-writers", "1"))
-    wait_for(lambda: _actor_pids() and len(records(out)) >= 1 or p.poll() is not None,
-             what="a running actor")
-    assert p.poll() is None, "the job finished before its actor could be killed"
-    killed = _actor_pids()
-    for pid in killed:
+    argv = extraction_args(extract_dataset, out, tiny_teachers, "--address", ray_head, "--resize-on", "device")
+    rc, log = extract([*argv, "--tasks", "gen,depth"])
+    assert rc == 0, log
+    assert "extraction summary" in log and "4 written now" in log
+    s = store.Store(out)
+    assert s.tasks == ["gen", "depth"] and s.done_shards(["seg"]) == [] and s.manifest.finished
+    assert s.manifest.extraction["resize_on"] == "device" and s.manifest.progress["samples_done"] == 18
+    from PIL import features
+
+    assert s.manifest.extraction["libjpeg_turbo"] == features.version("libjpeg_turbo")  # what the pixels depend on
+    assert s.manifest.extraction["zlib"] == features.version("zlib") and s.manifest.extraction["pillow"]
+    errors = [json.loads(x) for x in Location(out).read_bytes(layout.ERRORS).decode().splitlines()]
+    reasons = " | ".join(e["reason"] for e in errors)
+    assert len(errors) == 7 and all(e["task"] is None for e in errors)
+    assert all(what in reasons for what in BAD_REASONS), reasons
+    bad_ids = {e["id"] for e in errors}
+    for r in json.loads(extract_dataset[0].read_text()):  # every other sample, the awkward modes too, is valid
+        assert all(s.get(r["id"])["valid"].values()) == (r["id"] not in bad_ids), r
+    before = {i: dict(r.files) for i, r in s.records.items()}
+
+    p = start_extraction([*argv, "--tasks", "seg", "--prefetch", "1", "--max-writers", "1"])
+    with_seg = lambda: [i for i, r in records(out).items() if "seg" in r.tasks]  # noqa: E731
+    wait_for(lambda: _actor_pids() and with_seg() or p.poll() is not None, what="a running actor and a seg shard")
+    assert p.poll() is None and len(with_seg()) < 4, "the job finished before its actor could be killed"
+    for pid in _actor_pids():
         os.kill(pid, signal.SIGKILL)
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log
-    assert len(records(out)) == 4
-    same_data(out, reference)
-    assert store.verify_store(store.Store(out), full=True, progress=False)["ok"]
-
-
-def test_adding_a_task_later_computes_only_that_task(tmp_path, dataset, tiny_teachers, reference, ray_head):
-    out = tmp_path / "store"
-    rc, log = run(args(dataset, out, tiny_teachers, "--tasks", "gen,depth", "--address", ray_head))
-    assert rc == 0, log
-    s = store.Store(out)
-    assert s.tasks == ["gen", "depth"] and s.done_shards(["seg"]) == []
-    before = {i: dict(r.files) for i, r in s.records.items()}
-    rc, log = run(args(dataset, out, tiny_teachers, "--tasks", "seg", "--address", ray_head))
-    assert rc == 0, log
     s = store.Store(out)
     assert s.tasks == ["gen", "depth", "seg"] and s.done_shards(["gen", "depth", "seg"]) == [0, 1, 2, 3]
-    for i, files in before.items():  # gen and depth files untouched: only seg was computed
-        for rel, info in files.items():
-            if rel.startswith(layout.ZARR):
-                assert s.records[i].files[rel] == info, rel
-    runs = s.manifest.runs
-    assert [r["tasks"] for r in runs] == [["gen", "depth"], ["seg"]]
+    for i, files in before.items():  # gen and depth objects untouched: only seg was computed
+        assert all(s.records[i].files[rel] == info for rel, info in files.items() if rel.startswith(layout.ZARR))
+    assert [r["tasks"] for r in s.manifest.runs] == [["gen", "depth"], ["seg"]]
+    same_data(out, reference)
+    assert store.verify_store(s, full=True, progress=False)["ok"]
+    rc, log = extract(argv)  # again: everything verified, nothing recomputed
+    assert rc == 0 and "nothing to do" in log, log
     same_data(out, reference)
 
 
-def test_structural_problems_stop_before_any_work(tmp_path, tiny_teachers, dataset):
+def test_resume_after_killing_the_driver(seaweedfs, extract_dataset, tiny_teachers, reference, ray_head):
+    """kill -9 of the driver mid-job, writing to a bucket (Ray ends the dead driver's tasks and actors wherever they
+    were): the next run removes what the interrupted writes left and finishes with the bytes of an uninterrupted
+    run. (The local Ray a driver starts and stops: test_failures' SIGTERM case.)"""
+    out = f"s3://{seaweedfs.bucket}/kill-{os.getpid()}/store"
+    argv = extraction_args(extract_dataset, out, tiny_teachers, "--address", ray_head)
+    p = start_extraction([*argv, "--prefetch", "1", "--max-writers", "1"])
+    wait_for(lambda: len(records(out)) >= 1 or p.poll() is not None, what="a first shard")
+    assert p.poll() is None, "the job finished before it could be killed"
+    p.kill()
+    p.wait()
+    done_before = len(records(out))
+    assert 1 <= done_before < 4
+    rc, log = extract(argv)
+    assert rc == 0, log
+    assert f"{4 - done_before} written now, {done_before} were already done" in log
+    same_data(out, reference)  # byte-identical to an uninterrupted run
+    loc = Location(out)
+    assert not store.orphans(loc)
+    assert all(not n.rsplit("/", 1)[-1].startswith(".") for d in (layout.WDS, layout.SHARDS) for n in loc.list(d))
+
+
+def test_structural_problems_stop_before_any_work(tmp_path, tiny_teachers, extract_dataset):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "1", "image": "a.jpg"}, {"image": "b.jpg"}, {"id": "1", "image": "c.jpg"},
                                "not a record"]))
-    rc, log = run(args((bad, dataset[1]), tmp_path / "out", tiny_teachers), timeout=120)
+    rc, log = call(extraction_main, extraction_args((bad, extract_dataset[1]), tmp_path / "out", tiny_teachers))
     assert rc == 2
     assert "3 structural problem(s)" in log and "missing or empty 'id'" in log and "duplicate id '1'" in log \
         and "not a JSON object" in log
     assert "Started a local Ray" not in log and not (tmp_path / "out").exists()
     (tmp_path / "obj.json").write_text(json.dumps({"id": "1"}))
-    rc, log = run(args((tmp_path / "obj.json", dataset[1]), tmp_path / "out", tiny_teachers), timeout=120)
+    rc, log = call(extraction_main, extraction_args((tmp_path / "obj.json", extract_dataset[1]), tmp_path / "out",
+                                                    tiny_teachers))
     assert rc == 2 and "expected a JSON list" in log
 
 
-def test_incompatible_resume_is_refused(tmp_path, dataset, tiny_teachers, reference):
+def test_incompatible_resume_is_refused(tmp_path, extract_dataset, tiny_teachers, reference):
     out = tmp_path / "store"
     shutil.copytree(reference, out)
     store.StoreWriter.open(out).save(load_manifest(tiny_teachers).identity(["gen", "depth", "seg"]))
-    argv = args(dataset, out, tiny_teachers)
+    argv = extraction_args(extract_dataset, out, tiny_teachers)
     argv[argv.index("--shard-size") + 1] = "4"
-    rc, log = run(argv + ["--fidelity", "corrected", "--plan-only"], timeout=120)
+    rc, log = call(extraction_main, argv + ["--fidelity", "corrected", "--plan-only"])
     assert rc == 2
-    assert "shard size is 8, this run asks 4" in log and "depth: recipe differs" in log and "fidelity" in log
+    assert "shard size is 5, this run asks 4" in log and "depth: recipe differs" in log and "fidelity" in log
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("mine")
-    rc, log = run(args(dataset, tmp_path / "junk", tiny_teachers, "--plan-only"), timeout=120)
+    rc, log = call(extraction_main, extraction_args(extract_dataset, tmp_path / "junk", tiny_teachers, "--plan-only"))
     assert rc == 2 and "is not an olaf store" in log
 
 
-def test_localray_stops_only_its_own_processes(tmp_path):
-    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], tmp_path / "auth_token")
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        info = localray.start(tmp_path, port=free_port(), dashboard_port=free_port(), num_cpus=1)
-        mine = localray._marked(info["marker"])
-        assert len(mine) >= 3  # gcs, raylet, agents, ...
-        assert _listen_ips(mine) == {b"127.0.0.1"}, "the head must listen on loopback, and only there"
-        localray.stop(tmp_path)
-        assert not [p for p in mine if localray._alive(p)]
-        assert bystander.poll() is None
-    finally:
-        bystander.kill()
+def test_a_division_of_the_cluster_that_cannot_work_is_refused(extract_dataset, tiny_teachers):
+    """How the cluster is divided is a function of its resources (`ray.cluster_resources()`): actors that would
+    leave no CPU to decode, or more GPUs than there are, are refused in one line naming the way out."""
+    from pipeline.extract.cli import parse_args
+    from pipeline.extract.resources import plan_resources
+    from pipeline.extract.settings import UsageError
 
+    manifest = load_manifest(tiny_teachers)
+    s = parse_args(extraction_args(extract_dataset, "/nowhere", tiny_teachers, "--actors", "2"))
+    with pytest.raises(UsageError, match=r"2 actors x 1 CPUs leave 0 of the cluster's 2 CPUs.*--cpus-per-actor"):
+        plan_resources({"CPU": 2.0}, s, manifest)
+    s = parse_args(extraction_args(extract_dataset, "/nowhere", tiny_teachers, "--actors", "3", "--gpus-per-actor", "1"))
+    with pytest.raises(UsageError, match="3 actors x 1.0 GPUs need 3 GPUs; the cluster has 2"):
+        plan_resources({"CPU": 16.0, "GPU": 2.0}, s, manifest)
+    res = plan_resources({"CPU": 16.0, "GPU": 2.0}, parse_args(extraction_args(extract_dataset, "/nowhere", tiny_teachers)),
+                         manifest)  # the defaults on a 2-GPU node: an actor per GPU, recipes on the GPU, its dtypes
+    assert (res.actors, res.device, res.resize_on, res.batch, res.max_writers) == (2, "cuda", "device", 4, 5)
+    assert res.dtype == {t: manifest.teachers[t].compute_dtype for t in manifest.teachers}
+
+
+# ---- `ray job submit` on a head of its own ------------------------------------------------------------------------
 
 def _listen_ips(pids: list[int]) -> set[bytes]:
     """Local addresses of the TCP sockets these processes listen on (from /proc/net/tcp)."""
@@ -267,7 +184,46 @@ def _listen_ips(pids: list[int]) -> set[bytes]:
     return ips
 
 
-def test_actors_that_would_starve_decoding_are_refused(tmp_path, dataset, tiny_teachers):
-    rc, log = run(args(dataset, tmp_path / "store", tiny_teachers, "--actors", "2", "--num-cpus", "2"), timeout=120)
-    assert rc == 2, log
-    assert "2 actors x 1 CPUs leave 0 of the cluster's 2 CPUs" in log and "--cpus-per-actor" in log
+def test_ray_job_submit_uploads_only_the_allow_list_to_a_loopback_head(tmp_path):
+    """pipeline.localray's head listens on loopback only; `ray job submit` of a pipeline.jobdir folder ships the
+    olaf sources and nothing planted beside them (.env, keys, .git, data); stopping the head ends exactly its
+    processes, not a bystander's."""
+    from pipeline import jobdir
+
+    src = tmp_path / "checkout"
+    for rel in jobdir.allowed_files(REPO):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, src / rel)
+    secrets = {".env": "AWS_SECRET_ACCESS_KEY=hunter2", ".git/config": "[core]", "id_rsa": "KEY",
+               "data/private.json": "[]", "pipeline/.env": "X=1", "runs/ckpt.pt": "weights"}
+    for rel, text in secrets.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    job = jobdir.build(tmp_path / "job", root=src)
+    shipped = {str(p.relative_to(job)) for p in job.rglob("*") if p.is_file()}
+    assert shipped == {str(r) for r in jobdir.allowed_files(src)} | {jobdir.CODE_INFO}
+    assert not shipped & set(secrets) and "store/layout.py" in shipped
+
+    state = tmp_path / "ray"
+    state.mkdir()
+    shutil.copy(os.environ["RAY_AUTH_TOKEN_PATH"], state / "auth_token")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        info = localray.start(state, port=free_port(), dashboard_port=free_port(), num_cpus=1)
+        mine = localray._marked(info["marker"])
+        assert len(mine) >= 3  # gcs, raylet, agents, ...
+        assert _listen_ips(mine) == {b"127.0.0.1"}, "the head must listen on loopback, and only there"
+        code = "import os, json; print('FILES', json.dumps(sorted(os.path.relpath(os.path.join(d, f)) " \
+               "for d, _, fs in os.walk('.') for f in fs)))"
+        p = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", str(job),
+                            "--", "python", "-c", code], env={**os.environ, **localray.ray_env(state)},
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        seen = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("FILES")).split(" ", 1)[1])
+        assert "store/layout.py" in seen and ".env" not in seen and "pipeline/.env" not in seen
+        localray.stop(state)
+        assert not [q for q in mine if localray._alive(q)]
+        assert bystander.poll() is None
+    finally:
+        localray.stop(state)
+        bystander.kill()
