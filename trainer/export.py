@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from recipes.manifest import TASKS
-from store import TOKEN_ORDER
+from store import TOKEN_ORDER, atomic_path
 from trainer import checkpoint
 from trainer.build import add_pad_token
 from trainer.config import PTConfig
@@ -70,8 +70,6 @@ def run_info(run, step: int) -> dict:
 
 def export_run(out_dir: Path, model, info: dict) -> Path:
     """RUN/export/ (rank 0), written whole or not at all."""
-    from store import atomic_path
-
     final = Path(out_dir) / "export"
     with atomic_path(final) as tmp:
         exp = Path(tmp)
