@@ -7,7 +7,8 @@
 private keys, `.git/`, datasets or checkpoints kept under other names. This builds a fresh folder holding only
 the olaf packages' sources and data files, the teacher manifests and pyproject.toml, plus `olaf_code.json`
 with the submitting side's git commit (the uploaded copy has no .git; the store manifest records it from
-there). Re-running replaces the folder.
+there). Re-running replaces the folder, which it only ever does to a folder it made itself (marked by
+`.olaf-jobdir`): an existing folder of anything else is refused, never deleted.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ import sys
 from pathlib import Path
 
 from pipeline.provenance import CODE_INFO, PACKAGES, REPO_ROOT, git_describe
+from store import atomic_path
 
 FILES = ("pyproject.toml",)
+MARK = ".olaf-jobdir"  # in every folder build() makes: the only kind it replaces
+
+
+class JobdirError(Exception):
+    """The folder asked for cannot be (re)built without harm; the message says why."""
 
 
 def allowed_files(root: Path) -> list[Path]:
@@ -33,16 +40,28 @@ def allowed_files(root: Path) -> list[Path]:
     return out
 
 
+def _check_target(out: Path, root: Path) -> None:
+    if out == root or out in root.parents or (root in out.parents and out.parts[len(root.parts)] in PACKAGES):
+        raise JobdirError(f"{out} holds olaf's sources (or is one of their folders): choose a folder of its own, "
+                          f"e.g. build/job")
+    if out.exists() and not out.is_dir():
+        raise JobdirError(f"{out} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARK).is_file():
+        raise JobdirError(f"{out} exists and was not made by pipeline.jobdir (no {MARK} in it): it is not replaced; "
+                          f"choose a new or empty folder, e.g. build/job")
+
+
 def build(out: str | Path, root: Path = REPO_ROOT) -> Path:
-    out = Path(out).resolve()
-    root = Path(root).resolve()
-    if out == root or root in out.parents and out.parts[len(root.parts)] in PACKAGES:
-        raise SystemExit(f"error: {out} would overwrite the sources; choose a folder outside them (e.g. build/job)")
-    shutil.rmtree(out, ignore_errors=True)
-    for rel in allowed_files(root):
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, out / rel)
-    (out / CODE_INFO).write_text(json.dumps({"git": git_describe(root)}) + "\n")
+    """(Re)build the allow-list folder `out` from the checkout `root`; returns its path."""
+    out, root = Path(out).resolve(), Path(root).resolve()
+    _check_target(out, root)
+    with atomic_path(out) as tmp:
+        tmp = Path(tmp)
+        for rel in allowed_files(root):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, tmp / rel)
+        (tmp / CODE_INFO).write_text(json.dumps({"git": git_describe(root)}) + "\n")
+        (tmp / MARK).write_text("made by python -m pipeline.jobdir; it replaces this folder when asked to\n")
     return out
 
 
@@ -51,7 +70,11 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", nargs="?", default="build/job", help="folder to (re)create (default build/job)")
     a = p.parse_args(argv)
-    print(build(a.out))
+    try:
+        print(build(a.out))
+    except (JobdirError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -28,6 +28,11 @@ RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
 }
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompression bombs)
+# What any resize of a recipe may produce: a 98-byte 4000x1 PNG resized to a shortest edge of 224 would be
+# 896,000 x 224 (2.9 GB on the device path). Real recipes produce at most a few Mpx; a thin sliver of an image
+# holds nothing a teacher can use.
+MAX_RESIZE_PIXELS = 16_000_000
+MAX_ASPECT_RATIO = 200
 
 
 class BadImage(ValueError):
@@ -128,7 +133,20 @@ def shortest_edge_size(width: int, height: int, size: int, max_size: int | None 
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
+def check_resize(src: tuple[int, int], out: tuple[int, int]) -> None:
+    """Refuse (BadImage) a resize of a (width, height) image to `out` over MAX_RESIZE_PIXELS, or of an image whose
+    sides differ by more than MAX_ASPECT_RATIO, before any pixel is made."""
+    (w, h), (ow, oh) = src, out
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise BadImage(f"aspect ratio {max(w, h) / min(w, h):.0f}:1 ({w}x{h}) is over the cap of "
+                       f"{MAX_ASPECT_RATIO}:1: the recipes would stretch a sliver of pixels")
+    if ow * oh > MAX_RESIZE_PIXELS:
+        raise BadImage(f"a recipe would resize {w}x{h} to {ow}x{oh} = {ow * oh} pixels, over the cap of "
+                       f"{MAX_RESIZE_PIXELS}")
+
+
 def resize(img: Image.Image, width: int, height: int, resample: str) -> Image.Image:
+    check_resize(img.size, (width, height))
     return img.resize((width, height), RESAMPLE[resample])
 
 
@@ -178,6 +196,14 @@ class Op:
     op: str
     params: dict
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        p = self.params
+        if self.op == "resize":
+            return p["width"], p["height"]
+        if self.op == "resize_shortest_edge":
+            return shortest_edge_size(width, height, p["size"], p.get("max_size"))
+        return p["width"], p["height"]  # center_crop
+
     def __call__(self, img: Image.Image) -> Image.Image:
         p = self.params
         if self.op == "resize":
@@ -214,6 +240,16 @@ def parse_ops(specs: list[dict], where: str) -> tuple[Op, ...]:
             raise ValueError(f"{where}[{i}]: unknown resample {params['resample']!r}; known: {', '.join(RESAMPLE)}")
         ops.append(Op(name, params))
     return tuple(ops)
+
+
+def check_ops(ops: tuple[Op, ...], width: int, height: int) -> None:
+    """A recipe's sizes, op after op, for a (width, height) image: BadImage where a resize would go over the caps
+    (check_resize). Sizes only: what decode runs before shipping an image to a device that resizes it."""
+    for op in ops:
+        out = op.output_size(width, height)
+        if op.op != "center_crop":
+            check_resize((width, height), out)
+        width, height = out
 
 
 def apply_ops(img: Image.Image, ops: tuple[Op, ...]) -> np.ndarray:

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-from recipes.imageops import Op, center_crop_geometry, shortest_edge_size
+from recipes.imageops import Op, center_crop_geometry, check_resize, shortest_edge_size
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's: 8 bits of result, 2 bits of headroom for negative lobes and overshoot
 
@@ -135,6 +135,7 @@ def resize(x: torch.Tensor, width: int, height: int, resample: str, pillow: int 
     h, w = x.shape[0], x.shape[1]
     if (w, h) == (width, height):
         return x
+    check_resize((w, h), (width, height))
     passes = [(w, width, 1), (h, height, 0)]
     if not horizontal_first(w, h, width, height, pillow):
         passes.reverse()

@@ -141,10 +141,12 @@ class TargetStream(tud.IterableDataset):
                 a = int(t.offset[r]) - base
                 where = f"{self.store.loc.url_of(name)}@{t.offset[r]}"
                 raw = tar.sample_in(data[a:a + int(t.size[r])], where)
-                if raw is None or meta_of(raw).get("index") != int(t.index[r]):
-                    got = None if raw is None else meta_of(raw).get("index")
-                    raise StoreError(f"{where}: expected sample {int(t.index[r])}, found {got}: the tar does not "
-                                     f"match its record; run `python -m pipeline.inspect {self.store.url} verify`")
+                meta = meta_of(raw) if raw is not None else {}
+                want_id = t.ids[r] if t.ids is not None else meta.get("id")
+                if meta.get("index") != int(t.index[r]) or meta.get("id") != want_id:
+                    raise StoreError(f"{where}: expected sample {int(t.index[r])} ({want_id}), found "
+                                     f"{meta.get('index')} ({meta.get('id')}): the tar does not match its record; "
+                                     f"run `python -m pipeline.inspect {self.store.url} verify`")
                 out[k] = raw
         return out
 

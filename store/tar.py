@@ -83,3 +83,26 @@ def sample_in(data: bytes, where: str) -> dict | None:
 def member_sizes(raw: dict) -> dict[str, int]:
     """A raw sample's members and their sizes (what `inspect show` lists)."""
     return {k: len(v) for k, v in sorted(raw.items()) if not k.startswith("__")}
+
+
+def index(loc: Location, name: str) -> list[dict]:
+    """What one tar holds, sample by sample, streamed once: {"key", "id" (its json member's), "range": [offset,
+    size]} -- the byte range of the sample's members, headers and padding included, as `write_tar` records it."""
+    import json
+
+    out: list[dict] = []
+    with loc.open(name) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for mem in tf:
+            if not mem.isfile():
+                continue
+            key, _, suffix = mem.name.partition(".")
+            end = mem.offset_data + -(-mem.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if not out or out[-1]["key"] != key:
+                out.append({"key": key, "id": None, "range": [mem.offset, 0]})
+            out[-1]["range"][1] = end - out[-1]["range"][0]
+            if suffix == "json":
+                try:
+                    out[-1]["id"] = json.loads(tf.extractfile(mem).read()).get("id")
+                except (ValueError, AttributeError):
+                    out[-1]["id"] = None
+    return out

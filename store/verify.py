@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from store import layout
+from store import layout, tar
 from store.codec import meta_of, raw_targets
 from store.fs import Location
 from store.manifest import ShardRecord
@@ -32,6 +32,26 @@ def check_files(loc: Location, record: ShardRecord | dict, full: bool = True, on
         elif full and loc.sha256(name, on_bytes) != info["sha256"]:
             problems.append(f"{name}: sha256 mismatch (corrupted)")
     return problems
+
+
+def check_tar_index(loc: Location, record: ShardRecord) -> list[str]:
+    """Problems between a shard's record and what its tar holds: the samples' ids (the record's, the tar's keys
+    and json members) and byte ranges, position by position. Empty if they agree."""
+    name = layout.tar_name(record.shard)
+    info = record.files.get(name)
+    if info is None or info.get("absent"):
+        return []
+    held = tar.index(loc, name)
+    problems = [] if len(held) == record.count else [f"{name}: holds {len(held)} samples, the record {record.count}"]
+    ranges = info.get("samples")
+    for pos, sample in enumerate(held[:record.count]):
+        where = f"{name}: sample {record.start + pos}"
+        if record.ids is not None and (sample["id"] != record.ids[pos] or
+                                       sample["key"] != layout.tar_key(record.ids[pos])):
+            problems.append(f"{where} is {sample['id']!r} in the tar, {record.ids[pos]!r} in the record")
+        if ranges is not None and list(ranges[pos]) != sample["range"]:
+            problems.append(f"{where} lies at {sample['range']} in the tar, at {list(ranges[pos])} by the record")
+    return problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
 
 
 def agreement(store, shard: int, full: bool, spot: int) -> list[str]:
@@ -89,7 +109,8 @@ def verify_store(store, full: bool = False, spot: int = 4, threads: int = 4, pro
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify checksums", disable=not progress, leave=False)
 
     def check(i):
-        return i, check_files(store.loc, store.records[i], full=True, on_bytes=bar.update)
+        problems = check_files(store.loc, store.records[i], full=True, on_bytes=bar.update)
+        return i, problems or check_tar_index(store.loc, store.records[i])
 
     with ThreadPoolExecutor(threads) as pool:  # hashlib and object reads release the GIL
         for i, problems in pool.map(check, shards):

@@ -201,7 +201,7 @@ def test_ray_job_submit_uploads_only_the_allow_list_to_a_loopback_head(tmp_path)
         (src / rel).write_text(text)
     job = jobdir.build(tmp_path / "job", root=src)
     shipped = {str(p.relative_to(job)) for p in job.rglob("*") if p.is_file()}
-    assert shipped == {str(r) for r in jobdir.allowed_files(src)} | {jobdir.CODE_INFO}
+    assert shipped == {str(r) for r in jobdir.allowed_files(src)} | {jobdir.CODE_INFO, jobdir.MARK}
     assert not shipped & set(secrets) and "store/layout.py" in shipped
 
     state = tmp_path / "ray"

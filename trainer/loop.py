@@ -66,9 +66,14 @@ def resume(ckpt: Checkpointer, out: Path, log) -> int:
     if path is None:
         return 0
     step, notes = ckpt.load(path)
+    stream = ckpt.json_parts["data"]
+    if step < 0 or stream.position != step * stream.global_batch:
+        raise CheckpointError(f"checkpoint {path}: its data position {stream.position} is not its step {step} x the "
+                              f"global batch {stream.global_batch} = {step * stream.global_batch}: it was edited or "
+                              f"damaged; remove it to resume from the one before, or start a new --output-dir")
     for note in notes:
         log(f"note: {note}")
-    log(f"resumed from {path} at step {step} (sample position {ckpt.json_parts['data'].position:,})")
+    log(f"resumed from {path} at step {step} (sample position {stream.position:,})")
     return step
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.llava import Record
-from recipes.imageops import DEFAULT_MAX_PIXELS, BadImage, decode_rgb, read_image_bytes
+from recipes.imageops import DEFAULT_MAX_PIXELS, BadImage, check_ops, decode_rgb, read_image_bytes
 from recipes.manifest import TeacherSpec
 from recipes.preprocess import preprocess
 from store import SampleResult
@@ -66,6 +66,8 @@ def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSp
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
             data = read_image_bytes(image_folder, rec.image)
             rgb = decode_rgb(data, max_pixels=max_pixels)
+            for spec in specs:  # sizes only: a recipe that would blow an image up is refused before any pixel
+                check_ops(spec.preprocess.ops, rgb.width, rgb.height)
             if resize_on == "device" and rgb.width * rgb.height <= DEVICE_RESIZE_MAX_PIXELS:
                 image = np.asarray(rgb)  # the device runs the recipes
             else:

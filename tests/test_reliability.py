@@ -1,0 +1,129 @@
+"""Tried as a hostile and as a careless user would: nothing deleted that olaf did not make, no gigabytes from a
+98-byte image, no training on an edited position or on other teachers' targets, no store that verifies while
+it lies, one line instead of a traceback. Each case failed before its fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import REPO, call
+
+from pipeline import jobdir
+
+# ---- the job folder: only ever replace what jobdir made -----------------------------------------------------------
+
+def test_jobdir_never_deletes_a_folder_it_did_not_make(tmp_path):
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("user data")
+    rc, log = call(jobdir.main, [keep])
+    assert rc == 2 and "was not made by pipeline.jobdir" in log and (keep / "mine.txt").read_text() == "user data"
+    for sources in (REPO, REPO.parent, REPO / "store"):  # the checkout, the folder holding it, a package of it
+        rc, log = call(jobdir.main, [sources])
+        assert rc == 2 and "holds olaf's sources" in log, sources
+    assert (REPO / "store" / "layout.py").is_file()
+    (tmp_path / "afile").write_text("x")
+    assert call(jobdir.main, [tmp_path / "afile"])[0] == 2 and (tmp_path / "afile").read_text() == "x"
+    # a folder it made is rebuilt, whatever was added to it; an empty one is used
+    job = tmp_path / "job"
+    assert call(jobdir.main, [job])[0] == 0 and (job / jobdir.MARK).is_file()
+    (job / "stale.py").write_text("old")
+    assert call(jobdir.main, [job])[0] == 0 and not (job / "stale.py").exists() and (job / "store" / "layout.py").is_file()
+    (tmp_path / "empty").mkdir()
+    assert call(jobdir.main, [tmp_path / "empty"])[0] == 0
+
+
+# ---- a tiny file that the recipes would blow up to gigabytes -----------------------------------------------------
+
+def test_an_image_the_recipes_would_blow_up_is_a_bad_sample_with_its_reason(tmp_path, tiny_teachers):
+    """A 98-byte 4000x1 PNG passes the source-pixel cap, but the gen recipe's shortest edge of 224 would make it
+    896,000 x 224: refused by size, before any pixel is made, on the PIL path and on the device path alike; its
+    neighbour in the batch is unaffected."""
+    import torch
+    from PIL import Image
+
+    from pipeline.extract.decode import decode_batch
+    from pipeline.llava import load_records
+    from recipes import pil_exact
+    from recipes.imageops import MAX_RESIZE_PIXELS, BadImage, resize_shortest_edge
+    from recipes.manifest import load_manifest
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (4000, 1), (200, 10, 10)).save(images / "sliver.png", optimize=True)
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(images / "fine.png")
+    assert (images / "sliver.png").stat().st_size < 200
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "sliver", "image": "sliver.png", "conversations": conv},
+                                                 {"id": "fine", "image": "fine.png", "conversations": conv}]))
+    records, _ = load_records(tmp_path / "d.json")
+    specs = list(load_manifest(tiny_teachers).teachers.values())
+    for resize_on in ("cpu", "device"):
+        b = decode_batch(records, str(images), specs, resize_on=resize_on)
+        errors = {s.id: s.error for s in b.samples}
+        assert errors["fine"] is None and b.ids == ["fine"], resize_on
+        assert "aspect ratio 4000:1" in errors["sliver"], errors
+    wide = Image.new("RGB", (3000, 100))  # an aspect the caps allow, a size they do not
+    with pytest.raises(BadImage, match=f"over the cap of {MAX_RESIZE_PIXELS}"):
+        resize_shortest_edge(wide, 800, "bilinear")
+    with pytest.raises(BadImage, match="over the cap"):
+        pil_exact.resize(torch.zeros(100, 3000, 3, dtype=torch.uint8), 24000, 800, "bilinear")
+
+
+# ---- --resume trusts no edited position ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("position", [16, 80, -8])
+def test_a_data_position_that_is_not_the_steps_is_refused(tmp_path, trained, trainer_store, tiny_models, tiny_teachers,
+                                                          position):
+    """The checkpoint says step 8 of global batch 4: its position must be 32. Another one (edited, damaged)
+    would train on other samples than samples.jsonl lists, or crash: one line, and nothing trained."""
+    import shutil
+
+    from helpers import one_error_line, trainer_args
+
+    from trainer.pt import run as trainer
+
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["data"]["position"] == state["step"] * state["data"]["global_batch"]
+    state["data"]["position"] = position
+    (ckpt / "state.json").write_text(json.dumps(state))
+    before = (out / "logs" / "train.jsonl").read_text()
+    rc, log = call(trainer, trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "12", "--resume"))
+    assert rc == 2 and f"data position {position} is not its step" in one_error_line(log)
+    assert (out / "logs" / "train.jsonl").read_text() == before
+
+
+# ---- verify checks what the records claim about the tars ----------------------------------------------------
+
+@pytest.mark.parametrize("edit", ["ids", "ranges"])
+def test_verify_finds_records_whose_ids_or_ranges_lie_about_the_tar(tmp_path, edit):
+    """Edited ids, or byte ranges rotated by one sample, keep every file's sha256: verify --full still names the
+    shard, and the trainer's stream refuses to hand out a sample under another id."""
+    from test_store import create, make_result
+
+    import store
+    from store import layout
+
+    url = str(tmp_path / "s")
+    w = create(url)
+    for i in range(w.manifest.num_shards):
+        w.commit_shard(make_result(w.manifest, i))
+    loc = store.Location(url)
+    d = json.loads(loc.read_bytes(layout.record_name(1)))
+    if edit == "ids":
+        d["ids"] = ["fake-0", *d["ids"][1:]]
+    else:
+        ranges = d["files"][layout.tar_name(1)]["samples"]
+        d["files"][layout.tar_name(1)]["samples"] = ranges[1:] + ranges[:1]
+    loc.write_bytes(layout.record_name(1), json.dumps(d).encode())
+    report = store.verify_store(store.Store(url), full=True, progress=False)
+    assert not report["ok"] and list(report["bad_shards"]) == ["1"], report
+    said = " ".join(report["bad_shards"]["1"])
+    assert ("'fake-0' in the record" if edit == "ids" else "by the record") in said
+    stream = store.TargetStream(url, ["gen"], global_batch=9, micro_batch=9, stop_step=1)
+    with pytest.raises(store.StoreError, match="the tar does not match its record"):
+        list(stream)
