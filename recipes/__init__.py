@@ -6,4 +6,5 @@ olaf. `teachers/` computes with it, the store records its identity, the trainer 
     imageops    decoding and the PIL ops of the recipes (bit-exact to the original's)
     pil_exact   the same ops in torch, bit-identical, on any device
     preprocess  a recipe's ops on one decoded image, on the CPU or on a device
+    weights_files  the content sha256 of a teacher's weight files, read without loading a model
 """

@@ -127,9 +127,10 @@ class TeacherManifest:
         return [self.teachers[t] for t in TASKS if t in tasks]
 
     def identity(self, tasks=None, weights_sha256: dict[str, str] | None = None,
-                 compute_dtypes: dict[str, str] | None = None) -> dict:
+                 compute_dtypes: dict[str, str] | None = None, files_sha256: dict[str, str] | None = None) -> dict:
         """What a store records in teachers.yaml and readers compare: per task the recipe and its hash, the
-        weights reference and, once loaded, the weights' sha256, and the compute dtype (the one a run used,
+        weights reference and, once loaded, the weights' sha256, the weight files' content sha256 where they were
+        found (`files_sha256`, recipes.weights_files), and the compute dtype (the one a run used,
         `compute_dtypes`, else the declared one)."""
         tasks = [t for t in TASKS if t in (tasks or self.teachers)]
         return {
@@ -143,6 +144,7 @@ class TeacherManifest:
                     "recipe_sha256": self.teachers[t].recipe_hash(),
                     "weights": self.teachers[t].weights.to_dict(),
                     "weights_sha256": (weights_sha256 or {}).get(t),
+                    **({"weights_files_sha256": files_sha256[t]} if t in (files_sha256 or {}) else {}),
                     "compute_dtype": (compute_dtypes or {}).get(t, self.teachers[t].compute_dtype),
                     "recipe": self.teachers[t].recipe(),
                 }

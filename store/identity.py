@@ -47,6 +47,13 @@ def _recipe_diff(s: dict, e: dict) -> str:
 
 
 def _weights(t: str, s: dict, e: dict) -> tuple[list[str], list[str]]:
+    fs, fe = s.get("weights_files_sha256"), e.get("weights_files_sha256")
+    if fs and fe:  # both sides read the files: their content decides, wherever they are
+        if fs == fe:
+            return [], []
+        return [f"{t}: the weight files differ: the store's targets come from files of content sha256 {fs[:16]}..., "
+                f"the manifest's weights are {fe[:16]}...: use the manifest the store was extracted with, or "
+                f"re-extract with these weights"], []
     ws, we = s.get("weights_sha256"), e.get("weights_sha256")
     sw, ew = s.get("weights") or {}, e.get("weights") or {}
     out, notes = [], []
@@ -66,8 +73,9 @@ def _weights(t: str, s: dict, e: dict) -> tuple[list[str], list[str]]:
 def teacher_mismatches(stored: dict, expected: dict, tasks) -> tuple[list[str], list[str]]:
     """(mismatches, notes) between the store's teachers and the expected ones (identity dicts) for `tasks`. What
     must agree: the recipe sha256, the compute dtype, and the weights sha256 where both sides know it, else the
-    declared reference (HF repo id, subfolder, revision, variant). A local `path:` is only where the weights
-    were: when that alone differs it is a note, not a mismatch."""
+    declared reference (HF repo id, subfolder, revision, variant). When both sides know the weight files' content
+    sha256, it decides alone. Otherwise a local `path:` is only where the weights were: when that alone differs it
+    is a note, not a mismatch."""
     out, notes = [], []
     for t in tasks:
         s, e = stored.get("teachers", {}).get(t), expected.get("teachers", {}).get(t)

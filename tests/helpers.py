@@ -19,6 +19,7 @@ import store
 from pipeline.extract.compute import assemble_shard, compute_shard
 from pipeline.extract.plan import make_plan
 from recipes.manifest import load_manifest
+from recipes.weights_files import manifest_files_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD, BATCH = 8, 4
@@ -42,7 +43,8 @@ def reference_store(path: Path, dataset, manifest_path: Path, tasks=("gen", "dep
         m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
                               formats=["zarr", "wds"], tasks=layouts)
         # teachers.yaml as the Ray job records it; the extraction tests compare data files only
-        identity = manifest.identity(list(tasks), teachers.weights_sha256()) if teachers_yaml else None
+        identity = manifest.identity(list(tasks), teachers.weights_sha256(),
+                                     files_sha256=manifest_files_sha256(manifest, tasks)) if teachers_yaml else None
         w = store.StoreWriter.create(path, m, identity)
         specs = [manifest.teachers[t] for t in tasks]
         for i in range(plan.num_shards):

@@ -61,6 +61,10 @@ def test_a_job_on_a_cluster_matches_the_reference_and_adds_a_task_later(tmp_path
 
     assert s.manifest.extraction["libjpeg_turbo"] == features.version("libjpeg_turbo")  # what the pixels depend on
     assert s.manifest.extraction["zlib"] == features.version("zlib") and s.manifest.extraction["pillow"]
+    from recipes.weights_files import manifest_files_sha256  # read by the actors, where the weights are
+
+    recorded = {t: v["weights_files_sha256"] for t, v in s.teachers()["teachers"].items()}
+    assert recorded == manifest_files_sha256(load_manifest(tiny_teachers), ["gen", "depth"])
     errors = [json.loads(x) for x in Location(out).read_bytes(layout.ERRORS).decode().splitlines()]
     reasons = " | ".join(e["reason"] for e in errors)
     assert len(errors) == 7 and all(e["task"] is None for e in errors)

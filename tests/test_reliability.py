@@ -127,3 +127,48 @@ def test_verify_finds_records_whose_ids_or_ranges_lie_about_the_tar(tmp_path, ed
     stream = store.TargetStream(url, ["gen"], global_batch=9, micro_batch=9, stop_step=1)
     with pytest.raises(store.StoreError, match="the tar does not match its record"):
         list(stream)
+
+
+# ---- other teachers' targets -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_weights_store(tmp_path_factory, tiny_teachers):
+    """A store extracted with tiny teachers of other (random) weights, declared the same way (local paths)."""
+    from helpers import reference_store
+
+    from pipeline.sample import generate
+    from teachers.tiny import build
+
+    root = tmp_path_factory.mktemp("other_weights")
+    other = build(root / "teachers", seed=1)
+    json_path = generate(root / "ds", num_samples=3, seed=9)
+    return reference_store(root / "store", (json_path, root / "ds" / "images"), other, teachers_yaml=True), other
+
+
+def test_a_store_of_other_teachers_weights_is_refused(tmp_path, other_weights_store, trainer_store, tiny_teachers,
+                                                      tiny_models):
+    """The trainer compares the content of the weight files its manifest names with what the store records:
+    other weights are refused (trainer and probe), the same weights at another path are fine."""
+    import shutil
+
+    import yaml
+    from helpers import trainer_args
+
+    from store import StoreError
+    from trainer.build import open_store
+    from trainer.config import load_config
+    from trainer.pt import run as trainer
+
+    other_store, _ = other_weights_store
+    rc, log = call(trainer, trainer_args(other_store, tiny_models, tiny_teachers, tmp_path / "out"))
+    assert rc == 2 and "Traceback" not in log and "teacher mismatch: gen: the weight files differ" in log
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_teachers.parent, moved)  # the same files elsewhere: a path-only difference
+    cfg = load_config([tiny_models], {"store": str(trainer_store), "output_dir": str(tmp_path / "o"),
+                                      "teachers_manifest": str(moved / "teachers.yaml")})
+    store, expected = open_store(cfg)
+    assert not [n for n in store.notes if "weights" in n]  # the content is the same: nothing to say
+    assert yaml.safe_load((trainer_store / "teachers.yaml").read_text())["teachers"]["gen"]["weights_files_sha256"] \
+        == expected["teachers"]["gen"]["weights_files_sha256"]
+    with pytest.raises(StoreError, match="the weight files differ"):  # the probe's eval store is checked alike
+        open_store(cfg, str(other_store))

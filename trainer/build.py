@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from recipes.manifest import DEFAULT_MANIFEST, load_manifest
+from recipes.weights_files import manifest_files_sha256
 from store import Store, StoreError, TargetStream
 from trainer.config import PTConfig
 from trainer.data import ImageRecipe, PTSample, collate
@@ -89,8 +90,10 @@ def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
 
 
 def expected_teachers(cfg: PTConfig) -> dict:
-    """The teacher identity the store's targets must have (the trainer's manifest; it never loads a teacher)."""
-    return load_manifest(cfg.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.fidelity).identity(cfg.tasks)
+    """The teacher identity the store's targets must have: the trainer's manifest, with the content of the weight
+    files it names where they are on this machine (it never loads a teacher)."""
+    manifest = load_manifest(cfg.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.fidelity)
+    return manifest.identity(cfg.tasks, files_sha256=manifest_files_sha256(manifest, cfg.tasks))
 
 
 def open_store(cfg: PTConfig, url: str | None = None) -> tuple[Store, dict]:

@@ -33,7 +33,10 @@ class TeacherActor:
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        from recipes.weights_files import manifest_files_sha256
+
         manifest = load_manifest(manifest_path, fidelity=fidelity)
+        self.files_sha256 = manifest_files_sha256(manifest, tasks)  # where the weights are: on this node
         self.teachers = TeacherSet.load(manifest, tasks, device=device,
                                         dtype={t: getattr(torch, d) for t, d in dtype.items()})
         self.encoding_by_task = encoding_by_task
@@ -49,7 +52,8 @@ class TeacherActor:
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({threads} threads)"
 
     def info(self) -> dict:
-        return {"weights_sha256": self.teachers.weights_sha256(), "pid": os.getpid(), "device": self.device_name}
+        return {"weights_sha256": self.teachers.weights_sha256(), "files_sha256": self.files_sha256,
+                "pid": os.getpid(), "device": self.device_name}
 
     def run(self, payload: dict, tasks: list[str]) -> BatchTargets:
         """payload: {"ids": [...], "pixels": {task: uint8 (n, H, W, 3)}} or {"ids", "images"} (row k is sample

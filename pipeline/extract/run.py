@@ -127,7 +127,7 @@ def _root_cause(e: Exception) -> str:
 
 
 def teacher_identity(manifest: TeacherManifest, existing: StoreWriter | None, tasks: list[str], res: Resources,
-                     weights: dict) -> dict:
+                     weights: dict, files: dict) -> dict:
     """The store's teachers.yaml after this run: the tasks computed now take this run's identity (refused when
     the store's targets came from other weights or another dtype), the others keep what the store recorded."""
     stored = ((existing.teachers() if existing else None) or {"teachers": {}})["teachers"]
@@ -140,7 +140,7 @@ def teacher_identity(manifest: TeacherManifest, existing: StoreWriter | None, ta
             raise UsageError(f"{t}: the store's targets were computed in {old_dtype}, this run computes in "
                              f"{res.dtype[t]}; pass --dtype {old_dtype} (or run on the same kind of device), or "
                              f"use a new --output")
-    identity = manifest.identity(tasks, weights, compute_dtypes=res.dtype)
+    identity = manifest.identity(tasks, weights, compute_dtypes=res.dtype, files_sha256=files)
     every = sorted(set(tasks) | set(existing.manifest.tasks if existing else ()), key=TASKS.index)
     merged = {t: identity["teachers"].get(t) or stored.get(t) for t in every}
     identity["teachers"] = {t: v for t, v in merged.items() if v is not None}
@@ -151,7 +151,8 @@ def open_store(s: Settings, plan: Plan, manifest: TeacherManifest, existing: Sto
                tasks: list[str], res: Resources, info: dict, worker_libs: dict) -> StoreWriter:
     """Create the store, or update the one being continued (its tasks, this run, the teachers), before any shard
     is written."""
-    identity = teacher_identity(manifest, existing, tasks, res, info.get("weights_sha256", {}))
+    identity = teacher_identity(manifest, existing, tasks, res, info.get("weights_sha256", {}),
+                                info.get("files_sha256", {}))
     if worker_libs != image_libraries():
         print(f"warning: the decode workers have other image libraries than the driver ({worker_libs} vs "
               f"{image_libraries()}); the store records the workers'", flush=True)

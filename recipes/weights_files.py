@@ -1,0 +1,82 @@
+"""The content of a teacher's weight files, as one sha256, without loading a model: what lets a trainer, which
+never loads a teacher, tell whether a store's targets came from the weights its manifest names (a path that
+points at other files, or a repo whose snapshot changed, is not the same teacher).
+
+The files are the checkpoint's weight files (`*.safetensors`, `*.bin`, `*.pt`, `*.pth`) in the reference's
+folder (a local path, or the HF cache's snapshot of the repo, never a download), with their names. Hashing a
+real teacher reads gigabytes, so each file's sha256 is cached by (path, size, mtime) in
+$XDG_CACHE_HOME/olaf/weights_files.json (default ~/.cache)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from recipes.manifest import WeightsRef
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olaf" / "weights_files.json"
+
+
+def folder_of(ref: WeightsRef) -> Path | None:
+    """Where the reference's weight files are on this machine, or None (not downloaded, not there)."""
+    if ref.path:
+        folder = Path(ref.path) / (ref.subfolder or "")
+        return folder if folder.is_dir() else None
+    try:
+        from huggingface_hub import snapshot_download
+
+        pattern = f"{ref.subfolder}/*" if ref.subfolder else "*"
+        root = snapshot_download(ref.repo_id, revision=ref.revision or "main", allow_patterns=[pattern],
+                                 local_files_only=True)
+    except Exception:  # not in the cache (or no hub client): nothing to compare
+        return None
+    folder = Path(root) / (ref.subfolder or "")
+    return folder if folder.is_dir() else None
+
+
+def _file_sha256(path: Path, cache: dict) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while b := f.read(8 << 20):
+                h.update(b)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def files_sha256(ref: WeightsRef) -> str | None:
+    """sha256 over (name, content sha256) of the reference's weight files, or None when they are not here."""
+    folder = folder_of(ref)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) if folder else []
+    if not files:
+        return None
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}|{_file_sha256(p, cache)}\n".encode())
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+    return h.hexdigest()
+
+
+def manifest_files_sha256(manifest, tasks) -> dict[str, str]:
+    """{task: files_sha256} for the tasks whose weights are on this machine."""
+    out = {t: files_sha256(manifest.teachers[t].weights) for t in tasks}
+    return {t: v for t, v in out.items() if v is not None}
