@@ -172,3 +172,38 @@ def test_a_store_of_other_teachers_weights_is_refused(tmp_path, other_weights_st
         == expected["teachers"]["gen"]["weights_files_sha256"]
     with pytest.raises(StoreError, match="the weight files differ"):  # the probe's eval store is checked alike
         open_store(cfg, str(other_store))
+
+
+# ---- exports: one checkpoint rule, never merged, never into the run -------------------------------------------
+
+def test_every_export_format_holds_the_same_checkpoint_and_names_it(tmp_path, trained):
+    """A run killed after its step-6 checkpoint (no export/, no step 8): both formats export step 6 and say so;
+    an export into a non-empty folder, or into the run itself, is refused and changes nothing."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.export import main as export
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "export")
+    shutil.rmtree(run / "checkpoints" / "step-000008")
+    six = load_file(run / "checkpoints" / "step-000006" / "trainable.safetensors")
+    assert call(export, [run, "--format", "llava", "--out", tmp_path / "llava"])[0] == 0
+    assert call(export, [run, "--format", "ola-vlm", "--out", tmp_path / "ola"])[0] == 0
+    llava = json.loads((tmp_path / "llava" / "config.json").read_text())
+    ola = json.loads((tmp_path / "ola" / "config.json").read_text())["olaf"]
+    assert (llava["steps"], llava["checkpoint"]) == (ola["steps"], ola["checkpoint"]) == (6, "step-000006")
+    projector = torch.load(tmp_path / "llava" / "mm_projector.bin", weights_only=True)
+    assert torch.equal(projector["model.mm_projector.0.weight"], six["projector.0.weight"])
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ola" / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("model.mm_projector.0.weight"), six["projector.0.weight"])
+    config_before = (run / "config.json").read_bytes()
+    for out, why in ((tmp_path / "llava", "is not empty"), (run, "inside the run"), (run / "x", "inside the run")):
+        rc, log = call(export, [run, "--format", "llava", "--out", out])
+        assert rc == 2 and why in log and "Traceback" not in log, log
+    assert (run / "config.json").read_bytes() == config_before and not (run / "x").exists()

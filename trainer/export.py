@@ -34,13 +34,13 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from recipes.manifest import TASKS
 from store import TOKEN_ORDER, atomic_path
 from trainer import checkpoint
 from trainer.build import add_pad_token
-from trainer.config import PTConfig
+from trainer.config import PTConfig, load_config
 
 HEADS = {"gen": "image_gen_heads", "depth": "image_depth_heads", "seg": "image_seg_heads"}
 ARCH = {"llama": ("ola_llama", "OlaLlavaLlamaForCausalLM"), "phi3": ("ola_phi3", "OlaLlavaPhi3ForCausalLM")}
@@ -54,8 +54,9 @@ class ExportError(Exception):
 
 # ---- RUN/export/: what trainer.pt leaves -------------------------------------------------------------------------
 
-def run_info(run, step: int) -> dict:
-    """export/config.json of a finished PT run (`run`: trainer.build.PTRun)."""
+def model_info(run) -> dict:
+    """What a PT run's exports say about its model (`run`: trainer.build.PTRun); every checkpoint carries it, so
+    that any checkpoint can be exported on its own."""
     cfg, model = run.cfg, run.model
     return {"llm": cfg.llm, "vision_tower": cfg.vision_tower, "mm_projector_type": "mlp2x_gelu",
             "mm_vision_select_layer": cfg.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
@@ -65,24 +66,53 @@ def run_info(run, step: int) -> dict:
             "special_tokens": cfg.special_tokens, "predictor": cfg.predictor,
             "target_shapes": {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks},
             "target_token_order": TOKEN_ORDER, "teachers": run.store.teachers(), "store": run.store.url,
-            "steps": step, "global_batch_size": cfg.global_batch_size}
+            "global_batch_size": cfg.global_batch_size}
 
 
-def export_run(out_dir: Path, model, info: dict) -> Path:
-    """RUN/export/ (rank 0), written whole or not at all."""
-    final = Path(out_dir) / "export"
-    with atomic_path(final) as tmp:
+def from_checkpoint(run_dir: Path, ckpt: Path | None = None) -> tuple[Path, dict, PTConfig]:
+    """(the checkpoint, its export config.json -- the model's info, its step, its name --, the run's config):
+    the run's latest checkpoint unless one is named. Every export format is made from one of them, so all agree
+    on the step they hold."""
+    run_dir = Path(run_dir)
+    ckpt = Path(ckpt) if ckpt else checkpoint.latest(run_dir)
+    if ckpt is None or not (ckpt / "state.json").is_file():
+        raise ExportError(f"{run_dir} has no checkpoint to export ({ckpt or 'checkpoints/ is empty'})")
+    state = json.loads((ckpt / "state.json").read_text())
+    info = state.get("model")
+    if info is None and (run_dir / "export" / "config.json").is_file():  # checkpoints of an olaf before 0.2
+        info = json.loads((run_dir / "export" / "config.json").read_text())
+    if info is None:
+        raise ExportError(f"{ckpt} does not describe its model (written by an older olaf): export it with that olaf")
+    info = {**info, "steps": state["step"], "checkpoint": ckpt.name}
+    cfg = load_config([], {k: v for k, v in state["config"].items() if k != "resume"})
+    return ckpt, info, cfg
+
+
+def check_out(out: Path, run_dir: Path) -> None:
+    """An export never merges into a folder or lands inside its run (whose files it would overwrite)."""
+    out, run_dir = Path(out).resolve(), Path(run_dir).resolve()
+    if out == run_dir or run_dir in out.parents:
+        raise ExportError(f"--out {out} is inside the run {run_dir}: choose a folder outside it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} exists and is not empty: choose a new folder (an export is never merged)")
+
+
+def export_llava(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
+    """The LLaVA-side export of a checkpoint: mm_projector.bin (LLaVA's names), the task tokens, the predictors
+    and logit scales, config.json; written whole or not at all."""
+    ckpt, info, _ = from_checkpoint(run_dir, ckpt)
+    trained = load_file(ckpt / "trainable.safetensors")
+    with atomic_path(out) as tmp:
         exp = Path(tmp)
         exp.mkdir()
-        proj = {f"model.mm_projector.{k}": v.detach().cpu().clone() for k, v in model.projector.state_dict().items()}
-        torch.save(proj, exp / "mm_projector.bin")
-        save_file({f"special_{t}_tokens": p.detach().cpu().contiguous() for t, p in model.special_tokens.items()},
-                  exp / "task_tokens.safetensors")
-        heads = {f"predictors.{k}": v.detach().cpu().contiguous() for k, v in model.predictors.state_dict().items()}
-        heads.update({f"logit_scales.{t}": p.detach().cpu().reshape(1) for t, p in model.logit_scales.items()})
-        save_file(heads, exp / "predictors.safetensors")
+        torch.save({f"model.mm_{k}": v for k, v in trained.items() if k.startswith("projector.")},
+                   exp / "mm_projector.bin")
+        save_file({f"special_{k.split('.', 1)[1]}_tokens": v for k, v in trained.items()
+                   if k.startswith("special_tokens.")}, exp / "task_tokens.safetensors")
+        save_file({k: v.reshape(1) if k.startswith("logit_scales.") else v for k, v in trained.items()
+                   if k.startswith(("predictors.", "logit_scales."))}, exp / "predictors.safetensors")
         (exp / "config.json").write_text(json.dumps(info, indent=1))
-    return final
+    return Path(out)
 
 
 # ---- --format ola-vlm: the folder their IFT continues from ---------------------------------------------------------
@@ -118,7 +148,8 @@ def ola_vlm_config(cfg: PTConfig, llm_config: dict, info: dict, vocab: int, pad_
            "pass_text_to_aux": True, "use_contrastive": True, "use_ce": False, "sample_tokens": False,
            "image_generator": "stabilityai/stable-diffusion-2-1-unclip",
            "image_segmentor": "shi-labs/oneformer_coco_swin_large", "depth_estimator": "depth_anything_v2_vitl.pth",
-           "olaf": {"run": info.get("store"), "steps": info.get("steps"), "teachers": info.get("teachers")}}
+           "olaf": {"run": info.get("store"), "steps": info.get("steps"), "checkpoint": info.get("checkpoint"),
+                    "teachers": info.get("teachers")}}
     for t in cfg.tasks:
         d = {"depth": p["depth"], "dim_head": p["dim_head"], "num_heads": p["heads"],
              "num_tokens": shapes[t][0], "output_dim": shapes[t][1], "ff_mult": p["ff_mult"],
@@ -154,21 +185,11 @@ def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: 
 
 def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard_size: str = "5GB") -> Path:
     from huggingface_hub import save_torch_state_dict
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.config import load_config
     from trainer.towers import load_tower
 
-    info_path = run_dir / "export" / "config.json"
-    if not info_path.is_file():
-        raise ExportError(f"{run_dir} has no finished run (export/config.json): train it to the end first")
-    info = json.loads(info_path.read_text())
-    cfg = load_config([], {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()
-                           if k not in ("resume",)})
-    ckpt = ckpt or checkpoint.latest(run_dir)
-    if ckpt is None:
-        raise ExportError(f"{run_dir} has no checkpoint")
+    ckpt, info, cfg = from_checkpoint(run_dir, ckpt)
     trained = load_file(ckpt / "trainable.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype="auto")
@@ -180,12 +201,13 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     dtype = next(iter(llm_state.values())).dtype
     tensors = ola_vlm_tensors(cfg, {k: v.to(dtype) for k, v in trained.items()}, llm_state,
                               {k: v.to(dtype) for k, v in vision.export_state().items()})
-    out.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, out, max_shard_size=max_shard_size)
     config = ola_vlm_config(cfg, llm.config.to_dict(), info, len(tokenizer), pad_id)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    tokenizer.save_pretrained(out)
-    return out
+    with atomic_path(out) as tmp:
+        Path(tmp).mkdir()
+        save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, tmp, max_shard_size=max_shard_size)
+        (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
@@ -193,24 +215,17 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a trainer.pt --output-dir, trained to the end")
+    p.add_argument("run_dir", help="a trainer.pt --output-dir (finished or not)")
     p.add_argument("--format", choices=["ola-vlm", "llava"], required=True)
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--checkpoint", help="a checkpoints/step-N folder (default: the latest)")
+    p.add_argument("--out", required=True, help="a new (or empty) folder outside the run")
+    p.add_argument("--checkpoint", help="a checkpoints/step-N folder (default: the run's latest)")
     a = p.parse_args(argv)
-    run = Path(a.run_dir)
+    run, out = Path(a.run_dir), Path(a.out)
     try:
-        if a.format == "ola-vlm":
-            path = export_ola_vlm(run, Path(a.out), Path(a.checkpoint) if a.checkpoint else None)
-        else:
-            import shutil
-
-            src = run / "export"
-            if not src.is_dir():
-                raise ExportError(f"{run} has no export/: train it to the end first")
-            shutil.copytree(src, a.out, dirs_exist_ok=True)
-            path = Path(a.out)
-    except (ExportError, checkpoint.CheckpointError, OSError, ValueError) as e:
+        check_out(out, run)
+        write = export_ola_vlm if a.format == "ola-vlm" else export_llava
+        path = write(run, out, Path(a.checkpoint) if a.checkpoint else None)
+    except (ExportError, checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -22,12 +22,13 @@ from trainer.data import die_with_parent, worker_init
 from trainer.runlog import RunLog
 
 
-def train(run: PTRun, out: Path, rank: int, world: int, log) -> int:
-    """Resume if asked, then train `run` to its last step; returns that step."""
+def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None = None) -> int:
+    """Resume if asked, then train `run` to its last step; returns that step. `meta`: what every checkpoint
+    carries beside the config (PT: its model's description, for exports)."""
     cfg, model, stream, cuda = run.cfg, run.model, run.stream, run.device.type == "cuda"
     ckpt = Checkpointer(out, model, {"optimizer": run.optimizer, "scheduler": run.scheduler, "rng": TorchRNG()},
                         {"data": stream, "rng": PlainRNG()}, cfg.keep_checkpoints,
-                        {"config": dataclasses.asdict(cfg)})
+                        {"config": dataclasses.asdict(cfg), **(meta or {})})
     step = resume(ckpt, out, log) if cfg.resume else 0
     runlog = RunLog(out, run, step, rank, world, log)
     data = loader(stream, num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=worker_init, prefetch_factor=4)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainer.build import build
 from trainer.config import PTConfig, load_config
-from trainer.export import export_run, run_info
+from trainer.export import export_llava, model_info
 from trainer.loop import run_cli, start, teardown, train
 
 
@@ -66,9 +66,9 @@ def main(argv=None) -> int:
     log(f"data: {stream.num_samples:,} usable samples per epoch, global batch {cfg.global_batch_size} = "
         f"{stream.accum} x {cfg.micro_batch_size} x {world} processes, {run.total_steps} steps")
     out = Path(cfg.output_dir)
-    step = train(run, out, rank, world, log)
-    if rank == 0:
-        log(f"exported to {export_run(out, model, run_info(run, step))}")
+    train(run, out, rank, world, log, meta={"model": model_info(run)})
+    if rank == 0:  # the last checkpoint, exported as every later `trainer.export` of it would be
+        log(f"exported to {export_llava(out, out / 'export')}")
     teardown(world)
     return 0
 
