@@ -81,6 +81,49 @@ def _fsspec():
     return fsspec
 
 
+def explain(e: BaseException, url: str) -> StoreError | None:
+    """The one line a user needs for a storage error that is about access, not about the store: credentials
+    missing or refused, an endpoint that does not answer; None for anything else."""
+    name = type(e).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError"):
+        return StoreError(f"{url}: no credentials for the bucket: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                          f"(or AWS_PROFILE; on a cloud node its instance role; for GCS, application-default "
+                          f"credentials)")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError") or isinstance(e, ConnectionError):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("FSSPEC_S3_ENDPOINT_URL") or "the default"
+        return StoreError(f"{url}: cannot reach the storage endpoint ({endpoint}): check AWS_ENDPOINT_URL (or "
+                          f"FSSPEC_S3_ENDPOINT_URL) and that the server runs")
+    if isinstance(e, PermissionError):
+        return StoreError(f"{url}: the bucket refuses this identity ({str(e).strip() or 'Forbidden'}): check "
+                          f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (a wrong secret reads as Forbidden), and "
+                          f"that it may read (to extract: write) this prefix")
+    return None
+
+
+class _Explained:
+    """A remote filesystem whose access errors (explain) come as one StoreError line, not a botocore traceback."""
+
+    def __init__(self, fs, url: str):
+        self._fs, self._url = fs, url
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                better = explain(e, self._url)
+                if better is None:
+                    raise
+                raise better from None
+
+        return call
+
+
 def is_url(path) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
@@ -119,7 +162,7 @@ class Location:
                 _INHERITED.append(self._fs)  # kept, unused: its cleanup would run on the parent's event loop
                 self._fs = _fsspec().core.url_to_fs(self.url, use_listings_cache=False)[0]
             self._pid = os.getpid()
-        return self._fs
+        return self._fs if self.local else _Explained(self._fs, self.url)
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
@@ -183,7 +226,7 @@ class Location:
             data = got.get(p, got.get(self.fs._strip_protocol(p)))
             out[r] = None if data is None or isinstance(data, FileNotFoundError) else data
             if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
-                raise data
+                raise explain(data, self.url) or data
         return out
 
     def open(self, rel: str, mode: str = "rb"):

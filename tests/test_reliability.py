@@ -207,3 +207,44 @@ def test_every_export_format_holds_the_same_checkpoint_and_names_it(tmp_path, tr
         rc, log = call(export, [run, "--format", "llava", "--out", out])
         assert rc == 2 and why in log and "Traceback" not in log, log
     assert (run / "config.json").read_bytes() == config_before and not (run / "x").exists()
+
+
+# ---- a bucket that cannot be reached or refuses the identity: one line that names the variable ------------------
+
+@pytest.mark.parametrize("case, env, says", [
+    ("wrong secret", {"AWS_SECRET_ACCESS_KEY": "wrong"}, "refuses this identity"),
+    ("no credentials", {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"},
+     "no credentials"),
+    ("endpoint down", {"AWS_ENDPOINT_URL": "http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}, "cannot reach"),
+])
+def test_bucket_access_problems_are_one_line_naming_what_to_check(tmp_path, seaweedfs, trainer_store, tiny_models,
+                                                                   tiny_teachers, extract_dataset, monkeypatch, capsys,
+                                                                   case, env, says):
+    import s3fs
+    from conftest import free_port
+    from helpers import extraction_args, one_error_line, trainer_args
+
+    from pipeline import inspect
+    from pipeline.extract.cli import main as extraction_main
+    from trainer.pt import run as trainer
+
+    url = f"s3://{seaweedfs.bucket}/access/store"
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v.format(port=free_port()))
+    s3fs.S3FileSystem.clear_instance_cache()  # credentials and endpoints are read when a client is made
+    try:
+        variable = {"wrong secret": "AWS_SECRET_ACCESS_KEY", "no credentials": "AWS_ACCESS_KEY_ID",
+                    "endpoint down": "AWS_ENDPOINT_URL"}[case]
+        assert inspect.main([url, "summary"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert says in line and variable in line and "verify" not in line, line
+        for main, argv in ((extraction_main, extraction_args(extract_dataset, url, tiny_teachers)),
+                           (trainer, trainer_args(url, tiny_models, tiny_teachers, tmp_path / "out"))):
+            rc, log = call(main, argv)
+            assert rc == 2 and says in one_error_line(log) and variable in log, log
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()

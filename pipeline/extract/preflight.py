@@ -45,7 +45,9 @@ def check_writable(out: store.Location) -> None:
         out.makedirs()
         out.write_bytes(probe, b"ok")
         out.remove(probe)
-    except (OSError, ValueError, PermissionError) as e:
+    except store.StoreError as e:  # access: credentials, endpoint, permission
+        raise UsageError(f"--output {out} cannot be written: {e}") from None
+    except (OSError, ValueError) as e:
         what = type(e).__name__ if not getattr(e, "strerror", None) else e.strerror
         raise UsageError(f"--output {out} cannot be written ({what}): choose a writable folder or bucket "
                          f"prefix") from None
