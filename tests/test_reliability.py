@@ -5,6 +5,7 @@ it lies, one line instead of a traceback. Each case failed before its fix."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import REPO, call
@@ -248,3 +249,38 @@ def test_bucket_access_problems_are_one_line_naming_what_to_check(tmp_path, seaw
             assert rc == 2 and says in one_error_line(log) and variable in log, log
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ---- trainer.probe: one line for a bad --layers or a model that is not one -----------------------------------
+
+def test_probe_arguments_and_models_that_are_not_there_are_one_line(tmp_path, trained, trainer_store, tiny_models,
+                                                                     tiny_teachers):
+    import shutil
+
+    import torch
+    from helpers import one_error_line
+
+    from trainer.probe import run as probe
+
+    common = ["--store", trainer_store, "--eval-store", trainer_store, "--teachers-manifest", tiny_teachers,
+              "--output-dir", tmp_path / "out", "--max-steps", "1"]
+    for layers, says in (("20-18", "runs backwards"), ("abc", "is not a layer number")):
+        rc, log = call(probe, [*common, "--model", trained / "export", "--layers", layers])
+        assert rc == 2 and says in log and "Traceback" not in log, log
+    for missing in ("config.json", "mm_projector.bin", "task_tokens.safetensors"):
+        broken = tmp_path / f"no-{missing}"
+        shutil.copytree(trained / "export", broken)
+        (broken / missing).unlink()
+        rc, log = call(probe, [*common, "--model", broken])
+        assert rc == 2 and f"incomplete PT export: {missing} missing" in one_error_line(log), log
+    llm = Path(tiny_models).parent / "llm"
+    tower = Path(tiny_models).parent / "vision_tower"
+    for name, content in (("wrong-shape.bin", {"model.mm_projector.0.weight": torch.zeros(3, 3)}),
+                          ("not-tensors.bin", None)):
+        path = tmp_path / name
+        if content is None:
+            path.write_bytes(b"these are not tensors")
+        else:
+            torch.save(content, path)
+        rc, log = call(probe, [*common, "--model", llm, "--vision-tower", tower, "--mm-projector", path])
+        assert rc == 2 and "is not an mlp2x_gelu projector" in one_error_line(log), log

@@ -129,7 +129,13 @@ def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: 
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
     tower = load_or_explain("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
     proj = Projector(tower.hidden_size, llm.config.hidden_size)
-    load_mm_projector(projector, proj)
+    try:
+        load_mm_projector(projector, proj)
+    except Exception as e:  # torch.load of arbitrary bytes raises arbitrary errors: all mean "not a projector"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrainerError(f"{projector} is not an mlp2x_gelu projector from the tower's width "
+                           f"{tower.hidden_size} to the LLM's {llm.config.hidden_size} (LLaVA's mm_projector.bin, "
+                           f"tensors model.mm_projector.{{0,2}}.{{weight,bias}}): {first}") from None
     return tokenizer, llm, tower, proj.to(dtype), ImageRecipe.from_pretrained(tower_name, cfg.image_aspect)
 
 
@@ -167,7 +173,13 @@ def load_probed(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> P
     from transformers import AutoConfig
 
     folder = Path(model)
-    if (folder / "task_tokens.safetensors").is_file() and (folder / "mm_projector.bin").is_file():
+    export_files = ("config.json", "mm_projector.bin", "task_tokens.safetensors")
+    present = [f for f in export_files[1:] if (folder / f).is_file()]
+    if present:  # an olaf export, whole or not
+        missing = [f for f in export_files if not (folder / f).is_file()]
+        if missing:
+            raise TrainerError(f"{folder} is an incomplete PT export: {', '.join(missing)} missing (trainer.export "
+                               f"writes all of {', '.join(export_files)})")
         return _from_export(cfg, folder, dtype)
     config = load_or_explain("model", AutoConfig.from_pretrained, model)
     if getattr(config, "model_type", None) == "llava":
@@ -281,13 +293,18 @@ def plot(runs: list[Path], out: Path) -> Path:
 # ---- the command ------------------------------------------------------------------------------------------------
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """'1-32', '8,12,20' or '1-4,20' -> sorted unique layers; None = every layer."""
+    """'1-32', '8,12,20' or '1-4,20' -> sorted unique layers; None = every layer. ValueError says what is wrong."""
     if not text:
         return None
     out = set()
     for part in text.split(","):
         a, _, b = part.strip().partition("-")
-        out.update(range(int(a), int(b or a) + 1))
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise ValueError(f"--layers {text!r}: {part.strip()!r} is not a layer number or a range like 1-32")
+        lo, hi = int(a), int(b or a)
+        if lo > hi:
+            raise ValueError(f"--layers {text!r}: the range {part.strip()} runs backwards (write {hi}-{lo})")
+        out.update(range(lo, hi + 1))
     return sorted(out)
 
 
@@ -310,6 +327,10 @@ def parse_args(argv):
     p.add_argument("--max-steps", type=int)
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
+    try:
+        a.layers = parse_layers(a.layers)
+    except ValueError as e:
+        p.error(str(e))
     # the store's tasks from its manifest alone (the records are read once, when the run is built)
     tasks = a.tasks or ",".join(t for t in TASKS if t in read_manifest(Location(a.store)).tasks)
     try:
@@ -335,7 +356,7 @@ def main(argv=None) -> int:
     rank, world, device, dtype, log = start(cfg)
     out = Path(cfg.output_dir)
     eval_store = Store(a.eval_store)
-    run, builder, image, what, expected = build_probe(cfg, a.model, a.mm_projector, parse_layers(a.layers), device, dtype,
+    run, builder, image, what, expected = build_probe(cfg, a.model, a.mm_projector, a.layers, device, dtype,
                                             rank, world)
     eval_store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
     probes = run.model
