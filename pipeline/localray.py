@@ -190,6 +190,10 @@ def main(argv=None) -> int:
         info = start(a.state, a.port, a.dashboard_port, a.num_cpus)
         print(f"Ray head on 127.0.0.1:{info['port']} (jobs: http://127.0.0.1:{info['dashboard_port']})")
     elif a.cmd == "env":
+        if not (a.state / "state.json").is_file():
+            print(f"error: {a.state} describes no running head: start one with python -m pipeline.localray start "
+                  f"{a.state}", file=sys.stderr)
+            return 2
         for k, v in ray_env(a.state.resolve()).items():
             print(f"export {k}={v}")
     else:

@@ -284,3 +284,63 @@ def test_probe_arguments_and_models_that_are_not_there_are_one_line(tmp_path, tr
             torch.save(content, path)
         rc, log = call(probe, [*common, "--model", llm, "--vision-tower", tower, "--mm-projector", path])
         assert rc == 2 and "is not an mlp2x_gelu projector" in one_error_line(log), log
+
+
+# ---- from-images: what cannot be stored is skipped and said, never the whole dataset refused -------------------
+
+def test_from_images_skips_and_lists_what_no_store_can_hold(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from pipeline.llava import load_records
+    from pipeline.llava import main as llava
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for name in ("a/good.jpg", "a/dup.jpg", "b/dup.jpg", "b/other.jpg", "new\nline.jpg", "trail .jpg", " lead.jpg"):
+        Image.new("RGB", (8, 8)).save(root / name, format="JPEG")
+    Image.new("RGB", (8, 8)).save(os.path.join(os.fsencode(root), b"\xffnot-utf8.jpg"), format="JPEG")
+    (root / "zero.jpg").symlink_to("/dev/zero")
+    os.mkfifo(root / "pipe.jpg")
+    (tmp_path / "outside.jpg").write_bytes((root / "a" / "good.jpg").read_bytes())
+    (root / "escape.jpg").symlink_to(tmp_path / "outside.jpg")
+    out = tmp_path / "ds.json"
+    out.write_text("[]")
+    rc, log = call(llava, ["from-images", root, "--out", out])
+    assert rc == 0, log
+    records, _ = load_records(out)  # what it wrote, extraction takes whole
+    assert sorted(r.id for r in records) == ["a/dup", "a/good", "b/dup", "b/other"]
+    skipped = [json.loads(x) for x in (tmp_path / "ds.json.skipped.jsonl").read_text().splitlines()]
+    reasons = {s["path"]: s["reason"] for s in skipped}
+    assert len(reasons) == 7 and reasons["pipe.jpg"].startswith("not a regular file")
+    assert reasons["escape.jpg"] == reasons["zero.jpg"] == "a link that leaves the image folder"
+    for name in ("new\nline.jpg", "trail .jpg", " lead.jpg", "\\udcffnot-utf8.jpg"):
+        assert reasons[name].startswith("its name cannot be stored"), (name, reasons)
+    # COCO: entries that cannot be one sample each are skipped with their reason, the rest kept
+    coco = {"images": [{"id": 1, "file_name": "good.jpg"}, {"id": 1, "file_name": "other.jpg"}, "not an entry",
+                       {"file_name": "other.jpg"}, {"id": "1", "file_name": "other.jpg"},
+                       {"id": 2, "file_name": "dup.jpg"}, {"id": 3, "file_name": "gone.jpg"},
+                       {"id": 4, "file_name": "other.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": 4, "caption": "four"}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    rc, log = call(llava, ["from-images", root, "--coco", tmp_path / "c.json", "--out", tmp_path / "coco.json"])
+    assert rc == 0, log
+    records, _ = load_records(tmp_path / "coco.json")
+    assert [(r.id, r.image, r.caption()) for r in records] == [("1", "a/good.jpg", "one"), ("4", "b/other.jpg", "four")]
+    said = [json.loads(x)["reason"] for x in (tmp_path / "coco.json.skipped.jsonl").read_text().splitlines()]
+    for what in ("repeats an earlier image's", "not an object", "no usable 'id'", "ambiguous", "not under the image"):
+        assert any(what in s for s in said), (what, said)
+    # a failure leaves an existing --out as it was
+    out.write_text("[1]")
+    assert call(llava, ["from-images", tmp_path / "nowhere", "--out", out])[0] == 2 and out.read_text() == "[1]"
+
+
+def test_localray_env_without_a_head_is_one_line(tmp_path):
+    from helpers import one_error_line
+
+    from pipeline import localray
+
+    rc, log = call(localray.main, ["env", tmp_path / "none"])
+    assert rc == 2 and "describes no running head" in one_error_line(log)
