@@ -6,6 +6,7 @@
     python -m pipeline.inspect STORE show [KEY]         everything stored for one sample
     python -m pipeline.inspect STORE render [KEY] --out sample.png
                                                         the image beside PCA maps of its depth and seg targets
+    python -m pipeline.inspect STORE unlease N [--force] break shard N's lease when its job is gone
 KEY is a sample id; without one, show and render take the first sample with every target valid.
 Add --json (before the command) for machine-readable output. `verify` exits 1 naming each bad shard; any
 unusable input (not a store, an unknown format version, a missing key) exits 2 with one message.
@@ -14,6 +15,7 @@ unusable input (not a store, an unknown format version, a missing key) exits 2 w
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
 import sys
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from store import Store, StoreError, member_sizes, verify_store
+from store import Leases, Store, StoreError, member_sizes, verify_store
 
 
 def _human(n: float) -> str:
@@ -69,6 +71,7 @@ def summary(s: Store) -> dict:
                              "recipe_sha256": v.get("recipe_sha256"),
                              "quirks_applied": (v.get("recipe") or {}).get("quirks_applied")} for t, v in tt.items()},
         },
+        "leases": {str(k): v for k, v in sorted(Leases(s.loc).all().items())},
         "bytes": s.bytes_used(),
         "code": m.code,
         "created": m.created, "finished": m.finished,
@@ -85,6 +88,11 @@ def print_summary(d: dict) -> None:
           f"{sh['pending']} pending; {d['bad_images']} bad images, {d['errors']} errors (errors.jsonl)")
     for shard, problem in d["damaged_records"].items():
         print(f"            !! shard {shard}: damaged record ({problem}); the next extraction run redoes it")
+    for shard, lease in d["leases"].items():
+        until = _dt.datetime.fromtimestamp(float(lease["expires"] or 0), _dt.UTC).isoformat(timespec="seconds")
+        state = "live" if lease["live"] else "expired or its owner is gone"
+        print(f"lease       shard {shard}: {lease['owner']} until {until} ({state}); if that job is gone: "
+              f"python -m pipeline.inspect {d['store']} unlease {shard}" + (" --force" if lease["live"] else ""))
     print(f"formats     {', '.join(d['formats'])}  (zarr compression: {d['zarr_compression']})")
     t = d["teachers"]
     print(f"teachers    {t['name']}  fidelity {t['fidelity']}" + (f"\n            !! {t['description']}" if t["description"] else ""))
@@ -239,6 +247,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", parents=[after], help="a PNG: the image beside PCA-to-RGB maps of its targets")
     r.add_argument("key", nargs="?", help="the sample id (default: the first valid one)")
     r.add_argument("--out", required=True, help="output PNG path")
+    u = sub.add_parser("unlease", parents=[after], help="break the lease of a shard whose job is gone")
+    u.add_argument("shard", type=int)
+    u.add_argument("--force", action="store_true", help="break a lease that has not expired yet (its job must be gone)")
     return p
 
 
@@ -296,7 +307,15 @@ def _render(s: Store, args) -> int:
     return 0
 
 
-COMMANDS = {"summary": _summary, "verify": _verify, "stats": _stats, "show": _show, "render": _render}
+def _unlease(s: Store, args) -> int:
+    held = Leases(s.loc).break_lease(args.shard, force=args.force)
+    print(json.dumps({"shard": args.shard, "removed": held}) if args.json else
+          f"removed the lease of shard {args.shard} ({held['owner']}); the next extraction run computes it")
+    return 0
+
+
+COMMANDS = {"summary": _summary, "verify": _verify, "stats": _stats, "show": _show, "render": _render,
+            "unlease": _unlease}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ FALLBACK_IMAGE_MEMBER = "img"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 _TAR_RE = re.compile(r"^shard-(\d{6,})\.tar$")
 _RECORD_RE = re.compile(r"^(\d{6,})\.json$")
+_LEASE_RE = re.compile(r"^(\d{6,})\.lease$")
 
 
 def tar_key(sample_id: str) -> str:
@@ -65,6 +66,11 @@ def is_lease(name: str) -> bool:
 
 def shard_of_tar(name: str) -> int | None:
     m = _TAR_RE.match(PurePosixPath(name).name)
+    return int(m.group(1)) if m else None
+
+
+def shard_of_lease(name: str) -> int | None:
+    m = _LEASE_RE.match(PurePosixPath(name).name)
     return int(m.group(1)) if m else None
 
 

@@ -49,6 +49,35 @@ class Leases:
         self.held: set[int] = set()
         self._renewed = clock()
 
+    def all(self) -> dict[int, dict]:
+        """Every lease object of the store: {shard: {"owner", "expires", "live"}} ("live": it still holds)."""
+        out = {}
+        for name in self.loc.list(layout.SHARDS):
+            shard = layout.shard_of_lease(name)
+            if shard is None:
+                continue
+            try:
+                d = json.loads(self.loc.read_bytes(name))
+            except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+                d = {}
+            d = d if isinstance(d, dict) else {}
+            out[shard] = {"owner": d.get("owner"), "expires": d.get("expires"), "live": self.holder(shard) is not None}
+        return out
+
+    def break_lease(self, shard: int, force: bool = False) -> dict:
+        """Remove another job's lease on `shard` (what it was); a live one only with `force` (StoreError
+        otherwise: that job may still be writing the shard)."""
+        from store.fs import StoreError
+
+        held = self.all().get(shard)
+        if held is None:
+            raise StoreError(f"shard {shard} has no lease")
+        if held["live"] and not force:
+            raise StoreError(f"shard {shard} is leased by {held['owner']}, live for {held['expires'] - self.clock():.0f} "
+                             f"s more: that job may still be writing it; stop it, or pass --force if it is gone")
+        self.loc.remove(layout.lease_name(shard))
+        return held
+
     def holder(self, shard: int) -> dict | None:
         """The live lease on a shard ({"owner", "expires"}), or None when there is none, it expired, or its owner
         is a dead process on this host."""

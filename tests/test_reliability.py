@@ -344,3 +344,31 @@ def test_localray_env_without_a_head_is_one_line(tmp_path):
 
     rc, log = call(localray.main, ["env", tmp_path / "none"])
     assert rc == 2 and "describes no running head" in one_error_line(log)
+
+
+# ---- a lease whose job is gone: seen, and broken on purpose ----------------------------------------------------
+
+def test_leases_are_shown_and_broken_only_on_purpose(tmp_path, capsys):
+
+    from helpers import one_error_line
+    from test_store import create, make_result
+
+    import store
+    from pipeline import inspect
+
+    url = str(tmp_path / "s")
+    w = create(url)
+    w.commit_shard(make_result(w.manifest, 0))
+    gone = store.Leases(w.loc, "otherhost:123:ab", ttl=3 * 3600)  # another host's job, hours to go, gone
+    assert gone.take(1)
+    store.Leases(w.loc, "otherhost:124:cd", ttl=-1).take(2)  # expired
+    assert inspect.main([url, "summary"]) == 0
+    said = capsys.readouterr().out
+    assert "shard 1: otherhost:123:ab until" in said and "(live)" in said and "unlease 1 --force" in said
+    assert "shard 2: otherhost:124:cd" in said and "(expired or its owner is gone)" in said
+    assert inspect.main([url, "unlease", "1"]) == 2
+    assert "may still be writing it" in one_error_line(capsys.readouterr().err)
+    assert store.Leases(w.loc).holder(1) is not None
+    assert inspect.main([url, "unlease", "2"]) == 0 and inspect.main([url, "unlease", "1", "--force"]) == 0
+    assert store.Leases(w.loc).all() == {}
+    assert inspect.main([url, "unlease", "3"]) == 2 and "has no lease" in capsys.readouterr().err

@@ -134,7 +134,8 @@ class ShardScheduler:
     def _wait_for_others(self) -> None:
         if not self.said_waiting:
             print(f"waiting for {len(self.deferred)} shard(s) that another job is computing "
-                  f"({', '.join(sorted(set(self.deferred.values())))})", flush=True)
+                  f"({', '.join(sorted(set(self.deferred.values())))}); if that job is gone: python -m "
+                  f"pipeline.inspect {self.writer.loc} unlease N --force (`summary` lists the leases)", flush=True)
             self.said_waiting = True
         time.sleep(self.poll)
         for i in list(self.deferred):
