@@ -31,7 +31,7 @@ from store.reader import Store
 from store.recovery import orphans
 from store.tar import member_sizes
 from store.verify import check_files, verify_store
-from store.writer import SampleResult, ShardResult, StoreWriter
+from store.writer import SampleResult, ShardResult, StoreExists, StoreWriter, check_writable
 
 
 def __getattr__(name: str):
@@ -46,7 +46,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "COMPRESSIONS", "FORMATS", "LEASE_TTL", "TOKEN_ORDER", "GlobalOrder", "Leases", "Location", "RunManifest",
-    "SampleResult", "SampleTable", "ShardRecord", "ShardResult", "Store", "StoreError", "StoreWriter", "TargetStream",
-    "TaskLayout", "atomic_path", "atomic_write", "check_files", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
+    "SampleResult", "SampleTable", "ShardRecord", "ShardResult", "Store", "StoreError", "StoreExists", "StoreWriter", "TargetStream",
+    "TaskLayout", "atomic_path", "atomic_write", "check_files", "check_writable", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
     "num_shards", "orphans", "read_manifest", "read_records", "shard_range", "teacher_mismatches", "verify_store",
 ]

@@ -48,6 +48,9 @@ def tar_key(sample_id: str) -> str:
     return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), sample_id)
 
 
+WRITE_PROBE = ".olaf-write-probe-"  # what a writability check leaves for an instant: not a store's content
+
+
 def tar_name(shard: int) -> str:
     return f"{WDS}/shard-{shard:06d}.tar"
 

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import numpy as np
 
@@ -70,6 +73,20 @@ class ShardResult:
     seconds: float = 0.0
 
 
+class StoreExists(StoreError):
+    """Another job created the store first (two jobs started together on one new output)."""
+
+
+def check_writable(url) -> None:
+    """Raise OSError / StoreError when `url` cannot be written (under a file, read-only, no permission, no
+    bucket): a probe object written and removed, which `StoreWriter.existing` never counts as content."""
+    loc = url if isinstance(url, Location) else Location(url)
+    probe = f"{layout.WRITE_PROBE}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    loc.makedirs()
+    loc.write_bytes(probe, b"ok")
+    loc.remove(probe)
+
+
 class StoreWriter:
     """A store opened for writing: its location and run manifest."""
 
@@ -80,9 +97,13 @@ class StoreWriter:
     # ---- opening ------------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, url, manifest: RunManifest, teachers: dict | None = None) -> StoreWriter:
-        """A new store at `url` (a folder or a prefix): manifest, teacher identity and Zarr arrays."""
+        """A new store at `url` (a folder or a prefix): manifest, teacher identity and Zarr arrays. The manifest
+        is created first and exclusively: StoreExists when another job created the store meanwhile."""
         w = cls(url, manifest)
         w.loc.makedirs()
+        manifest.updated = now()
+        if not w.loc.create_exclusive(layout.MANIFEST, dumps(manifest.to_dict())):
+            raise StoreExists(f"{w.loc} was created by another job meanwhile")
         w.save(teachers)
         return w
 
@@ -99,6 +120,8 @@ class StoreWriter:
         if loc.is_empty_or_absent():
             return None
         if not loc.isfile(layout.MANIFEST):
+            if all(PurePosixPath(n).name.startswith(layout.WRITE_PROBE) for n in loc.list("")):
+                return None  # only another job's writability probe: the store is yet to be made
             raise StoreError(f"{loc} exists, is not empty and is not an olaf store; choose another output")
         return cls(loc, read_manifest(loc))
 

@@ -313,8 +313,10 @@ def test_a_lease_keeps_a_second_job_off_a_shard(tmp_path, backend, request):
     assert not b.take(5)
 
 
-def test_two_jobs_on_one_output_compute_each_shard_once(tmp_path, extract_dataset, tiny_teachers, reference, ray_head):
-    out = tmp_path / "store"
+def test_two_jobs_on_one_output_compute_each_shard_once(seaweedfs, extract_dataset, tiny_teachers, reference, ray_head):
+    """Started together on one new bucket prefix: whichever creates the store first, the other continues it (a
+    writability probe is no store's content), and no shard is computed twice."""
+    out = f"s3://{seaweedfs.bucket}/two-jobs-{time.time_ns()}/store"
     argv = extraction_args(extract_dataset, out, tiny_teachers, "--address", ray_head, "--max-writers", "1",
                            "--prefetch", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5")
     jobs = [start_extraction(argv) for _ in range(2)]

@@ -372,3 +372,90 @@ def test_leases_are_shown_and_broken_only_on_purpose(tmp_path, capsys):
     assert inspect.main([url, "unlease", "2"]) == 0 and inspect.main([url, "unlease", "1", "--force"]) == 0
     assert store.Leases(w.loc).all() == {}
     assert inspect.main([url, "unlease", "3"]) == 2 and "has no lease" in capsys.readouterr().err
+
+
+# ---- store creation is race-free -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_store_is_created_once_and_a_probe_is_no_content(tmp_path, backend, request):
+    """Another job's writability probe does not make a new output 'not an olaf store'; of two creations, the second
+    learns that the store exists (and continues it) instead of overwriting it."""
+    import time
+
+    from test_store import LAYOUTS
+
+    import store
+    from store import layout
+
+    url = str(tmp_path / "s") if backend == "local" else f"s3://{request.getfixturevalue('seaweedfs').bucket}/race-{time.time_ns()}"
+    loc = store.Location(url)
+    loc.makedirs()
+    loc.write_bytes(f"{layout.WRITE_PROBE}4242-abcd", b"ok")  # what a job checking writability leaves, for an instant
+    assert store.StoreWriter.existing(url) is None
+    m = store.RunManifest(dataset={"json": "x", "sha256": "0" * 64}, num_samples=4, shard_size=2, formats=["wds"],
+                          tasks={"gen": LAYOUTS["gen"]})
+    first = store.StoreWriter.create(url, m)
+    with pytest.raises(store.StoreExists):
+        store.StoreWriter.create(url, store.RunManifest(dataset={"json": "y"}, num_samples=8, shard_size=2,
+                                                        formats=["wds"], tasks={"gen": LAYOUTS["gen"]}))
+    assert store.StoreWriter.existing(url).manifest.to_dict() == first.manifest.to_dict()
+    other = store.Location(url + "-other")  # anything else in an output is still refused
+    other.makedirs()
+    other.write_bytes("somebody-else.txt", b"x")
+    with pytest.raises(store.StoreError, match="not an olaf store"):
+        store.StoreWriter.existing(other.url)
+
+
+def test_sigterm_is_exit_143_even_when_a_library_re_raises_a_plain_keyboard_interrupt(tmp_path, monkeypatch,
+                                                                                      extract_dataset, tiny_teachers):
+    """Ray's waits catch the Terminated our handler raises and raise a KeyboardInterrupt of their own (seen as exit
+    130 and 'interrupted' under load): the signal is remembered, so the job still says SIGTERM and exits 143."""
+    import signal
+
+    from helpers import extraction_args
+
+    from pipeline.extract import cli, settings
+
+    def stopped_inside_a_library(s):
+        try:
+            settings.on_sigterm(signal.SIGTERM, None)
+        except settings.Terminated:
+            raise KeyboardInterrupt() from None
+
+    monkeypatch.setattr(settings, "SIGNALS_RECEIVED", [])
+    monkeypatch.setattr(cli, "SIGNALS_RECEIVED", settings.SIGNALS_RECEIVED)
+    monkeypatch.setattr(cli, "run", stopped_inside_a_library)
+    rc, log = call(cli.main, extraction_args(extract_dataset, tmp_path / "out", tiny_teachers))
+    assert rc == 143 and "SIGTERM: stopped" in log
+    monkeypatch.setattr(cli, "run", lambda s: (_ for _ in ()).throw(KeyboardInterrupt()))  # a real Ctrl-C
+    settings.SIGNALS_RECEIVED.clear()
+    rc, log = call(cli.main, extraction_args(extract_dataset, tmp_path / "out", tiny_teachers))
+    assert rc == 130 and "interrupted" in log
+
+
+def test_a_micro_batch_of_a_bf16_store_stays_bf16_with_an_invalid_target(tiny_models):
+    """Rows without a valid target are filled with zeros of the store's own decoded dtype: a bf16 store's batch
+    is not promoted to float32 by one fp16 zero row."""
+    import io
+
+    import torch
+    import yaml
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from store import TaskLayout
+    from trainer.data import ImageRecipe, PTSample, collate
+    from trainer.templates import PromptBuilder, get_template
+
+    cfg = yaml.safe_load(tiny_models.read_text())
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(cfg["llm"]), get_template("llama_3"), max_text_tokens=32)
+    image = ImageRecipe.from_pretrained(cfg["vision_tower"], "square")
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, format="PNG")
+    rec = {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}
+    for encoding, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        sample = PTSample(builder, image, ["depth"], {"depth": TaskLayout((576, 8), encoding, (24, 24))})
+        rows = [sample({"id": str(k), "position": k, "record": rec, "image": buf.getvalue(),
+                        "valid": {"depth": k == 0}, "targets": {"depth": torch.ones(576, 8, dtype=dtype) if k == 0
+                                                                 else None}}) for k in range(2)]
+        assert collate(rows, pad_id=0)["targets"]["depth"].dtype == dtype, encoding

@@ -155,14 +155,13 @@ def assemble(cfg: PTConfig, device, dtype, store: Store, expected: dict, tokeniz
              image: ImageRecipe, rank: int, world: int, attn: str) -> PTRun:
     """A run from its model: the stream of the store's targets for `cfg.tasks` to the run's last step, AdamW
     over what trains, the cosine schedule (PT and probing alike)."""
-    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * usable_samples(store, cfg.tasks)
                                                     / cfg.global_batch_size))
     stream = TargetStream(store, cfg.tasks, global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
                           seed=cfg.seed, chunk=cfg.order_chunk, mix=cfg.order_mix, rank=rank, world_size=world,
                           expected_teachers=expected, allow_partial=cfg.allow_partial_store,
-                          map_fn=PTSample(builder, image, cfg.tasks, target_shapes),
+                          map_fn=PTSample(builder, image, cfg.tasks, store.manifest.tasks),
                           collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
     from transformers import get_cosine_schedule_with_warmup
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from recipes.imageops import BadImage, center_crop, decode_rgb, pad_to_square, resize_shortest_edge
+from store import encodings
 from trainer.templates import IGNORE_INDEX, PromptBuilder
 
 
@@ -61,8 +62,11 @@ class PTSample:
     at extraction, or it would not be in the order) keeps its row, so micro-batches stay what the global order
     says: its pixels are zeros, its targets invalid and its text unlabelled, so it adds nothing to any loss."""
 
-    def __init__(self, builder: PromptBuilder, image: ImageRecipe, tasks: list[str], target_shapes: dict):
-        self.builder, self.image, self.tasks, self.target_shapes = builder, image, tasks, target_shapes
+    def __init__(self, builder: PromptBuilder, image: ImageRecipe, tasks: list[str], layouts: dict):
+        """`layouts`: the store's TaskLayout per task; a row without a valid target gets zeros of the shape and
+        dtype the store's valid targets decode to (fp16, or bf16 for bf16 stores), so a batch keeps one dtype."""
+        self.builder, self.image, self.tasks = builder, image, tasks
+        self.zeros = {t: (tuple(layouts[t].shape), encodings.compact_dtype(layouts[t].encoding)) for t in tasks}
 
     def __call__(self, s: dict) -> dict:
         tok = self.builder(s["record"])
@@ -76,7 +80,7 @@ class PTSample:
             pixels = np.zeros((self.image.crop, self.image.crop, 3), np.uint8)
             valid = dict.fromkeys(self.tasks, False)
             labels = [IGNORE_INDEX] * len(labels)
-        targets = {t: s["targets"][t] if valid[t] else torch.zeros(self.target_shapes[t], dtype=torch.float16)
+        targets = {t: s["targets"][t] if valid[t] else torch.zeros(self.zeros[t][0], dtype=self.zeros[t][1])
                    for t in self.tasks}
         return {"id": s["id"], "position": s["position"], "pixels": torch.from_numpy(pixels),
                 "prefix_ids": tok.prefix_ids, "text_ids": tok.text_ids, "text_labels": labels,

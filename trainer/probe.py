@@ -227,8 +227,7 @@ def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def evaluate(probes: ProbeSet, eval_store: Store, builder, image, pad_id: int, batch_size: int, device):
     """{task: {layer: mean cosine}} and {task: samples} over every valid sample of the eval store's done shards."""
     tasks = probes.tasks
-    shapes = {t: tuple(eval_store.manifest.tasks[t].shape) for t in tasks}
-    sample = PTSample(builder, image, tasks, shapes)
+    sample = PTSample(builder, image, tasks, eval_store.manifest.tasks)
     sums = {t: {layer: 0.0 for layer in probes.layers} for t in tasks}
     counts = dict.fromkeys(tasks, 0)
     bad = set().union(*(eval_store.records[i].bad_indices() for i in eval_store.done_shards(tasks)))

@@ -4,8 +4,6 @@ and, once the done shards are verified, which tasks each shard still needs."""
 
 from __future__ import annotations
 
-import os
-
 import store
 from pipeline.extract.plan import Plan
 from pipeline.extract.settings import Settings, UsageError
@@ -40,11 +38,8 @@ def existing_store(s: Settings, plan: Plan, manifest: TeacherManifest) -> StoreW
 def check_writable(out: store.Location) -> None:
     """Fail before any model is loaded when the output cannot be written (under a file, read-only, no
     permission, no bucket): write and remove a probe file or object."""
-    probe = f".olaf-write-probe-{os.getpid()}"
     try:
-        out.makedirs()
-        out.write_bytes(probe, b"ok")
-        out.remove(probe)
+        store.check_writable(out)
     except store.StoreError as e:  # access: credentials, endpoint, permission
         raise UsageError(f"--output {out} cannot be written: {e}") from None
     except (OSError, ValueError) as e:

@@ -20,7 +20,7 @@ from pipeline.extract.settings import Settings, UsageError, on_sigterm
 from pipeline.provenance import code_version, image_library_warnings, versions
 from recipes.imageops import image_libraries
 from recipes.manifest import TASKS, TeacherManifest, load_manifest
-from store import Location, RunManifest, StoreWriter, now
+from store import Location, RunManifest, StoreExists, StoreWriter, now
 
 
 def run(s: Settings) -> int:
@@ -167,7 +167,13 @@ def open_store(s: Settings, plan: Plan, manifest: TeacherManifest, existing: Sto
         m = RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=s.shard_size,
                         formats=s.formats, tasks=preflight.layouts_for(manifest, s.tasks, s.encoding),
                         zarr_compression=s.zarr_compression, extraction=extraction, runs=[run], code=code_version())
-        return StoreWriter.create(s.output, m, identity)
+        try:
+            return StoreWriter.create(s.output, m, identity)
+        except StoreExists:  # another job on the same new output made it first: continue it, if it fits
+            print("another job created the store meanwhile: continuing it", flush=True)
+            existing = preflight.existing_store(s, plan, manifest)
+            identity = teacher_identity(manifest, existing, tasks, res, info.get("weights_sha256", {}),
+                                        info.get("files_sha256", {}))
     m = existing.manifest
     new = preflight.layouts_for(manifest, tasks, s.encoding)
     m.tasks = {t: m.tasks.get(t) or new[t] for t in TASKS if t in m.tasks or t in new}
