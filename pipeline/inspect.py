@@ -7,6 +7,7 @@
     python -m pipeline.inspect STORE render [KEY] --out sample.png
                                                         the image beside PCA maps of its depth and seg targets
     python -m pipeline.inspect STORE unlease N [--force] break shard N's lease when its job is gone
+    python -m pipeline.inspect STORE repair-teachers    rewrite a damaged teachers.yaml from the manifest's copy
 KEY is a sample id; without one, show and render take the first sample with every target valid.
 Add --json (before the command) for machine-readable output. `verify` exits 1 naming each bad shard; any
 unusable input (not a store, an unknown format version, a missing key) exits 2 with one message.
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from store import Leases, Store, StoreError, member_sizes, verify_store
+from store import Leases, Store, StoreError, StoreWriter, member_sizes, verify_store
 
 
 def _human(n: float) -> str:
@@ -247,6 +248,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", parents=[after], help="a PNG: the image beside PCA-to-RGB maps of its targets")
     r.add_argument("key", nargs="?", help="the sample id (default: the first valid one)")
     r.add_argument("--out", required=True, help="output PNG path")
+    sub.add_parser("repair-teachers", parents=[after], help="rewrite a damaged teachers.yaml from the copy the "
+                   "store's manifest keeps")
     u = sub.add_parser("unlease", parents=[after], help="break the lease of a shard whose job is gone")
     u.add_argument("shard", type=int)
     u.add_argument("--force", action="store_true", help="break a lease that has not expired yet (its job must be gone)")
@@ -264,6 +267,8 @@ def _verify(s: Store, args) -> int:
     if args.json:
         print(json.dumps(d, indent=1))
         return 0 if d["ok"] else 1
+    for prob in d["store_problems"]:
+        print(f"BAD store: {prob}")
     for shard, problems in d["bad_shards"].items():
         for prob in problems:
             print(f"BAD shard {shard}: {prob}")
@@ -307,6 +312,12 @@ def _render(s: Store, args) -> int:
     return 0
 
 
+def _repair_teachers(s: Store, args) -> int:
+    StoreWriter(s.loc, s.manifest).restore_teachers()
+    print(f"restored {s.url}'s teachers.yaml from its manifest's copy")
+    return 0
+
+
 def _unlease(s: Store, args) -> int:
     held = Leases(s.loc).break_lease(args.shard, force=args.force)
     print(json.dumps({"shard": args.shard, "removed": held}) if args.json else
@@ -315,7 +326,7 @@ def _unlease(s: Store, args) -> int:
 
 
 COMMANDS = {"summary": _summary, "verify": _verify, "stats": _stats, "show": _show, "render": _render,
-            "unlease": _unlease}
+            "unlease": _unlease, "repair-teachers": _repair_teachers}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,10 +28,27 @@ def read_teachers(loc: Location, missing_ok: bool = False) -> dict | None:
     try:
         d = yaml.safe_load(loc.read_bytes(layout.TEACHERS))
     except yaml.YAMLError as e:
-        raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not YAML: {str(e).splitlines()[0]})") from None
+        raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not YAML: {str(e).splitlines()[0]}); "
+                         f"{REPAIR.format(store=loc)}") from None
     if not isinstance(d, dict) or not isinstance(d.get("teachers", {}), dict):
-        raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not a teacher identity mapping)")
+        raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not a teacher identity mapping); "
+                         f"{REPAIR.format(store=loc)}")
     return d
+
+
+REPAIR = "restore it with `python -m pipeline.inspect {store} repair-teachers` (from the manifest's copy)"
+
+
+def teachers_problems(loc: Location, copy: dict | None) -> list[str]:
+    """What is wrong with teachers.yaml: unreadable, or not the identity the manifest keeps a copy of."""
+    try:
+        stored = read_teachers(loc)
+    except StoreError as e:
+        return [str(e)]
+    if copy is not None and stored != copy:
+        return [f"{loc.url_of(layout.TEACHERS)} differs from the identity the manifest records; "
+                f"{REPAIR.format(store=loc)}"]
+    return []
 
 
 _LOCATION_FIELDS = ("path",)  # where weights are, not which weights they are

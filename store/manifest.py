@@ -76,6 +76,7 @@ class RunManifest:
     finished: str | None = None
     format: str = layout.FORMAT
     token_order: str = layout.TOKEN_ORDER
+    teachers: dict | None = None  # a copy of teachers.yaml's identity, from which a damaged one is restored
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in layout.FORMATS]
@@ -103,7 +104,7 @@ class RunManifest:
                 "shard_size": self.shard_size, "num_shards": self.num_shards, "formats": self.formats,
                 "zarr_compression": self.zarr_compression, "tasks": {t: v.to_dict() for t, v in self.tasks.items()},
                 "token_order": self.token_order, "extraction": self.extraction, "progress": self.progress,
-                "runs": self.runs}
+                "runs": self.runs, **({"teachers": self.teachers} if self.teachers is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "manifest") -> RunManifest:
@@ -113,7 +114,8 @@ class RunManifest:
                        zarr_compression=d.get("zarr_compression", "none"), extraction=d.get("extraction") or {},
                        progress=d.get("progress") or {}, runs=d.get("runs") or [], code=d.get("code") or {},
                        created=d.get("created"), updated=d.get("updated"), finished=d.get("finished"),
-                       format=d["format"], token_order=d.get("token_order", layout.TOKEN_ORDER))
+                       format=d["format"], token_order=d.get("token_order", layout.TOKEN_ORDER),
+                       teachers=d.get("teachers"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise StoreError(f"{where} is damaged: {type(e).__name__}: {e}") from None
 

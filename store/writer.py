@@ -127,7 +127,10 @@ class StoreWriter:
 
     def save(self, teachers: dict | None = None) -> None:
         """Write the run manifest (and the teacher identity), and create the Zarr arrays its tasks need; the one
-        place shard writers' metadata comes from (they write data objects only)."""
+        place shard writers' metadata comes from (they write data objects only). The manifest keeps a copy of
+        the teacher identity, from which `restore_teachers` repairs a damaged teachers.yaml."""
+        if teachers is not None:
+            self.manifest.teachers = teachers
         self.save_manifest()
         if teachers is not None:
             write_teachers(self.loc, teachers)
@@ -136,6 +139,14 @@ class StoreWriter:
     def save_manifest(self) -> None:
         self.manifest.updated = now()
         self.loc.write_bytes(layout.MANIFEST, dumps(self.manifest.to_dict()))
+
+    def restore_teachers(self) -> dict:
+        """Rewrite teachers.yaml from the manifest's copy (what `verify` says to do when it is damaged)."""
+        if self.manifest.teachers is None:
+            raise StoreError(f"{self.loc}'s manifest keeps no copy of its teachers (written by an older olaf): "
+                             f"restore teachers.yaml from a backup, or re-extract into a new --output")
+        write_teachers(self.loc, self.manifest.teachers)
+        return self.manifest.teachers
 
     # ---- what is there --------------------------------------------------------------------------------------------
     def teachers(self) -> dict | None:

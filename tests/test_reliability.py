@@ -459,3 +459,29 @@ def test_a_micro_batch_of_a_bf16_store_stays_bf16_with_an_invalid_target(tiny_mo
                         "valid": {"depth": k == 0}, "targets": {"depth": torch.ones(576, 8, dtype=dtype) if k == 0
                                                                  else None}}) for k in range(2)]
         assert collate(rows, pad_id=0)["targets"]["depth"].dtype == dtype, encoding
+
+
+# ---- a damaged teachers.yaml: verify names it, and says how to repair it --------------------------------------
+
+def test_a_damaged_teachers_yaml_is_named_by_verify_and_repaired_from_the_manifest(tmp_path, tiny_teachers, capsys):
+    from test_store import create, make_result
+
+    from pipeline import inspect
+    from recipes.manifest import load_manifest
+    from store import layout
+
+    url = str(tmp_path / "s")
+    identity = load_manifest(tiny_teachers).identity(["gen", "depth", "seg"])
+    w = create(url, teachers=identity)
+    w.commit_shard(make_result(w.manifest, 0))
+    (tmp_path / "s" / layout.TEACHERS).write_text("teachers: [unclosed\n  - {")
+    assert inspect.main([url, "verify"]) == 1
+    said = capsys.readouterr().out
+    assert "BAD store: " in said and "teachers.yaml is damaged" in said and "repair-teachers" in said
+    assert inspect.main([url, "summary"]) == 2 and "repair-teachers" in capsys.readouterr().err
+    assert inspect.main([url, "repair-teachers"]) == 0
+    assert inspect.main([url, "verify"]) == 0
+    capsys.readouterr()
+    (tmp_path / "s" / layout.TEACHERS).write_text("format: olaf.teachers/1\nteachers: {}\n")  # parses, but lies
+    assert inspect.main([url, "verify"]) == 1 and "differs from the identity the manifest records" in \
+        capsys.readouterr().out
