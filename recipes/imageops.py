@@ -133,13 +133,18 @@ def shortest_edge_size(width: int, height: int, size: int, max_size: int | None 
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
+def check_source(width: int, height: int) -> None:
+    """Refuse (BadImage) a source image whose sides differ by more than MAX_ASPECT_RATIO: a sliver of pixels
+    holds nothing a teacher can use (a policy on inputs, so not applied to each resize)."""
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImage(f"aspect ratio {max(width, height) / min(width, height):.0f}:1 ({width}x{height}) is over "
+                       f"the cap of {MAX_ASPECT_RATIO}:1: the recipes would stretch a sliver of pixels")
+
+
 def check_resize(src: tuple[int, int], out: tuple[int, int]) -> None:
-    """Refuse (BadImage) a resize of a (width, height) image to `out` over MAX_RESIZE_PIXELS, or of an image whose
-    sides differ by more than MAX_ASPECT_RATIO, before any pixel is made."""
+    """Refuse (BadImage) a resize of a (width, height) image to `out` over MAX_RESIZE_PIXELS, before any pixel
+    is made (memory, on the host or the device)."""
     (w, h), (ow, oh) = src, out
-    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-        raise BadImage(f"aspect ratio {max(w, h) / min(w, h):.0f}:1 ({w}x{h}) is over the cap of "
-                       f"{MAX_ASPECT_RATIO}:1: the recipes would stretch a sliver of pixels")
     if ow * oh > MAX_RESIZE_PIXELS:
         raise BadImage(f"a recipe would resize {w}x{h} to {ow}x{oh} = {ow * oh} pixels, over the cap of "
                        f"{MAX_RESIZE_PIXELS}")
@@ -243,8 +248,10 @@ def parse_ops(specs: list[dict], where: str) -> tuple[Op, ...]:
 
 
 def check_ops(ops: tuple[Op, ...], width: int, height: int) -> None:
-    """A recipe's sizes, op after op, for a (width, height) image: BadImage where a resize would go over the caps
-    (check_resize). Sizes only: what decode runs before shipping an image to a device that resizes it."""
+    """A recipe's input and sizes, op after op, for a (width, height) image: BadImage for a sliver of an image
+    (check_source) or where a resize would go over the pixel cap (check_resize). Sizes only: what decode runs
+    before shipping an image to a device that resizes it."""
+    check_source(width, height)
     for op in ops:
         out = op.output_size(width, height)
         if op.op != "center_crop":

@@ -96,9 +96,9 @@ class StoreWriter:
 
     # ---- opening ------------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, url, manifest: RunManifest, teachers: dict | None = None) -> StoreWriter:
-        """A new store at `url` (a folder or a prefix): manifest, teacher identity and Zarr arrays. The manifest
-        is created first and exclusively: StoreExists when another job created the store meanwhile."""
+    def create(cls, url, manifest: RunManifest, teachers: dict) -> StoreWriter:
+        """A new store at `url` (a folder or a prefix): manifest, teacher identity (every store says which
+        teachers computed it) and Zarr arrays. The manifest is created first and exclusively: StoreExists when another job created the store meanwhile."""
         w = cls(url, manifest)
         w.loc.makedirs()
         manifest.updated = now()

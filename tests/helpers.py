@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARD, BATCH = 8, 4
 EXTRACT_SHARD = 5  # the extraction dataset's 18 records: 4 shards (5, 5, 5, 3)
 TRAINED_STEPS = 8  # the session's PT run (conftest `trained`)
+# The teacher identity of stores whose targets are synthetic (store-layer tests): every store names its teachers.
+SYNTHETIC_TEACHERS = {"format": 1, "name": "synthetic", "teachers": {}}
 
 
 def reference_store(path: Path, dataset, manifest_path: Path, tasks=("gen", "depth", "seg"), shard: int = SHARD,

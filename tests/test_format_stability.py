@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SYNTHETIC_TEACHERS
 
 import store
 from store import SampleResult, ShardResult, StoreWriter, TaskLayout, encodings
@@ -58,7 +59,7 @@ def files_and_records(url, enc, compression, formats, passes) -> dict:
     layouts = {t: TaskLayout.for_shape(SHAPES[t], enc) for t in ("gen", "depth", "seg")}
     m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=N, shard_size=S,
                           formats=list(formats), tasks=layouts, zarr_compression=compression)
-    w = StoreWriter.create(url, m)
+    w = StoreWriter.create(url, m, SYNTHETIC_TEACHERS)
     for tasks in passes:
         for i in range(m.num_shards):
             w.commit_shard(result(m, i, tasks, enc))

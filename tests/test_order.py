@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import SYNTHETIC_TEACHERS
 
 import store
 from store import GlobalOrder, Location, SampleResult, SampleTable, ShardResult, StoreError, TaskLayout, encodings
@@ -18,7 +19,7 @@ G, MICRO = 16, 4
 def make_store(url) -> str:
     m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=SHARDS * PER_SHARD,
                           shard_size=PER_SHARD, formats=["wds"], tasks={"gen": TaskLayout((1, 16), "fp16")})
-    w = store.StoreWriter.create(url, m)
+    w = store.StoreWriter.create(url, m, SYNTHETIC_TEACHERS)
     for i in range(SHARDS):
         a, b = m.shard_range(i)
         samples = [SampleResult(j, f"s{j:05d}", {"id": f"s{j:05d}"}, f"{j}.jpg",

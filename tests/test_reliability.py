@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import REPO, call
+from helpers import REPO, SYNTHETIC_TEACHERS, call
 
 from pipeline import jobdir
 
@@ -394,10 +394,10 @@ def test_a_store_is_created_once_and_a_probe_is_no_content(tmp_path, backend, re
     assert store.StoreWriter.existing(url) is None
     m = store.RunManifest(dataset={"json": "x", "sha256": "0" * 64}, num_samples=4, shard_size=2, formats=["wds"],
                           tasks={"gen": LAYOUTS["gen"]})
-    first = store.StoreWriter.create(url, m)
+    first = store.StoreWriter.create(url, m, SYNTHETIC_TEACHERS)
     with pytest.raises(store.StoreExists):
         store.StoreWriter.create(url, store.RunManifest(dataset={"json": "y"}, num_samples=8, shard_size=2,
-                                                        formats=["wds"], tasks={"gen": LAYOUTS["gen"]}))
+                                                        formats=["wds"], tasks={"gen": LAYOUTS["gen"]}), SYNTHETIC_TEACHERS)
     assert store.StoreWriter.existing(url).manifest.to_dict() == first.manifest.to_dict()
     other = store.Location(url + "-other")  # anything else in an output is still refused
     other.makedirs()

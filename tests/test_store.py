@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SYNTHETIC_TEACHERS
 from PIL import Image
 
 import store
@@ -58,7 +59,7 @@ def make_result(manifest: store.RunManifest, shard: int, tasks=("gen", "depth", 
 
 
 def create(url, encoding="fp16", formats=("zarr", "wds"), tasks=("gen", "depth", "seg"), compression="none",
-           teachers=None) -> StoreWriter:
+           teachers=SYNTHETIC_TEACHERS) -> StoreWriter:
     layouts = {t: TaskLayout(LAYOUTS[t].shape, encoding, LAYOUTS[t].grid) for t in tasks}
     m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=N, shard_size=S,
                           formats=list(formats), tasks=layouts, zarr_compression=compression)
