@@ -81,7 +81,7 @@ def _learnable_store(path: Path, tiny_models: Path, tiny_teachers: Path, n: int,
     ds = path.parent / f"{path.name}-data"
     json_path = generate(ds, num_samples=n, seed=seed)
     records, _ = load_records(json_path)
-    tower_dir = str(Path(tiny_models).parent / "vision_tower")
+    tower_dir = str(Path(tiny_models).parent / "clip_vision_tower")
     recipe, tower = ImageRecipe.from_pretrained(tower_dir, "square"), load_tower(tower_dir, -2, torch.float32)
     g = torch.Generator().manual_seed(123)
     w_depth, w_gen = torch.randn(32, 8, generator=g), torch.randn(32, 16, generator=g)
@@ -128,7 +128,7 @@ LEARN_STEPS = 8  # the learnable store's targets are a fixed projection of the t
 def test_probes_learn_from_the_store_with_one_mllm_forward_per_batch(tmp_path, probe_setup, tiny_models, tiny_teachers):
     train, val, proj = probe_setup
     llm = str(Path(tiny_models).parent / "llm")
-    tower = str(Path(tiny_models).parent / "vision_tower")
+    tower = str(Path(tiny_models).parent / "clip_vision_tower")
     common = ["--store", str(train), "--eval-store", str(val), "--model", llm, "--vision-tower", tower,
               "--mm-projector", str(proj), "--teachers-manifest", str(tiny_teachers), "--layers", "1,10,20",
               "--set", "global_batch_size=8", "--set", "micro_batch_size=4", "--set", "num_workers=0",

@@ -274,7 +274,7 @@ def test_probe_arguments_and_models_that_are_not_there_are_one_line(tmp_path, tr
         rc, log = call(probe, [*common, "--model", broken])
         assert rc == 2 and f"incomplete PT export: {missing} missing" in one_error_line(log), log
     llm = Path(tiny_models).parent / "llm"
-    tower = Path(tiny_models).parent / "vision_tower"
+    tower = Path(tiny_models).parent / "clip_vision_tower"
     for name, content in (("wrong-shape.bin", {"model.mm_projector.0.weight": torch.zeros(3, 3)}),
                           ("not-tensors.bin", None)):
         path = tmp_path / name

@@ -498,7 +498,7 @@ def test_the_ola_vlm_export_has_their_names_shapes_and_config(trained, tmp_path)
     want = {}
     with torch.device("meta"):
         want |= {k: tuple(v.shape) for k, v in LlamaForCausalLM(llm_cfg).state_dict().items()}
-        want |= {f"model.vision_tower.vision_tower.{k}": tuple(v.shape)
+        want |= {f"model.vision_tower.vision_tower.vision_model.{k}": tuple(v.shape)  # CLIPVisionModel 4.x names
                  for k, v in CLIPVisionModel(CLIPVisionConfig.from_pretrained(run["vision_tower"])).state_dict().items()}
     mm = info["mm_hidden_size"]
     want |= {"model.mm_projector.0.weight": (H, mm), "model.mm_projector.0.bias": (H,),
@@ -630,7 +630,8 @@ def test_the_convnext_tower_is_the_open_clip_trunk(tmp_path):
         ("laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup", 768)
     tower = load_tower(name, -2, torch.float32)
     assert tower.num_tokens == 576 and tower.hidden_size == 32  # 768 / 32 = 24 x 24 tokens, the last stage's width
-    timm = {k[len("visual.trunk."):]: v for k, v in load_file(tmp_path / "convnext" / "open_clip_model.safetensors").items()}
+    timm = {k[len("visual.trunk."):]: v for k, v in load_file(tmp_path / "convnext" / "open_clip_model.safetensors").items()
+            if k.startswith("visual.trunk.")}
     x = torch.randn(2, 3, 768, 768)
     got = tower.features(x)
     assert got.shape == (2, 576, 32)
@@ -660,3 +661,67 @@ def test_convnext_xxl_tiny_trains_end_to_end(tmp_path, trainer_store, tiny_model
     assert [r["step"] for r in log_of(out)] == [1, 2] and all(math.isfinite(r["loss"]) for r in log_of(out))
     info = json.loads((out / "export" / "config.json").read_text())
     assert info["mm_hidden_size"] == 32 and info["num_image_tokens"] == 576 and info["vision_tower"] == name
+
+
+def open_clip_convnext_xxlarge_keys() -> dict[str, tuple[int, ...]]:
+    """Every tensor of laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup(-res768)'s open_clip checkpoint,
+    written out from the model definitions: open_clip's convnext_xxlarge.json (embed 1024; vision: timm
+    convnext_xxlarge, pool '', proj linear without bias; text: width 1024, 16 heads, 24 layers, vocab 49408, context
+    77) and timm's ConvNeXt (stem conv 4/4 + norm; stages of [norm + conv 2/2 downsample from stage 1] and blocks
+    of gamma, dwconv 7, norm, mlp 4x; reset_classifier(0, '') keeps head.norm)."""
+    dims, depths = [384, 768, 1536, 3072], [3, 4, 30, 3]
+    keys = {"visual.trunk.stem.0.weight": (384, 3, 4, 4), "visual.trunk.stem.0.bias": (384,),
+            "visual.trunk.stem.1.weight": (384,), "visual.trunk.stem.1.bias": (384,)}
+    for i, (d, n) in enumerate(zip(dims, depths, strict=True)):
+        s = f"visual.trunk.stages.{i}"
+        if i:
+            keys |= {f"{s}.downsample.0.weight": (dims[i - 1],), f"{s}.downsample.0.bias": (dims[i - 1],),
+                     f"{s}.downsample.1.weight": (d, dims[i - 1], 2, 2), f"{s}.downsample.1.bias": (d,)}
+        for j in range(n):
+            b = f"{s}.blocks.{j}"
+            keys |= {f"{b}.gamma": (d,), f"{b}.conv_dw.weight": (d, 1, 7, 7), f"{b}.conv_dw.bias": (d,),
+                     f"{b}.norm.weight": (d,), f"{b}.norm.bias": (d,), f"{b}.mlp.fc1.weight": (4 * d, d),
+                     f"{b}.mlp.fc1.bias": (4 * d,), f"{b}.mlp.fc2.weight": (d, 4 * d), f"{b}.mlp.fc2.bias": (d,)}
+    keys |= {"visual.trunk.head.norm.weight": (3072,), "visual.trunk.head.norm.bias": (3072,),
+             "visual.head.proj.weight": (1024, 3072)}
+    w = 1024
+    keys |= {"positional_embedding": (77, w), "text_projection": (w, 1024), "token_embedding.weight": (49408, w),
+             "ln_final.weight": (w,), "ln_final.bias": (w,), "logit_scale": ()}
+    for j in range(24):
+        r = f"transformer.resblocks.{j}"
+        keys |= {f"{r}.ln_1.weight": (w,), f"{r}.ln_1.bias": (w,), f"{r}.attn.in_proj_weight": (3 * w, w),
+                 f"{r}.attn.in_proj_bias": (3 * w,), f"{r}.attn.out_proj.weight": (w, w),
+                 f"{r}.attn.out_proj.bias": (w,), f"{r}.ln_2.weight": (w,), f"{r}.ln_2.bias": (w,),
+                 f"{r}.mlp.c_fc.weight": (4 * w, w), f"{r}.mlp.c_fc.bias": (4 * w,),
+                 f"{r}.mlp.c_proj.weight": (w, 4 * w), f"{r}.mlp.c_proj.bias": (w,)}
+    return keys
+
+
+def test_the_full_size_convnext_xxl_checkpoint_loads_with_every_tensor_accounted_for():
+    """The real checkpoint's complete key set (meta tensors): every trunk tensor lands in the tower with its shape,
+    head.norm is kept for export, the projection and text tower are set aside with a reason, and a tensor olaf
+    does not know is refused by name."""
+    from trainer.towers import account_convnext, convnext_from_state
+
+    keys = open_clip_convnext_xxlarge_keys()
+    trunk_keys = {k for k in keys if k.startswith("visual.trunk.")}
+    # timm 1.0.8's convnext_xxlarge after reset_classifier(0, global_pool=''): 378 tensors, 843,398,016 values
+    assert len(trunk_keys) == 378 and sum(math.prod(keys[k]) for k in trunk_keys) == 843_398_016
+    state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    config = {"model_cfg": {"vision_cfg": {"timm_model_name": "convnext_xxlarge"}}}
+    tower = convnext_from_state(state, config, 768, torch.bfloat16)
+    assert (tower.hidden_size, tower.num_tokens) == (3072, 576)
+    loaded = {n: tuple(p.shape) for n, p in tower.model.state_dict().items()}
+    assert sum(math.prod(s) for s in loaded.values()) == 843_398_016 - 2 * 3072  # all but head.norm
+    exported = {k: tuple(v.shape) for k, v in tower.export_state().items()}
+    assert exported == {k[len("visual.trunk."):]: keys[k] for k in trunk_keys}  # back under timm's names, whole
+    _, head_norm, unused = account_convnext(state)
+    assert set(head_norm) == {"weight", "bias"}
+    assert set(unused) == set(keys) - trunk_keys and all(unused.values())
+    with pytest.raises(KeyError, match="visual.trunk.stages.0.blocks.0.extra"):
+        account_convnext({**state, "visual.trunk.stages.0.blocks.0.extra": torch.empty(1, device="meta")})
+    with pytest.raises(KeyError, match="visual.attnpool.weight"):
+        account_convnext({**state, "visual.attnpool.weight": torch.empty(1, device="meta")})
+    bad = {**state, "visual.trunk.stages.3.blocks.0.gamma": torch.empty(7, device="meta")}
+    with pytest.raises(ValueError, match="gamma|layer_scale"):
+        convnext_from_state(bad, config, 768, torch.bfloat16)

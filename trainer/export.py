@@ -23,6 +23,12 @@ model/llava_arch.py, model/language_model/base_ola_vlm.py, model/aux_heads/*):
   * config.json: the LLM's config plus their fields (mm_*, aux_mode, num_task_tokens, task_token_format, the
     image_gen / image_depth / image_seg dicts with token counts, widths, 1-based layer indices "a-b").
 The teachers (~9 GB in their checkpoints) are left out: IFT does not use them.
+
+The folder is written for the authors' pinned environment (transformers 4.41.1, tokenizers 0.19.1), which reads
+other names than the transformers olaf runs on (`authors_llm_config`, `authors_tokenizer_files`): top-level
+`rope_theta`, `rope_scaling` and `torch_dtype`, a tokenizer class 4.41 knows, the chat template inside
+tokenizer_config.json, and CLIPVisionModel's `vision_model.` key prefix. tests/test_authors_env.py loads it
+there. An LLM with Llama-3.1's `llama3` RoPE scaling needs transformers >= 4.43 (4.41.1 refuses its config).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -162,11 +169,110 @@ def ola_vlm_config(cfg: PTConfig, llm_config: dict, info: dict, vocab: int, pad_
     return out
 
 
+# ---- what the authors' pinned transformers (4.41.1) reads ---------------------------------------------------------
+
+AUTHORS_TRANSFORMERS = "4.41.1"
+
+
+class AuthorsWarning(UserWarning):
+    """The export works, but the authors' environment will not read it as meant (the message says why)."""
+
+
+# rope types 4.41 computes from {"type", "factor"} alone; "llama3" arrived in 4.43 with more fields
+ROPE_TYPES_4_41 = ("linear", "dynamic")
+
+
+def authors_llm_config(llm_config: dict) -> dict:
+    """The LLM's config.json fields under the names 4.41.1 reads. transformers 5 writes RoPE as
+    `rope_parameters` and the dtype as `dtype`; 4.41 reads neither and would silently fall back to rope_theta
+    10000 (Llama-3 uses 500000) and no scaling."""
+    out = dict(llm_config)
+    rope = dict(out.get("rope_parameters") or {})
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    if kind in ROPE_TYPES_4_41:
+        out["rope_scaling"] = {"type": kind, "factor": rope["factor"]}  # 4.41 wants exactly these two fields
+    elif kind != "default":
+        out["rope_scaling"] = {"rope_type": kind, **rope}  # as Llama-3.1's own config.json (4.43+ reads it)
+    elif out.get("rope_scaling") is not None and not out["rope_scaling"]:
+        out["rope_scaling"] = None
+    if out.get("dtype") is not None:
+        out["torch_dtype"] = str(out["dtype"]).replace("torch.", "")
+    return out
+
+
+def authors_rope_warning(config: dict) -> str | None:
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind and kind not in ROPE_TYPES_4_41:
+        return (f"this LLM uses {kind!r} RoPE scaling, which transformers {AUTHORS_TRANSFORMERS} (the authors' pin) "
+                f"cannot compute: it refuses the config; run their IFT with transformers >= 4.43")
+    return None
+
+
+def authors_tokenizer_files(folder: Path) -> None:
+    """tokenizer_config.json as 4.41.1 reads it: a class it knows (transformers 5 writes `TokenizersBackend`,
+    which 4.41 cannot import) and the chat template inside (5 keeps it in chat_template.jinja, which 4.41 never
+    opens). Every tokenizer olaf saves has a tokenizer.json, so the fast classes apply."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    name = config.get("tokenizer_class") or "PreTrainedTokenizerFast"
+    if name in ("TokenizersBackend", "PreTrainedTokenizer"):
+        name = "PreTrainedTokenizerFast"
+    elif not name.endswith("Fast"):
+        name += "Fast"
+    config["tokenizer_class"] = name
+    template = folder / "chat_template.jinja"
+    if "chat_template" not in config and template.is_file():
+        config["chat_template"] = template.read_text()
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    legacy_bpe_merges(folder / "tokenizer.json")
+
+
+def legacy_bpe_merges(path: Path) -> None:
+    """tokenizers >= 0.20 writes a BPE model's merges as pairs (["a", "b"]); 0.19.1 (their pin) parses only the
+    "a b" strings and refuses the file. Byte-level BPE tokens hold no space, so the old form says the same."""
+    data = json.loads(path.read_text())
+    model = data.get("model") or {}
+    merges = model.get("merges") or []
+    if model.get("type") != "BPE" or not merges or isinstance(merges[0], str):
+        return
+    if any(" " in part for pair in merges for part in pair):
+        warnings.warn(f"{path.name}: a BPE merge holds a space, which tokenizers 0.19 (the authors' pin) cannot "
+                      f"represent: their environment cannot read this tokenizer", AuthorsWarning, stacklevel=3)
+        return
+    model["merges"] = [" ".join(pair) for pair in merges]
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def authors_tower_warning(name: str) -> str | None:
+    """Their build_vision_tower builds CLIPVisionTower for a name containing `clip` (case-sensitive) and not
+    `convnext`, CLIPConvNextVisionTower for one containing `convnext` (any case), and raises otherwise."""
+    if ("clip" in name and "convnext" not in name) or "convnext" in name.lower():
+        return None
+    return (f"mm_vision_tower {name!r}: the authors' build_vision_tower builds only names containing 'clip' "
+            f"(lower case) or 'convnext'; their IFT will raise 'Unknown vision tower' (rename the folder, e.g. "
+            f"to one containing 'clip')")
+
+
+def authors_tower_key(key: str, convnext: bool) -> str:
+    """A tower tensor under the names their tower module holds: CLIPVisionModel's `vision_model.` prefix
+    (transformers 5 drops it from the state dict), timm's names for the ConvNeXt trunk (export_state)."""
+    if convnext or key.startswith("vision_model."):
+        return key
+    return "vision_model." + key
+
+
+
 def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: dict[str, torch.Tensor],
                     vision_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every tensor of the folder under OLA-VLM's names."""
+    from trainer.towers import is_convnext
+
     out = dict(llm_state)
-    out.update({f"model.vision_tower.vision_tower.{k}": v for k, v in vision_state.items()})
+    convnext = is_convnext(cfg.vision_tower)
+    out.update({f"model.vision_tower.vision_tower.{authors_tower_key(k, convnext)}": v for k, v in vision_state.items()})
     for name, v in trained.items():
         if name.startswith("projector."):
             out[f"model.mm_{name}"] = v
@@ -183,8 +289,19 @@ def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: 
     return out
 
 
-def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard_size: str = "5GB") -> Path:
+def write_authors_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer,
+                         max_shard_size: str = "5GB") -> None:
+    """A model folder as transformers 4.41.1 reads it: safetensors (with the metadata 4.41 requires), config.json
+    as given (`authors_llm_config` names), the tokenizer with `authors_tokenizer_files`."""
     from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, folder, max_shard_size=max_shard_size)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    tokenizer.save_pretrained(folder)
+    authors_tokenizer_files(folder)
+
+
+def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard_size: str = "5GB") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.towers import load_tower
@@ -201,12 +318,13 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     dtype = next(iter(llm_state.values())).dtype
     tensors = ola_vlm_tensors(cfg, {k: v.to(dtype) for k, v in trained.items()}, llm_state,
                               {k: v.to(dtype) for k, v in vision.export_state().items()})
-    config = ola_vlm_config(cfg, llm.config.to_dict(), info, len(tokenizer), pad_id)
+    config = ola_vlm_config(cfg, authors_llm_config(llm.config.to_dict()), info, len(tokenizer), pad_id)
+    for problem in (authors_rope_warning(config), authors_tower_warning(cfg.vision_tower)):
+        if problem:
+            warnings.warn(problem, AuthorsWarning, stacklevel=2)
     with atomic_path(out) as tmp:
         Path(tmp).mkdir()
-        save_torch_state_dict({k: v.contiguous() for k, v in tensors.items()}, tmp, max_shard_size=max_shard_size)
-        (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        tokenizer.save_pretrained(tmp)
+        write_authors_folder(Path(tmp), tensors, config, tokenizer, max_shard_size)
     return Path(out)
 
 
@@ -224,7 +342,14 @@ def main(argv=None) -> int:
     try:
         check_out(out, run)
         write = export_ola_vlm if a.format == "ola-vlm" else export_llava
-        path = write(run, out, Path(a.checkpoint) if a.checkpoint else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AuthorsWarning)
+            path = write(run, out, Path(a.checkpoint) if a.checkpoint else None)
+        for w in caught:
+            if issubclass(w.category, AuthorsWarning):
+                print(f"warning: {w.message}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     except (ExportError, checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

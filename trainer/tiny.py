@@ -5,7 +5,7 @@
 Writes OUT_DIR/llm (a Llama-architecture causal LM with 20 layers, so the paper's layer sets apply as they are,
 and width 64), OUT_DIR/llm's tokenizer (byte-level BPE trained here with the `tokenizers` library on the
 templates' text and the sample vocabulary, with Llama-3's and Phi-3's special tokens and a Llama-3-style chat
-template), OUT_DIR/vision_tower (a CLIP vision model on 336 px with patch 14: the real 24x24 grid, width 32,
+template), OUT_DIR/clip_vision_tower (a CLIP vision model on 336 px with patch 14: the real 24x24 grid, width 32,
 and its image processor config), and OUT_DIR/pt_tiny.yaml, a trainer config pointing at them with small
 batches.
 
@@ -67,7 +67,7 @@ def build_llm(out: Path, tokenizer, captions: list[str], lm_steps: int, seed: in
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=LLM_WIDTH, intermediate_size=4 * LLM_WIDTH,
                       num_hidden_layers=LLM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                      max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
@@ -125,9 +125,14 @@ def build_convnext_tower(out: Path, seed: int = 0) -> str:
         for name, p in model.named_parameters():
             if name.endswith("layer_scale_parameter"):
                 p.fill_(0.5)
-    trunk = {f"visual.trunk.{hf_to_timm(k)}": v.contiguous() for k, v in model.state_dict().items()
+    # every kind of tensor the real checkpoint holds: the trunk (head.norm too), the CLIP projection, a text tower
+    width = geometry["hidden_sizes"][-1]
+    state = {f"visual.trunk.{hf_to_timm(k)}": v.contiguous() for k, v in model.state_dict().items()
              if not k.startswith("layernorm.")}
-    save_file(trunk, out / "open_clip_model.safetensors")
+    state |= {"visual.trunk.head.norm.weight": torch.ones(width), "visual.trunk.head.norm.bias": torch.zeros(width),
+              "visual.head.proj.weight": torch.randn(32, width), "logit_scale": torch.tensor(4.6052),
+              "token_embedding.weight": torch.randn(16, 32), "text_projection": torch.randn(32, 32)}
+    save_file(state, out / "open_clip_model.safetensors")
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
     return f"{out.resolve()}-res768"
 
@@ -141,10 +146,10 @@ def build(out_dir: str | Path, captions_json: str | Path | None = None, lm_steps
     questions = [t["value"] for t in turns if t.get("from") == "human"]
     tokenizer = build_tokenizer(out / "llm", captions + sorted(set(questions)))
     build_llm(out / "llm", tokenizer, captions, lm_steps, seed)
-    build_vision_tower(out / "vision_tower", seed)
+    build_vision_tower(out / "clip_vision_tower", seed)
     cfg = {
         "llm": str((out / "llm").resolve()),
-        "vision_tower": str((out / "vision_tower").resolve()),
+        "vision_tower": str((out / "clip_vision_tower").resolve()),
         "chat_template": "llama_3",
         "micro_batch_size": 4,
         "global_batch_size": 8,

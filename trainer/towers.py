@@ -94,11 +94,13 @@ class CLIPTower(nn.Module):
 
 
 class ConvNextTower(nn.Module):
-    def __init__(self, model, image_size: int):
+    def __init__(self, model, image_size: int, head_norm: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.model = model
         self.hidden_size = model.config.hidden_sizes[-1]
         self.num_tokens = (image_size // 32) ** 2
+        # the trunk's head.norm: not on the feature path, but part of the tower the authors' checkpoints hold
+        self.head_norm = dict(head_norm or {})
 
     @property
     def dtype(self):
@@ -109,8 +111,10 @@ class ConvNextTower(nn.Module):
         return out.flatten(2).transpose(1, 2)  # row-major tokens
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        """timm's names, as the original's CLIPConvNextVisionTower holds the trunk."""
-        return {hf_to_timm(k): v for k, v in self.model.state_dict().items()}
+        """timm's names, as the original's CLIPConvNextVisionTower holds the trunk (head.norm included)."""
+        out = {hf_to_timm(k): v for k, v in self.model.state_dict().items()}
+        out.update({TRUNK_HEAD_NORM + k: v.to(self.dtype) for k, v in self.head_norm.items()})
+        return out
 
 
 def _convnext_files(repo_or_dir: str) -> tuple[dict, Path]:
@@ -142,25 +146,66 @@ def convnext_config(open_clip_config: dict):
     return ConvNextConfig(num_channels=3, patch_size=4, hidden_act="gelu", **geometry)
 
 
-def load_convnext(name: str, dtype: torch.dtype) -> tuple[ConvNextTower, int]:
-    from safetensors.torch import load_file
+# What an open_clip ConvNeXt checkpoint holds besides the trunk's layers, and why olaf does not run it. Its
+# keys: visual.trunk.* (timm's ConvNeXt after reset_classifier(0, global_pool=''): stem, stages, head.norm),
+# visual.head.* (the CLIP projection: drop + proj Linear, or an mlp), and the text tower and logit_scale.
+TRUNK_HEAD_NORM = "head.norm."  # the pooled output's LayerNorm: the features are taken before it; kept for export
+UNUSED = {"visual.head.": "CLIP's image projection (olaf takes the trunk's features before pooling)",
+          "": "the text tower and logit scale (olaf uses the image trunk only)"}
+
+
+def account_convnext(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict[str, str]]:
+    """An open_clip checkpoint's tensors -> (ConvNextModel tensors under transformers' names, the trunk's
+    head.norm tensors, {unused key: why}). A `visual.` key that is neither raises, naming it: every tensor is
+    accounted for."""
+    trunk, head_norm, unused = {}, {}, {}
+    for key, value in state.items():
+        if key.startswith(TRUNK + TRUNK_HEAD_NORM):
+            head_norm[key[len(TRUNK + TRUNK_HEAD_NORM):]] = value
+        elif key.startswith(TRUNK):
+            try:
+                trunk[timm_to_hf(key[len(TRUNK):])] = value
+            except KeyError:
+                raise KeyError(f"{key}: a trunk tensor that is not ConvNeXt's") from None
+        elif key.startswith("visual.") and not key.startswith("visual.head."):
+            raise KeyError(f"{key}: an image-tower tensor olaf does not know (not the trunk, not its projection)")
+        else:
+            unused[key] = next(why for prefix, why in UNUSED.items() if key.startswith(prefix))
+    return trunk, head_norm, unused
+
+
+def convnext_from_state(state: dict[str, torch.Tensor], open_clip_config: dict, image_size: int,
+                        dtype: torch.dtype) -> ConvNextTower:
+    """The tower from an open_clip checkpoint's tensors (on the meta device too: `assign` keeps them as given).
+    Anything missing, unexpected or of another shape raises."""
     from transformers import ConvNextModel
 
-    repo, res = split_convnext_name(name)
-    open_clip_config, ckpt = _convnext_files(repo)
-    state = load_file(ckpt) if ckpt.suffix == ".safetensors" else torch.load(ckpt, map_location="cpu", weights_only=True)
-    trunk = {timm_to_hf(k[len(TRUNK):]): v for k, v in state.items() if k.startswith(TRUNK)}
+    trunk, head_norm, _ = account_convnext(state)
     config = convnext_config(open_clip_config)
-    model = ConvNextModel(config)
+    device = next(iter(trunk.values())).device if trunk else torch.device("cpu")
+    with torch.device(device):
+        model = ConvNextModel(config)
     model.layernorm = nn.Identity()  # the pooled output's norm; the trunk's features are taken before it
     for m in model.modules():  # transformers builds every norm with eps 1e-6; timm's xxlarge uses 1e-5
         if type(m).__name__ == "ConvNextLayerNorm" or isinstance(m, nn.LayerNorm):
             m.eps = config.layer_norm_eps
-    missing, unexpected = model.load_state_dict(trunk, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: the image trunk does not fit ConvNeXt: missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}")
-    return ConvNextTower(model.to(dtype).eval(), res), res
+    try:
+        model.load_state_dict(trunk, strict=True, assign=device.type == "meta")
+    except RuntimeError as e:
+        raise ValueError(f"the image trunk does not fit {config.hidden_sizes} ConvNeXt: {str(e)[:400]}") from None
+    return ConvNextTower(model.to(dtype).eval(), image_size, head_norm)
+
+
+def load_convnext(name: str, dtype: torch.dtype) -> tuple[ConvNextTower, int]:
+    from safetensors.torch import load_file
+
+    repo, res = split_convnext_name(name)
+    open_clip_config, ckpt = _convnext_files(repo)
+    state = load_file(ckpt) if ckpt.suffix == ".safetensors" else torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        return convnext_from_state(state, open_clip_config, res, dtype), res
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{ckpt}: {e}") from None
 
 
 def load_tower(name: str, select_layer: int, dtype: torch.dtype):
