@@ -32,6 +32,9 @@ TASKS = ("gen", "depth", "seg")  # the one copy of the task names; their canonic
 FIDELITIES = ("original", "corrected")
 STORED_DTYPES = ("float16", "bfloat16")
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifests" / "ola_vlm.yaml"
+# the authors' probing protocol (train/probe_dsg_train.py, eval/eval_probe_dsg.py): its training and eval targets
+PROBE_MANIFEST = DEFAULT_MANIFEST.with_name("ola_vlm_probe.yaml")
+PROBE_EVAL_MANIFEST = DEFAULT_MANIFEST.with_name("ola_vlm_probe_eval.yaml")
 
 
 class ManifestError(ValueError):
@@ -264,18 +267,56 @@ def parse_manifest(data: dict, source: str = "<manifest>", fidelity: str | None 
     )
 
 
-def load_manifest(path: str | Path | None = None, fidelity: str | None = None) -> TeacherManifest:
-    """Read a teacher manifest (default: recipes/manifests/ola_vlm.yaml). Relative local weight paths are
-    resolved against the manifest's own folder, so a manifest and its weights can move together."""
-    path = Path(path) if path else DEFAULT_MANIFEST
+def _read_manifest_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ManifestError(f"teacher manifest not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ManifestError(f"{path}: not valid YAML: {e}") from None
-    for spec in (data or {}).get("teachers", {}).values() if isinstance(data, dict) else []:
+    if not isinstance(data, dict):
+        return data
+    for spec in data.get("teachers", {}).values() if isinstance(data.get("teachers"), dict) else []:
         w = spec.get("weights") if isinstance(spec, dict) else None
         if isinstance(w, dict) and w.get("path") and not Path(w["path"]).is_absolute():
             w["path"] = str((path.parent / w["path"]).resolve())
-    return parse_manifest(data, source=str(path), fidelity=fidelity)
+    return data
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _resolve(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A manifest's data with `extends: OTHER.yaml` (relative to its folder) resolved: OTHER's data with this one's
+    merged over it; then `prepend_ops`, ops put before every teacher's own (e.g. a resize every recipe starts
+    with). What results is written out in full in every recipe, so the identity says what was computed."""
+    data = _read_manifest_yaml(path)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    base_path = (path.parent / str(data.pop("extends"))).resolve()
+    if base_path in seen:
+        raise ManifestError(f"{path}: `extends` runs in a circle ({' -> '.join(map(str, (*seen, base_path)))})")
+    data = _merged(_resolve(base_path, (*seen, path.resolve())), data)
+    prepend = data.pop("prepend_ops", None)
+    if prepend is not None:
+        if not isinstance(prepend, list):
+            raise ManifestError(f"{path}: prepend_ops must be a list of ops")
+        for task, spec in data.get("teachers", {}).items():
+            ops = ((spec or {}).get("preprocess") or {}).get("ops")
+            if not isinstance(ops, list):
+                raise ManifestError(f"{path}: teachers.{task}.preprocess.ops is missing: nothing to prepend to")
+            spec["preprocess"]["ops"] = copy.deepcopy(prepend) + ops
+    return data
+
+
+def load_manifest(path: str | Path | None = None, fidelity: str | None = None) -> TeacherManifest:
+    """Read a teacher manifest (default: recipes/manifests/ola_vlm.yaml), `extends` resolved. Relative local weight
+    paths are resolved against the folder of the manifest that names them, so a manifest and its weights can
+    move together."""
+    path = Path(path) if path else DEFAULT_MANIFEST
+    return parse_manifest(_resolve(path), source=str(path), fidelity=fidelity)

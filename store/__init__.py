@@ -22,7 +22,7 @@ contract for readers in other languages. A store is a local folder or any fsspec
 
 from store import encodings
 from store.fs import Location, StoreError, atomic_path, atomic_write, is_url
-from store.identity import teacher_mismatches
+from store.identity import teacher_mismatches, weights_mismatches
 from store.layout import COMPRESSIONS, FORMATS, TOKEN_ORDER, num_shards, shard_range
 from store.lease import LEASE_TTL, Leases, lease_owner
 from store.manifest import RunManifest, ShardRecord, TaskLayout, now, read_manifest, read_records
@@ -48,5 +48,5 @@ __all__ = [
     "COMPRESSIONS", "FORMATS", "LEASE_TTL", "TOKEN_ORDER", "GlobalOrder", "Leases", "Location", "RunManifest",
     "SampleResult", "SampleTable", "ShardRecord", "ShardResult", "Store", "StoreError", "StoreExists", "StoreWriter", "TargetStream",
     "TaskLayout", "atomic_path", "atomic_write", "check_files", "check_writable", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
-    "num_shards", "orphans", "read_manifest", "read_records", "shard_range", "teacher_mismatches", "verify_store",
+    "num_shards", "orphans", "read_manifest", "read_records", "shard_range", "teacher_mismatches", "verify_store", "weights_mismatches",
 ]

@@ -111,3 +111,14 @@ def teacher_mismatches(stored: dict, expected: dict, tasks) -> tuple[list[str], 
         out += problems
         notes += more
     return out, notes
+
+
+def weights_mismatches(a: dict, b: dict, tasks) -> list[str]:
+    """Where two teacher identities name other weights for `tasks` (the content hashes decide where both sides
+    know them; recipes and dtypes may differ): e.g. a probe's training and eval stores."""
+    out = []
+    for t in tasks:
+        ta, tb = a.get("teachers", {}).get(t), b.get("teachers", {}).get(t)
+        if ta is not None and tb is not None:
+            out += _weights(t, ta, tb)[0]
+    return out

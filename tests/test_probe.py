@@ -231,7 +231,7 @@ def test_an_export_is_probed_with_the_sequence_pt_trained(trained):
     weights = load_file(sorted((trained / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors")
     missing, _ = run.model.load_state_dict(weights, strict=False)
     assert not [k for k in missing if k.startswith(("projector.", "special_tokens."))]
-    probed = load_probed(cfg, str(trained / "export"), None, torch.float32).mllm(run.model.layout)
+    probed = load_probed(cfg, str(trained / "export"), None, torch.float32).mllm()
     batch = next(iter(run.stream))
     with torch.no_grad():
         want, want_mask = run.model.inputs(batch)

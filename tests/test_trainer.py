@@ -725,3 +725,49 @@ def test_the_full_size_convnext_xxl_checkpoint_loads_with_every_tensor_accounted
     bad = {**state, "visual.trunk.stages.3.blocks.0.gamma": torch.empty(7, device="meta")}
     with pytest.raises(ValueError, match="gamma|layer_scale"):
         convnext_from_state(bad, config, 768, torch.bfloat16)
+
+
+# ---- the LLaVA-1.5 baseline: tasks: [] -------------------------------------------------------------------------
+
+def test_the_ntp_only_baseline_trains_exports_and_its_loss_is_the_llm_s_own(tmp_path, trainer_store, tiny_models,
+                                                                          tiny_teachers):
+    """`tasks: []` is LLaVA-1.5's PT (the paper's baseline): projector only, NTP only; both exports; its loss on a
+    batch is what the LLM's own labels-based loss gives for [prefix | projected image | text]."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainer.build import build
+    from trainer.config import load_config
+    from trainer.export import main as export
+
+    out = tmp_path / "baseline"
+    rc, log = call(trainer, trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "2",
+                                         "--set", "tasks=[]", "--set", "num_workers=0"))
+    assert rc == 0, log
+    records = log_of(out)
+    assert [r["step"] for r in records] == [1, 2] and all(set(r) & {"gen", "depth", "seg"} == set() for r in records)
+    assert all(r["loss"] == pytest.approx(r["ntp"]) for r in records)
+    trained_names = set(load_file(sorted((out / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors"))
+    assert trained_names == {"projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}
+    assert export([str(out), "--format", "ola-vlm", "--out", str(tmp_path / "ola")]) == 0
+    cfg_out = json.loads((tmp_path / "ola" / "config.json").read_text())
+    assert cfg_out["model_type"] == "llava_llama" and cfg_out["architectures"] == ["LlavaLlamaForCausalLM"]
+    assert "aux_mode" not in cfg_out and "num_task_tokens" not in cfg_out
+    assert export([str(out), "--format", "llava", "--out", str(tmp_path / "llava")]) == 0
+    assert (tmp_path / "llava" / "mm_projector.bin").is_file()
+    # the loss is the LLM's own
+    cfg = load_config([tiny_models], {"store": str(trainer_store), "output_dir": str(tmp_path / "o"), "tasks": "[]",
+                                      "teachers_manifest": str(tiny_teachers)}, ["num_workers=0"])
+    run = build(cfg, torch.device("cpu"), torch.float32)
+    batch = next(iter(run.stream))
+    with torch.no_grad():
+        loss, terms = run.model(batch)
+        m = run.model
+        embeds = torch.cat([m.embed(batch["prefix_ids"]), m.image_tokens(batch["pixels"]), m.embed(batch["text_ids"])], 1)
+        n_fixed = batch["prefix_ids"].shape[1] + m.layout.image
+        labels = torch.cat([torch.full((embeds.shape[0], n_fixed), -100), batch["text_labels"]], 1)
+        mask = torch.cat([torch.ones(embeds.shape[0], n_fixed, dtype=torch.long), batch["text_mask"]], 1)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=torch.float32)
+        want = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert set(terms) == {"ntp", "loss"}

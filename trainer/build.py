@@ -89,17 +89,17 @@ def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
     return tokenizer.pad_token_id
 
 
-def expected_teachers(cfg: PTConfig) -> dict:
-    """The teacher identity the store's targets must have: the trainer's manifest, with the content of the weight
-    files it names where they are on this machine (it never loads a teacher)."""
-    manifest = load_manifest(cfg.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.fidelity)
+def expected_teachers(cfg: PTConfig, manifest_path: str | None = None) -> dict:
+    """The teacher identity the store's targets must have: the trainer's manifest (or `manifest_path`), with the
+    content of the weight files it names where they are on this machine (it never loads a teacher)."""
+    manifest = load_manifest(manifest_path or cfg.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.fidelity)
     return manifest.identity(cfg.tasks, files_sha256=manifest_files_sha256(manifest, cfg.tasks))
 
 
-def open_store(cfg: PTConfig, url: str | None = None) -> tuple[Store, dict]:
-    """The store (`url`, default the config's) and the teacher identity it must have, checked (tasks, done
-    shards, teachers, at least one usable sample)."""
-    expected = expected_teachers(cfg)
+def open_store(cfg: PTConfig, url: str | None = None, manifest_path: str | None = None) -> tuple[Store, dict]:
+    """The store (`url`, default the config's) and the teacher identity it must have (`manifest_path`, default
+    the config's manifest), checked (tasks, done shards, teachers, at least one usable sample)."""
+    expected = expected_teachers(cfg, manifest_path)
     store = Store(url or cfg.store)
     store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
     if usable_samples(store, cfg.tasks) == 0:
@@ -137,6 +137,9 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     store, expected = open_store(cfg)
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
 
+    if "model" in (cfg.image_aspect, cfg.vision_tower, cfg.chat_template):
+        raise TrainerError("image_aspect, vision_tower and chat_template: `model` (the probed model's) applies to "
+                           "trainer.probe; PT needs square or pad, a tower and a template")
     torch.manual_seed(cfg.seed)  # the same initialisation on every rank
     tokenizer, llm, vision, attn = load_frozen(cfg, device, dtype)
     if cfg.ntp_labels == "original":  # the original's PT adds <pad> to Llama-3 before training: V + 1 logits

@@ -66,6 +66,10 @@ class PTConfig:
     allow_partial_store: bool = False
     resume: bool = False
     note: str = ""
+    # trainer.probe only: the authors' probing protocol (docs/probing.md); every deviation is a switch
+    probe_answer: str = "n"  # every training prompt's answer, their fixed one token ("record": each record's own)
+    probe_eval_resize: int | None = 640  # evaluation images are resized to N x N first, as theirs (null: as they are)
+    probe_task_tokens: str = "drop"  # evaluate without the model's task tokens, as their probe_mode (or keep)
 
     def validate(self) -> None:
         """Every problem of the config in one ValueError, in stages: a later stage reads what an earlier one
@@ -81,8 +85,9 @@ class PTConfig:
             problems.append("store is required (--store)")
         if not self.output_dir:
             problems.append("output_dir is required (--output-dir)")
-        if not isinstance(self.tasks, list) or not self.tasks:
-            problems.append(f"tasks must be a non-empty list of {', '.join(TASKS)} (e.g. tasks=gen,seg), got {self.tasks!r}")
+        if not isinstance(self.tasks, list):  # [] is LLaVA-1.5's PT: next-token prediction only, the baseline
+            problems.append(f"tasks must be a list of {', '.join(TASKS)} (e.g. tasks=gen,seg; [] for NTP only), "
+                            f"got {self.tasks!r}")
         elif [t for t in self.tasks if t not in TASKS]:
             problems.append(f"tasks {[t for t in self.tasks if t not in TASKS]} unknown; choose from {TASKS}")
         for name in ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width"):
@@ -140,8 +145,13 @@ class PTConfig:
         elif self.ntp_labels == "original" and self.chat_template != "llama_3":
             problems.append("ntp_labels: original reproduces an off-by-one of the original's preprocess_llama_3; "
                             f"with chat_template {self.chat_template} use corrected")
-        if self.image_aspect not in ("square", "pad"):
-            problems.append(f"image_aspect must be square or pad, got {self.image_aspect!r}")
+        if self.image_aspect not in ("square", "pad", "model"):
+            problems.append(f"image_aspect must be square, pad or model (trainer.probe: the probed model's), got "
+                            f"{self.image_aspect!r}")
+        if self.probe_task_tokens not in ("keep", "drop"):
+            problems.append(f"probe_task_tokens must be keep or drop, got {self.probe_task_tokens!r}")
+        if self.probe_eval_resize is not None and self.probe_eval_resize < 1:
+            problems.append(f"probe_eval_resize must be >= 1 or null (no resize), got {self.probe_eval_resize}")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         return problems

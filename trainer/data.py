@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from recipes.imageops import BadImage, center_crop, decode_rgb, pad_to_square, resize_shortest_edge
+from recipes.imageops import BadImage, center_crop, decode_rgb, pad_to_square, resize, resize_shortest_edge
 from store import encodings
 from trainer.templates import IGNORE_INDEX, PromptBuilder
 
@@ -32,6 +32,7 @@ class ImageRecipe:
     aspect: str = "square"
 
     crop_rounding: str = "floor"  # where an odd crop margin goes: transformers floors, torchvision rounds
+    pre_resize: int | None = None  # first resize to pre_resize^2 (PIL bicubic): the probes' evaluation (640)
 
     @classmethod
     def from_pretrained(cls, vision_tower: str, aspect: str) -> ImageRecipe:
@@ -51,6 +52,8 @@ class ImageRecipe:
 
     def __call__(self, data: bytes) -> np.ndarray:
         img = decode_rgb(data)
+        if self.pre_resize:  # their eval_probe_dsg.py: image.resize((640, 640)), PIL's default filter (bicubic)
+            img = resize(img, self.pre_resize, self.pre_resize, "bicubic")
         if self.aspect == "pad":
             img = pad_to_square(img, tuple(int(x * 255) for x in self.mean))
         img = center_crop(resize_shortest_edge(img, self.size, self.resample), self.crop, self.crop, self.crop_rounding)

@@ -50,7 +50,10 @@ from trainer.build import add_pad_token
 from trainer.config import PTConfig, load_config
 
 HEADS = {"gen": "image_gen_heads", "depth": "image_depth_heads", "seg": "image_seg_heads"}
-ARCH = {"llama": ("ola_llama", "OlaLlavaLlamaForCausalLM"), "phi3": ("ola_phi3", "OlaLlavaPhi3ForCausalLM")}
+# their model classes (ola_vlm/model/language_model/*), by the LLM's model_type: OLA-VLM's, and LLaVA-1.5's for a
+# run without tasks (the baseline)
+ARCH = {"llama": {"ola": ("ola_llama", "OlaLlavaLlamaForCausalLM"), "llava": ("llava_llama", "LlavaLlamaForCausalLM")},
+        "phi3": {"ola": ("ola_phi3", "OlaLlavaPhi3ForCausalLM"), "llava": ("llava_phi3", "LlavaPhi3ForCausalLM")}}
 LAYER_KEY = {"gen": "img_layer_indices", "depth": "depth_layer_indices", "seg": "seg_layer_indices"}
 WEIGHT_KEY = {"gen": "img_loss_weight", "depth": "depth_loss_weight", "seg": "seg_loss_weight"}
 
@@ -67,7 +70,7 @@ def model_info(run) -> dict:
     cfg, model = run.cfg, run.model
     return {"llm": cfg.llm, "vision_tower": cfg.vision_tower, "mm_projector_type": "mlp2x_gelu",
             "mm_vision_select_layer": cfg.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
-            "hidden_size": model.config.hidden_size, "chat_template": cfg.chat_template,
+            "hidden_size": model.config.hidden_size, "chat_template": cfg.chat_template, "image_aspect": cfg.image_aspect,
             "image_offset": model.layout.prefix, "num_image_tokens": model.layout.image, "tasks": cfg.tasks,
             "token_order": list(TASKS), "layers": cfg.layers, "task_tokens": cfg.task_tokens,
             "special_tokens": cfg.special_tokens, "predictor": cfg.predictor,
@@ -136,12 +139,12 @@ def head_key(name: str) -> str:
 
 
 def ola_vlm_config(cfg: PTConfig, llm_config: dict, info: dict, vocab: int, pad_id: int) -> dict:
-    if len({cfg.task_tokens[t] for t in cfg.tasks}) != 1:
-        raise ExportError(f"OLA-VLM has one num_task_tokens for every task; this run has {cfg.task_tokens}")
-    model_type, arch = ARCH.get(llm_config.get("model_type"), (None, None))
+    """config.json: the LLM's config, LLaVA's fields, and OLA-VLM's when the run has tasks (a run without is
+    LLaVA-1.5's PT: their LlavaLlamaForCausalLM / LlavaPhi3ForCausalLM)."""
+    kind = "ola" if cfg.tasks else "llava"
+    model_type, arch = ARCH.get(llm_config.get("model_type"), {}).get(kind, (None, None))
     if arch is None:
         raise ExportError(f"OLA-VLM releases Llama-3 and Phi-3 models; this run's LLM is {llm_config.get('model_type')!r}")
-    p, shapes = cfg.predictor, info["target_shapes"]
     out = {**llm_config, "model_type": model_type, "architectures": [arch], "vocab_size": vocab,
            "pad_token_id": pad_id,
            "mm_vision_tower": cfg.vision_tower, "mm_vision_select_layer": cfg.vision_select_layer,
@@ -150,13 +153,21 @@ def ola_vlm_config(cfg: PTConfig, llm_config: dict, info: dict, vocab: int, pad_
            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": True,
            "image_aspect_ratio": cfg.image_aspect, "tokenizer_padding_side": "right",
            "tokenizer_model_max_length": cfg.max_length,
-           "aux_mode": "-".join(t for t in TASKS if t in cfg.tasks), "num_task_tokens": cfg.task_tokens[cfg.tasks[0]],
+           "olaf": {"run": info.get("store"), "steps": info.get("steps"), "checkpoint": info.get("checkpoint"),
+                    "teachers": info.get("teachers")}}
+    return {**out, **ola_fields(cfg, info)} if cfg.tasks else out
+
+
+def ola_fields(cfg: PTConfig, info: dict) -> dict:
+    """OLA-VLM's own config fields: task tokens, heads, teachers."""
+    if len({cfg.task_tokens[t] for t in cfg.tasks}) != 1:
+        raise ExportError(f"OLA-VLM has one num_task_tokens for every task; this run has {cfg.task_tokens}")
+    p, shapes = cfg.predictor, info["target_shapes"]
+    out = {"aux_mode": "-".join(t for t in TASKS if t in cfg.tasks), "num_task_tokens": cfg.task_tokens[cfg.tasks[0]],
            "task_token_format": "expand_emb", "contrastive_loss_weight": cfg.contrastive_weight,
            "pass_text_to_aux": True, "use_contrastive": True, "use_ce": False, "sample_tokens": False,
            "image_generator": "stabilityai/stable-diffusion-2-1-unclip",
-           "image_segmentor": "shi-labs/oneformer_coco_swin_large", "depth_estimator": "depth_anything_v2_vitl.pth",
-           "olaf": {"run": info.get("store"), "steps": info.get("steps"), "checkpoint": info.get("checkpoint"),
-                    "teachers": info.get("teachers")}}
+           "image_segmentor": "shi-labs/oneformer_coco_swin_large", "depth_estimator": "depth_anything_v2_vitl.pth"}
     for t in cfg.tasks:
         d = {"depth": p["depth"], "dim_head": p["dim_head"], "num_heads": p["heads"],
              "num_tokens": shapes[t][0], "output_dim": shapes[t][1], "ff_mult": p["ff_mult"],

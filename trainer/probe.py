@@ -36,15 +36,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recipes.manifest import TASKS
-from store import Location, Store, read_manifest
-from trainer.build import TrainerError, assemble, load_or_explain, open_store
+from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, TASKS
+from store import Location, Store, read_manifest, weights_mismatches
+from trainer.build import TrainerError, assemble, expected_teachers, load_or_explain, open_store
 from trainer.config import PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
 from trainer.heads import Predictor
 from trainer.loop import run_cli, start, teardown, to_device, train
 from trainer.loss import masked_smooth_l1
-from trainer.sequence import MLLM, Layout, Projector, TaskTokens, load_mm_projector
+from trainer.sequence import MLLM, Layout, Projector, TaskTokens, mm_projector_state
 from trainer.templates import PromptBuilder, get_template, prompt_prefix
 from trainer.towers import CLIPTower, load_tower
 
@@ -77,15 +77,17 @@ class ProbeSet(nn.Module):
     def step_context(self, micro_batches):
         return None
 
-    def predict(self, batch: dict) -> dict[str, dict[int, torch.Tensor]]:
+    def predict(self, batch: dict, mllm: MLLM | None = None) -> dict[str, dict[int, torch.Tensor]]:
+        """Every probe's prediction from one forward of `mllm` (default: the one the probes train on)."""
+        mllm = mllm or self.mllm
         self.forwards += 1
         with torch.no_grad():
-            hidden, _ = self.mllm.run(batch)
+            hidden, _ = mllm.run(batch)
         out = {}
         for t in self.tasks:
             out[t] = {}
             for layer in self.layers:
-                keys, mask = self.layout.keys(hidden[layer].float(), batch["text_mask"])
+                keys, mask = mllm.layout.keys(hidden[layer].float(), batch["text_mask"])
                 out[t][layer] = self.probes[f"{t}_{layer}"](keys, mask)
         return out
 
@@ -101,11 +103,12 @@ class ProbeSet(nn.Module):
         return total, terms
 
 
-# ---- the probed model, in the three forms users hold it -----------------------------------------------------------
+# ---- the probed model, in the forms users hold it ---------------------------------------------------------------
 
 @dataclass
 class Probed:
-    """A model to probe, loaded: its MLLM's parts, tokenizer, chat template, image recipe, and what it is."""
+    """A model to probe, loaded: its MLLM's parts, tokenizer, chat template, image recipe (at the aspect the run
+    asked for, or the model's own), the order of its task tokens, and what it is."""
 
     embed: nn.Module
     decoder: nn.Module
@@ -116,27 +119,56 @@ class Probed:
     template: str
     image: ImageRecipe
     what: str
+    token_order: tuple = TASKS
 
-    def mllm(self, layout: Layout) -> MLLM:
-        return MLLM(self.embed, self.decoder, None, self.tower, self.projector, self.task_tokens, layout,
-                    self.image.mean, self.image.std)
+    def layout(self, with_task_tokens: bool = True) -> Layout:
+        tokens = self.task_tokens.pooled if with_task_tokens else {}
+        return Layout.of(len(prompt_prefix(self.tokenizer, get_template(self.template))), self.tower.num_tokens,
+                         tokens, self.token_order)
+
+    def mllm(self, with_task_tokens: bool = True) -> MLLM:
+        """The frozen MLLM; without task tokens: the same parts, none inserted (the authors' probe_mode)."""
+        tokens = self.task_tokens if with_task_tokens else TaskTokens({}, {}, trainable=False)
+        return MLLM(self.embed, self.decoder, None, self.tower, self.projector, tokens,
+                    self.layout(with_task_tokens), self.image.mean, self.image.std)
 
 
-def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype):
+def _choice(value: str, model_value: str) -> str:
+    """A setting that may say `model`: the probed model's own value."""
+    return model_value if value == "model" else value
+
+
+def _template_of(model_type: str | None) -> str:
+    """The chat template their eval picks for a model (llava_llama_3 / llava_phi_3), by its LLM."""
+    return "phi_3" if "phi" in str(model_type) else "llama_3"
+
+
+def _load_projector(tensors: dict, tower_width: int, llm_width: int, where: str, dtype) -> Projector:
+    proj = Projector(tower_width, llm_width)
+    try:
+        proj.load_state_dict(mm_projector_state(tensors))
+    except Exception as e:  # arbitrary bytes raise arbitrary errors: all mean "not a projector"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrainerError(f"{where} is not an mlp2x_gelu projector from the tower's width {tower_width} to the "
+                           f"LLM's {llm_width} (tensors model.mm_projector.{{0,2}}.{{weight,bias}}): {first}") from None
+    return proj.to(dtype)
+
+
+def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype,
+                         aspect: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, llm_name)
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
     tower = load_or_explain("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
-    proj = Projector(tower.hidden_size, llm.config.hidden_size)
     try:
-        load_mm_projector(projector, proj)
-    except Exception as e:  # torch.load of arbitrary bytes raises arbitrary errors: all mean "not a projector"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise TrainerError(f"{projector} is not an mlp2x_gelu projector from the tower's width "
-                           f"{tower.hidden_size} to the LLM's {llm.config.hidden_size} (LLaVA's mm_projector.bin, "
-                           f"tensors model.mm_projector.{{0,2}}.{{weight,bias}}): {first}") from None
-    return tokenizer, llm, tower, proj.to(dtype), ImageRecipe.from_pretrained(tower_name, cfg.image_aspect)
+        weights = torch.load(projector, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a file that is no torch pickle: said in one line below
+        weights = {"not a checkpoint": e}
+    proj = _load_projector(weights if isinstance(weights, dict) else {}, tower.hidden_size, llm.config.hidden_size,
+                           str(projector), dtype)
+    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
+    return tokenizer, llm, tower, proj, image
 
 
 def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
@@ -144,32 +176,119 @@ def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
     from safetensors.torch import load_file
 
     info = json.loads((folder / "config.json").read_text())
-    tokenizer, llm, tower, proj, image = _llm_tower_projector(cfg, info["llm"], info["vision_tower"],
-                                                              info["mm_vision_select_layer"],
-                                                              folder / "mm_projector.bin", dtype)
+    tokenizer, llm, tower, proj, image = _llm_tower_projector(
+        cfg, info["llm"], info["vision_tower"], info["mm_vision_select_layer"], folder / "mm_projector.bin", dtype,
+        info.get("image_aspect", "square"))
     vectors = load_file(folder / "task_tokens.safetensors")
     tokens = TaskTokens({t: vectors[f"special_{t}_tokens"] for t in TASKS if f"special_{t}_tokens" in vectors},
                         info["task_tokens"], trainable=False)
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
-                  info["chat_template"], image, f"olaf PT export: {info['llm']}, {info['vision_tower']}")
+                  _choice(cfg.chat_template, info["chat_template"]), image,
+                  f"olaf PT export: {info['llm']}, {info['vision_tower']}")
 
 
 def _from_llava_hf(cfg: PTConfig, model: str, config, dtype) -> Probed:
-    """(c) a transformers LlavaForConditionalGeneration (e.g. llava-hf/llava-1.5-7b-hf)."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    """(c) a transformers LlavaForConditionalGeneration (e.g. llava-hf/llava-1.5-7b-hf): vicuna_v1, and the
+    aspect its image processor applies (it does not pad unless it says do_pad)."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaForConditionalGeneration
 
     m = load_or_explain("LLaVA model", LlavaForConditionalGeneration.from_pretrained, model, dtype=dtype)
     tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, model)
     tower = CLIPTower(m.model.vision_tower, config.vision_feature_layer)
-    template = cfg.chat_template if cfg.chat_template != "llama_3" else "vicuna_v1"
+    pads = bool(getattr(CLIPImageProcessorPil.from_pretrained(model), "do_pad", False))
+    image = ImageRecipe.from_pretrained(model, _choice(cfg.image_aspect, "pad" if pads else "square"))
     return Probed(m.get_input_embeddings(), m.model.language_model, tower, m.model.multi_modal_projector,
-                  TaskTokens({}, {}), tokenizer, template, ImageRecipe.from_pretrained(model, cfg.image_aspect),
+                  TaskTokens({}, {}), tokenizer, _choice(cfg.chat_template, "vicuna_v1"), image,
                   f"LlavaForConditionalGeneration {model}")
 
 
+# their model types -> the LLM's (transformers'); olaf's --format ola-vlm writes the first
+AUTHORS_MODEL_TYPES = {"ola_llama": "llama", "ola_phi3": "phi3", "llava_llama": "llama", "llava_phi3": "phi3"}
+PREFIX = {"tower": "model.vision_tower.vision_tower.", "projector": "model.mm_projector.", "tokens": "model.special_"}
+
+
+def _folder_tensors(folder: Path, prefixes) -> dict[str, torch.Tensor]:
+    """The tensors under `prefixes` of every safetensors file of a model folder."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise TrainerError(f"{folder} holds no *.safetensors: their released folders and olaf's exports do")
+    out = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(prefixes))})  # noqa: SIM118
+    return out
+
+
+def _authors_task_tokens(config: dict, tensors: dict, folder: Path) -> TaskTokens:
+    """Their OlaLlavaMetaModel's tokens: special_<task>_tokens for each task of aux_mode, each put in the sequence
+    as num_task_tokens vectors (depth and seg pooled in groups; gen as they are); none in probe_mode."""
+    if "num_task_tokens" not in config or "probe_mode" in config or not config.get("num_task_tokens"):
+        return TaskTokens({}, {})
+    if config.get("task_token_format", "emb") == "text":
+        raise TrainerError(f"{folder}: task_token_format 'text' (tokens as vocabulary ids) is not supported")
+    order = [t for t in str(config.get("aux_mode", "")).split("-") if t in TASKS]
+    missing = [t for t in order if f"model.special_{t}_tokens" not in tensors]
+    if missing:
+        raise TrainerError(f"{folder}: config aux_mode {config.get('aux_mode')!r} names task tokens the folder does "
+                           f"not hold (model.special_{missing[0]}_tokens)")
+    k = int(config["num_task_tokens"])
+    return TaskTokens({t: tensors[f"model.special_{t}_tokens"] for t in order}, dict.fromkeys(order, k), trainable=False)
+
+
+def _authors_tower(cfg: PTConfig, config: dict, tensors: dict, dtype):
+    """The tower their builder makes from mm_vision_tower (or --vision-tower, e.g. a local copy); a ConvNeXt's
+    weights then reloaded from the folder, as their load_pretrained_model's reload_from_ckpt does."""
+    from trainer.towers import TRUNK_HEAD_NORM, is_convnext, timm_to_hf
+
+    name = _choice(cfg.vision_tower, config["mm_vision_tower"])
+    tower = load_or_explain("vision tower", load_tower, name, select_layer=config.get("mm_vision_select_layer", -2),
+                            dtype=dtype)
+    held = {k[len(PREFIX["tower"]):]: v for k, v in tensors.items() if k.startswith(PREFIX["tower"])}
+    if is_convnext(name) and held:
+        tower.head_norm.update({k[len(TRUNK_HEAD_NORM):]: v for k, v in held.items() if k.startswith(TRUNK_HEAD_NORM)})
+        trunk = {timm_to_hf(k): v.to(dtype) for k, v in held.items() if not k.startswith(TRUNK_HEAD_NORM)}
+        tower.model.load_state_dict(trunk, strict=False)
+    return tower, name
+
+
+def _from_authors_folder(cfg: PTConfig, folder: Path, config: dict, dtype) -> Probed:
+    """(d) a model folder in the authors' format: their released OLA-VLM / LLaVA checkpoints (model_type ola_llama,
+    ola_phi3, llava_llama, llava_phi3; e.g. shi-labs/OLA-VLM-CLIP-ViT-Llama3-8b) or olaf's --format ola-vlm. The
+    LLM part is read as transformers' own class (theirs subclass it), the projector and task tokens from the
+    folder's tensors, the image aspect and template from their config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base = AUTHORS_MODEL_TYPES[config["model_type"]]
+    if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise TrainerError(f"{folder}: mm_projector_type {config['mm_projector_type']!r}; olaf probes mlp2x_gelu")
+    llm_config = AutoConfig.for_model(base, **{k: v for k, v in config.items() if k != "model_type"})
+    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, str(folder))
+    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, str(folder), config=llm_config, dtype=dtype)
+    tensors = _folder_tensors(folder, PREFIX.values())
+    tower, tower_name = _authors_tower(cfg, config, tensors, dtype)
+    proj = _load_projector(tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
+    tokens = _authors_task_tokens(config, tensors, folder)
+    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, config.get("image_aspect_ratio", "square")))
+    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
+                  _choice(cfg.chat_template, _template_of(base)), image,
+                  f"{config['model_type']} folder {folder} ({tower_name})", token_order=tuple(tokens))
+
+
+def _local_folder(model: str) -> Path:
+    """A model folder on this machine: `model` itself, or its Hub snapshot (the cache, or downloaded)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(load_or_explain("model", snapshot_download, model,
+                                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+
+
 def load_probed(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> Probed:
-    """The three forms: (a) a PT export folder, (c) a LlavaForConditionalGeneration, (b) an LLM with
-    --vision-tower and --mm-projector."""
+    """The four forms: (a) an olaf PT export/ folder, (c) a LlavaForConditionalGeneration, (d) a folder in the
+    authors' format, (b) an LLM with --vision-tower and --mm-projector."""
     from transformers import AutoConfig
 
     folder = Path(model)
@@ -181,38 +300,63 @@ def load_probed(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> P
             raise TrainerError(f"{folder} is an incomplete PT export: {', '.join(missing)} missing (trainer.export "
                                f"writes all of {', '.join(export_files)})")
         return _from_export(cfg, folder, dtype)
+    folder = _local_folder(model)
+    raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if raw.get("model_type") in AUTHORS_MODEL_TYPES:
+        return _from_authors_folder(cfg, folder, raw, dtype)
     config = load_or_explain("model", AutoConfig.from_pretrained, model)
     if getattr(config, "model_type", None) == "llava":
         return _from_llava_hf(cfg, model, config, dtype)
-    if not mm_projector:
+    if not mm_projector or cfg.vision_tower == "model":
         raise TrainerError(f"{model} is an LLM: give --vision-tower and --mm-projector (LLaVA's mm_projector.bin), "
-                           f"or pass a PT export folder or a LlavaForConditionalGeneration checkpoint")
+                           f"or pass a PT export folder, a folder in the authors' format or a "
+                           f"LlavaForConditionalGeneration checkpoint")
     tokenizer, llm, tower, proj, image = _llm_tower_projector(cfg, model, cfg.vision_tower, cfg.vision_select_layer,
-                                                              Path(mm_projector), dtype)
+                                                              Path(mm_projector), dtype, "square")
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, TaskTokens({}, {}), tokenizer,
-                  cfg.chat_template, image, f"LLM + tower + mm_projector.bin: {model}, {cfg.vision_tower}")
+                  _choice(cfg.chat_template, _template_of(config.model_type)), image,
+                  f"LLM + tower + mm_projector.bin: {model}, {cfg.vision_tower}")
+
+
+@dataclass
+class ProbeRun:
+    """A probing run's parts: the run (trainer.build.PTRun, its model the ProbeSet) and what evaluation uses: the
+    MLLM (without task tokens unless `probe_task_tokens: keep`), the prompt (no answer) and the image recipe
+    (first resized to `probe_eval_resize`), as the authors' eval_probe_dsg.py."""
+
+    run: object
+    eval_mllm: MLLM
+    eval_builder: PromptBuilder
+    eval_image: ImageRecipe
+    what: str
+    expected: dict
 
 
 def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: list[int] | None, device, dtype,
-                rank: int, world: int):
+                rank: int, world: int) -> ProbeRun:
+    import dataclasses
+
     store, expected = open_store(cfg)
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     torch.manual_seed(cfg.seed)
     probed = load_probed(cfg, model, mm_projector, dtype)
-    template = get_template(probed.template)
-    layout = Layout.of(len(prompt_prefix(probed.tokenizer, template)), probed.tower.num_tokens,
-                       probed.task_tokens.pooled)
-    mllm = probed.mllm(layout)
+    mllm = probed.mllm()
     n_layers = mllm.config.num_hidden_layers
     layers = layers or list(range(1, n_layers + 1))
     bad = [x for x in layers if not 1 <= x <= n_layers]
     if bad:
         raise TrainerError(f"--layers {bad}: the LLM has layers 1..{n_layers}")
     probes = ProbeSet(mllm, target_shapes, layers, cfg.predictor).to(device)
-    builder = PromptBuilder(probed.tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start)
+    template = get_template(probed.template)
+    answer = None if cfg.probe_answer == "record" else cfg.probe_answer
+    builder = PromptBuilder(probed.tokenizer, template, cfg.max_length - mllm.layout.text_start, answer=answer)
     run = assemble(cfg, device, dtype, store, expected, probed.tokenizer, probes, builder, probed.image, rank, world,
                    "sdpa")
-    return run, builder, probed.image, probed.what, expected
+    eval_mllm = probed.mllm(with_task_tokens=cfg.probe_task_tokens == "keep").to(device)
+    eval_builder = PromptBuilder(probed.tokenizer, template, cfg.max_length - eval_mllm.layout.text_start,
+                                 with_answer=False)
+    eval_image = dataclasses.replace(probed.image, pre_resize=cfg.probe_eval_resize)
+    return ProbeRun(run, eval_mllm, eval_builder, eval_image, probed.what, expected)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
@@ -224,10 +368,11 @@ def cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(probes: ProbeSet, eval_store: Store, builder, image, pad_id: int, batch_size: int, device):
-    """{task: {layer: mean cosine}} and {task: samples} over every valid sample of the eval store's done shards."""
+def evaluate(probes: ProbeSet, eval_store: Store, pr: ProbeRun, pad_id: int, batch_size: int, device):
+    """{task: {layer: mean cosine}} and {task: samples} over every valid sample of the eval store's done shards,
+    with the evaluation's MLLM, prompt and image recipe (ProbeRun)."""
     tasks = probes.tasks
-    sample = PTSample(builder, image, tasks, eval_store.manifest.tasks)
+    sample = PTSample(pr.eval_builder, pr.eval_image, tasks, eval_store.manifest.tasks)
     sums = {t: {layer: 0.0 for layer in probes.layers} for t in tasks}
     counts = dict.fromkeys(tasks, 0)
     bad = set().union(*(eval_store.records[i].bad_indices() for i in eval_store.done_shards(tasks)))
@@ -237,7 +382,7 @@ def evaluate(probes: ProbeSet, eval_store: Store, builder, image, pad_id: int, b
         if not rows:
             return
         b = to_device({**collate(rows, pad_id), "positions": (0, len(rows)), "step": 0, "row_offset": 0}, device)
-        preds = probes.predict(b)
+        preds = probes.predict(b, pr.eval_mllm)
         for t in tasks:
             keep = b["valid"][t]
             counts[t] += int(keep.sum())
@@ -255,6 +400,13 @@ def evaluate(probes: ProbeSet, eval_store: Store, builder, image, pad_id: int, b
     flush()
     scores = {t: {layer: sums[t][layer] / counts[t] if counts[t] else math.nan for layer in probes.layers} for t in tasks}
     return scores, counts
+
+
+def protocol(cfg: PTConfig, pr: ProbeRun) -> dict:
+    """How the scores were made, beside them: what the probes read at training and at evaluation."""
+    return {"train_answer": cfg.probe_answer, "eval_answer": None, "eval_resize": cfg.probe_eval_resize,
+            "eval_task_tokens": list(pr.eval_mllm.layout.task_slots), "image_aspect": pr.eval_image.aspect,
+            "teachers_manifest": cfg.teachers_manifest}
 
 
 def write_scores(out: Path, scores: dict, counts: dict, info: dict) -> None:
@@ -312,15 +464,28 @@ def parse_args(argv):
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True, help="the training store (e.g. COCO train2017, extracted by olaf)")
     p.add_argument("--eval-store", required=True, help="the evaluation store (e.g. COCO val2017)")
-    p.add_argument("--model", required=True, help="the MLLM to probe: a PT export folder, an LLM (with "
-                                                  "--vision-tower and --mm-projector), or a LlavaForConditionalGeneration")
-    p.add_argument("--vision-tower", help="the base encoder, for an LLM MODEL")
+    p.add_argument("--model", required=True, help="the MLLM to probe: a PT export folder, a folder or Hub id in the "
+                                                  "authors' format (ola_llama, llava_llama, ...), a "
+                                                  "LlavaForConditionalGeneration, or an LLM (with --vision-tower and "
+                                                  "--mm-projector)")
+    p.add_argument("--vision-tower", help="the base encoder (required for an LLM MODEL; default: the model's)")
     p.add_argument("--mm-projector", help="LLaVA's mm_projector.bin, for an LLM MODEL")
-    p.add_argument("--chat-template", help="llama_3, phi_3 or vicuna_v1 (default: the export's; vicuna_v1 for llava-hf)")
+    p.add_argument("--chat-template", help="llama_3, phi_3 or vicuna_v1 (default: the model's; vicuna_v1 for llava-hf)")
+    p.add_argument("--image-aspect", choices=["model", "square", "pad"],
+                   help="default model: its config's image_aspect_ratio (their IFT models: pad)")
+    p.add_argument("--task-tokens", choices=["keep", "drop"],
+                   help="evaluate with the model's task tokens in the sequence or without them (default drop: the "
+                        "authors' probe_mode; probes always train with them, as theirs)")
+    p.add_argument("--eval-resize", type=int, metavar="N",
+                   help="resize evaluation images to N x N first, for the MLLM (default 640, theirs; 0: no resize). "
+                        "The eval store's teachers do the same through --eval-teachers-manifest")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--layers", help="layers to probe, e.g. 1-32 or 8,12,20 (default: every layer)")
     p.add_argument("--tasks", help="comma list (default: every task of the store)")
-    p.add_argument("--teachers-manifest", help="teacher manifest the stores must match (default: ola_vlm.yaml)")
+    p.add_argument("--teachers-manifest", help="teacher manifest the training store must match (default: "
+                                               "ola_vlm_probe.yaml, the authors' probing targets)")
+    p.add_argument("--eval-teachers-manifest", help="the eval store's (default: ola_vlm_probe_eval.yaml, or "
+                                                    "--teachers-manifest when that is given)")
     p.add_argument("--config", action="append", default=[], help="YAML overriding the defaults (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-steps", type=int)
@@ -332,11 +497,15 @@ def parse_args(argv):
         p.error(str(e))
     # the store's tasks from its manifest alone (the records are read once, when the run is built)
     tasks = a.tasks or ",".join(t for t in TASKS if t in read_manifest(Location(a.store)).tasks)
+    a.eval_teachers_manifest = a.eval_teachers_manifest or a.teachers_manifest or str(PROBE_EVAL_MANIFEST)
+    sets = [*a.set, *(["probe_eval_resize=null"] if a.eval_resize == 0 else [])]
     try:
         cfg = load_config([PROBE_DEFAULTS, *a.config], {
             "store": a.store, "output_dir": a.output_dir, "vision_tower": a.vision_tower,
-            "chat_template": a.chat_template, "teachers_manifest": a.teachers_manifest, "max_steps": a.max_steps,
-            "resume": a.resume or None, "tasks": tasks, "llm": a.model}, a.set)
+            "chat_template": a.chat_template, "teachers_manifest": a.teachers_manifest or str(PROBE_MANIFEST),
+            "max_steps": a.max_steps, "resume": a.resume or None, "tasks": tasks, "llm": a.model,
+            "image_aspect": a.image_aspect, "probe_task_tokens": a.task_tokens,
+            "probe_eval_resize": a.eval_resize or None}, sets)
     except (ValueError, OSError) as e:
         p.error(str(e))
     return a, cfg
@@ -354,12 +523,14 @@ def main(argv=None) -> int:
     a, cfg = parse_args(argv)
     rank, world, device, dtype, log = start(cfg)
     out = Path(cfg.output_dir)
-    eval_store = Store(a.eval_store)
-    run, builder, image, what, expected = build_probe(cfg, a.model, a.mm_projector, a.layers, device, dtype,
-                                            rank, world)
-    eval_store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
-    probes = run.model
-    log(f"probing {what}: {len(probes.layers)} layers x {len(probes.tasks)} tasks = {len(probes.probes)} probes "
+    eval_store, _ = open_store(cfg, a.eval_store, a.eval_teachers_manifest)  # checked before any model loads
+    pr = build_probe(cfg, a.model, a.mm_projector, a.layers, device, dtype, rank, world)
+    other = weights_mismatches(pr.expected, expected_teachers(cfg, a.eval_teachers_manifest), cfg.tasks)
+    if other:
+        raise TrainerError("the training and eval stores' manifests name other teacher weights (probes would be "
+                           "scored against other teachers' targets): " + "; ".join(other))
+    run, probes = pr.run, pr.run.model
+    log(f"probing {pr.what}: {len(probes.layers)} layers x {len(probes.tasks)} tasks = {len(probes.probes)} probes "
         f"({sum(p.numel() for p in run.trainable):,} parameters); {run.stream.num_samples:,} training samples, "
         f"{run.total_steps} steps of {cfg.global_batch_size}")
     step = train(run, out, rank, world, log)
@@ -371,10 +542,10 @@ def main(argv=None) -> int:
             save_file({k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()},
                       out / "probes" / f"{name}.safetensors")
         probes.eval()
-        scores, counts = evaluate(probes, eval_store, builder, image, run.pad_id, cfg.micro_batch_size, device)
+        scores, counts = evaluate(probes, eval_store, pr, run.pad_id, cfg.micro_batch_size, device)
         write_scores(out, scores, counts, {"model": a.model, "store": cfg.store, "eval_store": a.eval_store,
                                            "steps": step, "layers": probes.layers, "tasks": probes.tasks,
-                                           "mllm_forwards": probes.forwards})
+                                           "mllm_forwards": probes.forwards, "protocol": protocol(cfg, pr)})
         log(f"wrote {out / 'probe_scores.json'} and {plot([out], out / 'probe_plot.png')}")
     teardown(world)
     return 0

@@ -27,10 +27,14 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
 
 
+def mm_projector_state(weights: dict) -> dict:
+    """LLaVA's get_w: the tensors under `mm_projector.`, under the projector's own names."""
+    return {k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector." in k}
+
+
 def load_mm_projector(path, module: nn.Module) -> None:
     """What LLaVA's --pretrain_mm_mlp_adapter does with mm_projector.bin."""
-    weights = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict({k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector." in k})
+    module.load_state_dict(mm_projector_state(torch.load(path, map_location="cpu", weights_only=True)))
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,11 @@ class Layout:
     text_start: int
 
     @classmethod
-    def of(cls, prefix: int, image: int, task_tokens: dict[str, int]) -> Layout:
-        """Task tokens follow the image in the canonical task order, `task_tokens[t]` of each."""
+    def of(cls, prefix: int, image: int, task_tokens: dict[str, int], order=TASKS) -> Layout:
+        """Task tokens follow the image in `order` (olaf's: the canonical task order; a released model's: its
+        config's aux_mode), `task_tokens[t]` of each."""
         slots, pos = {}, prefix + image
-        for t in TASKS:
+        for t in order:
             if t in task_tokens:
                 slots[t], pos = (pos, pos + task_tokens[t]), pos + task_tokens[t]
         return cls(prefix, image, slots, pos)

@@ -89,13 +89,17 @@ def prompt_prefix(tokenizer, template: Template) -> list[int]:
 class PromptBuilder:
     """`label_header_end`: also label the instruction's last token (the assistant header's trailing "\n\n"),
     as the original's preprocess_llama_3 does through `instruction_len = len(...) - 2`, one short of the BOS
-    it means to skip (`ntp_labels: original`)."""
+    it means to skip (`ntp_labels: original`). `answer`: the text every record's answer is replaced with (None:
+    each record's own); `with_answer=False` ends the text at the assistant header, as a generation prompt
+    (the probes' evaluation)."""
 
-    def __init__(self, tokenizer, template: Template, max_text_tokens: int, label_header_end: bool = False):
+    def __init__(self, tokenizer, template: Template, max_text_tokens: int, label_header_end: bool = False,
+                 answer: str | None = None, with_answer: bool = True):
         self.tok = tokenizer
         self.t = template
         self.max_text_tokens = max_text_tokens
         self.label_header_end = label_header_end
+        self.answer, self.with_answer = answer, with_answer
         self.prefix_ids = prompt_prefix(tokenizer, template)
 
     def _ids(self, text: str) -> list[int]:
@@ -107,10 +111,11 @@ class PromptBuilder:
 
     def __call__(self, record: dict) -> Tokenized:
         question, caption = question_and_caption(record)
+        caption = caption if self.answer is None else self.answer
         # what cannot fit is cut before tokenising: a 50 MB caption must not become 50 MB of token tensors
         limit = MAX_CHARS_PER_TOKEN * self.max_text_tokens
         instruction = self._ids("\n" + question[:limit] + self.t.sep + self.t.assistant_start)
-        answer = self._ids(caption[:limit] + self.t.sep)
+        answer = self._ids(caption[:limit] + self.t.sep) if self.with_answer else []
         ids = (instruction + answer)[: self.max_text_tokens]
         masked = [IGNORE_INDEX] * (len(instruction) - 1) + (instruction[-1:] if self.label_header_end else [IGNORE_INDEX])
         labels = (masked + answer)[: self.max_text_tokens]
