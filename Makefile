@@ -81,14 +81,19 @@ demo: setup
 	  --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --output-dir $(DEMO_DIR)/run --max-steps $(DEMO_STEPS) \
 	  --set learning_rate=3e-3
 	$(PY) -m trainer.plot $(DEMO_DIR)/run
-	@echo "== 7/7 probing the trained model at every layer, for every task: an image folder -> a store -> probes"
+	@echo "== 7/7 probing the trained model at every layer, for every task, by the authors' protocol (docs/probing.md):"
+	@echo "       a training store with the probing targets, an image folder -> an eval store (640x640 first) -> probes"
+	rm -rf $(DEMO_DIR)/probe
+	$(PY) -m pipeline.extract_teachers --data-path $(DEMO_DIR)/data/blip_laion_cc_sbu_558k.json \
+	  --image-folder $(DEMO_DIR)/data/images --output $(DEMO_DIR)/probe/train_store \
+	  --teachers-manifest $(DEMO_DIR)/teachers/teachers_probe.yaml --shard-size 8 --batch-size 8 --no-progress
 	$(PY) -m pipeline.llava from-images $(DEMO_DIR)/data/images --out $(DEMO_DIR)/probe/eval.json
 	$(PY) -m pipeline.extract_teachers --data-path $(DEMO_DIR)/probe/eval.json --image-folder $(DEMO_DIR)/data/images \
-	  --output $(DEMO_DIR)/probe/eval_store --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml --limit 24 \
-	  --shard-size 8 --batch-size 8 --no-progress
-	rm -rf $(DEMO_DIR)/probe/run
-	$(PY) -m trainer.probe --store $(DEMO_DIR)/store --eval-store $(DEMO_DIR)/probe/eval_store \
-	  --model $(DEMO_DIR)/run/export --teachers-manifest $(DEMO_DIR)/teachers/teachers.yaml \
+	  --output $(DEMO_DIR)/probe/eval_store --teachers-manifest $(DEMO_DIR)/teachers/teachers_probe_eval.yaml \
+	  --limit 24 --shard-size 8 --batch-size 8 --no-progress
+	$(PY) -m trainer.probe --store $(DEMO_DIR)/probe/train_store --eval-store $(DEMO_DIR)/probe/eval_store \
+	  --model $(DEMO_DIR)/run/export --teachers-manifest $(DEMO_DIR)/teachers/teachers_probe.yaml \
+	  --eval-teachers-manifest $(DEMO_DIR)/teachers/teachers_probe_eval.yaml \
 	  --output-dir $(DEMO_DIR)/probe/run --max-steps $(DEMO_PROBE_STEPS) --set global_batch_size=8 \
 	  --set micro_batch_size=4 --set num_workers=1 --set learning_rate=3e-3
 	@echo

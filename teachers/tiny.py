@@ -5,7 +5,8 @@
 Builds each teacher's real HF model class from a real config class (same token grids: 224 px / patch 14 for
 gen, 336 px / patch 14 with 24 blocks for depth, 800 px / Swin stage-4 25x25 for seg; small widths), saves it
 with `save_pretrained` exactly as the hub checkpoints are laid out, and writes OUT_DIR/teachers.yaml: the
-default manifest's recipes with the weights pointing at these folders. The targets they give are meaningless:
+default manifest's recipes with the weights pointing at these folders (and teachers_probe.yaml,
+teachers_probe_eval.yaml: the probing manifests' recipes over them). The targets they give are meaningless:
 they exist so that every other part of olaf runs its real code paths without downloading anything.
 `--shape-true` writes cheap stand-ins with the real target shapes instead (teachers/standin.py), to measure the
 data path at real sizes.
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from recipes.manifest import DEFAULT_MANIFEST, load_manifest
+from recipes.manifest import DEFAULT_MANIFEST, PROBE_EVAL_MANIFEST, PROBE_MANIFEST, load_manifest
 from teachers import depth, gen, seg, standin
 
 TINY_BUILDERS = {"gen": gen.tiny_model, "depth": depth.tiny_model, "seg": seg.tiny_model}
@@ -61,7 +62,25 @@ def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None, shape
     header = f"# {STAND_IN_NOTE}\n# Recipes are those of {DEFAULT_MANIFEST.name}; only weights and widths differ.\n"
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120), encoding="utf-8")
     load_manifest(path)  # what we wrote must parse
+    if not shape_true:
+        write_probe_manifests(out)
     return path
+
+
+# the probing manifests (recipes/manifests/ola_vlm_probe*.yaml) over the tiny teachers: their own overrides, on top
+# of OUT_DIR/teachers.yaml instead of ola_vlm.yaml
+PROBE_COPIES = {PROBE_MANIFEST: "teachers_probe.yaml", PROBE_EVAL_MANIFEST: "teachers_probe_eval.yaml"}
+
+
+def write_probe_manifests(out: Path) -> None:
+    bases = {DEFAULT_MANIFEST.name: "teachers.yaml", **{src.name: dst for src, dst in PROBE_COPIES.items()}}
+    for src, dst in PROBE_COPIES.items():
+        data = yaml.safe_load(src.read_text())
+        data["extends"] = bases[data["extends"]]
+        data["name"] = f"{data['name']}_tiny_random"
+        header = f"# {STAND_IN_NOTE}\n# {src.name}'s overrides over these stand-ins.\n"
+        (out / dst).write_text(header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
+        load_manifest(out / dst)
 
 
 def output_width(task: str, cfg) -> int:

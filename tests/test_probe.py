@@ -216,9 +216,10 @@ def test_an_olaf_pt_export_is_probed_with_its_task_tokens(tmp_path, probe_setup,
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
 
 
-def test_an_export_is_probed_with_the_sequence_pt_trained(trained):
+def test_an_export_is_probed_with_the_sequence_pt_trained(trained, tmp_path):
     """One sequence model: probing an export feeds the LLM exactly what the PT model fed it -- the image, then
-    the task tokens in PT's order (gen, depth, seg), then the text."""
+    the task tokens in PT's order (gen, depth, seg), then the text -- whether it is RUN/export or the folder
+    --format ola-vlm writes for the authors (read back as theirs)."""
     from safetensors.torch import load_file
 
     from trainer.build import build
@@ -238,3 +239,173 @@ def test_an_export_is_probed_with_the_sequence_pt_trained(trained):
         got, got_mask = probed.inputs(batch)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert torch.equal(got_mask, want_mask)
+    from trainer.export import main as export
+
+    assert export([str(trained), "--format", "ola-vlm", "--out", str(tmp_path / "ola")]) == 0
+    authors = load_probed(cfg, str(tmp_path / "ola"), None, torch.float32)
+    assert authors.what.startswith("ola_llama folder")
+    with torch.no_grad():
+        got, _ = authors.mllm().inputs(batch)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _authors_ola_llama_folder(folder: Path, tiny_models: Path, aux_mode: str = "depth-seg-gen") -> dict:
+    """A tiny model folder as the authors release OLA-VLM IFT models (shi-labs/OLA-VLM-CLIP-ViT-Llama3-8b), built
+    here from their config fields and tensor names (ola_vlm/model/ola_arch.py, language_model/ola_llama.py):
+    config.json with model_type ola_llama, the 4.x LLM fields, mm_* and the OLA fields; model.safetensors with
+    the LLM, model.vision_tower.vision_tower.vision_model.*, model.mm_projector.{0,2}, model.special_*_tokens and
+    heads their IFT keeps. Returns the tensors it wrote beyond the LLM's."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    root = Path(tiny_models).parent
+    llm = AutoModelForCausalLM.from_pretrained(root / "llm", dtype=torch.float32)
+    tower_dir = root / "clip_vision_tower"
+    tower = CLIPVisionModel.from_pretrained(tower_dir)
+    H = llm.config.hidden_size
+    g = torch.Generator().manual_seed(7)
+    extra = {"model.mm_projector.0.weight": torch.randn(H, 32, generator=g) * 0.1,
+             "model.mm_projector.0.bias": torch.zeros(H), "model.mm_projector.2.weight": torch.randn(H, H, generator=g) * 0.1,
+             "model.mm_projector.2.bias": torch.zeros(H), "model.special_gen_tokens": torch.randn(8, H, generator=g),
+             "model.special_depth_tokens": torch.randn(576, H, generator=g),
+             "model.special_seg_tokens": torch.randn(576, H, generator=g),
+             "image_depth_heads.0.projector.proj_in.weight": torch.randn(4, H, generator=g)}
+    tensors = {k: v.contiguous() for k, v in llm.state_dict().items()}
+    tensors |= {f"model.vision_tower.vision_tower.vision_model.{k}": v.contiguous() for k, v in tower.state_dict().items()}
+    folder.mkdir(parents=True)
+    save_file({**tensors, **extra}, folder / "model.safetensors", metadata={"format": "pt"})
+    c = llm.config.to_dict()
+    config = {k: v for k, v in c.items() if k not in ("rope_parameters", "dtype")}
+    config |= {"model_type": "ola_llama", "architectures": ["OlaLlavaLlamaForCausalLM"], "torch_dtype": "bfloat16",
+               "rope_theta": c["rope_parameters"]["rope_theta"], "rope_scaling": None,
+               "mm_vision_tower": str(tower_dir), "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu",
+               "mm_hidden_size": 32, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+               "mm_patch_merge_type": "flat", "aux_mode": aux_mode, "num_task_tokens": 8,
+               "task_token_format": "expand_emb", "image_depth": {"num_tokens": 576, "depth_layer_indices": "8-20"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    AutoTokenizer.from_pretrained(root / "llm").save_pretrained(folder)
+    return extra
+
+
+def test_an_authors_ola_llama_folder_is_probed_end_to_end(tmp_path, probe_setup, tiny_models, tiny_teachers):
+    """Their released form: task tokens in their aux_mode order, depth and seg pooled 576 -> 8, the tower their
+    config names, their projector, `pad` aspect; the probes train with the task tokens and are evaluated without
+    them (their probe_mode) unless --task-tokens keep."""
+    from trainer.config import load_config
+    from trainer.probe import load_probed
+
+    train, val, _ = probe_setup
+    folder = tmp_path / "OLA-VLM-CLIP-ViT-Llama3-tiny"
+    extra = _authors_ola_llama_folder(folder, tiny_models)
+    cfg = load_config([Path(__file__).parents[1] / "trainer" / "configs" / "probe.yaml"],
+                      {"store": str(train), "output_dir": str(tmp_path / "x"), "llm": str(folder)})
+    probed = load_probed(cfg, str(folder), None, torch.float32)
+    assert probed.token_order == ("depth", "seg", "gen") and probed.image.aspect == "pad"
+    assert probed.template == "llama_3" and probed.decoder.config.rope_parameters["rope_theta"] == 500000.0
+    mllm, bare = probed.mllm(), probed.mllm(with_task_tokens=False)
+    assert list(mllm.layout.task_slots) == ["depth", "seg", "gen"] and bare.layout.task_slots == {}
+    batch = {"pixels": torch.randint(0, 255, (2, 336, 336, 3), dtype=torch.uint8),
+             "prefix_ids": torch.full((2, mllm.layout.prefix), 5),
+             "text_ids": torch.tensor([[5, 6, 7]] * 2), "text_mask": torch.ones(2, 3, dtype=torch.long)}
+    with torch.no_grad():
+        embeds, _ = mllm.inputs(batch)
+        plain, _ = bare.inputs(batch)
+    start = mllm.layout.prefix + mllm.layout.image
+    want = torch.cat([extra["model.special_depth_tokens"].view(8, 72, -1).mean(1),
+                      extra["model.special_seg_tokens"].view(8, 72, -1).mean(1), extra["model.special_gen_tokens"]])
+    torch.testing.assert_close(embeds[0, start:start + 24], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat([embeds[:, :start], embeds[:, start + 24:]], 1), plain)
+    proj = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(
+        probed.tower.features(torch.zeros(1, 3, 336, 336)), extra["model.mm_projector.0.weight"])),
+        extra["model.mm_projector.2.weight"])
+    torch.testing.assert_close(probed.projector(probed.tower.features(torch.zeros(1, 3, 336, 336))), proj)
+    for keep in ("drop", "keep"):
+        out = tmp_path / f"run-{keep}"
+        rc, log = probe(["--store", str(train), "--eval-store", str(val), "--model", str(folder), "--layers", "2,20",
+                         "--teachers-manifest", str(tiny_teachers), "--output-dir", str(out), "--max-steps", "2",
+                         "--task-tokens", keep, "--set", "global_batch_size=4", "--set", "micro_batch_size=4",
+                         "--set", "num_workers=0"])
+        assert rc == 0, log
+        assert "ola_llama folder" in log
+        data = json.loads((out / "probe_scores.json").read_text())
+        assert data["protocol"]["eval_task_tokens"] == ([] if keep == "drop" else ["depth", "seg", "gen"])
+        assert data["protocol"]["image_aspect"] == "pad" and data["protocol"]["eval_resize"] == 640
+        assert all(v == v for s in data["scores"].values() for v in s.values())
+
+
+def test_probe_prompts_carry_no_answer_text_by_default(tmp_path, probe_setup, tiny_models, tiny_teachers):
+    """from-images --coco puts each image's caption in its record; the probes must not read it: training prompts
+    answer with their fixed "n", evaluation prompts end at the assistant header (eval_probe_dsg.py)."""
+    from trainer.config import load_config
+    from trainer.probe import build_probe
+    from trainer.templates import question_and_caption
+
+    train, _, proj = probe_setup
+    root = Path(tiny_models).parent
+    cfg = load_config([Path(__file__).parents[1] / "trainer" / "configs" / "probe.yaml"],
+                      {"store": str(train), "output_dir": str(tmp_path / "x"), "llm": str(root / "llm"),
+                       "vision_tower": str(root / "clip_vision_tower"), "teachers_manifest": str(tiny_teachers),
+                       "tasks": "gen,depth"}, ["num_workers=0", "global_batch_size=4", "micro_batch_size=4"])
+    pr = build_probe(cfg, str(root / "llm"), str(proj), [1], torch.device("cpu"), torch.float32, 0, 1)
+    tok = pr.run.tokenizer
+    records = [s["record"] for s in pr.run.store.iter_decoded(0, ["gen"], compact=True)]
+    assert records
+    for record in records:
+        question, caption = question_and_caption(record)
+        assert len(caption.split()) >= 3  # the sample's captions are sentences: a leak would be visible
+        train_text = tok.decode(pr.run.stream.map_fn.builder(record).text_ids)
+        eval_text = tok.decode(pr.eval_builder(record).text_ids)
+        assert caption not in train_text and caption not in eval_text
+        assert train_text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nn<|eot_id|>"), train_text
+        assert eval_text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n"), eval_text
+        assert question in eval_text
+    # the switch: each record's own answer, for whoever wants the leak on purpose
+    cfg.probe_answer = "record"
+    pr = build_probe(cfg, str(root / "llm"), str(proj), [1], torch.device("cpu"), torch.float32, 0, 1)
+    assert caption in tok.decode(pr.run.stream.map_fn.builder(record).text_ids)
+
+
+def test_the_probing_manifests_are_pt_s_with_the_authors_probing_changes(tmp_path):
+    """ola_vlm_probe.yaml: PT's recipes but depth's last block alone (base_probe_vlm: feat[-1][0]);
+    ola_vlm_probe_eval.yaml: that, every recipe starting with a 640x640 bicubic resize, depth and seg in float32
+    (eval_probe_dsg.py). Checked against ola_vlm.yaml's own text, so a change there reaches both."""
+    import copy
+
+    import yaml
+
+    from recipes.manifest import (
+        DEFAULT_MANIFEST,
+        PROBE_EVAL_MANIFEST,
+        PROBE_MANIFEST,
+        ManifestError,
+        load_manifest,
+        parse_manifest,
+    )
+
+    pt_raw = yaml.safe_load(DEFAULT_MANIFEST.read_text())
+    want = copy.deepcopy(pt_raw)
+    want["teachers"]["depth"]["feature"]["blocks"] = [23]
+    want["name"] = "ola_vlm_probe"
+    probe, pt = load_manifest(PROBE_MANIFEST), load_manifest(DEFAULT_MANIFEST)
+    assert {t: s.recipe() for t, s in probe.teachers.items()} == \
+        {t: s.recipe() for t, s in parse_manifest(want).teachers.items()}
+    assert probe.teachers["gen"].recipe_hash() == pt.teachers["gen"].recipe_hash()
+    assert probe.teachers["depth"].recipe_hash() != pt.teachers["depth"].recipe_hash()
+    want["name"] = "ola_vlm_probe_eval"
+    for t, spec in want["teachers"].items():
+        spec["preprocess"]["ops"].insert(0, {"op": "resize", "height": 640, "width": 640, "resample": "bicubic"})
+        if t != "gen":
+            spec["compute_dtype"] = "float32"
+    ev = load_manifest(PROBE_EVAL_MANIFEST)
+    expected = parse_manifest(want)
+    assert {t: (s.recipe(), s.compute_dtype) for t, s in ev.teachers.items()} == \
+        {t: (s.recipe(), s.compute_dtype) for t, s in expected.teachers.items()}
+    assert ev.teachers["gen"].compute_dtype == "float16"
+    # a circle of extends, and prepend_ops without ops to prepend to, are refused by name
+    (tmp_path / "a.yaml").write_text("format: olaf.teachers/1\nextends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("format: olaf.teachers/1\nextends: a.yaml\n")
+    with pytest.raises(ManifestError, match="circle"):
+        load_manifest(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text(f"format: olaf.teachers/1\nextends: {PROBE_MANIFEST}\nprepend_ops: oops\n")
+    with pytest.raises(ManifestError, match="prepend_ops"):
+        load_manifest(tmp_path / "c.yaml")

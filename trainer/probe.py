@@ -202,8 +202,11 @@ def _from_llava_hf(cfg: PTConfig, model: str, config, dtype) -> Probed:
                   f"LlavaForConditionalGeneration {model}")
 
 
-# their model types -> the LLM's (transformers'); olaf's --format ola-vlm writes the first
-AUTHORS_MODEL_TYPES = {"ola_llama": "llama", "ola_phi3": "phi3", "llava_llama": "llama", "llava_phi3": "phi3"}
+# their model types -> the LLM's (transformers'); olaf's --format ola-vlm writes the first. A released probe
+# checkpoint (shi-labs/probe_depth_llava-1.5-pt-ift: probe_dsg_llava_llama, probe_mode set) holds its whole MLLM,
+# the paper's LLaVA-1.5 baseline among them
+AUTHORS_MODEL_TYPES = {"ola_llama": "llama", "ola_phi3": "phi3", "llava_llama": "llama", "llava_phi3": "phi3",
+                       "probe_dsg_llava_llama": "llama"}
 PREFIX = {"tower": "model.vision_tower.vision_tower.", "projector": "model.mm_projector.", "tokens": "model.special_"}
 
 
@@ -221,11 +224,12 @@ def _folder_tensors(folder: Path, prefixes) -> dict[str, torch.Tensor]:
     return out
 
 
-def _authors_task_tokens(config: dict, tensors: dict, folder: Path) -> TaskTokens:
-    """Their OlaLlavaMetaModel's tokens: special_<task>_tokens for each task of aux_mode, each put in the sequence
-    as num_task_tokens vectors (depth and seg pooled in groups; gen as they are); none in probe_mode."""
+def _authors_task_tokens(config: dict, tensors: dict, folder: Path) -> tuple[TaskTokens, tuple[str, ...]]:
+    """Their OlaLlavaMetaModel's tokens and their order (aux_mode's): special_<task>_tokens for each task, each put
+    in the sequence as num_task_tokens vectors (depth and seg pooled in groups; gen as they are); none in
+    probe_mode."""
     if "num_task_tokens" not in config or "probe_mode" in config or not config.get("num_task_tokens"):
-        return TaskTokens({}, {})
+        return TaskTokens({}, {}), ()
     if config.get("task_token_format", "emb") == "text":
         raise TrainerError(f"{folder}: task_token_format 'text' (tokens as vocabulary ids) is not supported")
     order = [t for t in str(config.get("aux_mode", "")).split("-") if t in TASKS]
@@ -234,7 +238,8 @@ def _authors_task_tokens(config: dict, tensors: dict, folder: Path) -> TaskToken
         raise TrainerError(f"{folder}: config aux_mode {config.get('aux_mode')!r} names task tokens the folder does "
                            f"not hold (model.special_{missing[0]}_tokens)")
     k = int(config["num_task_tokens"])
-    return TaskTokens({t: tensors[f"model.special_{t}_tokens"] for t in order}, dict.fromkeys(order, k), trainable=False)
+    vectors = {t: tensors[f"model.special_{t}_tokens"] for t in order}
+    return TaskTokens(vectors, dict.fromkeys(order, k), trainable=False), tuple(order)
 
 
 def _authors_tower(cfg: PTConfig, config: dict, tensors: dict, dtype):
@@ -263,17 +268,18 @@ def _from_authors_folder(cfg: PTConfig, folder: Path, config: dict, dtype) -> Pr
     base = AUTHORS_MODEL_TYPES[config["model_type"]]
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise TrainerError(f"{folder}: mm_projector_type {config['mm_projector_type']!r}; olaf probes mlp2x_gelu")
-    llm_config = AutoConfig.for_model(base, **{k: v for k, v in config.items() if k != "model_type"})
+    fields = {k: v for k, v in config.items() if k != "model_type" and not (k == "rope_scaling" and v is None)}
+    llm_config = AutoConfig.for_model(base, **fields)
     tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, str(folder))
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, str(folder), config=llm_config, dtype=dtype)
     tensors = _folder_tensors(folder, PREFIX.values())
     tower, tower_name = _authors_tower(cfg, config, tensors, dtype)
     proj = _load_projector(tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
-    tokens = _authors_task_tokens(config, tensors, folder)
+    tokens, order = _authors_task_tokens(config, tensors, folder)
     image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, config.get("image_aspect_ratio", "square")))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
                   _choice(cfg.chat_template, _template_of(base)), image,
-                  f"{config['model_type']} folder {folder} ({tower_name})", token_order=tuple(tokens))
+                  f"{config['model_type']} folder {folder} ({tower_name})", token_order=order)
 
 
 def _local_folder(model: str) -> Path:
