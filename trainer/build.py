@@ -19,7 +19,7 @@ from trainer.config import PTConfig
 from trainer.data import ImageRecipe, PTSample, collate
 from trainer.model import OLAPT
 from trainer.sequence import Layout
-from trainer.templates import PromptBuilder, get_template, prompt_prefix
+from trainer.templates import PLAIN, PlainPromptBuilder, PromptBuilder, get_template, plain_prefix, prompt_prefix
 from trainer.towers import load_tower
 
 
@@ -144,14 +144,25 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     tokenizer, llm, vision, attn = load_frozen(cfg, device, dtype)
     if cfg.ntp_labels == "original":  # the original's PT adds <pad> to Llama-3 before training: V + 1 logits
         add_pad_token(tokenizer, llm)
-    template = get_template(cfg.chat_template)
-    layout = Layout.of(len(prompt_prefix(tokenizer, template)), vision.num_tokens,
-                       {t: cfg.task_tokens[t] for t in cfg.tasks})
-    builder = PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start,
-                            label_header_end=cfg.ntp_labels == "original")
+    layout, builder = sequence_layout(cfg, tokenizer, vision)
     image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
     return assemble(cfg, device, dtype, store, expected, tokenizer, model, builder, image, rank, world, attn)
+
+
+def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
+    """The layout of [prefix | image | task tokens | text] and the prompt builder that fills it: a chat template
+    with the image tokens, or VLoRA's plain text with its masked placeholder and no image tokens."""
+    tasks = {t: cfg.task_tokens[t] for t in cfg.tasks}
+    if cfg.chat_template == PLAIN:
+        keep = cfg.vlora.get("placeholder", "keep") == "keep"
+        prefix = plain_prefix(tokenizer, keep)
+        layout = Layout.of(len(prefix), 0, tasks, masked=(len(prefix) - 1,) if keep else ())
+        return layout, PlainPromptBuilder(tokenizer, cfg.max_length - layout.text_start, keep)
+    template = get_template(cfg.chat_template)
+    layout = Layout.of(len(prompt_prefix(tokenizer, template)), vision.num_tokens, tasks)
+    return layout, PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start,
+                                 label_header_end=cfg.ntp_labels == "original")
 
 
 def assemble(cfg: PTConfig, device, dtype, store: Store, expected: dict, tokenizer, model, builder: PromptBuilder,

@@ -27,7 +27,9 @@ class PTConfig:
     vision_tower: str = "openai/clip-vit-large-patch14-336"
     vision_select_layer: int = -2
     image_aspect: str = "square"
-    chat_template: str = "llama_3"
+    chat_template: str = "llama_3"  # llama_3 | phi_3 | vicuna_v1 | plain (VLoRA's PT: [BOS, <image>] caption "\n")
+    connector: str = "mlp2x_gelu"  # mlp2x_gelu: image tokens (LLaVA, OLA-VLM) | vlora: per-sample deltas (VLoRA)
+    vlora: dict = field(default_factory=dict)  # the generator's settings under their names (trainer/vlora.py)
     teachers_manifest: str | None = None  # None: recipes/manifests/ola_vlm.yaml
     fidelity: str | None = None
     tasks: list = field(default_factory=lambda: list(TASKS))
@@ -90,7 +92,7 @@ class PTConfig:
                             f"got {self.tasks!r}")
         elif [t for t in self.tasks if t not in TASKS]:
             problems.append(f"tasks {[t for t in self.tasks if t not in TASKS]} unknown; choose from {TASKS}")
-        for name in ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width"):
+        for name in ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width", "vlora"):
             if not isinstance(getattr(self, name), dict):
                 problems.append(f"{name} must be a mapping (e.g. {{gen: ..., depth: ..., seg: ...}}), "
                                 f"got {getattr(self, name)!r}")
@@ -152,6 +154,11 @@ class PTConfig:
             problems.append(f"probe_task_tokens must be keep or drop, got {self.probe_task_tokens!r}")
         if self.probe_eval_resize is not None and self.probe_eval_resize < 1:
             problems.append(f"probe_eval_resize must be >= 1 or null (no resize), got {self.probe_eval_resize}")
+        if self.connector not in ("mlp2x_gelu", "vlora"):
+            problems.append(f"connector must be mlp2x_gelu or vlora, got {self.connector!r}")
+        if (self.chat_template == "plain") != (self.connector == "vlora"):
+            problems.append(f"chat_template plain is VLoRA's PT conversation and goes with connector vlora (got "
+                            f"chat_template {self.chat_template}, connector {self.connector})")
         if self.precision not in ("auto", "bf16", "fp32"):
             problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         return problems

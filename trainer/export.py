@@ -7,6 +7,7 @@
         config.json               layers, token counts, widths, base model ids, teachers, store
     python -m trainer.export RUN_DIR --format ola-vlm --out DIR     # a PT model folder OLA-VLM's IFT loads
     python -m trainer.export RUN_DIR --format llava --out DIR       # RUN/export/ (mm_projector.bin, tokens, heads)
+    python -m trainer.export RUN_DIR --format vlora --out DIR       # a VLoRA run: their PT output folder
 
 `ola-vlm` writes what OLA-VLM's own PT run leaves in `outputs/pretrain_dsg_...` and its `finetune.sh` continues
 from (`--model_name_or_path DIR`), derived from reading their code (ola_vlm/train/ola_vlm_train.py,
@@ -76,7 +77,8 @@ def model_info(run) -> dict:
             "special_tokens": cfg.special_tokens, "predictor": cfg.predictor,
             "target_shapes": {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks},
             "target_token_order": TOKEN_ORDER, "teachers": run.store.teachers(), "store": run.store.url,
-            "global_batch_size": cfg.global_batch_size}
+            "global_batch_size": cfg.global_batch_size, "connector": cfg.connector,
+            "vlora": getattr(model.projector, "s", None)}
 
 
 def from_checkpoint(run_dir: Path, ckpt: Path | None = None) -> tuple[Path, dict, PTConfig]:
@@ -318,6 +320,8 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     from trainer.towers import load_tower
 
     ckpt, info, cfg = from_checkpoint(run_dir, ckpt)
+    if info.get("connector", "mlp2x_gelu") != "mlp2x_gelu":
+        raise ExportError(f"OLA-VLM's IFT has no {info['connector']} connector: export this run with --format vlora")
     trained = load_file(ckpt / "trainable.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
     llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype="auto")
@@ -339,20 +343,60 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     return Path(out)
 
 
+# ---- --format vlora: what VLoRA's PT leaves --------------------------------------------------------------------
+
+VLORA_FIELDS = ("vlora_dim", "vlora_depth", "vlora_visual_dim", "vlora_pos_num", "vlora_llm_dim", "vlora_llm_depth",
+                "vlora_rank", "vlora_alpha", "vlora_type", "weights_sep", "skip_layers")
+
+
+def export_vlora(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
+    """VLoRA's PT output folder (their train.py's final save, VLORA_SPEC.md section 4): mm_projector.bin, the
+    generator under `model.mm_projector.` and their names (finetune.sh's --pretrain_mm_mlp_adapter), and
+    config.json: the LLM's config as 4.x reads it, model_type llava_vlora, mm_projector_type vlora, the 11
+    vlora_* fields their builder rebuilds the generator from, LLaVA's mm_* flags. olaf's own switches (kv_deltas,
+    queries_init, placeholder) go under `olaf`: their code knows only their behaviour."""
+    from transformers import AutoConfig
+
+    ckpt, info, cfg = from_checkpoint(run_dir, ckpt)
+    if info.get("connector") != "vlora":
+        raise ExportError(f"--format vlora exports a VLoRA run (connector: vlora); {run_dir} trained "
+                          f"{info.get('connector', 'mlp2x_gelu')}: use --format ola-vlm or llava")
+    settings = info["vlora"]
+    trained = load_file(ckpt / "trainable.safetensors")
+    llm = authors_llm_config(AutoConfig.from_pretrained(cfg.llm).to_dict())
+    config = {**llm, "model_type": "llava_vlora", "architectures": ["LlavaLlamaVLoRAForCausalLM"],
+              "mm_projector_type": "vlora", "mm_vision_tower": cfg.vision_tower, "mm_hidden_size": info["mm_hidden_size"],
+              "mm_vision_select_layer": cfg.vision_select_layer, "mm_vision_select_feature": "patch",
+              "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": True,
+              "image_aspect_ratio": cfg.image_aspect, "tokenizer_model_max_length": cfg.max_length,
+              **{k: settings[k] for k in VLORA_FIELDS},
+              "olaf": {"kv_deltas": settings["kv_deltas"], "queries_init": settings["queries_init"],
+                       "placeholder": settings["placeholder"], "tasks": cfg.tasks, "steps": info.get("steps"),
+                       "checkpoint": info.get("checkpoint"), "store": info.get("store")}}
+    with atomic_path(out) as tmp:
+        Path(tmp).mkdir()
+        torch.save({f"model.mm_{k}": v for k, v in trained.items() if k.startswith("projector.")},
+                   Path(tmp) / "mm_projector.bin")
+        (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(out)
+
+
 # ---- the command ------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a trainer.pt --output-dir (finished or not)")
-    p.add_argument("--format", choices=["ola-vlm", "llava"], required=True)
+    p.add_argument("--format", choices=["ola-vlm", "llava", "vlora"], required=True,
+                   help="ola-vlm: the folder OLA-VLM's IFT continues from; llava: RUN/export (mm_projector.bin, task "
+                        "tokens, heads); vlora: VLoRA's PT output (mm_projector.bin + config.json) for a VLoRA run")
     p.add_argument("--out", required=True, help="a new (or empty) folder outside the run")
     p.add_argument("--checkpoint", help="a checkpoints/step-N folder (default: the run's latest)")
     a = p.parse_args(argv)
     run, out = Path(a.run_dir), Path(a.out)
     try:
         check_out(out, run)
-        write = export_ola_vlm if a.format == "ola-vlm" else export_llava
+        write = {"ola-vlm": export_ola_vlm, "llava": export_llava, "vlora": export_vlora}[a.format]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AuthorsWarning)
             path = write(run, out, Path(a.checkpoint) if a.checkpoint else None)

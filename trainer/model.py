@@ -1,6 +1,7 @@
 """The OLA-VLM PT model: the sequence model (trainer.sequence: frozen CLIP tower -> trainable projector -> frozen
 causal LLM with trainable task tokens) and trainable embedding predictors that read the LLM's hidden states at
-chosen layers; `forward` returns the PT loss.
+chosen layers; `forward` returns the PT loss. `connector: vlora` puts VLoRA's weights generator where the projector
+is (trainer/vlora.py); `tasks: []` leaves next-token prediction alone (LLaVA-1.5's and VLoRA's PT).
 
   * predictor for (task, layer l): a one-block Perceiver resampler (trainer.heads.Predictor) whose keys are the
     layer-l hidden states of prefix | image | that task's own tokens | text, padding masked (the original leaves
@@ -25,6 +26,20 @@ from trainer.loss import Negatives, ntp_loss, pt_loss, step_negatives
 from trainer.sequence import MLLM, Layout, Projector, TaskTokens
 
 
+def connector(cfg: PTConfig, llm, vision) -> nn.Module:
+    """What turns the tower's features into the LLM's input: LLaVA's mlp2x_gelu projector (image tokens), or
+    VLoRA's weights generator (per-sample deltas in the LLM's layers, no image tokens)."""
+    if cfg.connector == "vlora":
+        from trainer import vlora
+        from trainer.build import TrainerError
+
+        try:
+            return vlora.VLoRAConnector(vlora.settings(cfg.vlora, llm.config, vision), llm.get_decoder())
+        except vlora.VLoRAError as e:
+            raise TrainerError(str(e)) from None
+    return Projector(vision.hidden_size, llm.config.hidden_size)
+
+
 class OLAPT(MLLM):
     """`forward(batch, negatives)` -> (loss, terms): the whole PT objective, logit scales included, so DDP sees
     every trained parameter used in its forward. Trained: projector, special_tokens, predictors, logit_scales."""
@@ -33,7 +48,7 @@ class OLAPT(MLLM):
                  image_mean, image_std):
         width = llm.config.hidden_size
         tasks = [t for t in TASKS if t in cfg.tasks]
-        projector = Projector(vision.hidden_size, width)
+        projector = connector(cfg, llm, vision)
         tokens = TaskTokens.random({t: cfg.special_tokens[t] for t in tasks}, cfg.task_tokens, width)
         super().__init__(llm.get_input_embeddings(), llm.get_decoder(), llm.get_output_embeddings(), vision,
                          projector, tokens, layout, image_mean, image_std)

@@ -1,7 +1,8 @@
 """The sequence model PT and probing share: [prefix | image tokens | task tokens | text] through a causal LLM.
 
     prefix       BOS, system block, user header (its length is the image offset, from the tokenizer)
-    image        the frozen base encoder's tokens through the projector (mlp2x_gelu)
+    image        the frozen base encoder's tokens through the projector (mlp2x_gelu); none with VLoRA's
+                 connector (trainer/vlora.py), whose per-sample deltas reach the LLM's layers instead
     task tokens  per task, its learnable vectors mean-pooled in contiguous groups to the tokens it puts in the
                  sequence (gen 8 -> 8; depth and seg 576 -> 8), in the order of recipes.TASKS
     text         question and answer, padded on the right (padding masked)
@@ -45,31 +46,34 @@ class Layout:
     image: int  # image tokens
     task_slots: dict[str, tuple[int, int]]  # task -> [start, stop) in the sequence
     text_start: int
+    masked: tuple[int, ...] = ()  # prefix positions no token attends to (VLoRA's <image> placeholder)
 
     @classmethod
-    def of(cls, prefix: int, image: int, task_tokens: dict[str, int], order=TASKS) -> Layout:
+    def of(cls, prefix: int, image: int, task_tokens: dict[str, int], order=TASKS, masked=()) -> Layout:
         """Task tokens follow the image in `order` (olaf's: the canonical task order; a released model's: its
         config's aux_mode), `task_tokens[t]` of each."""
         slots, pos = {}, prefix + image
         for t in order:
             if t in task_tokens:
                 slots[t], pos = (pos, pos + task_tokens[t]), pos + task_tokens[t]
-        return cls(prefix, image, slots, pos)
+        return cls(prefix, image, slots, pos, tuple(masked))
 
     def attention_mask(self, text_mask: torch.Tensor) -> torch.Tensor:
-        return torch.cat([text_mask.new_ones(text_mask.shape[0], self.text_start), text_mask], dim=1)
+        fixed = text_mask.new_ones(text_mask.shape[0], self.text_start)
+        fixed[:, list(self.masked)] = 0
+        return torch.cat([fixed, text_mask], dim=1)
 
     def keys(self, hidden: torch.Tensor, text_mask: torch.Tensor, task: str | None = None):
         """The hidden states a head reads, as (keys (B, L', H), mask (B, L') bool): every token (`task` None: the
         probes), or a task's predictor's: prefix, image, its own task tokens and text, other tasks' tokens left
         out. Padding is masked."""
+        full = self.attention_mask(text_mask).bool()
         if task is None:
-            return hidden, self.attention_mask(text_mask).bool()
+            return hidden, full
         start, stop = self.task_slots[task]
         fixed = self.prefix + self.image
         keys = torch.cat([hidden[:, :fixed], hidden[:, start:stop], hidden[:, self.text_start:]], 1)
-        mask = torch.cat([hidden.new_ones(hidden.shape[0], fixed + stop - start, dtype=torch.bool),
-                          text_mask.bool()], dim=1)
+        mask = torch.cat([full[:, :fixed], full[:, start:stop], full[:, self.text_start:]], dim=1)
         return keys, mask
 
 
@@ -107,8 +111,9 @@ class MLLM(nn.Module):
         self.projector, self.special_tokens, self.layout = projector, task_tokens, layout
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
-        if layout.image != vision.num_tokens or set(layout.task_slots) != set(task_tokens):
-            raise ValueError(f"layout {layout} does not fit {vision.num_tokens} image tokens and task tokens "
+        image_tokens = getattr(projector, "num_tokens", vision.num_tokens)  # VLoRA's connector puts none
+        if layout.image != image_tokens or set(layout.task_slots) != set(task_tokens):
+            raise ValueError(f"layout {layout} does not fit {image_tokens} image tokens and task tokens "
                              f"{list(task_tokens)}")
 
     @property

@@ -55,9 +55,13 @@ TEMPLATES = {
 }
 
 
+PLAIN = "plain"  # VLoRA's PT conversation (conv_llava_plain): no system, no roles; PlainPromptBuilder
+PLACEHOLDER_ID = 0  # their <image> (-200) becomes token 0 in the forward, its attention masked
+
+
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
+        raise ValueError(f"unknown chat template {name!r}; known: {', '.join([*TEMPLATES, PLAIN])}")
     return TEMPLATES[name]
 
 
@@ -120,3 +124,28 @@ class PromptBuilder:
         masked = [IGNORE_INDEX] * (len(instruction) - 1) + (instruction[-1:] if self.label_header_end else [IGNORE_INDEX])
         labels = (masked + answer)[: self.max_text_tokens]
         return Tokenized(self.prefix_ids, ids, labels)
+
+
+class PlainPromptBuilder:
+    """VLoRA's PT text (`--version plain`): [BOS, <image> placeholder] + caption + "\n", the question dropped, no
+    EOS; everything after the placeholder labelled. The placeholder is token 0 with its attention masked and the
+    caption at position 2, as theirs (`placeholder=False`: no placeholder, the caption at position 1)."""
+
+    def __init__(self, tokenizer, max_text_tokens: int, placeholder: bool = True):
+        self.tok, self.max_text_tokens = tokenizer, max_text_tokens
+        self.prefix_ids = plain_prefix(tokenizer, placeholder)
+
+    @property
+    def image_offset(self) -> int:
+        return len(self.prefix_ids)
+
+    def __call__(self, record: dict) -> Tokenized:
+        _, caption = question_and_caption(record)
+        text = caption[: MAX_CHARS_PER_TOKEN * self.max_text_tokens] + "\n"
+        ids = self.tok(text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
+        return Tokenized(self.prefix_ids, ids, list(ids))
+
+
+def plain_prefix(tokenizer, placeholder: bool = True) -> list[int]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + ([PLACEHOLDER_ID] if placeholder else [])
