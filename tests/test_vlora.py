@@ -298,6 +298,16 @@ def test_vlora_trains_resumes_after_kill_9_and_exports_their_folder(tmp_path, tr
 
     last = load_file(sorted((out / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors")
     assert torch.equal(state["model.mm_projector.Bs"], last["projector.Bs"]) and last["projector.Bs"].any()
+    # trainer.probe probes it like any other model: its deltas in, the plain template, no image tokens
+    from trainer.probe import run as probe
+
+    rc, log = call(probe, ["--store", str(trainer_store), "--eval-store", str(trainer_store), "--model",
+                           str(whole / "export"), "--teachers-manifest", str(tiny_teachers), "--layers", "4,20",
+                           "--output-dir", str(tmp_path / "probe"), "--max-steps", "1", "--set", "global_batch_size=4",
+                           "--set", "micro_batch_size=4", "--set", "num_workers=0"])
+    assert rc == 0 and "olaf VLoRA export" in log, log
+    scores = json.loads((tmp_path / "probe" / "probe_scores.json").read_text())["scores"]
+    assert all(math.isfinite(v) for by_layer in scores.values() for v in by_layer.values())
 
 
 def test_vlora_with_the_embedding_losses_trains_and_logs_each_task_and_layer(tmp_path, trainer_store, tiny_models,

@@ -1,17 +1,19 @@
-"""The lean trainer: OLA-VLM's PT stage (and probing) from a store's targets; it never imports teachers/.
+"""The lean trainer: OLA-VLM's and VLoRA's PT stages (and probing) from a store; it never imports teachers/.
 
     config      PTConfig: defaults (configs/*.yaml), YAML overrides, --set, one message for every bad field
-    templates   chat templates; a record -> prefix, text ids and labels (the image offset from the tokenizer)
+    templates   chat templates (and VLoRA's plain text); a record -> prefix, text ids and labels
     data        image recipe of the base encoder, one sample -> a row, collate, workers that die with the trainer
     towers      the frozen base encoders (CLIP-ViT, CLIP-ConvNeXT-XXL) behind one interface
     sequence    the sequence model PT and probing share: [prefix | image | task tokens | text] -> the LLM
     heads       the embedding predictor (Perceiver resampler); with learned latents, the probe head
-    model       OLAPT: the sequence model + predictors; forward returns the PT loss
+    vlora       VLoRA's connector: the weights generator and its per-sample deltas in the LLM's layers
+    model       OLAPT: the sequence model (projector or VLoRA) + predictors; forward returns the PT loss
     loss        NTP, smooth-L1, InfoNCE over the step's global batch
     build       a run's parts from its config: store check, frozen models, model, stream, optimizer, schedule
     loop        the training loop (PT and probing), distributed set-up, the one-line CLI errors
     checkpoint  the checkpointer over a run's stateful parts
     runlog      logs, counts, the log-time reduction
-    export      what a run leaves for the next stage (export/, --format ola-vlm, llava)
+    export      what a run leaves for the next stage (export/, --format ola-vlm, llava, vlora), for the
+                authors' pinned transformers 4.41.1
     pt, probe   the commands; plot the loss curves; tiny the random-weight stand-ins
 """

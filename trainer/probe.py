@@ -45,7 +45,7 @@ from trainer.heads import Predictor
 from trainer.loop import run_cli, start, teardown, to_device, train
 from trainer.loss import masked_smooth_l1
 from trainer.sequence import MLLM, Layout, Projector, TaskTokens, mm_projector_state
-from trainer.templates import PromptBuilder, get_template, prompt_prefix
+from trainer.templates import PLAIN, PlainPromptBuilder, PromptBuilder, get_template, plain_prefix, prompt_prefix
 from trainer.towers import CLIPTower, load_tower
 
 PROBE_DEFAULTS = Path(__file__).parent / "configs" / "probe.yaml"
@@ -120,11 +120,23 @@ class Probed:
     image: ImageRecipe
     what: str
     token_order: tuple = TASKS
+    placeholder: bool = True  # VLoRA's plain template: its masked <image> placeholder
 
     def layout(self, with_task_tokens: bool = True) -> Layout:
         tokens = self.task_tokens.pooled if with_task_tokens else {}
-        return Layout.of(len(prompt_prefix(self.tokenizer, get_template(self.template))), self.tower.num_tokens,
-                         tokens, self.token_order)
+        image = getattr(self.projector, "num_tokens", self.tower.num_tokens)  # VLoRA's connector: none
+        if self.template == PLAIN:
+            keep = self.placeholder
+            return Layout.of(len(plain_prefix(self.tokenizer, keep)), image, tokens, self.token_order,
+                             masked=(len(plain_prefix(self.tokenizer, keep)) - 1,) if keep else ())
+        return Layout.of(len(prompt_prefix(self.tokenizer, get_template(self.template))), image, tokens,
+                         self.token_order)
+
+    def builder(self, max_length: int, layout: Layout, **protocol):
+        """The prompt builder for this model's template; `protocol`: answer / with_answer (the probes')."""
+        if self.template == PLAIN:
+            return PlainPromptBuilder(self.tokenizer, max_length - layout.text_start, self.placeholder, **protocol)
+        return PromptBuilder(self.tokenizer, get_template(self.template), max_length - layout.text_start, **protocol)
 
     def mllm(self, with_task_tokens: bool = True) -> MLLM:
         """The frozen MLLM; without task tokens: the same parts, none inserted (the authors' probe_mode)."""
@@ -171,20 +183,47 @@ def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: 
     return tokenizer, llm, tower, proj, image
 
 
-def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
-    """(a) an olaf PT run's export/: its LLM, tower, projector and task tokens."""
+def _export_task_tokens(folder: Path, info: dict) -> TaskTokens:
+    """An export's task tokens (none for a run without tasks), pooled as PT put them in the sequence."""
     from safetensors.torch import load_file
 
+    vectors = load_file(folder / "task_tokens.safetensors")
+    held = [t for t in TASKS if f"special_{t}_tokens" in vectors]
+    return TaskTokens({t: vectors[f"special_{t}_tokens"] for t in held},
+                      {t: info["task_tokens"][t] for t in held}, trainable=False)
+
+
+def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
+    """(a) an olaf PT run's export/: its LLM, tower, projector and task tokens."""
     info = json.loads((folder / "config.json").read_text())
+    if info.get("connector") == "vlora":
+        return _from_vlora_export(cfg, folder, info, dtype)
     tokenizer, llm, tower, proj, image = _llm_tower_projector(
         cfg, info["llm"], info["vision_tower"], info["mm_vision_select_layer"], folder / "mm_projector.bin", dtype,
         info.get("image_aspect", "square"))
-    vectors = load_file(folder / "task_tokens.safetensors")
-    tokens = TaskTokens({t: vectors[f"special_{t}_tokens"] for t in TASKS if f"special_{t}_tokens" in vectors},
-                        info["task_tokens"], trainable=False)
-    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
+    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, _export_task_tokens(folder, info), tokenizer,
                   _choice(cfg.chat_template, info["chat_template"]), image,
                   f"olaf PT export: {info['llm']}, {info['vision_tower']}")
+
+
+def _from_vlora_export(cfg: PTConfig, folder: Path, info: dict, dtype) -> Probed:
+    """(a) a VLoRA run's export/: its LLM with the generator's deltas hooked in, the plain template, no image
+    tokens; the task tokens when the run had OLA-VLM's losses too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.vlora import VLoRAConnector
+
+    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, info["llm"])
+    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, info["llm"], dtype=dtype)
+    tower = load_or_explain("vision tower", load_tower, info["vision_tower"],
+                            select_layer=info["mm_vision_select_layer"], dtype=dtype)
+    connector = VLoRAConnector(info["vlora"], llm.get_decoder())
+    connector.load_state_dict(mm_projector_state(torch.load(folder / "mm_projector.bin", weights_only=True)))
+    image = ImageRecipe.from_pretrained(info["vision_tower"], _choice(cfg.image_aspect, info.get("image_aspect", "square")))
+    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, connector.to(dtype),
+                  _export_task_tokens(folder, info), tokenizer, PLAIN,
+                  image, f"olaf VLoRA export: {info['llm']}, {info['vision_tower']}",
+                  placeholder=info["vlora"].get("placeholder", "keep") == "keep")
 
 
 def _from_llava_hf(cfg: PTConfig, model: str, config, dtype) -> Probed:
@@ -353,14 +392,12 @@ def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: lis
     if bad:
         raise TrainerError(f"--layers {bad}: the LLM has layers 1..{n_layers}")
     probes = ProbeSet(mllm, target_shapes, layers, cfg.predictor).to(device)
-    template = get_template(probed.template)
     answer = None if cfg.probe_answer == "record" else cfg.probe_answer
-    builder = PromptBuilder(probed.tokenizer, template, cfg.max_length - mllm.layout.text_start, answer=answer)
+    builder = probed.builder(cfg.max_length, mllm.layout, answer=answer)
     run = assemble(cfg, device, dtype, store, expected, probed.tokenizer, probes, builder, probed.image, rank, world,
                    "sdpa")
     eval_mllm = probed.mllm(with_task_tokens=cfg.probe_task_tokens == "keep").to(device)
-    eval_builder = PromptBuilder(probed.tokenizer, template, cfg.max_length - eval_mllm.layout.text_start,
-                                 with_answer=False)
+    eval_builder = probed.builder(cfg.max_length, eval_mllm.layout, with_answer=False)
     eval_image = dataclasses.replace(probed.image, pre_resize=cfg.probe_eval_resize)
     return ProbeRun(run, eval_mllm, eval_builder, eval_image, probed.what, expected)
 

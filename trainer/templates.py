@@ -131,8 +131,10 @@ class PlainPromptBuilder:
     EOS; everything after the placeholder labelled. The placeholder is token 0 with its attention masked and the
     caption at position 2, as theirs (`placeholder=False`: no placeholder, the caption at position 1)."""
 
-    def __init__(self, tokenizer, max_text_tokens: int, placeholder: bool = True):
+    def __init__(self, tokenizer, max_text_tokens: int, placeholder: bool = True, answer: str | None = None,
+                 with_answer: bool = True):
         self.tok, self.max_text_tokens = tokenizer, max_text_tokens
+        self.answer, self.with_answer = answer, with_answer  # as PromptBuilder's: the probes' protocol
         self.prefix_ids = plain_prefix(tokenizer, placeholder)
 
     @property
@@ -141,6 +143,9 @@ class PlainPromptBuilder:
 
     def __call__(self, record: dict) -> Tokenized:
         _, caption = question_and_caption(record)
+        caption = caption if self.answer is None else self.answer
+        if not self.with_answer:  # plain has no question: the text is the answer, and there is none
+            return Tokenized(self.prefix_ids, [], [])
         text = caption[: MAX_CHARS_PER_TOKEN * self.max_text_tokens] + "\n"
         ids = self.tok(text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
         return Tokenized(self.prefix_ids, ids, list(ids))
