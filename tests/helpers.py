@@ -81,6 +81,17 @@ def trainer_args(store_path, models_cfg, teachers_yaml, out, *extra) -> list[str
             "--output-dir", str(out), *extra]
 
 
+def kill_trainer_after(argv: list[str], out: Path, step: int) -> None:
+    """`python -m trainer.pt ARGV` in its own process group, killed with SIGKILL once checkpoint `step` exists
+    (a run that finishes first fails the test: it could not be killed mid-way)."""
+    p = subprocess.Popen([sys.executable, "-m", "trainer.pt", *argv], cwd=REPO, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: (out / "checkpoints" / f"step-{step:06d}").exists() or p.poll() is not None, what=f"step {step}")
+    assert p.poll() is None, "the run finished before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+
+
 def env(**extra) -> dict[str, str]:
     """This process's environment for a child: no torchrun variables, no RAY_ADDRESS, and this process's torch
     threads (a run continued here after a child's gives the same numbers)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import free_port
-from helpers import REPO, TRAINED_STEPS, call, env, trainer_args, wait_for
+from helpers import REPO, TRAINED_STEPS, call, env, kill_trainer_after, trainer_args, wait_for
 
 from trainer import loss as L
 from trainer.config import PTConfig
@@ -250,12 +250,7 @@ def test_plot_writes_a_loss_curve_png(trained):
 def test_kill_and_resume_give_the_same_losses(tmp_path, trainer_store, tiny_models, tiny_teachers, trained):
     out = tmp_path / "out"
     argv = trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", str(TRAINED_STEPS))
-    p = subprocess.Popen([sys.executable, "-m", "trainer.pt", *argv], cwd=REPO, env=env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: (out / "checkpoints" / "step-000004").exists() or p.poll() is not None, what="step 4")
-    assert p.poll() is None, "the run finished before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_trainer_after(argv, out, 4)
     assert not (out / "export").exists()
     rc, log = call(trainer, argv + ["--resume"])
     assert rc == 0, log

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, call, env, trainer_args, wait_for
+from helpers import REPO, call, kill_trainer_after, trainer_args
 
 from trainer.pt import run as trainer
 
@@ -255,12 +251,7 @@ def test_vlora_trains_resumes_after_kill_9_and_exports_their_folder(tmp_path, tr
     assert rc == 0, log
     out = tmp_path / "killed"
     argv = vlora_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", str(steps))
-    p = subprocess.Popen([sys.executable, "-m", "trainer.pt", *argv], cwd=REPO, env=env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: (out / "checkpoints" / "step-000004").exists() or p.poll() is not None, what="step 4")
-    assert p.poll() is None, "the run finished before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_trainer_after(argv, out, 4)
     rc, log = call(trainer, argv + ["--resume"])
     assert rc == 0 and "resumed from" in log, log
     lines = lambda d: [json.loads(x) for x in (d / "logs" / "train.jsonl").read_text().splitlines()]  # noqa: E731
