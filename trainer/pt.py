@@ -1,9 +1,11 @@
-"""OLA-VLM's PT stage, trained from a store's targets: the teachers are never loaded.
+"""OLA-VLM's PT stage (or LLaVA-1.5's, or VLoRA's), trained from a store: the teachers are never loaded.
 
     python -m trainer.pt --store STORE --llm meta-llama/Meta-Llama-3-8B-Instruct \\
         --vision-tower openai/clip-vit-large-patch14-336 --output-dir OUT \\
         [--config trainer/configs/ola_vlm_pt.yaml] [--max-steps N] [--resume] [--set key=value ...]
     torchrun --nproc_per_node 8 -m trainer.pt ...       # the same on several GPUs (nccl) or CPU processes (gloo)
+    python -m trainer.pt ... --set tasks=[]             # LLaVA-1.5's PT: next-token prediction only (the baseline)
+    python -m trainer.pt --config trainer/configs/vlora_pt.yaml ...   # VLoRA's PT (docs/vlora.md)
 
 Frozen: the base encoder (CLIP-ViT or CLIP-ConvNeXT) and the LLM. Trained: the mlp2x_gelu projector, the task
 tokens, the embedding predictors and the logit scales (AdamW, cosine with warm-up). The data come in the store's
