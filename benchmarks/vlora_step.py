@@ -132,18 +132,21 @@ def measure(size: str, repeats: int, device, dtype, work: Path) -> list[dict]:
         model = OLAPT(cfg, llm, tower, {t: shapes[t] for t in tasks}, layout, (0.5,) * 3, (0.25,) * 3).to(device)
         batch = batch_for(layout, b, 32, shapes, tasks, device)
 
-        def step():
+        def step(model=model, batch=batch):
             loss, _ = model(batch)
             loss.backward()
             model.zero_grad(set_to_none=True)
 
         step_s = timed(step, repeats, device)
-        activations = saved_bytes(lambda: model(batch)[0], model)
+        activations = saved_bytes(lambda model=model, batch=batch: model(batch)[0], model)
         gen_s = None
         if connector == "vlora":
             feats = torch.randn(b, tower.num_tokens, tower.hidden_size, device=device, dtype=dtype)
-            gen_s = timed(lambda: model.projector(feats) is None or model.projector.factors.float().sum().backward(),
-                          repeats, device)
+            def generator_step(conn=model.projector, feats=feats):
+                conn(feats)
+                conn.factors.float().sum().backward()
+
+            gen_s = timed(generator_step, repeats, device)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         gen_params = sum(p.numel() for p in model.projector.parameters())
         rows.append({"size": size, "mode": name, "ms_per_sample": 1000 * step_s / b,

@@ -94,6 +94,15 @@ def test_sigterm_to_the_trainer_takes_its_workers_along(tmp_path, trainer_store,
     wait_for(lambda: processes_mentioning(str(out)) == [], timeout=10, what="the workers to exit")
 
 
+def test_a_worker_whose_trainer_died_before_it_started_dies_too():
+    """The race a loaded machine showed: SIGTERM reached the trainer while its DataLoader workers were still
+    starting, so by the time a worker asked for its parent, init had adopted it and it ran on. The worker now
+    checks against the trainer pid bound before it started."""
+    code = "from trainer.data import worker_init; worker_init(2**22 + 7, 0); print('alive', flush=True)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL and "alive" not in p.stdout, (p.returncode, p.stdout, p.stderr[-500:])
+
+
 # ---- 2. a missing Zarr chunk is never read as zeros -----------------------------------------------------------
 
 def test_a_missing_zarr_chunk_is_named_not_read_as_zeros(tmp_path, capsys):

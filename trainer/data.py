@@ -114,22 +114,25 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     }
 
 
-def die_with_parent() -> None:
-    """This process gets SIGKILL when its parent dies (Linux): nothing the parent started outlives it."""
+def die_with_parent(parent: int | None = None) -> None:
+    """This process gets SIGKILL when its parent dies (Linux): nothing the parent started outlives it. `parent`:
+    the pid the parent had before it started this process; a parent that died before this call (a trainer
+    stopped while its workers were still starting) is then seen too, where getppid() would already name init."""
     import ctypes
     import os
     import signal
     import sys
 
     if sys.platform.startswith("linux"):
-        parent = os.getppid()
+        parent = os.getppid() if parent is None else parent
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # it died before the call
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def worker_init(worker_id: int) -> None:
-    """DataLoader workers die with their trainer: a trainer killed by SIGTERM or SIGKILL never leaves a worker
-    behind."""
-    die_with_parent()
+def worker_init(parent: int, worker_id: int) -> None:
+    """DataLoader workers die with their trainer (`parent`, its pid, bound before the workers start: the loop
+    passes functools.partial(worker_init, os.getpid())): a trainer killed by SIGTERM or SIGKILL never leaves a
+    worker behind, even one still starting."""
+    die_with_parent(parent)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None =
                         {"config": dataclasses.asdict(cfg), **(meta or {})})
     step = resume(ckpt, out, log) if cfg.resume else 0
     runlog = RunLog(out, run, step, rank, world, log)
-    data = loader(stream, num_workers=cfg.num_workers, pin_memory=cuda, worker_init_fn=worker_init, prefetch_factor=4)
+    data = loader(stream, num_workers=cfg.num_workers, pin_memory=cuda, prefetch_factor=4,
+                  worker_init_fn=functools.partial(worker_init, os.getpid()))
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None) \
         if world > 1 else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.dtype == torch.bfloat16 and cuda \
