@@ -19,7 +19,7 @@ from trainer.config import PTConfig
 from trainer.data import ImageRecipe, PTSample, collate
 from trainer.model import OLAPT
 from trainer.sequence import Layout
-from trainer.templates import PLAIN, PlainPromptBuilder, PromptBuilder, get_template, plain_prefix, prompt_prefix
+from trainer.templates import PLAIN, PromptBuilder, prefix_shape, prompt_builder
 from trainer.towers import load_tower
 
 
@@ -153,16 +153,12 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
 def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
     """The layout of [prefix | image | task tokens | text] and the prompt builder that fills it: a chat template
     with the image tokens, or VLoRA's plain text with its masked placeholder and no image tokens."""
-    tasks = {t: cfg.task_tokens[t] for t in cfg.tasks}
-    if cfg.chat_template == PLAIN:
-        keep = cfg.vlora.get("placeholder", "keep") == "keep"
-        prefix = plain_prefix(tokenizer, keep)
-        layout = Layout.of(len(prefix), 0, tasks, masked=(len(prefix) - 1,) if keep else ())
-        return layout, PlainPromptBuilder(tokenizer, cfg.max_length - layout.text_start, keep)
-    template = get_template(cfg.chat_template)
-    layout = Layout.of(len(prompt_prefix(tokenizer, template)), vision.num_tokens, tasks)
-    return layout, PromptBuilder(tokenizer, template, max_text_tokens=cfg.max_length - layout.text_start,
-                                 label_header_end=cfg.ntp_labels == "original")
+    keep = cfg.vlora.get("placeholder", "keep") == "keep"
+    prefix, masked = prefix_shape(tokenizer, cfg.chat_template, keep)
+    image = 0 if cfg.chat_template == PLAIN else vision.num_tokens
+    layout = Layout.of(prefix, image, {t: cfg.task_tokens[t] for t in cfg.tasks}, masked=masked)
+    original = {"label_header_end": True} if cfg.ntp_labels == "original" else {}  # llama_3 only (config)
+    return layout, prompt_builder(tokenizer, cfg.chat_template, cfg.max_length - layout.text_start, keep, **original)
 
 
 def assemble(cfg: PTConfig, device, dtype, store: Store, expected: dict, tokenizer, model, builder: PromptBuilder,

@@ -109,6 +109,12 @@ def check_out(out: Path, run_dir: Path) -> None:
         raise ExportError(f"--out {out} exists and is not empty: choose a new folder (an export is never merged)")
 
 
+def mm_projector_tensors(trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mm_projector.bin's content: the connector's tensors (the projector, or VLoRA's generator) under LLaVA's
+    `model.mm_projector.` prefix, as --pretrain_mm_mlp_adapter reads them."""
+    return {f"model.mm_{k}": v for k, v in trained.items() if k.startswith("projector.")}
+
+
 def export_llava(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
     """The LLaVA-side export of a checkpoint: mm_projector.bin (LLaVA's names), the task tokens, the predictors
     and logit scales, config.json; written whole or not at all."""
@@ -117,8 +123,7 @@ def export_llava(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
     with atomic_path(out) as tmp:
         exp = Path(tmp)
         exp.mkdir()
-        torch.save({f"model.mm_{k}": v for k, v in trained.items() if k.startswith("projector.")},
-                   exp / "mm_projector.bin")
+        torch.save(mm_projector_tensors(trained), exp / "mm_projector.bin")
         save_file({f"special_{k.split('.', 1)[1]}_tokens": v for k, v in trained.items()
                    if k.startswith("special_tokens.")}, exp / "task_tokens.safetensors")
         save_file({k: v.reshape(1) if k.startswith("logit_scales.") else v for k, v in trained.items()
@@ -375,8 +380,7 @@ def export_vlora(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
                        "checkpoint": info.get("checkpoint"), "store": info.get("store")}}
     with atomic_path(out) as tmp:
         Path(tmp).mkdir()
-        torch.save({f"model.mm_{k}": v for k, v in trained.items() if k.startswith("projector.")},
-                   Path(tmp) / "mm_projector.bin")
+        torch.save(mm_projector_tensors(trained), Path(tmp) / "mm_projector.bin")
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return Path(out)
 

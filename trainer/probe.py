@@ -38,14 +38,14 @@ import torch.nn.functional as F
 
 from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, TASKS
 from store import Location, Store, read_manifest, weights_mismatches
-from trainer.build import TrainerError, assemble, expected_teachers, load_or_explain, open_store
+from trainer.build import TrainerError, assemble, load_or_explain, open_store
 from trainer.config import PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
 from trainer.heads import Predictor
 from trainer.loop import run_cli, start, teardown, to_device, train
 from trainer.loss import masked_smooth_l1
 from trainer.sequence import MLLM, Layout, Projector, TaskTokens, mm_projector_state
-from trainer.templates import PLAIN, PlainPromptBuilder, PromptBuilder, get_template, plain_prefix, prompt_prefix
+from trainer.templates import PLAIN, PromptBuilder, prefix_shape, prompt_builder
 from trainer.towers import CLIPTower, load_tower
 
 PROBE_DEFAULTS = Path(__file__).parent / "configs" / "probe.yaml"
@@ -125,18 +125,13 @@ class Probed:
     def layout(self, with_task_tokens: bool = True) -> Layout:
         tokens = self.task_tokens.pooled if with_task_tokens else {}
         image = getattr(self.projector, "num_tokens", self.tower.num_tokens)  # VLoRA's connector: none
-        if self.template == PLAIN:
-            keep = self.placeholder
-            return Layout.of(len(plain_prefix(self.tokenizer, keep)), image, tokens, self.token_order,
-                             masked=(len(plain_prefix(self.tokenizer, keep)) - 1,) if keep else ())
-        return Layout.of(len(prompt_prefix(self.tokenizer, get_template(self.template))), image, tokens,
-                         self.token_order)
+        prefix, masked = prefix_shape(self.tokenizer, self.template, self.placeholder)
+        return Layout.of(prefix, image, tokens, self.token_order, masked)
 
     def builder(self, max_length: int, layout: Layout, **protocol):
         """The prompt builder for this model's template; `protocol`: answer / with_answer (the probes')."""
-        if self.template == PLAIN:
-            return PlainPromptBuilder(self.tokenizer, max_length - layout.text_start, self.placeholder, **protocol)
-        return PromptBuilder(self.tokenizer, get_template(self.template), max_length - layout.text_start, **protocol)
+        return prompt_builder(self.tokenizer, self.template, max_length - layout.text_start, self.placeholder,
+                              **protocol)
 
     def mllm(self, with_task_tokens: bool = True) -> MLLM:
         """The frozen MLLM; without task tokens: the same parts, none inserted (the authors' probe_mode)."""
@@ -155,30 +150,33 @@ def _template_of(model_type: str | None) -> str:
     return "phi_3" if "phi" in str(model_type) else "llama_3"
 
 
-def _load_projector(tensors: dict, tower_width: int, llm_width: int, where: str, dtype) -> Projector:
+def _load_projector(read, tower_width: int, llm_width: int, where: str, dtype) -> Projector:
+    """The mlp2x_gelu projector from `read()` (the tensors of mm_projector.bin or a model folder)."""
     proj = Projector(tower_width, llm_width)
     try:
-        proj.load_state_dict(mm_projector_state(tensors))
-    except Exception as e:  # arbitrary bytes raise arbitrary errors: all mean "not a projector"
+        proj.load_state_dict(mm_projector_state(read()))
+    except Exception as e:  # torch.load of arbitrary bytes raises arbitrary errors: all mean "not a projector"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TrainerError(f"{where} is not an mlp2x_gelu projector from the tower's width {tower_width} to the "
                            f"LLM's {llm_width} (tensors model.mm_projector.{{0,2}}.{{weight,bias}}): {first}") from None
     return proj.to(dtype)
 
 
-def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype,
-                         aspect: str):
+def _frozen_parts(llm_name: str, tower_name: str, select: int, dtype):
+    """(tokenizer, LLM, tower) by name, each failure one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, llm_name)
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
     tower = load_or_explain("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
-    try:
-        weights = torch.load(projector, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- a file that is no torch pickle: said in one line below
-        weights = {"not a checkpoint": e}
-    proj = _load_projector(weights if isinstance(weights, dict) else {}, tower.hidden_size, llm.config.hidden_size,
-                           str(projector), dtype)
+    return tokenizer, llm, tower
+
+
+def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype,
+                         aspect: str):
+    tokenizer, llm, tower = _frozen_parts(llm_name, tower_name, select, dtype)
+    proj = _load_projector(lambda: torch.load(projector, map_location="cpu", weights_only=True), tower.hidden_size,
+                           llm.config.hidden_size, str(projector), dtype)
     image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
     return tokenizer, llm, tower, proj, image
 
@@ -209,14 +207,9 @@ def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
 def _from_vlora_export(cfg: PTConfig, folder: Path, info: dict, dtype) -> Probed:
     """(a) a VLoRA run's export/: its LLM with the generator's deltas hooked in, the plain template, no image
     tokens; the task tokens when the run had OLA-VLM's losses too."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from trainer.vlora import VLoRAConnector
 
-    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, info["llm"])
-    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, info["llm"], dtype=dtype)
-    tower = load_or_explain("vision tower", load_tower, info["vision_tower"],
-                            select_layer=info["mm_vision_select_layer"], dtype=dtype)
+    tokenizer, llm, tower = _frozen_parts(info["llm"], info["vision_tower"], info["mm_vision_select_layer"], dtype)
     connector = VLoRAConnector(info["vlora"], llm.get_decoder())
     connector.load_state_dict(mm_projector_state(torch.load(folder / "mm_projector.bin", weights_only=True)))
     image = ImageRecipe.from_pretrained(info["vision_tower"], _choice(cfg.image_aspect, info.get("image_aspect", "square")))
@@ -284,16 +277,19 @@ def _authors_task_tokens(config: dict, tensors: dict, folder: Path) -> tuple[Tas
 def _authors_tower(cfg: PTConfig, config: dict, tensors: dict, dtype):
     """The tower their builder makes from mm_vision_tower (or --vision-tower, e.g. a local copy); a ConvNeXt's
     weights then reloaded from the folder, as their load_pretrained_model's reload_from_ckpt does."""
-    from trainer.towers import TRUNK_HEAD_NORM, is_convnext, timm_to_hf
+    from trainer.towers import TRUNK, account_convnext, is_convnext
 
     name = _choice(cfg.vision_tower, config["mm_vision_tower"])
     tower = load_or_explain("vision tower", load_tower, name, select_layer=config.get("mm_vision_select_layer", -2),
                             dtype=dtype)
-    held = {k[len(PREFIX["tower"]):]: v for k, v in tensors.items() if k.startswith(PREFIX["tower"])}
-    if is_convnext(name) and held:
-        tower.head_norm.update({k[len(TRUNK_HEAD_NORM):]: v for k, v in held.items() if k.startswith(TRUNK_HEAD_NORM)})
-        trunk = {timm_to_hf(k): v.to(dtype) for k, v in held.items() if not k.startswith(TRUNK_HEAD_NORM)}
-        tower.model.load_state_dict(trunk, strict=False)
+    held = {TRUNK + k[len(PREFIX["tower"]):]: v for k, v in tensors.items() if k.startswith(PREFIX["tower"])}
+    if is_convnext(name) and held:  # the folder holds the trunk under timm's names, as an open_clip checkpoint
+        try:
+            trunk, head_norm, _ = account_convnext(held)
+        except KeyError as e:
+            raise TrainerError(f"{name}: the folder's tower tensors are not its ConvNeXt trunk: {e}") from None
+        tower.head_norm.update(head_norm)
+        tower.model.load_state_dict({k: v.to(dtype) for k, v in trunk.items()}, strict=False)
     return tower, name
 
 
@@ -313,7 +309,7 @@ def _from_authors_folder(cfg: PTConfig, folder: Path, config: dict, dtype) -> Pr
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, str(folder), config=llm_config, dtype=dtype)
     tensors = _folder_tensors(folder, PREFIX.values())
     tower, tower_name = _authors_tower(cfg, config, tensors, dtype)
-    proj = _load_projector(tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
+    proj = _load_projector(lambda: tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
     tokens, order = _authors_task_tokens(config, tensors, folder)
     image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, config.get("image_aspect_ratio", "square")))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
@@ -566,9 +562,9 @@ def main(argv=None) -> int:
     a, cfg = parse_args(argv)
     rank, world, device, dtype, log = start(cfg)
     out = Path(cfg.output_dir)
-    eval_store, _ = open_store(cfg, a.eval_store, a.eval_teachers_manifest)  # checked before any model loads
+    eval_store, eval_expected = open_store(cfg, a.eval_store, a.eval_teachers_manifest)  # before any model loads
     pr = build_probe(cfg, a.model, a.mm_projector, a.layers, device, dtype, rank, world)
-    other = weights_mismatches(pr.expected, expected_teachers(cfg, a.eval_teachers_manifest), cfg.tasks)
+    other = weights_mismatches(pr.expected, eval_expected, cfg.tasks)
     if other:
         raise TrainerError("the training and eval stores' manifests name other teacher weights (probes would be "
                            "scored against other teachers' targets): " + "; ".join(other))

@@ -154,3 +154,20 @@ class PlainPromptBuilder:
 def plain_prefix(tokenizer, placeholder: bool = True) -> list[int]:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + ([PLACEHOLDER_ID] if placeholder else [])
+
+
+def prefix_shape(tokenizer, template: str, placeholder: bool = True) -> tuple[int, tuple[int, ...]]:
+    """(the prefix's length, its positions no token attends to) for a template name: a chat template's image
+    offset, or VLoRA's plain [BOS, placeholder] with the placeholder masked."""
+    if template == PLAIN:
+        n = len(plain_prefix(tokenizer, placeholder))
+        return n, (n - 1,) if placeholder else ()
+    return len(prompt_prefix(tokenizer, get_template(template))), ()
+
+
+def prompt_builder(tokenizer, template: str, max_text_tokens: int, placeholder: bool = True, **options):
+    """The builder of a template name: PromptBuilder for a chat template, PlainPromptBuilder for plain.
+    `options`: answer / with_answer (both), label_header_end (chat templates)."""
+    if template == PLAIN:
+        return PlainPromptBuilder(tokenizer, max_text_tokens, placeholder, **options)
+    return PromptBuilder(tokenizer, get_template(template), max_text_tokens, **options)
