@@ -409,3 +409,21 @@ def test_the_probing_manifests_are_pt_s_with_the_authors_probing_changes(tmp_pat
     (tmp_path / "c.yaml").write_text(f"format: olaf.teachers/1\nextends: {PROBE_MANIFEST}\nprepend_ops: oops\n")
     with pytest.raises(ManifestError, match="prepend_ops"):
         load_manifest(tmp_path / "c.yaml")
+
+
+def test_an_authors_convnext_folder_s_tower_is_reloaded_from_the_folder(tmp_path):
+    """Their load_pretrained_model reloads a ConvNeXt tower from the checkpoint's vision_tower tensors
+    (reload_from_ckpt): the folder's trunk and head.norm replace what the tower's own checkpoint holds."""
+    from types import SimpleNamespace
+
+    from trainer.probe import PREFIX, _authors_tower
+    from trainer.tiny import build_convnext_tower
+    from trainer.towers import load_tower
+
+    name = build_convnext_tower(tmp_path / "convnext")
+    held = {PREFIX["tower"] + k: v + 1.0 for k, v in load_tower(name, -2, torch.float32).export_state().items()}
+    tower, used = _authors_tower(SimpleNamespace(vision_tower="model"), {"mm_vision_tower": name}, held, torch.float32)
+    assert used == name
+    got = tower.export_state()
+    assert set(got) == {k[len(PREFIX["tower"]):] for k in held}
+    assert all(torch.equal(got[k[len(PREFIX["tower"]):]], v) for k, v in held.items())
