@@ -63,14 +63,17 @@ def files_sha256(ref: WeightsRef) -> str | None:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
+    known = len(cache)
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.name}|{_file_sha256(p, cache)}\n".encode())
+    if len(cache) == known:  # every file's hash was cached: nothing to write
+        return h.hexdigest()
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
         tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        os.replace(tmp, cache_file)  # store.atomic_path sits above recipes/: a cache needs no fsync anyway
     except OSError:
         pass  # a cache that cannot be written only costs time
     return h.hexdigest()
