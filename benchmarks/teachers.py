@@ -39,14 +39,17 @@ from teachers.tiny import output_width  # noqa: E402
 MODULES = {"gen": gen, "depth": depth, "seg": seg}
 
 
-def make_teachers(size: str, device: str, dtype: torch.dtype):
+def make_teachers(size: str, device: str, dtype: torch.dtype | dict[str, torch.dtype]):
+    """Random-weight teachers from the real configs (`full`) or the tiny stand-ins' (`tiny`); `dtype`: one for
+    all, or one per task."""
     manifest = load_manifest()
     out = {}
     for task, mod in MODULES.items():
         spec = manifest.teachers[task]
         cfg = mod.full_config() if size == "full" else mod.tiny_model().config
         spec = replace(spec, output_shape=(spec.output_shape[0], output_width(task, cfg)))
-        out[task] = ADAPTERS[spec.architecture].random(spec, cfg, device=device, dtype=dtype)
+        out[task] = ADAPTERS[spec.architecture].random(
+            spec, cfg, device=device, dtype=dtype[task] if isinstance(dtype, dict) else dtype)
     return out
 
 

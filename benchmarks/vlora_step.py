@@ -45,7 +45,7 @@ MODES = {  # name: (connector, template, tasks)
 
 
 def models(size: str, work: Path, device, dtype):
-    """(tokenizer, llm, tower, target shapes, cfg overrides) at `size`."""
+    """(tokenizer, llm, tower, target shapes, cfg overrides) at `size`: tiny, layers or full."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from trainer.tiny import build_tokenizer
@@ -58,19 +58,27 @@ def models(size: str, work: Path, device, dtype):
                                      num_hidden_layers=3, num_attention_heads=2)
         shapes = {"gen": (1, 32), "depth": (576, 32), "seg": (576, 48)}
         over = {"vlora": {"vlora_dim": 32, "vlora_depth": 2, "vlora_rank": 4, "vlora_alpha": 8}}
-    else:
-        llm_cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                              num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                              tie_word_embeddings=False)
+    else:  # `layers`: real widths, 2 layers; `full`: Llama-3-8B and CLIP-L/336 whole, VLoRA's PT settings
+        full = size == "full"
+        llm_cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_hidden_layers=32 if full else 2, num_attention_heads=32, num_key_value_heads=8,
+                              rope_theta=500000.0, tie_word_embeddings=False)
         tower_cfg = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                     num_hidden_layers=2, num_attention_heads=16)
+                                     num_hidden_layers=24 if full else 2, num_attention_heads=16)
         shapes = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
-        over = {"vlora": {"vlora_dim": 512, "vlora_depth": 8, "vlora_rank": 64, "vlora_alpha": 64, "skip_layers": 2},
-                "layers": {"gen": [2], "depth": [1, 2], "seg": [1, 2]}}
+        vlora_pt = load_config([REPO / "trainer" / "configs" / "vlora_pt.yaml"]).vlora  # D 1024, depth 8, rank 64
+        over = {"vlora": vlora_pt} if full else {
+            "vlora": {"vlora_dim": 512, "vlora_depth": 8, "vlora_rank": 64, "vlora_alpha": 64, "skip_layers": 2},
+            "layers": {"gen": [2], "depth": [1, 2], "seg": [1, 2]}}
     torch.manual_seed(0)
-    with torch.device(device):
-        llm = LlamaForCausalLM(llm_cfg).to(dtype).eval().requires_grad_(False)
-        tower = CLIPTower(CLIPVisionModel(tower_cfg).to(dtype).eval(), -2)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # an 8B model is built in its dtype, never in float32 first
+    try:
+        with torch.device(device):
+            llm = LlamaForCausalLM(llm_cfg).eval().requires_grad_(False)
+            tower = CLIPTower(CLIPVisionModel(tower_cfg).eval(), -2)
+    finally:
+        torch.set_default_dtype(default)
     return tok, llm, tower, shapes, over
 
 

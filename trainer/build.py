@@ -66,14 +66,19 @@ def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     vision = load_or_explain("vision tower", load_tower, cfg.vision_tower, select_layer=cfg.vision_select_layer,
                              dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
-        # the LLM is frozen but gradients flow through it to the projector and task tokens
-        kw = {"use_reentrant": False}
-        if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5
-            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        enable_checkpointing(llm)
     llm.train()  # no dropout in these LMs; train mode is what switches checkpointing on
     return tokenizer, llm, vision, attn
+
+
+def enable_checkpointing(llm) -> None:
+    """Recompute the LLM's activations in the backward pass: it is frozen, but gradients flow through it to the
+    projector and task tokens, so without this it keeps every layer's activations."""
+    kw = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
