@@ -1,0 +1,232 @@
+"""benchmarks/gpu_proof.py: the --tiny run the suite makes (every part, every field a GPU run fills), the
+clock each part runs against, and what a killed run leaves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_proof.py"
+PT_YAML = REPO / "trainer" / "configs" / "ola_vlm_pt.yaml"
+MODES = ["LLaVA-1.5 PT (projector, NTP)", "OLA-VLM PT", "VLoRA PT", "VLoRA + OLA-VLM losses"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_proof_under_test", SCRIPT)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def proof_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--tiny", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_proof(tmp_path_factory):
+    out = tmp_path_factory.mktemp("proof")
+    p = subprocess.run(proof_cmd(out, "--minutes", "6"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads((out / "gpu_proof.json").read_text()), p.stdout
+
+
+def test_tiny_run_finishes_every_part_and_records_the_environment(tiny_proof):
+    data, stdout = tiny_proof
+    assert data["schema"] == "olaf-gpu-proof/1" and data["mode"] == "tiny"
+    assert data["finished"] and data["interrupted"] is None
+    failed = {n: p.get("error") or p.get("stopped_before") for n, p in data["parts"].items() if p["status"] != "done"}
+    assert not failed
+    assert list(data["parts"]) == ["teachers", "recipes", "pipeline", "pt", "probe"]
+    env = data["env"]
+    assert env["torch"] == torch.__version__ and env["gpu"] is None and env["device"] == "cpu"
+    for lib in ("transformers", "ray", "zarr", "webdataset", "numcodecs", "safetensors"):
+        assert env["libraries"][lib] == version(lib), lib
+    assert env["libraries"]["pillow"] == version("pillow")
+    assert len(env["code"]["source_sha256"]) == 64
+    assert "olaf GPU proof (tiny)" in stdout and "written:" in stdout
+    for name in data["parts"]:  # the table has a line of figures for every part, not its error
+        line = next(x for x in stdout.splitlines() if x.startswith(name + " "))
+        assert " done " in line and ("img/s" in line or "ms/" in line), line
+
+
+def test_teacher_figures(tiny_proof):
+    from recipes.manifest import load_manifest
+
+    t = tiny_proof[0]["parts"]["teachers"]
+    manifest = load_manifest()
+    assert t["dtypes"] == {"gen": "float32", "depth": "float32", "seg": "float32"}  # CPUs run float32
+    for task, row in t["per_teacher"].items():
+        assert row["input"] == list(manifest.teachers[task].preprocess.input_size)
+        assert row["output"][0] == manifest.teachers[task].output_shape[0]  # tokens; the tiny width differs
+        assert [r["batch"] for r in row["sweep"]] == [1, 2]
+        for r in row["sweep"]:
+            assert r["img_s"] > 0 and r["mfu"] is None and r["peak_mem_gib"] is None  # no peak on a CPU
+            assert r["tflops"] == pytest.approx(r["img_s"] * row["gflop_per_image"] / 1e3, rel=0.02, abs=2e-3)
+        assert row["best_batch"] == max(row["sweep"], key=lambda r: r["img_s"])["batch"]
+        assert row["eager_attention"]["applies"] and row["eager_attention"]["img_s"] > 0
+        assert row["channels_last"]["img_s"] > 0
+    assert t["per_teacher"]["gen"]["compile"]["backend"] == "eager"  # --tiny: dynamo's trace, no compiler
+    assert "compile" not in t["per_teacher"]["seg"]
+    three = t["all_three"]
+    assert three["batch"] == min(r["best_batch"] for r in t["per_teacher"].values())
+    assert three["gflop_per_image"] == pytest.approx(sum(r["gflop_per_image"] for r in t["per_teacher"].values()),
+                                                     abs=2e-3)
+    loop = t["original_loop"]
+    assert loop["images"] == 2 and loop["batched_vs_original"] == pytest.approx(three["img_s"] / loop["img_s"], rel=0.02)
+
+
+def test_recipe_and_pipeline_figures(tiny_proof):
+    parts = tiny_proof[0]["parts"]
+    r = parts["recipes"]["recipes"]
+    assert r["all_bit_identical"] is True and r["self_check_failed"] == []
+    assert {t: x["bit_identical"] for t, x in r["per_task"].items()} == {"gen": 4, "depth": 4, "seg": 4}
+    assert r["pillow"] == version("pillow")
+    job = parts["pipeline"]["job"]
+    assert job["returncode"] == 0 and not job["timed_out"]
+    assert job["progress"]["samples_done"] == parts["pipeline"]["images"] == 24
+    assert job["img_s"] > 0 and 0 < job["actor_busy"] <= 1
+    assert job["decode_cores"] == pytest.approx(job["img_s"] * job["decode_cpu_ms_per_sample"] / 1e3, abs=0.01)
+    assert job["node_cores_busy"]["per_second"] and all(0 <= c <= os.cpu_count() + 0.5
+                                                        for c in job["node_cores_busy"]["per_second"])
+
+
+def test_pt_and_probe_figures(tiny_proof):
+    parts = tiny_proof[0]["parts"]
+    pt = parts["pt"]
+    assert list(pt["modes"]) == MODES
+    rows = pt["modes"]
+    task_tokens = sum(yaml.safe_load(PT_YAML.read_text())["task_tokens"].values())
+    # OLA-VLM's sequence is LLaVA's plus its task tokens; VLoRA's has no image tokens (24 x 24 patches)
+    assert rows["OLA-VLM PT"]["llm_tokens"] == rows["LLaVA-1.5 PT (projector, NTP)"]["llm_tokens"] + task_tokens
+    assert rows["VLoRA PT"]["llm_tokens"] < rows["LLaVA-1.5 PT (projector, NTP)"]["llm_tokens"] - 576 + 8
+    assert rows["VLoRA + OLA-VLM losses"]["llm_tokens"] == rows["VLoRA PT"]["llm_tokens"] + task_tokens
+    assert rows["OLA-VLM PT"]["gradient_checkpointing"] is True
+    assert all(r["ms_per_sample"] > 0 and r["trained_params"] > 0 for r in rows.values())
+    ola = rows["OLA-VLM PT"]["ms_per_sample"]
+    assert pt["task_tokens_and_heads_share"] == pytest.approx(1 - rows[MODES[0]]["ms_per_sample"] / ola, abs=2e-3)
+    inline = pt["teachers_in_step"]
+    assert inline["stored_vs_in_step"] == pytest.approx(inline["ms_per_sample"] / ola, abs=0.01)
+    assert inline["trained_params"] == rows["OLA-VLM PT"]["trained_params"]  # the same model, targets from elsewhere
+    probe = parts["probe"]
+    one = probe["designs"]["olaf: one pass, every task"]
+    jobs = [r for k, r in probe["designs"].items() if k.startswith("authors")]
+    layers = 20  # vlora_step's tiny LLM
+    assert one["probes"] == 3 * layers and [r["probes"] for r in jobs] == [layers] * 3
+    assert one["mllm_forwards_per_step"] == 1 and all(r["mllm_forwards_per_step"] == 1 for r in jobs)
+    assert one["probe_params"] == sum(r["probe_params"] for r in jobs)  # the same probes, in one pass or three
+    assert probe["one_pass_vs_jobs"] == pytest.approx(sum(r["ms_per_sample"] for r in jobs) / one["ms_per_sample"],
+                                                      rel=0.01)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_each_part_gets_its_share_stops_when_over_and_the_record_is_on_disk_as_it_goes(tmp_path):
+    gp = load_script()
+    clock = FakeClock()
+    path = tmp_path / "gpu_proof.json"
+    proof = gp.Proof(path, minutes=2, mode="tiny", clock=clock, hard_stop=False)
+    seen = {}
+
+    def slow(pr):
+        pr.put("first", 1)
+        seen["on_disk"] = json.loads(path.read_text())["parts"]["slow"]["first"]
+        clock.now += 1000  # far past its share
+        pr.check("the second figure")
+        pr.put("second", 2)
+
+    def broken(pr):
+        pr.put("before", 1)
+        raise ValueError("no such thing")
+
+    def quick(pr):
+        clock.now += 1
+        pr.put("value", 3)
+
+    proof.run({"slow": slow, "broken": broken, "quick": quick}, {"slow": 0.5, "broken": 0.25, "quick": 0.25})
+    parts = json.loads(path.read_text())["parts"]
+    assert seen["on_disk"] == 1
+    assert parts["slow"]["status"] == "budget" and parts["slow"]["stopped_before"] == "the second figure"
+    assert "second" not in parts["slow"] and parts["slow"]["budget_s"] == pytest.approx((120 - 10) * 0.5, abs=0.1)
+    assert parts["slow"]["seconds"] == 1000
+    # the next parts share what is left: nothing, after the first overran the whole run
+    assert parts["broken"]["status"] == "error" and "no such thing" in parts["broken"]["error"]
+    assert parts["broken"]["before"] == 1 and parts["broken"]["budget_s"] == 0
+    assert parts["quick"]["status"] == "done" and parts["quick"]["value"] == 3
+
+
+def test_time_left_by_an_early_part_goes_to_the_next(tmp_path):
+    gp = load_script()
+    clock = FakeClock()
+    proof = gp.Proof(tmp_path / "p.json", minutes=1, mode="tiny", clock=clock, hard_stop=False)
+
+    def early(pr):
+        clock.now += 5
+
+    proof.run({"a": early, "b": early}, {"a": 0.5, "b": 0.5})
+    parts = proof.data["parts"]
+    assert parts["a"]["budget_s"] == pytest.approx(25.0)  # (60 - 10) / 2
+    assert parts["b"]["budget_s"] == pytest.approx(45.0)  # all that is left: 60 - 10 - 5
+
+
+def test_the_alarm_stops_a_figure_that_hangs(tmp_path):
+    gp = load_script()
+    proof = gp.Proof(tmp_path / "p.json", minutes=0, mode="tiny")
+    proof.grace = lambda budget: 0.3  # the alarm rings 0.3 s after the part starts
+    ticks = []
+
+    def hangs(pr):
+        while len(ticks) < 1000:  # would take 50 s
+            ticks.append(1)
+            time.sleep(0.05)
+
+    proof.run_part("hangs", hangs, 0.0)
+    part = proof.data["parts"]["hangs"]
+    assert part["status"] == "budget" and "alarm" in part["stopped_before"]
+    assert len(ticks) < 1000
+
+
+def test_a_killed_run_leaves_what_it_measured(tmp_path):
+    p = subprocess.Popen(proof_cmd(tmp_path, "--parts", "teachers,recipes"), cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    path = tmp_path / "gpu_proof.json"
+    deadline = time.monotonic() + 300
+    measured = None
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            measured = json.loads(path.read_text())["parts"]["teachers"]["per_teacher"]["gen"]["sweep"]
+        except (OSError, KeyError, ValueError):
+            time.sleep(0.1)
+            continue
+        break
+    assert measured, "no figure appeared"
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, out
+    data = json.loads(path.read_text())
+    assert data["interrupted"] == "SIGTERM during teachers"
+    assert data["parts"]["teachers"]["per_teacher"]["gen"]["sweep"][:len(measured)] == measured
+    assert data["finished"] is None
+
+
+def test_unknown_part_is_refused():
+    p = subprocess.run([sys.executable, str(SCRIPT), "--out", "/nonexistent/x", "--parts", "teachers,warp"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2 and "unknown warp" in p.stderr
