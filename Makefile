@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help setup authors-env test demo lint
+.PHONY: help setup authors-env test demo lint gpu-proof
 help:
 	@echo "make test   set up $(VENV) and run the test suite"
 	@echo "make demo   set up $(VENV) and run extraction + training end to end on the bundled sample"
@@ -39,6 +39,12 @@ authors-env: setup
 
 test: setup authors-env
 	$(PY) -m pytest
+
+# Every GPU figure the README owes, in one JSON (benchmarks/gpu_proof.py; docs/benchmarks.md#the-gpu-proof).
+GPU_PROOF ?= gpu_proof
+GPU_PROOF_MINUTES ?= 8
+gpu-proof: setup
+	$(PY) benchmarks/gpu_proof.py --out $(GPU_PROOF) --minutes $(GPU_PROOF_MINUTES)
 
 lint: setup
 	$(VENV)/bin/ruff check recipes teachers store pipeline trainer tests benchmarks
