@@ -19,7 +19,7 @@ manifest says; a Llama-3-8B-shaped LLM and CLIP ViT-L/14-336 in bfloat16 for PT 
   pt        one PT step per sample and its peak memory for LLaVA-1.5's PT, OLA-VLM's (released heads, the
             config's gradient checkpointing), VLoRA's (their PT settings) and VLoRA with OLA-VLM's losses; OLA-VLM's
             step with the teachers run inside it (the original's way) against stored targets; the share of the
-            step that the task tokens and heads cost
+            step that the task tokens and heads cost; the stream of stored targets against what the step takes
   probe     olaf's one pass (every task, every layer, one MLLM forward) against the authors' one job per task
             (the teacher online per image), a few steps each
 
@@ -593,6 +593,22 @@ def part_pt(proof: Proof, s: Setup) -> None:
     inline = pt_row(s, tok, llm, tower, shapes, over, "mlp2x_gelu", "llama_3", list(TASKS), teachers)
     proof.put("teachers_in_step", {**inline, "stored_vs_in_step": ratio(inline.get("ms_per_sample"),
                                                                         ola.get("ms_per_sample"))})
+    loader_feed(proof, s, ola)
+
+
+def loader_feed(proof: Proof, s: Setup, ola: dict) -> None:
+    """The stream of stored targets the trainer reads (one rank, DataLoader workers, full-shape fp16 targets from a
+    WebDataset store; benchmarks/loader.py) against what OLA-VLM's step consumes: whether the data keep up."""
+    bench = _bench("loader")
+    proof.check("the stream of stored targets")
+    n, shard, workers = (16, 8, 1) if s.tiny else (512, 32, min(8, os.cpu_count() or 1))
+    url = str(s.work / "loader-store")
+    bench.build(url, n, shard)
+    rate = bench.stream_rate(url, s.pt_batch, workers)
+    consumed = 1e3 / ola["ms_per_sample"] if ola.get("ms_per_sample") else None
+    proof.put("loader", {"samples": n, "workers": workers, "samples_per_s": round(rate, 1),
+                         "step_consumes_per_s": round(consumed, 2) if consumed else None,
+                         "headroom": ratio(rate, consumed)})
 
 
 def config(paths: list, **over):
@@ -766,7 +782,8 @@ def headline(name: str, p: dict) -> str:
     for piece in HEADLINES[name]:
         with contextlib.suppress(KeyError, TypeError, ValueError, ZeroDivisionError):
             pieces.append(piece(p))
-    stop = p.get("error") or (f"stopped before {p['stopped_before']}" if "stopped_before" in p else None)
+    stop = (p["error"].splitlines() or [""])[0] if p.get("error") else (
+        f"stopped before {p['stopped_before']}" if "stopped_before" in p else None)
     return "; ".join(pieces + ([stop] if stop else [])) or "-"
 
 
@@ -793,7 +810,8 @@ HEADLINES = {
     "pt": [
         lambda p: ", ".join(f"{k} {r['ms_per_sample']} ms/smp {r['peak_mem_gib']} GiB" for k, r in p["modes"].items()),
         lambda p: f"task tokens + heads share {p['task_tokens_and_heads_share']}",
-        lambda p: f"teachers in the step x{p['teachers_in_step']['stored_vs_in_step']}"],
+        lambda p: f"teachers in the step x{p['teachers_in_step']['stored_vs_in_step']}",
+        lambda p: f"stored targets stream {p['loader']['samples_per_s']} smp/s: x{p['loader']['headroom']} the step"],
     "probe": [
         lambda p: (f"one pass {p['designs']['olaf: one pass, every task']['ms_per_sample']} ms/smp "
                    f"({p['designs']['olaf: one pass, every task']['probes']} probes)"),

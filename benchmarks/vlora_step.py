@@ -66,8 +66,7 @@ def models(size: str, work: Path, device, dtype):
         tower_cfg = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                      num_hidden_layers=24 if full else 2, num_attention_heads=16)
         shapes = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
-        vlora_pt = load_config([REPO / "trainer" / "configs" / "vlora_pt.yaml"]).vlora  # D 1024, depth 8, rank 64
-        over = {"vlora": vlora_pt} if full else {
+        over = {"vlora": vlora_pt_settings()} if full else {
             "vlora": {"vlora_dim": 512, "vlora_depth": 8, "vlora_rank": 64, "vlora_alpha": 64, "skip_layers": 2},
             "layers": {"gen": [2], "depth": [1, 2], "seg": [1, 2]}}
     torch.manual_seed(0)
@@ -80,6 +79,13 @@ def models(size: str, work: Path, device, dtype):
     finally:
         torch.set_default_dtype(default)
     return tok, llm, tower, shapes, over
+
+
+def vlora_pt_settings() -> dict:
+    """VLoRA's PT generator settings, as trainer/configs/vlora_pt.yaml gives them (D 1024, depth 8, rank 64)."""
+    import yaml
+
+    return yaml.safe_load((REPO / "trainer" / "configs" / "vlora_pt.yaml").read_text())["vlora"]
 
 
 def batch_for(layout, b: int, text: int, shapes: dict, tasks, device) -> dict:
