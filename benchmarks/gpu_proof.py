@@ -244,20 +244,25 @@ def make_setup(a, work: Path) -> Setup:
                  a.job_images, 16, 16, 3, 0.5, TASKS)
 
 
+LIBRARIES = ("transformers", "ray", "zarr", "numcodecs", "webdataset", "fsspec", "safetensors", "numpy", "flash-attn",
+             "diffusers")
+
+
 def environment(s: Setup) -> dict:
-    """The machine, the driver and every library a figure depends on, and olaf's code version."""
-    import numcodecs
-    import safetensors
-    import webdataset
+    """The machine, the driver and every library a figure depends on (read from the installed metadata: a missing
+    one is null, and only the parts that need it fail), and olaf's code version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
-    from pipeline.provenance import code_version, versions
+    from pipeline.provenance import code_version
+    from recipes.imageops import image_libraries
 
-    libs = {**versions(), "numpy": np.__version__, "numcodecs": numcodecs.__version__,
-            "webdataset": getattr(webdataset, "__version__", None), "safetensors": safetensors.__version__}
-    with contextlib.suppress(ImportError):
-        import flash_attn
-
-        libs["flash_attn"] = flash_attn.__version__
+    libs = {"python": platform.python_version(), "torch": torch.__version__, **image_libraries()}
+    for name in LIBRARIES:
+        try:
+            libs[name] = installed(name)
+        except PackageNotFoundError:
+            libs[name] = None
     env = {"device": str(s.device), "torch": torch.__version__, "cuda": torch.version.cuda, "libraries": libs,
            "code": code_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
            "peak_tflops": s.peak_tflops, "gpu": None, "driver": None}
@@ -462,8 +467,12 @@ def part_recipes(proof: Proof, s: Setup) -> None:
 
 def part_pipeline(proof: Proof, s: Setup) -> None:
     """`python -m pipeline.extract_teachers` on a local Ray, as a user runs it, on generated JPEGs."""
+    import importlib.util
+
     from pipeline.sample import generate
 
+    if importlib.util.find_spec("ray") is None:
+        raise RuntimeError("the Ray job needs ray: pip install 'ray[default,data]' (olaf's own requirement)")
     proof.check("generating the dataset")
     data = s.work / "job-data"
     json_path = generate(data, s.job_images, seed=0)

@@ -234,3 +234,11 @@ def test_unknown_part_is_refused():
     p = subprocess.run([sys.executable, str(SCRIPT), "--out", "/nonexistent/x", "--parts", "teachers,warp"],
                        capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and "unknown warp" in p.stderr
+
+
+def test_a_library_that_is_not_installed_is_recorded_as_null(tmp_path, monkeypatch):
+    gp = load_script()
+    monkeypatch.setattr(gp, "LIBRARIES", ("transformers", "no-such-library-olaf"))
+    s = gp.Setup(True, torch.device("cpu"), tmp_path, None, "eager", (1,), 1, 1, 1, 1, 1, 1, 0.0, ("gen",))
+    libs = gp.environment(s)["libraries"]
+    assert libs["no-such-library-olaf"] is None and libs["transformers"] == version("transformers")
