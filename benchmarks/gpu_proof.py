@@ -237,11 +237,13 @@ def make_setup(a, work: Path) -> Setup:
     peak = a.peak_tflops
     if peak is None and cuda:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-    if a.tiny:
-        return Setup(True, device, work, peak, a.compile_backend or "eager", (1, 2), 2, 4, 24, 2, 2, 2, 0.0,
-                     ("gen",))
-    return Setup(False, device, work, peak, a.compile_backend or "inductor", (1, 8, 32, 64, 128, 256), 32, 256,
-                 a.job_images, 16, 16, 3, 0.5, TASKS)
+    if a.tiny:  # every code path, as fast as a CPU runs it
+        return Setup(tiny=True, device=device, work=work, peak_tflops=peak, compile_backend=a.compile_backend or "eager",
+                     batches=(1, 2), loop_images=2, recipe_images=4, job_images=24, pt_batch=2, probe_batch=2, steps=2,
+                     min_s=0.0, compile_tasks=("gen",))
+    return Setup(tiny=False, device=device, work=work, peak_tflops=peak, compile_backend=a.compile_backend or "inductor",
+                 batches=(1, 8, 32, 64, 128, 256), loop_images=32, recipe_images=256, job_images=a.job_images,
+                 pt_batch=16, probe_batch=16, steps=3, min_s=0.5, compile_tasks=TASKS)
 
 
 LIBRARIES = ("transformers", "ray", "zarr", "numcodecs", "webdataset", "fsspec", "safetensors", "numpy", "flash-attn",
@@ -506,9 +508,9 @@ def part_pipeline(proof: Proof, s: Setup) -> None:
         raise RuntimeError(f"the job exited {result['returncode']}: {result['tail'][-800:]}")
 
 
-def run_job(cmd: list[str], timeout: float) -> tuple[dict, dict]:
-    """Run the job; SIGTERM at `timeout` (it commits what it finished), SIGKILL 30 s later. Returns what it did and
-    the node's busy CPU cores, sampled each second from /proc/stat."""
+def run_job(cmd: list[str], timeout: float, grace_s: float = 30.0) -> tuple[dict, dict]:
+    """Run the job; SIGTERM at `timeout` (it commits what it finished), SIGKILL `grace_s` later. Returns what it did
+    and the node's busy CPU cores, sampled each second from /proc/stat."""
     from pipeline.localray import LOOPBACK_ENV
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | LOOPBACK_ENV | {
@@ -524,7 +526,7 @@ def run_job(cmd: list[str], timeout: float) -> tuple[dict, dict]:
             timed_out = True
             os.killpg(p.pid, signal.SIGTERM)
             try:
-                out, _ = p.communicate(timeout=30)
+                out, _ = p.communicate(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 out, _ = p.communicate()

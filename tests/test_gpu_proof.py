@@ -3,6 +3,7 @@ clock each part runs against, and what a killed run leaves."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -239,6 +240,20 @@ def test_unknown_part_is_refused():
 def test_a_library_that_is_not_installed_is_recorded_as_null(tmp_path, monkeypatch):
     gp = load_script()
     monkeypatch.setattr(gp, "LIBRARIES", ("transformers", "no-such-library-olaf"))
-    s = gp.Setup(True, torch.device("cpu"), tmp_path, None, "eager", (1,), 1, 1, 1, 1, 1, 1, 0.0, ("gen",))
+    s = gp.make_setup(argparse.Namespace(tiny=True, peak_tflops=None, compile_backend=None, job_images=0), tmp_path)
     libs = gp.environment(s)["libraries"]
     assert libs["no-such-library-olaf"] is None and libs["transformers"] == version("transformers")
+
+
+def test_a_job_past_its_time_is_stopped_with_sigterm_then_sigkill():
+    gp = load_script()
+    # a job that finishes what it is doing on SIGTERM, and one that ignores it
+    polite = [sys.executable, "-c", "import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (print('committed'), sys.exit(3)))\ntime.sleep(120)"]
+    deaf = [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('started', flush=True)\ntime.sleep(120)"]
+    done, _ = gp.run_job(polite, timeout=3.0)  # the child has set its handler long before
+    assert done["timed_out"] and done["returncode"] == 3 and "committed" in done["tail"]
+    done, cores = gp.run_job(deaf, timeout=3.0, grace_s=0.5)
+    assert done["timed_out"] and done["returncode"] == -signal.SIGKILL and "started" in done["tail"]
+    assert isinstance(cores["per_second"], list)
