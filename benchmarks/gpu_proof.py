@@ -530,6 +530,9 @@ def run_job(cmd: list[str], timeout: float, grace_s: float = 30.0) -> tuple[dict
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 out, _ = p.communicate()
+        finally:  # the alarm or a signal came first: the job must not outlive this part (Popen's exit waits for it)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     return ({"returncode": p.returncode, "timed_out": timed_out, "wall_s": round(time.perf_counter() - t0, 1),
              "tail": out[-3000:]}, sampler.summary())
 

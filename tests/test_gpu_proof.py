@@ -257,3 +257,19 @@ def test_a_job_past_its_time_is_stopped_with_sigterm_then_sigkill():
     done, cores = gp.run_job(deaf, timeout=3.0, grace_s=0.5)
     assert done["timed_out"] and done["returncode"] == -signal.SIGKILL and "started" in done["tail"]
     assert isinstance(cores["per_second"], list)
+
+
+def test_a_job_is_not_left_running_when_its_part_is_stopped(tmp_path):
+    gp = load_script()
+    pid_file, slept = tmp_path / "pid", tmp_path / "slept"
+    job = [sys.executable, "-c", "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+           f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(20)\nopen({str(slept)!r}, 'w')"]
+    proof = gp.Proof(tmp_path / "p.json", minutes=0, mode="tiny")
+    proof.grace = lambda budget: 3.0  # the alarm comes while the job still has 100 s to go
+
+    proof.run_part("pipeline", lambda pr: gp.run_job(job, timeout=100.0), 0.0)
+    assert proof.data["parts"]["pipeline"]["status"] == "budget"
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone and reaped
+    assert not slept.exists()  # killed: the part did not wait for the job to end by itself
