@@ -15,7 +15,7 @@ manifest says; a Llama-3-8B-shaped LLM and CLIP ViT-L/14-336 in bfloat16 for PT 
   recipes   the device recipes (recipes/pil_exact.py) on decoded images of crawl-like sizes: ms per image on the
             device against Pillow's CPU ms, and the bit-identity of every result to Pillow's, checked here
   pipeline  the end-to-end Ray job (`python -m pipeline.extract_teachers`) on generated JPEGs with decode
-            workers on this node's CPUs: img/s, actor busy fraction, decode CPU ms, the cores the data path used
+            workers on this node's CPUs (or on --ray-address's cluster): img/s, actor busy fraction, decode CPU ms, the cores the data path used
   pt        one PT step per sample and its peak memory for LLaVA-1.5's PT, OLA-VLM's (released heads, the
             config's gradient checkpointing), VLoRA's (their PT settings) and VLoRA with OLA-VLM's losses; OLA-VLM's
             step with the teachers run inside it (the original's way) against stored targets; the share of the
@@ -200,6 +200,7 @@ class Setup:
     steps: int  # timed PT and probe steps (after one warm-up)
     min_s: float  # a throughput figure times calls for at least this long
     compile_tasks: tuple[str, ...]  # the teachers timed under torch.compile
+    ray_address: str | None = None  # the Ray job joins this cluster; None: it starts a Ray of its own on this node
 
     @property
     def size(self) -> str:
@@ -239,11 +240,11 @@ def make_setup(a, work: Path) -> Setup:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
     if a.tiny:  # every code path, as fast as a CPU runs it
         return Setup(tiny=True, device=device, work=work, peak_tflops=peak, compile_backend=a.compile_backend or "eager",
-                     batches=(1, 2), loop_images=2, recipe_images=4, job_images=24, pt_batch=2, probe_batch=2, steps=2,
-                     min_s=0.0, compile_tasks=("gen",))
+                     batches=(1, 2), loop_images=2, recipe_images=4, job_images=12, pt_batch=2, probe_batch=2, steps=2,
+                     min_s=0.0, compile_tasks=("gen",), ray_address=a.ray_address)
     return Setup(tiny=False, device=device, work=work, peak_tflops=peak, compile_backend=a.compile_backend or "inductor",
                  batches=(1, 8, 32, 64, 128, 256), loop_images=32, recipe_images=256, job_images=a.job_images,
-                 pt_batch=16, probe_batch=16, steps=3, min_s=0.5, compile_tasks=TASKS)
+                 pt_batch=16, probe_batch=16, steps=3, min_s=0.5, compile_tasks=TASKS, ray_address=a.ray_address)
 
 
 LIBRARIES = ("transformers", "ray", "zarr", "numcodecs", "webdataset", "fsspec", "safetensors", "numpy", "flash-attn",
@@ -492,6 +493,8 @@ def part_pipeline(proof: Proof, s: Setup) -> None:
            "--batch-size", str(batch), "--shard-size", str(4 * batch), "--no-progress"]
     if s.tiny:  # two cores: the actor and the decoders share them
         cmd += ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5", "--resize-on", "cpu"]
+    if s.ray_address:
+        cmd += ["--address", s.ray_address]
     proof.check("the Ray job")
     proof.put("command", " ".join(cmd[1:]))
     result, cores = run_job(cmd, max(5.0, proof.left()))
@@ -514,7 +517,7 @@ def run_job(cmd: list[str], timeout: float, grace_s: float = 30.0) -> tuple[dict
     from pipeline.localray import LOOPBACK_ENV
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | LOOPBACK_ENV | {
-        "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # a Ray of its own on this node
+        "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # the cluster is the command's --address, or its own
     sampler = CoreSampler()
     t0 = time.perf_counter()
     with sampler, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -844,6 +847,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny eager)")
     p.add_argument("--job-images", type=int, default=3000, help="images of the Ray job's dataset (default 3000)")
     p.add_argument("--batches", default=None, help="the teachers' batch sweep, e.g. 1,8,64 (default 1,8,32,64,128,256)")
+    p.add_argument("--ray-address", default=None,
+                   help="the pipeline part's job joins this Ray cluster (default: it starts a Ray on this node)")
     p.add_argument("--work-dir", default=None, help="scratch folder (default a temporary one, removed)")
     a = p.parse_args(argv)
     parts = [x for x in a.parts.split(",") if x]

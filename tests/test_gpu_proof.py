@@ -36,9 +36,11 @@ def proof_cmd(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_proof(tmp_path_factory):
+def tiny_proof(tmp_path_factory, ray_head):
+    """The --tiny run, its Ray job on the session's loopback head (as on a user's cluster: --ray-address)."""
     out = tmp_path_factory.mktemp("proof")
-    p = subprocess.run(proof_cmd(out, "--minutes", "6"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(proof_cmd(out, "--minutes", "6", "--ray-address", ray_head), cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads((out / "gpu_proof.json").read_text()), p.stdout
 
@@ -88,7 +90,7 @@ def test_teacher_figures(tiny_proof):
     assert loop["images"] == 2 and loop["batched_vs_original"] == pytest.approx(three["img_s"] / loop["img_s"], rel=0.02, abs=0.01)
 
 
-def test_recipe_and_pipeline_figures(tiny_proof):
+def test_recipe_and_pipeline_figures(tiny_proof, ray_head):
     parts = tiny_proof[0]["parts"]
     r = parts["recipes"]["recipes"]
     assert r["all_bit_identical"] is True and r["self_check_failed"] == []
@@ -96,7 +98,8 @@ def test_recipe_and_pipeline_figures(tiny_proof):
     assert r["pillow"] == version("pillow")
     job = parts["pipeline"]["job"]
     assert job["returncode"] == 0 and not job["timed_out"]
-    assert job["progress"]["samples_done"] == parts["pipeline"]["images"] == 24
+    assert job["progress"]["samples_done"] == parts["pipeline"]["images"] == 12
+    assert parts["pipeline"]["command"].endswith(f"--address {ray_head}")  # the job ran on the cluster given
     assert job["img_s"] > 0 and 0 < job["actor_busy"] <= 1
     assert job["decode_cores"] == pytest.approx(job["img_s"] * job["decode_cpu_ms_per_sample"] / 1e3, abs=0.01)
     assert job["node_cores_busy"]["per_second"] and all(0 <= c <= os.cpu_count() + 0.5
@@ -240,7 +243,7 @@ def test_unknown_part_is_refused():
 def test_a_library_that_is_not_installed_is_recorded_as_null(tmp_path, monkeypatch):
     gp = load_script()
     monkeypatch.setattr(gp, "LIBRARIES", ("transformers", "no-such-library-olaf"))
-    s = gp.make_setup(argparse.Namespace(tiny=True, peak_tflops=None, compile_backend=None, job_images=0), tmp_path)
+    s = gp.make_setup(argparse.Namespace(tiny=True, peak_tflops=None, compile_backend=None, job_images=0, ray_address=None), tmp_path)
     libs = gp.environment(s)["libraries"]
     assert libs["no-such-library-olaf"] is None and libs["transformers"] == version("transformers")
 
@@ -252,9 +255,9 @@ def test_a_job_past_its_time_is_stopped_with_sigterm_then_sigkill():
               "signal.signal(signal.SIGTERM, lambda *a: (print('committed'), sys.exit(3)))\ntime.sleep(120)"]
     deaf = [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('started', flush=True)\ntime.sleep(120)"]
-    done, _ = gp.run_job(polite, timeout=3.0)  # the child has set its handler long before
+    done, _ = gp.run_job(polite, timeout=2.0)  # the child has set its handler long before
     assert done["timed_out"] and done["returncode"] == 3 and "committed" in done["tail"]
-    done, cores = gp.run_job(deaf, timeout=3.0, grace_s=0.5)
+    done, cores = gp.run_job(deaf, timeout=2.0, grace_s=0.5)
     assert done["timed_out"] and done["returncode"] == -signal.SIGKILL and "started" in done["tail"]
     assert isinstance(cores["per_second"], list)
 
