@@ -240,7 +240,7 @@ def make_setup(a, work: Path) -> Setup:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
     if a.tiny:  # every code path, as fast as a CPU runs it
         return Setup(tiny=True, device=device, work=work, peak_tflops=peak, compile_backend=a.compile_backend or "eager",
-                     batches=(1, 2), loop_images=2, recipe_images=4, job_images=12, pt_batch=2, probe_batch=2, steps=2,
+                     batches=(1, 2), loop_images=2, recipe_images=4, job_images=12, pt_batch=2, probe_batch=2, steps=1,
                      min_s=0.0, compile_tasks=("gen",), ray_address=a.ray_address)
     return Setup(tiny=False, device=device, work=work, peak_tflops=peak, compile_backend=a.compile_backend or "inductor",
                  batches=(1, 8, 32, 64, 128, 256), loop_images=32, recipe_images=256, job_images=a.job_images,
