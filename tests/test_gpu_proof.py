@@ -234,10 +234,12 @@ def test_a_killed_run_leaves_what_it_measured(tmp_path):
     assert data["finished"] is None
 
 
-def test_unknown_part_is_refused():
-    p = subprocess.run([sys.executable, str(SCRIPT), "--out", "/nonexistent/x", "--parts", "teachers,warp"],
-                       capture_output=True, text=True, cwd=REPO)
-    assert p.returncode == 2 and "unknown warp" in p.stderr
+def test_unknown_part_is_refused(tmp_path, capsys):
+    gp = load_script()
+    with pytest.raises(SystemExit) as stop:
+        gp.main(["--out", str(tmp_path / "x"), "--parts", "teachers,warp"])
+    assert stop.value.code == 2 and "unknown warp" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was made
 
 
 def test_a_library_that_is_not_installed_is_recorded_as_null(tmp_path, monkeypatch):
