@@ -84,13 +84,36 @@ class Tokenized:
 MAX_CHARS_PER_TOKEN = 256  # a generous bound on one token's length: text past it cannot fit in the budget
 
 
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
 def prompt_prefix(tokenizer, template: Template) -> list[int]:
     """The token ids before the image: BOS, the system block, the user header. Its length is the image offset."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(template.system + template.sep + template.user_start, add_special_tokens=False)["input_ids"]
+    return _bos(tokenizer) + tokenizer(template.system + template.sep + template.user_start,
+                                       add_special_tokens=False)["input_ids"]
 
 
-class PromptBuilder:
+class _Builder:
+    """What both builders share: the tokenizer, the text budget, the prefix before the image, and the probes'
+    protocol (`answer`: the text every record's answer is replaced with, None: each record's own;
+    `with_answer=False`: no answer, as a generation prompt)."""
+
+    def __init__(self, tokenizer, max_text_tokens: int, prefix_ids: list[int], answer: str | None,
+                 with_answer: bool):
+        self.tok, self.max_text_tokens, self.prefix_ids = tokenizer, max_text_tokens, prefix_ids
+        self.answer, self.with_answer = answer, with_answer
+
+    @property
+    def image_offset(self) -> int:
+        return len(self.prefix_ids)
+
+    def question_and_answer(self, record: dict) -> tuple[str, str]:
+        question, caption = question_and_caption(record)
+        return question, caption if self.answer is None else self.answer
+
+
+class PromptBuilder(_Builder):
     """`label_header_end`: also label the instruction's last token (the assistant header's trailing "\n\n"),
     as the original's preprocess_llama_3 does through `instruction_len = len(...) - 2`, one short of the BOS
     it means to skip (`ntp_labels: original`). `answer`: the text every record's answer is replaced with (None:
@@ -99,23 +122,15 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, template: Template, max_text_tokens: int, label_header_end: bool = False,
                  answer: str | None = None, with_answer: bool = True):
-        self.tok = tokenizer
+        super().__init__(tokenizer, max_text_tokens, prompt_prefix(tokenizer, template), answer, with_answer)
         self.t = template
-        self.max_text_tokens = max_text_tokens
         self.label_header_end = label_header_end
-        self.answer, self.with_answer = answer, with_answer
-        self.prefix_ids = prompt_prefix(tokenizer, template)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    @property
-    def image_offset(self) -> int:
-        return len(self.prefix_ids)
-
     def __call__(self, record: dict) -> Tokenized:
-        question, caption = question_and_caption(record)
-        caption = caption if self.answer is None else self.answer
+        question, caption = self.question_and_answer(record)
         # what cannot fit is cut before tokenising: a 50 MB caption must not become 50 MB of token tensors
         limit = MAX_CHARS_PER_TOKEN * self.max_text_tokens
         instruction = self._ids("\n" + question[:limit] + self.t.sep + self.t.assistant_start)
@@ -126,24 +141,17 @@ class PromptBuilder:
         return Tokenized(self.prefix_ids, ids, labels)
 
 
-class PlainPromptBuilder:
+class PlainPromptBuilder(_Builder):
     """VLoRA's PT text (`--version plain`): [BOS, <image> placeholder] + caption + "\n", the question dropped, no
     EOS; everything after the placeholder labelled. The placeholder is token 0 with its attention masked and the
     caption at position 2, as theirs (`placeholder=False`: no placeholder, the caption at position 1)."""
 
     def __init__(self, tokenizer, max_text_tokens: int, placeholder: bool = True, answer: str | None = None,
                  with_answer: bool = True):
-        self.tok, self.max_text_tokens = tokenizer, max_text_tokens
-        self.answer, self.with_answer = answer, with_answer  # as PromptBuilder's: the probes' protocol
-        self.prefix_ids = plain_prefix(tokenizer, placeholder)
-
-    @property
-    def image_offset(self) -> int:
-        return len(self.prefix_ids)
+        super().__init__(tokenizer, max_text_tokens, plain_prefix(tokenizer, placeholder), answer, with_answer)
 
     def __call__(self, record: dict) -> Tokenized:
-        _, caption = question_and_caption(record)
-        caption = caption if self.answer is None else self.answer
+        _, caption = self.question_and_answer(record)
         if not self.with_answer:  # plain has no question: the text is the answer, and there is none
             return Tokenized(self.prefix_ids, [], [])
         text = caption[: MAX_CHARS_PER_TOKEN * self.max_text_tokens] + "\n"
@@ -152,8 +160,7 @@ class PlainPromptBuilder:
 
 
 def plain_prefix(tokenizer, placeholder: bool = True) -> list[int]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + ([PLACEHOLDER_ID] if placeholder else [])
+    return _bos(tokenizer) + ([PLACEHOLDER_ID] if placeholder else [])
 
 
 def prefix_shape(tokenizer, template: str, placeholder: bool = True) -> tuple[int, tuple[int, ...]]:
