@@ -98,13 +98,18 @@ def naive(json_path: Path, images: Path, manifest_path: Path, device: str, dtype
     return done / (time.perf_counter() - t0)
 
 
+def job_command(json_path, images, out, manifest_path, batch: int) -> list[str]:
+    """`python -m pipeline.extract_teachers` as a user runs it, with shards of four batches and no progress bar."""
+    return [sys.executable, "-m", "pipeline.extract_teachers", "--data-path", str(json_path), "--image-folder",
+            str(images), "--output", str(out), "--teachers-manifest", str(manifest_path), "--shard-size",
+            str(4 * batch), "--batch-size", str(batch), "--no-progress"]
+
+
 def ray_run(json_path, images, manifest_path, out, actors, batch, gpus_per_actor, extra) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pipeline.extract_teachers", "--data-path", str(json_path), "--image-folder",
-           str(images), "--output", str(out), "--teachers-manifest", str(manifest_path), "--shard-size", str(4 * batch),
-           "--batch-size", str(batch), "--actors", str(actors), "--no-progress"]
+    cmd = job_command(json_path, images, out, manifest_path, batch) + ["--actors", str(actors)]
     if gpus_per_actor is not None:
         cmd += ["--gpus-per-actor", str(gpus_per_actor)]
     t = time.perf_counter()

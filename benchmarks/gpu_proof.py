@@ -10,8 +10,8 @@ manifest says; a Llama-3-8B-shaped LLM and CLIP ViT-L/14-336 in bfloat16 for PT 
 
   teachers  per teacher: GFLOP per image, a batch-size sweep (img/s, TFLOP/s, MFU, peak memory), then at the best
             batch SDPA off, channels_last on and torch.compile on, one at a time; the three together as the
-            extraction actor runs them (TeacherSet.run); the original's per-image loop on the same device (PIL
-            recipe, batch 1, synchronous) and the ratio
+            extraction actor runs them (TeacherSet.run); the original's per-image loop on the same device (decode,
+            PIL recipe, batch 1, synchronous) and the ratio
   recipes   the device recipes (recipes/pil_exact.py) on decoded images of crawl-like sizes: ms per image on the
             device against Pillow's CPU ms, and the bit-identity of every result to Pillow's, checked here
   pipeline  the end-to-end Ray job (`python -m pipeline.extract_teachers`) on generated JPEGs with decode
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -52,7 +53,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "benchmarks"))  # after olaf's packages: benchmarks/teachers.py must not hide `teachers`
+
+from timing import median_seconds, sync  # noqa: E402
 
 from recipes.manifest import TASKS, compute_dtypes, load_manifest  # noqa: E402
 from store.fs import atomic_write  # noqa: E402
@@ -220,10 +223,6 @@ class Setup:
         names = compute_dtypes(load_manifest(), list(TASKS), self.device.type)
         return {t: getattr(torch, d) for t, d in names.items()}
 
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
     def reset_memory(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -289,26 +288,27 @@ def _nvidia_smi(field: str) -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+# ---- the models, built once for the parts that use them ----------------------------------------------------------
+
+@functools.cache
+def teacher_models(s: Setup) -> dict:
+    """The three random-weight teachers at the run's size, in the manifest's dtypes (teachers, pt and probe)."""
+    return _bench("teachers").make_teachers(s.size, str(s.device), s.teacher_dtypes())
+
+
+@functools.cache
+def frozen_models(s: Setup) -> tuple:
+    """(tokenizer, LLM, tower, shapes, config overrides) of vlora_step.models at the run's size (pt and probe): an
+    8B LLM is built once."""
+    return _bench("vlora_step").models(s.size, s.work / "models", s.device, s.dtype)
+
+
 # ---- timing -------------------------------------------------------------------------------------------------------
-
-def seconds_per_call(fn, s: Setup, min_s: float = 0.5, min_calls: int = 2, max_calls: int = 20) -> float:
-    """Median seconds of `fn()` after one warm-up call, over `min_calls` calls or more, until `min_s` has passed or
-    `max_calls` were made."""
-    fn()
-    s.sync()
-    times, start = [], time.perf_counter()
-    while len(times) < min_calls or (time.perf_counter() - start < min_s and len(times) < max_calls):
-        t0 = time.perf_counter()
-        fn()
-        s.sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
 
 def throughput(fn, images: int, s: Setup, flops_per_image: float | None = None) -> dict:
     """img/s of `fn` (which handles `images` images), its TFLOP/s and MFU, and the peak memory it took."""
     s.reset_memory()
-    secs = seconds_per_call(fn, s, min_s=s.min_s)
+    secs = median_seconds(fn, s.device, min_calls=2, min_s=s.min_s)
     out = {"img_s": round(images / secs, 2), "ms_per_call": round(1e3 * secs, 3), "peak_mem_gib": s.peak_memory_gib()}
     if flops_per_image:
         tflops = images / secs * flops_per_image / 1e12
@@ -323,9 +323,8 @@ def part_teachers(proof: Proof, s: Setup) -> None:
     """The most wanted figures first: every teacher's batch sweep, the three together and the original's loop;
     then the switches, torch.compile (whose compilation takes longest) last."""
     bench = _bench("teachers")
-    dtypes = s.teacher_dtypes()
-    teachers = bench.make_teachers(s.size, str(s.device), dtypes)
-    proof.put("dtypes", {t: str(d).removeprefix("torch.") for t, d in dtypes.items()})
+    teachers = teacher_models(s)
+    proof.put("dtypes", {t: str(d).removeprefix("torch.") for t, d in s.teacher_dtypes().items()})
     per, g = {}, torch.Generator().manual_seed(0)
     pixels = {t: torch.randint(0, 256, (max(s.batches), *tc.spec.preprocess.input_size, 3), dtype=torch.uint8,
                                generator=g).to(s.device) for t, tc in teachers.items()}
@@ -353,7 +352,8 @@ def sweep(proof: Proof, s: Setup, task: str, teacher, pixels: torch.Tensor, per:
     for bs in s.batches:
         proof.check(f"{task}: batch {bs}")
         with torch.inference_mode():
-            r = fits(partial(throughput, partial(teacher, pixels[:bs]), bs, s, row["gflop_per_image"] * 1e9))
+            forward = functools.partial(teacher, pixels[:bs])
+            r = fits(functools.partial(throughput, forward, bs, s, row["gflop_per_image"] * 1e9))
         if r is None:
             row["sweep"].append({"batch": bs, "out_of_memory": True})
             break
@@ -385,7 +385,7 @@ def teacher_variant(teacher, variant: str, x: torch.Tensor, s: Setup, flops: flo
     t0 = time.perf_counter()
     with torch.inference_mode():
         compiled(x)
-        s.sync()
+        sync(s.device)
         first = time.perf_counter() - t0
         r = throughput(lambda: compiled(x), len(x), s, flops)
     torch._dynamo.reset()
@@ -406,24 +406,15 @@ def together(proof: Proof, s: Setup, teachers: dict, pixels: dict, per: dict) ->
 
 
 def original_loop(proof: Proof, s: Setup, teachers: dict, per: dict) -> None:
-    """The original's way on the same device: per image, the PIL recipe, a batch-1 forward, the result read."""
-    from pipeline.sample import draw_scene, random_scene
-    from recipes.preprocess import preprocess
-
+    """The original's way on the same device: per image, decode, the PIL recipe and a batch-1 forward of each
+    teacher (pt_step's in-step targets)."""
     proof.check("the original's per-image loop")
-    rng = random.Random(0)
-    images = [draw_scene(random_scene(rng)) for _ in range(s.loop_images)]
-
-    def loop():
-        for im in images:
-            for t in teachers.values():
-                t(torch.from_numpy(preprocess(t.spec, im))[None].to(s.device)).cpu()
-
+    raw = _jpegs(s.loop_images)
     with torch.inference_mode():
-        secs = seconds_per_call(loop, s, min_s=0.0, min_calls=1)
-    rate = len(images) / secs
+        secs = median_seconds(lambda: in_step_targets(teachers, raw, s), s.device, min_calls=1)
+    rate = len(raw) / secs
     batched = proof.data["parts"]["teachers"]["all_three"]["img_s"]
-    proof.put("original_loop", {"images": len(images), "img_s": round(rate, 2),
+    proof.put("original_loop", {"images": len(raw), "img_s": round(rate, 2),
                                 "batched_vs_original": round(batched / rate, 2)})
 
 
@@ -452,7 +443,7 @@ def part_recipes(proof: Proof, s: Setup) -> None:
             got.clear()
             got.extend(preprocess_on_device(spec, torch.from_numpy(a).to(s.device)) for a in arrays)
 
-        secs = seconds_per_call(on_device, s, min_s=0.2, max_calls=5)
+        secs = median_seconds(on_device, s.device, min_calls=2, min_s=0.2, max_calls=5)
         same = sum(np.array_equal(g.cpu().numpy(), w) for g, w in zip(got, want, strict=True))
         out["per_task"][task] = {"device_ms_per_image": round(1e3 * secs / len(images), 3),
                                  "pillow_cpu_ms_per_image": round(cpu_ms, 3), "bit_identical": same}
@@ -488,9 +479,7 @@ def part_pipeline(proof: Proof, s: Setup) -> None:
     else:
         manifest = _bench("extract").full_size_teachers(s.work / "job-teachers", torch.bfloat16)
     batch = 8 if s.tiny else 64
-    cmd = [sys.executable, "-m", "pipeline.extract_teachers", "--data-path", str(json_path), "--image-folder",
-           str(data / "images"), "--output", str(s.work / "job-store"), "--teachers-manifest", str(manifest),
-           "--batch-size", str(batch), "--shard-size", str(4 * batch), "--no-progress"]
+    cmd = _bench("extract").job_command(json_path, data / "images", s.work / "job-store", manifest, batch)
     if s.tiny:  # two cores: the actor and the decoders share them
         cmd += ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5", "--resize-on", "cpu"]
     if s.ray_address:
@@ -595,19 +584,19 @@ def part_pt(proof: Proof, s: Setup) -> None:
     it; OLA-VLM's step again with the teachers inside it; the memory each took."""
     vlora_step = _bench("vlora_step")
     proof.check("building the models")
-    tok, llm, tower, _, over = vlora_step.models(s.size, s.work / "pt", s.device, s.dtype)
-    teachers = _bench("teachers").make_teachers(s.size, str(s.device), s.teacher_dtypes())
+    tok, llm, tower, _, over = frozen_models(s)
+    teachers = teacher_models(s)
     shapes = {t: tuple(teacher.spec.output_shape) for t, teacher in teachers.items()}  # what the heads predict
     rows = {}
-    for name, (connector, template, tasks) in vlora_step.MODES.items():
+    for name in vlora_step.MODES:
         proof.check(name)
-        rows[name] = pt_row(s, tok, llm, tower, shapes, over, connector, template, tasks)
+        rows[name] = pt_row(s, tok, llm, tower, shapes, over, name)
         proof.put("modes", rows)
     ola, llava = rows["OLA-VLM PT"], rows["LLaVA-1.5 PT (projector, NTP)"]
     share = ratio(llava.get("ms_per_sample"), ola.get("ms_per_sample"), 4)
     proof.put("task_tokens_and_heads_share", round(1 - share, 3) if share else None)
     proof.check("OLA-VLM's step with the teachers inside it")
-    inline = pt_row(s, tok, llm, tower, shapes, over, "mlp2x_gelu", "llama_3", list(TASKS), teachers)
+    inline = pt_row(s, tok, llm, tower, shapes, over, "OLA-VLM PT", teachers)
     proof.put("teachers_in_step", {**inline, "stored_vs_in_step": ratio(inline.get("ms_per_sample"),
                                                                         ola.get("ms_per_sample"))})
     loader_feed(proof, s, ola)
@@ -635,23 +624,19 @@ def config(paths: list, **over):
     return load_config(paths, {"store": "unused", "output_dir": "unused", **over})
 
 
-def pt_row(s: Setup, tok, llm, tower, shapes, over, connector, template, tasks, teachers=None) -> dict:
-    from trainer.build import enable_checkpointing, sequence_layout
-    from trainer.model import OLAPT
+def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None) -> dict:
+    """One of vlora_step.MODES, its gradient checkpointing as configured; with `teachers`, their targets computed
+    inside the step."""
+    from trainer.build import enable_checkpointing
 
-    vlora = connector == "vlora"
-    cfg = config([REPO / "trainer" / "configs" / "vlora_pt.yaml"] if vlora else [], connector=connector,
-                 chat_template=template, tasks=",".join(tasks) or "[]")
-    cfg = replace(cfg, **over)
+    vlora_step = _bench("vlora_step")
+    model, layout, cfg = vlora_step.pt_model(mode, tok, llm, tower, shapes, over, s.device)
     if cfg.gradient_checkpointing:
         enable_checkpointing(llm)
         llm.train()
     else:
         llm.gradient_checkpointing_disable()
-    layout, _ = sequence_layout(cfg, tok, tower)
-    torch.manual_seed(0)
-    model = OLAPT(cfg, llm, tower, {t: shapes[t] for t in tasks}, layout, (0.5,) * 3, (0.25,) * 3).to(s.device)
-    batch = _bench("vlora_step").batch_for(layout, s.pt_batch, 32, shapes, tasks, s.device)
+    batch = vlora_step.batch_for(layout, s.pt_batch, 32, shapes, cfg.tasks, s.device)
     raw = _jpegs(s.pt_batch) if teachers else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.cuda else contextlib.nullcontext()
 
@@ -668,10 +653,9 @@ def pt_row(s: Setup, tok, llm, tower, shapes, over, connector, template, tasks, 
            "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     s.reset_memory()
     try:
-        secs = fits(lambda: seconds_per_call(step, s, min_s=0.0, min_calls=s.steps))
+        secs = fits(lambda: median_seconds(step, s.device, min_calls=s.steps))
     finally:
-        for h in getattr(model.projector, "_hooks", []):  # VLoRA's deltas: the LLM is shared by the next rows
-            h.remove()
+        vlora_step.release(model)  # the LLM is shared by the next rows
     if secs is None:
         return {**row, "out_of_memory": True}
     return {**row, "ms_per_sample": round(1e3 * secs / s.pt_batch, 2), "peak_mem_gib": s.peak_memory_gib()}
@@ -709,8 +693,9 @@ def _jpegs(n: int) -> dict[str, bytes]:
 def part_probe(proof: Proof, s: Setup) -> None:
     """olaf's one pass against the authors' one job per task, on the same frozen MLLM, a few steps each."""
     proof.check("building the MLLM")
-    tok, llm, tower, _, _ = _bench("vlora_step").models(s.size, s.work / "probe", s.device, s.dtype)
-    teachers = _bench("teachers").make_teachers(s.size, str(s.device), s.teacher_dtypes())
+    tok, llm, tower, _, _ = frozen_models(s)
+    llm.eval()  # PT's part may have left it training (its checkpointing switch)
+    teachers = teacher_models(s)
     shapes = {t: tuple(teacher.spec.output_shape) for t, teacher in teachers.items()}  # what the probes predict
     probed = random_probed(s, tok, llm, tower)
     rows = {"olaf: one pass, every task": probe_row(s, probed, shapes, list(TASKS))}
@@ -731,10 +716,11 @@ def random_probed(s: Setup, tok, llm, tower):
     from trainer.data import ImageRecipe
     from trainer.probe import Probed
     from trainer.sequence import Projector, TaskTokens
+    from trainer.towers import OPENAI_MEAN, OPENAI_STD
 
     cfg = config([])
     tokens = TaskTokens.random(cfg.special_tokens, cfg.task_tokens, llm.config.hidden_size).requires_grad_(False)
-    image = ImageRecipe(336, 336, "bicubic", (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    image = ImageRecipe(336, 336, "bicubic", OPENAI_MEAN, OPENAI_STD)  # CLIP-L/336's processor
     proj = Projector(tower.hidden_size, llm.config.hidden_size)
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj.to(s.device, s.dtype),
                   tokens.to(s.device, s.dtype), tok, "llama_3", image, "random weights")
@@ -768,7 +754,7 @@ def probe_row(s: Setup, probed, shapes: dict, tasks: list[str], teachers: dict |
            "probe_params": sum(p.numel() for p in probes.parameters() if p.requires_grad)}
     s.reset_memory()
     before = probes.forwards
-    secs = fits(lambda: seconds_per_call(step, s, min_s=0.0, min_calls=s.steps))
+    secs = fits(lambda: median_seconds(step, s.device, min_calls=s.steps))
     if secs is None:
         return {**row, "out_of_memory": True}
     return {**row, "ms_per_sample": round(1e3 * secs / s.probe_batch, 2), "peak_mem_gib": s.peak_memory_gib(),

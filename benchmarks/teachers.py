@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import median_seconds  # noqa: E402
 
 from pipeline import sample  # noqa: E402
 from recipes.manifest import load_manifest  # noqa: E402
@@ -51,23 +52,6 @@ def make_teachers(size: str, device: str, dtype: torch.dtype | dict[str, torch.d
         out[task] = ADAPTERS[spec.architecture].random(
             spec, cfg, device=device, dtype=dtype[task] if isinstance(dtype, dict) else dtype)
     return out
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats=3):
-    fn()  # warm-up (kernels, caches, allocator)
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def flops_per_image(teacher, pixels):
@@ -101,8 +85,8 @@ def run(size, device, dtype, n_images, batch_size, peak_tflops, repeats):
             for i in range(0, n_images, batch_size):
                 teacher(pixels[i:i + batch_size]).cpu()
 
-        t_per = timed(per_image, device, repeats)
-        t_bat = timed(batched, device, repeats)
+        t_per = median_seconds(per_image, device, repeats)
+        t_bat = median_seconds(batched, device, repeats)
         flops = flops_per_image(teacher, pixels)
         per_all += t_per
         bat_all += t_bat

@@ -19,10 +19,8 @@ beside the rest), deltas in both layers (skip_layers 2). On a GPU, bf16.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +28,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from timing import median_seconds  # noqa: E402
 
 from trainer.build import sequence_layout  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -119,31 +119,31 @@ def saved_bytes(fn, model: torch.nn.Module) -> int:
     return total
 
 
-def timed(fn, repeats: int, device) -> float:
-    times = []
-    for k in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if k:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def pt_model(mode: str, tok, llm, tower, shapes: dict, over: dict, device, **settings):
+    """(model, layout, config) of one of MODES, as the trainer builds it, on the shared LLM and tower; `over` and
+    `settings` replace config values (models()' sizes, gradient_checkpointing)."""
+    connector, template, tasks = MODES[mode]
+    cfg = load_config([], {"store": "unused", "output_dir": "unused", "connector": connector, "chat_template": template,
+                           "tasks": ",".join(tasks) or "[]"})
+    cfg = replace(cfg, **over, **settings)
+    layout, _ = sequence_layout(cfg, tok, tower)
+    torch.manual_seed(0)
+    model = OLAPT(cfg, llm, tower, {t: shapes[t] for t in tasks}, layout, (0.5,) * 3, (0.25,) * 3).to(device)
+    return model, layout, cfg
+
+
+def release(model) -> None:
+    """Take a VLoRA connector's hooks off the LLM, which the next model shares."""
+    for h in getattr(model.projector, "_hooks", []):
+        h.remove()
 
 
 def measure(size: str, repeats: int, device, dtype, work: Path) -> list[dict]:
     tok, llm, tower, shapes, over = models(size, work, device, dtype)
     b = 4 if size == "tiny" else 1
     rows = []
-    for name, (connector, template, tasks) in MODES.items():
-        cfg = load_config([], {"store": "unused", "output_dir": "unused", "connector": connector,
-                               "chat_template": template, "tasks": ",".join(tasks) or "[]"})
-        cfg = replace(cfg, **over, gradient_checkpointing=False)
-        layout, _ = sequence_layout(cfg, tok, tower)
-        torch.manual_seed(0)
-        model = OLAPT(cfg, llm, tower, {t: shapes[t] for t in tasks}, layout, (0.5,) * 3, (0.25,) * 3).to(device)
+    for name, (connector, _, tasks) in MODES.items():
+        model, layout, _ = pt_model(name, tok, llm, tower, shapes, over, device, gradient_checkpointing=False)
         batch = batch_for(layout, b, 32, shapes, tasks, device)
 
         def step(model=model, batch=batch):
@@ -151,7 +151,7 @@ def measure(size: str, repeats: int, device, dtype, work: Path) -> list[dict]:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-        step_s = timed(step, repeats, device)
+        step_s = median_seconds(step, device, repeats)
         activations = saved_bytes(lambda model=model, batch=batch: model(batch)[0], model)
         gen_s = None
         if connector == "vlora":
@@ -160,15 +160,14 @@ def measure(size: str, repeats: int, device, dtype, work: Path) -> list[dict]:
                 conn(feats)
                 conn.factors.float().sum().backward()
 
-            gen_s = timed(generator_step, repeats, device)
+            gen_s = median_seconds(generator_step, device, repeats)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         gen_params = sum(p.numel() for p in model.projector.parameters())
         rows.append({"size": size, "mode": name, "ms_per_sample": 1000 * step_s / b,
                      "activation_mb_per_sample": activations / b / 2**20, "llm_tokens": layout.text_start + 32,
                      "trained": trained, "connector_params": gen_params,
                      "generator_share": gen_s / step_s if gen_s else None})
-        for h in getattr(model.projector, "_hooks", []):  # the LLM is shared by the next rows
-            h.remove()
+        release(model)
         del model
     return rows
 
