@@ -28,15 +28,43 @@ import urllib.request
 from pathlib import Path
 
 MARKER = "OLAF_LOCAL_RAY"
+TEMP_MARK = ".olaf-localray"  # in the head's temp dir: the proof that this module made it (stop removes no other)
 # The one copy of what a Ray on this machine alone needs (Ray reads it at import time; its workers inherit it):
 # single-node mode, so that it binds and talks on 127.0.0.1 only (else it picks the default route's address),
 # and no usage statistics sent anywhere.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+class LocalRayError(Exception):
+    """A state folder this module cannot act on; the message says what to do."""
+
+
+def read_state(state: Path) -> dict | None:
+    """STATE_DIR/state.json, checked (None when there is none): a damaged one names no processes and no folder
+    this module may touch."""
+    f = state / "state.json"
+    if not f.is_file():
+        return None
+    try:
+        info = json.loads(f.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        for key, kind in (("marker", str), ("temp_dir", str), ("dashboard_port", int)):
+            if not isinstance(info.get(key), kind):
+                raise ValueError(f"{key} is {info.get(key)!r}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise LocalRayError(f"{f} is damaged ({str(e).splitlines()[0][:120]}): it cannot say which processes and "
+                            f"folder are its head's, so nothing was stopped or removed. Stop that head by hand (its "
+                            f"processes carry {MARKER}=<marker> in their environment), then delete {f}") from None
+    return info
+
+
 def ray_env(state: Path) -> dict[str, str]:
     """What every process talking to this head needs (Ray reads these at import time)."""
-    info = json.loads((state / "state.json").read_text())
+    info = read_state(state)
+    if info is None:
+        raise LocalRayError(f"{state} describes no running head: start one with python -m pipeline.localray start "
+                            f"{state}")
     return {
         **LOOPBACK_ENV,
         "RAY_AUTH_MODE": "token",
@@ -78,6 +106,7 @@ def start(state: Path, port: int = 6379, dashboard_port: int = 8265, num_cpus: i
         token.chmod(0o600)
     temp = tempfile.mkdtemp(prefix="olaf-ray-")  # short: Ray's socket paths must fit in 107 bytes
     marker = f"{os.getpid()}-{secrets.token_hex(4)}"
+    (Path(temp) / TEMP_MARK).write_text(marker)
     agent_port = _free_port()
     info = {"marker": marker, "temp_dir": temp, "port": port, "dashboard_port": dashboard_port,
             "agent_port": agent_port}
@@ -147,13 +176,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _made_here(temp: Path, marker: str) -> bool:
+    """Whether `temp` is the folder `start` made for the head of `marker` (its mark file says so)."""
+    try:
+        return (temp / TEMP_MARK).read_text() == marker
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def stop(state: Path, grace: float = 5.0) -> int:
-    """Stop the head described in STATE_DIR; returns how many processes were ended."""
+    """Stop the head described in STATE_DIR; returns how many processes needed a kill. Its temp dir is removed
+    only when the mark `start` left in it proves that this module made it."""
     state = state.resolve()
     f = state / "state.json"
-    if not f.exists():
+    info = read_state(state)
+    if info is None:
         return 0
-    info = json.loads(f.read_text())
     pids = _marked(info["marker"])
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):  # once the raylet is gone, its agents are
         # orphans that no longer show as descendants: keep the full list from before the first signal
@@ -168,7 +206,12 @@ def stop(state: Path, grace: float = 5.0) -> int:
         pids = [p for p in pids if _alive(p)]
         if not pids:
             break
-    shutil.rmtree(info["temp_dir"], ignore_errors=True)
+    temp = Path(info["temp_dir"])
+    if _made_here(temp, info["marker"]):
+        shutil.rmtree(temp, ignore_errors=True)
+    elif temp.exists():
+        print(f"note: left {temp} in place: it holds no mark of this head ({TEMP_MARK}), so olaf did not make it",
+              file=sys.stderr)
     f.unlink()
     return len(pids)
 
@@ -186,18 +229,18 @@ def main(argv=None) -> int:
     t = sub.add_parser("stop", help="stop exactly the processes of that head")
     t.add_argument("state", type=Path)
     a = p.parse_args(argv)
-    if a.cmd == "start":
-        info = start(a.state, a.port, a.dashboard_port, a.num_cpus)
-        print(f"Ray head on 127.0.0.1:{info['port']} (jobs: http://127.0.0.1:{info['dashboard_port']})")
-    elif a.cmd == "env":
-        if not (a.state / "state.json").is_file():
-            print(f"error: {a.state} describes no running head: start one with python -m pipeline.localray start "
-                  f"{a.state}", file=sys.stderr)
-            return 2
-        for k, v in ray_env(a.state.resolve()).items():
-            print(f"export {k}={v}")
-    else:
-        print(f"stopped the Ray head of {a.state} ({stop(a.state)} processes needed a kill)")
+    try:
+        if a.cmd == "start":
+            info = start(a.state, a.port, a.dashboard_port, a.num_cpus)
+            print(f"Ray head on 127.0.0.1:{info['port']} (jobs: http://127.0.0.1:{info['dashboard_port']})")
+        elif a.cmd == "env":
+            for k, v in ray_env(a.state.resolve()).items():
+                print(f"export {k}={v}")
+        else:
+            print(f"stopped the Ray head of {a.state} ({stop(a.state)} processes needed a kill)")
+    except LocalRayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
