@@ -7,7 +7,8 @@
     python -m pipeline.inspect STORE render [KEY] --out sample.png
                                                         the image beside PCA maps of its depth and seg targets
     python -m pipeline.inspect STORE unlease N [--force] break shard N's lease when its job is gone
-    python -m pipeline.inspect STORE repair-teachers    rewrite a damaged teachers.yaml from the manifest's copy
+    python -m pipeline.inspect STORE repair-teachers    rewrite a damaged teachers.yaml from the copy its shards confirm
+    python -m pipeline.inspect STORE repair-manifest    rewrite a damaged olaf_store.json from its backup copy
 KEY is a sample id; without one, show and render take the first sample with every target valid.
 Add --json (before the command) for machine-readable output. `verify` exits 1 naming each bad shard; any
 unusable input (not a store, an unknown format version, a missing key) exits 2 with one message.
@@ -27,7 +28,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from store import Leases, Store, StoreError, StoreWriter, member_sizes, verify_store
+from store import (
+    MANIFEST,
+    Leases,
+    Store,
+    StoreError,
+    StoreWriter,
+    atomic_write,
+    member_sizes,
+    refuse_inside_store,
+    verify_store,
+)
 
 
 def _human(n: float) -> str:
@@ -219,8 +230,7 @@ def render(s: Store, key: str, out_png: str | Path) -> dict:
     if teachers.get("description"):
         title += "\n" + teachers["description"]
     png = rnd.compose(image, maps, vectors, title)
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_png).write_bytes(png)
+    atomic_write(out_png, png)
     return {"id": key, "out": str(out_png), "maps": list(maps), "vectors": list(vectors), "image": image is not None}
 
 
@@ -250,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output PNG path")
     sub.add_parser("repair-teachers", parents=[after], help="rewrite a damaged teachers.yaml from the copy the "
                    "store's manifest keeps")
+    sub.add_parser("repair-manifest", parents=[after], help="rewrite a damaged olaf_store.json from its backup copy "
+                   "(olaf_store.backup.json)")
     u = sub.add_parser("unlease", parents=[after], help="break the lease of a shard whose job is gone")
     u.add_argument("shard", type=int)
     u.add_argument("--force", action="store_true", help="break a lease that has not expired yet (its job must be gone)")
@@ -306,6 +318,7 @@ def _show(s: Store, args) -> int:
 
 
 def _render(s: Store, args) -> int:
+    refuse_inside_store(args.out, "--out")
     d = render(s, args.key or s.first_valid_key(), args.out)
     print(json.dumps(d) if args.json else f"wrote {d['out']} (image{' + ' if d['maps'] else ''}"
           f"{' + '.join(d['maps'])} maps{', ' + ' + '.join(d['vectors']) + ' strip' if d['vectors'] else ''})")
@@ -329,9 +342,18 @@ COMMANDS = {"summary": _summary, "verify": _verify, "stats": _stats, "show": _sh
             "unlease": _unlease, "repair-teachers": _repair_teachers}
 
 
+def _repair_manifest(url: str) -> int:
+    m = StoreWriter.restore_manifest(url)
+    print(f"restored {url}'s {MANIFEST} from its backup ({m.num_samples} samples, tasks {', '.join(m.tasks)}, "
+          f"updated {m.updated}); run `python -m pipeline.inspect {url} verify` next")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "repair-manifest":  # the one command that cannot open the store first
+            return _repair_manifest(args.store)
         return COMMANDS[args.command](Store(args.store), args)
     except (StoreError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pipeline.provenance import CODE_INFO, PACKAGES, REPO_ROOT, git_describe
-from store import atomic_path
+from store import StoreError, atomic_path, refuse_inside_store
 
 FILES = ("pyproject.toml",)
 MARK = ".olaf-jobdir"  # in every folder build() makes: the only kind it replaces
@@ -71,8 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("out", nargs="?", default="build/job", help="folder to (re)create (default build/job)")
     a = p.parse_args(argv)
     try:
+        refuse_inside_store(a.out, "OUT")
         print(build(a.out))
-    except (JobdirError, OSError) as e:
+    except (JobdirError, StoreError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from store import atomic_write
+    from store import StoreError, atomic_write, refuse_inside_store
 
     p = argparse.ArgumentParser(prog="python -m pipeline.llava", description="LLaVA-format datasets from other sources")
     sub = p.add_subparsers(dest="command", required=True)
@@ -277,8 +277,9 @@ def main(argv=None) -> int:
     f.add_argument("--out", required=True, help="the LLaVA JSON to write; skipped files go to OUT.skipped.jsonl")
     a = p.parse_args(argv)
     try:
+        refuse_inside_store(a.out, "--out")
         records, skipped = records_from_images(a.images_dir, a.query, a.coco)
-    except (DatasetError, OSError) as e:
+    except (DatasetError, StoreError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not records:

@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from pipeline.llava import DATASET_JSON, IMAGE_TOKEN, image_relpath
+from store import StoreError, refuse_inside_store
 
 # Saturated, well-separated colours: the nearest palette entry to a drawn pixel is unambiguous after JPEG.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -280,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--odd", type=int, default=0, help="add N valid images in awkward modes (grayscale, CMYK, ...)")
     args = p.parse_args(argv)
     try:
+        refuse_inside_store(args.out_dir, "OUT_DIR")
         path = generate(args.out_dir, args.num_samples, seed=args.seed, bad=args.bad, odd=args.odd)
-    except ValueError as e:
+    except (ValueError, StoreError) as e:
         p.error(str(e))
     total = args.num_samples + args.bad + args.odd
     print(f"wrote {total} records to {path} (images under {Path(args.out_dir) / 'images'})")

@@ -20,6 +20,9 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+
+from store import layout
 
 CHUNK = 8 << 20  # bytes per read when hashing or streaming
 
@@ -73,6 +76,23 @@ _INHERITED: list = []  # filesystems a forked child inherited from its parent
 
 class StoreError(Exception):
     """Something about a store is wrong or does not match what the caller expects; the message says what."""
+
+
+def enclosing_store(path) -> str | None:
+    """The local store `path` is or lies in (the nearest folder, links resolved, that holds a store manifest), or
+    None; URLs are not looked into."""
+    if is_url(path):
+        return None
+    p = Path(path).resolve()
+    return next((str(d) for d in (p, *p.parents) if (d / layout.MANIFEST).is_file()), None)
+
+
+def refuse_inside_store(path, what: str) -> None:
+    """StoreError when a command's output `path` would land in a store: only the store's writer writes there."""
+    root = enclosing_store(path)
+    if root is not None:
+        raise StoreError(f"{what} {path} lies inside the olaf store {root}; nothing but the extraction writes in a "
+                         f"store (another file there can destroy it): choose a path outside it")
 
 
 def _fsspec():

@@ -3,6 +3,7 @@ shard ranges. Everything else in olaf asks this module (through the store packag
 
     STORE/                       (a local folder, a shared filesystem or an object-storage prefix)
       olaf_store.json            run manifest (store.manifest.RunManifest)
+      olaf_store.backup.json     the same bytes, written after it: a damaged manifest is restored from it
       teachers.yaml              the teacher identity the targets were computed with
       targets.zarr/              Zarr v3 group: keys, valid/<task>, <task> [, <task>_scale]
       wds/shard-NNNNNN.tar       one WebDataset tar per extraction shard
@@ -18,6 +19,7 @@ from pathlib import PurePosixPath
 
 FORMAT = "olaf.store/1"
 MANIFEST = "olaf_store.json"
+MANIFEST_BACKUP = "olaf_store.backup.json"
 TEACHERS = "teachers.yaml"
 ZARR = "targets.zarr"
 WDS = "wds"

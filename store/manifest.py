@@ -14,6 +14,10 @@ from store import encodings, layout
 from store.fs import Location, StoreError
 
 
+class DamagedManifest(StoreError):
+    """The manifest (or its backup) is unreadable or not a manifest: damage, not another format version."""
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
@@ -117,23 +121,42 @@ class RunManifest:
                        format=d["format"], token_order=d.get("token_order", layout.TOKEN_ORDER),
                        teachers=d.get("teachers"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StoreError(f"{where} is damaged: {type(e).__name__}: {e}") from None
+            raise DamagedManifest(f"{where} is damaged: {type(e).__name__}: {e}") from None
+
+
+REPAIR_MANIFEST = "restore it with `python -m pipeline.inspect {store} repair-manifest` (from {backup})"
 
 
 def read_manifest(loc: Location) -> RunManifest:
-    """The run manifest, with clear errors for a path that is not a store or a store of another format."""
+    """The run manifest, with clear errors for a path that is not a store or a store of another format; a damaged
+    one names the repair when its backup copy is sound."""
     if not loc.exists():
         raise StoreError(f"{loc} does not exist")
     if not loc.isfile(layout.MANIFEST):
         raise StoreError(f"{loc} is not an olaf store (no {layout.MANIFEST}); create one with pipeline.extract_teachers")
-    where = loc.url_of(layout.MANIFEST)
     try:
-        d = json.loads(loc.read_bytes(layout.MANIFEST))
+        return parse_manifest(loc, layout.MANIFEST)
+    except DamagedManifest as e:
+        try:
+            parse_manifest(loc, layout.MANIFEST_BACKUP)
+        except (StoreError, FileNotFoundError):
+            raise StoreError(f"{e}; its backup {layout.MANIFEST_BACKUP} is missing or damaged too: re-extract into "
+                             f"a new --output") from None
+        raise StoreError(f"{e}; {REPAIR_MANIFEST.format(store=loc, backup=layout.MANIFEST_BACKUP)}") from None
+
+
+def parse_manifest(loc: Location, name: str) -> RunManifest:
+    """The manifest object `name` (the manifest or its backup), parsed and checked."""
+    where = loc.url_of(name)
+    try:
+        d = json.loads(loc.read_bytes(name))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{where} is damaged (not JSON: {e})") from None
+        raise DamagedManifest(f"{where} is damaged (not JSON: {str(e)[:80]})") from None
     fmt = d.get("format") if isinstance(d, dict) else None
     if fmt != layout.FORMAT:
-        ver = (d.get("code") or {}).get("version", "?") if isinstance(d, dict) else "?"
+        if not isinstance(d, dict) or "num_samples" not in d:
+            raise DamagedManifest(f"{where} is damaged (not a store manifest)")
+        ver = (d.get("code") or {}).get("version", "?")
         raise StoreError(f"{loc} has store format {fmt!r}; this olaf reads {layout.FORMAT!r}. Re-extract it with this "
                          f"version, or use the olaf version that wrote it ({ver})")
     return RunManifest.from_dict(d, where)

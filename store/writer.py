@@ -35,11 +35,13 @@ from store.fs import Location, StoreError
 from store.identity import read_teachers, teacher_mismatches, write_teachers
 from store.lease import Leases
 from store.manifest import (
+    DamagedManifest,
     RunManifest,
     ShardRecord,
     TaskLayout,
     dumps,
     now,
+    parse_manifest,
     read_manifest,
     read_record,
     read_records,
@@ -137,8 +139,30 @@ class StoreWriter:
         zarr_io.create_arrays(self.loc, self.manifest)
 
     def save_manifest(self) -> None:
+        """The manifest, then its backup copy (the same bytes): damage to one leaves the other to restore from."""
         self.manifest.updated = now()
-        self.loc.write_bytes(layout.MANIFEST, dumps(self.manifest.to_dict()))
+        data = dumps(self.manifest.to_dict())
+        self.loc.write_bytes(layout.MANIFEST, data)
+        self.loc.write_bytes(layout.MANIFEST_BACKUP, data)
+
+    @staticmethod
+    def restore_manifest(url) -> RunManifest:
+        """Rewrite a damaged manifest from its backup copy (what reading a damaged one says to do); a sound manifest
+        is left alone."""
+        loc = url if isinstance(url, Location) else Location(url)
+        try:
+            parse_manifest(loc, layout.MANIFEST)
+        except (FileNotFoundError, DamagedManifest):
+            pass
+        else:
+            raise StoreError(f"{loc.url_of(layout.MANIFEST)} is sound: nothing to restore")
+        try:
+            restored = parse_manifest(loc, layout.MANIFEST_BACKUP)
+        except FileNotFoundError:
+            raise StoreError(f"{loc} has no {layout.MANIFEST_BACKUP} (written by an older olaf): restore "
+                             f"{layout.MANIFEST} from a backup of yours, or re-extract into a new --output") from None
+        loc.write_bytes(layout.MANIFEST, loc.read_bytes(layout.MANIFEST_BACKUP))
+        return restored
 
     def restore_teachers(self) -> dict:
         """Rewrite teachers.yaml from the manifest's copy (what `verify` says to do when it is damaged)."""

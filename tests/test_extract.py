@@ -18,7 +18,18 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from helpers import REPO, call, extract, extraction_args, records, same_data, start_extraction, wait_for
+from helpers import (
+    EXTRACT_SHARD,
+    REPO,
+    call,
+    extract,
+    extraction_args,
+    records,
+    reference_store,
+    same_data,
+    start_extraction,
+    wait_for,
+)
 
 import store
 from pipeline import localray
@@ -144,6 +155,34 @@ def test_incompatible_resume_is_refused(tmp_path, extract_dataset, tiny_teachers
     (tmp_path / "junk" / "x.txt").write_text("mine")
     rc, log = call(extraction_main, extraction_args(extract_dataset, tmp_path / "junk", tiny_teachers, "--plan-only"))
     assert rc == 2 and "is not an olaf store" in log
+
+
+def test_a_plan_that_says_ok_means_the_run_will_start(tmp_path, extract_dataset, tiny_teachers):
+    """--plan-only refused nothing a real run refuses before its first shard: an output that cannot be written,
+    weights that are not where the manifest says, a store made with other weight files. It leaves no folder."""
+    from teachers.tiny import build
+
+    teachers = tmp_path / "teachers"
+    shutil.copytree(tiny_teachers.parent, teachers)
+    manifest = teachers / "teachers.yaml"
+    new = tmp_path / "new" / "store"
+    rc, log = call(extraction_main, extraction_args(extract_dataset, new, manifest, "--plan-only"))
+    assert rc == 0 and "plan OK" in log and not (tmp_path / "new").exists(), log
+    (tmp_path / "afile").write_text("x")
+    rc, log = call(extraction_main, extraction_args(extract_dataset, tmp_path / "afile" / "store", manifest,
+                                                    "--plan-only"))
+    assert rc == 2 and "cannot be written" in log and "plan OK" not in log, log
+    # a store made with these weights, then other weight files under the same path
+    made = reference_store(tmp_path / "made", extract_dataset, manifest, shard=EXTRACT_SHARD, teachers_yaml=True)
+    rc, log = call(extraction_main, extraction_args(extract_dataset, made, manifest, "--plan-only"))
+    assert rc == 0 and "can be continued" in log, log
+    other = build(tmp_path / "other", seed=1)
+    shutil.copytree(other.parent / "depth", teachers / "depth", dirs_exist_ok=True)
+    rc, log = call(extraction_main, extraction_args(extract_dataset, made, manifest, "--plan-only"))
+    assert rc == 2 and "depth: the weight files differ" in log and "plan OK" not in log, log
+    shutil.rmtree(teachers / "seg")
+    rc, log = call(extraction_main, extraction_args(extract_dataset, tmp_path / "s2", manifest, "--plan-only"))
+    assert rc == 2 and "seg" in log and "plan OK" not in log, log
 
 
 def test_a_division_of_the_cluster_that_cannot_work_is_refused(extract_dataset, tiny_teachers):

@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recipes.manifest import TASKS
-from store import TOKEN_ORDER, atomic_path
+from store import TOKEN_ORDER, StoreError, atomic_path, refuse_inside_store
 from trainer import checkpoint
 from trainer.build import add_pad_token
 from trainer.config import PTConfig, load_config
@@ -102,6 +102,7 @@ def from_checkpoint(run_dir: Path, ckpt: Path | None = None) -> tuple[Path, dict
 
 def check_out(out: Path, run_dir: Path) -> None:
     """An export never merges into a folder or lands inside its run (whose files it would overwrite)."""
+    refuse_inside_store(out, "--out")
     out, run_dir = Path(out).resolve(), Path(run_dir).resolve()
     if out == run_dir or run_dir in out.parents:
         raise ExportError(f"--out {out} is inside the run {run_dir}: choose a folder outside it")
@@ -409,7 +410,7 @@ def main(argv=None) -> int:
                 print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    except (ExportError, checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
+    except (ExportError, StoreError, checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

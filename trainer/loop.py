@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from store import loader
+from store import loader, refuse_inside_store
 from trainer.build import PTRun, TrainerError
 from trainer.checkpoint import Checkpointer, CheckpointError, PlainRNG, TorchRNG, latest
 from trainer.data import die_with_parent, worker_init
@@ -135,6 +135,7 @@ def start(cfg) -> tuple[int, int, torch.device, torch.dtype, object]:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    refuse_inside_store(cfg.output_dir, "--output-dir")
     if not cfg.resume and latest(Path(cfg.output_dir)) is not None:
         raise TrainerError(f"{cfg.output_dir} already has checkpoints: pass --resume to continue, or use a new "
                            f"--output-dir")

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from recipes.manifest import TASKS
+from store import StoreError, refuse_inside_store
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 120, 255)]
@@ -92,6 +93,10 @@ def main(argv=None) -> int:
     if not log.is_file():
         p.error(f"{log} not found: is {a.output_dir} a trainer.pt output dir?")
     out = a.out or (log.parent.parent / "loss.png")
+    try:
+        refuse_inside_store(out, "--out")
+    except StoreError as e:
+        p.error(str(e))
     print(f"wrote {plot(read_log(log), out)}")
     return 0
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, TASKS
-from store import Location, Store, read_manifest, weights_mismatches
+from store import Location, Store, read_manifest, refuse_inside_store, weights_mismatches
 from trainer.build import TrainerError, assemble, load_or_explain, open_store
 from trainer.config import PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
@@ -557,6 +557,7 @@ def main(argv=None) -> int:
         p.add_argument("runs", nargs="+", type=Path)
         p.add_argument("--out", type=Path)
         a = p.parse_args(argv[1:])
+        refuse_inside_store(a.out or a.runs[0], "--out")
         print(f"wrote {plot(a.runs, a.out or a.runs[0] / 'probe_plot.png')}")
         return 0
     a, cfg = parse_args(argv)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from store import StoreError, refuse_inside_store
 from trainer.templates import TEMPLATES
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -171,6 +172,10 @@ def main(argv=None) -> int:
     p.add_argument("--lm-steps", type=int, default=300, help="steps of that fit (default 300)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    try:
+        refuse_inside_store(a.out_dir, "OUT_DIR")
+    except StoreError as e:
+        p.error(str(e))
     path = build(a.out_dir, a.captions, a.lm_steps, a.seed)
     print(f"wrote {path}\nNOTE: random-weight stand-ins (LLM {LLM_LAYERS} layers x {LLM_WIDTH}, CLIP 24x24 grid) "
           f"for tests and demos only" + (f"; the LM was fitted on the captions of {a.captions}" if a.captions else ""))

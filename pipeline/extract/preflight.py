@@ -4,10 +4,14 @@ and, once the done shards are verified, which tasks each shard still needs."""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import store
 from pipeline.extract.plan import Plan
 from pipeline.extract.settings import Settings, UsageError
 from recipes.manifest import TASKS, TeacherManifest
+from recipes.weights_files import manifest_files_sha256
 from store import ShardRecord, StoreWriter, TaskLayout
 
 
@@ -26,18 +30,49 @@ def existing_store(s: Settings, plan: Plan, manifest: TeacherManifest) -> StoreW
     if w is None:
         return None
     shared = [t for t in s.tasks if t in w.manifest.tasks]
+    # the weight files' content where this machine has them: a store made with other weights is refused here,
+    # before Ray starts, not after the teachers are loaded
+    identity = manifest.identity(shared, files_sha256=manifest_files_sha256(manifest, shared))
     problems = w.resume_problems(dataset_sha256=plan.dataset_sha256, num_samples=plan.num_samples,
                                  shard_size=s.shard_size, formats=s.formats, compression=s.zarr_compression,
-                                 layouts=layouts_for(manifest, s.tasks, s.encoding), identity=manifest.identity(shared))
+                                 layouts=layouts_for(manifest, s.tasks, s.encoding), identity=identity)
     if problems:
         raise UsageError(f"{w.loc} is a store this run cannot continue:\n  " + "\n  ".join(problems)
                          + "\nUse a new --output, or the settings the store was made with.")
     return w
 
 
-def check_writable(out: store.Location) -> None:
+def check_writable(out: store.Location, keep: bool = True) -> None:
     """Fail before any model is loaded when the output cannot be written (under a file, read-only, no
-    permission, no bucket): write and remove a probe file or object."""
+    permission, no bucket): write and remove a probe file or object. `keep=False` (a plan) removes the folders
+    the probe made."""
+    made = _first_missing(Path(out.url)) if out.local else None
+    try:
+        _probe(out)
+    finally:
+        if made is not None and not keep:
+            for d in [Path(out.url).resolve(), *Path(out.url).resolve().parents]:
+                with contextlib.suppress(OSError):  # only empty folders go, and only those the probe made
+                    d.rmdir()
+                if d == made:
+                    break
+
+
+def _first_missing(path: Path) -> Path | None:
+    path = path.resolve()
+    missing = None
+    for d in [path, *path.parents]:
+        if d.exists():
+            return missing
+        missing = d
+    return missing
+
+
+def _probe(out: store.Location) -> None:
+    inside = store.enclosing_store(out.url)
+    if inside is not None and Path(inside) != Path(out.url).resolve():
+        raise UsageError(f"--output {out} lies inside the olaf store {inside}: a store within a store damages both; "
+                         f"choose a folder outside it")
     try:
         store.check_writable(out)
     except store.StoreError as e:  # access: credentials, endpoint, permission

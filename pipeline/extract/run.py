@@ -34,11 +34,14 @@ def run(s: Settings) -> int:
     print(f"plan: {plan.num_samples} samples ({plan.records_in_file} in {plan.data_path.name}), {plan.num_shards} "
           f"shards of {s.shard_size}; tasks {','.join(s.tasks)}; teachers {manifest.name} ({manifest.fidelity}); "
           f"output {Location(s.output)} ({'resuming' if existing else 'new'})", flush=True)
-    if s.plan_only:
-        return 0
-    preflight.check_writable(Location(s.output))
+    # what a real run refuses before it starts, a plan refuses too: a plan that says OK means the run will start
+    preflight.check_writable(Location(s.output), keep=not s.plan_only)
     if not (s.address or os.environ.get("RAY_ADDRESS")):
         preflight.check_weights_locally(manifest, s.tasks)
+    if s.plan_only:
+        print("plan OK: the output can be written, the teachers' weights are where the manifest says"
+              + ("" if existing is None else ", the store can be continued with them"), flush=True)
+        return 0
     ray, started_local = init_ray(s)
     signal.signal(signal.SIGTERM, on_sigterm)  # ray.init installs its own handler (a native abort): ours wins
     try:
