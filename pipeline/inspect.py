@@ -326,8 +326,9 @@ def _render(s: Store, args) -> int:
 
 
 def _repair_teachers(s: Store, args) -> int:
-    StoreWriter(s.loc, s.manifest).restore_teachers()
-    print(f"restored {s.url}'s teachers.yaml from its manifest's copy")
+    fixed = StoreWriter(s.loc, s.manifest).restore_teachers()
+    print(f"restored {s.url}'s teachers.yaml from its manifest's copy" if fixed == "teachers.yaml" else
+          f"rewrote the copy of the teacher identity in {s.url}'s manifest from teachers.yaml")
     return 0
 
 

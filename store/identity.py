@@ -7,6 +7,9 @@ and compares it with what a reader expects, as docs/format.md says a reader must
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 import yaml
 
 from store import layout
@@ -24,31 +27,127 @@ def read_teachers(loc: Location, missing_ok: bool = False) -> dict | None:
     if not loc.isfile(layout.TEACHERS):
         if missing_ok:
             return None
-        raise StoreError(f"{loc}: {layout.TEACHERS} is missing: the store does not say which teachers computed it")
+        raise StoreError(f"{loc}: {layout.TEACHERS} is missing: the store does not say which teachers computed it; "
+                         f"{CHECK.format(store=loc)}")
     try:
         d = yaml.safe_load(loc.read_bytes(layout.TEACHERS))
     except yaml.YAMLError as e:
         raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not YAML: {str(e).splitlines()[0]}); "
-                         f"{REPAIR.format(store=loc)}") from None
+                         f"{CHECK.format(store=loc)}") from None
     if not isinstance(d, dict) or not isinstance(d.get("teachers", {}), dict):
         raise StoreError(f"{loc.url_of(layout.TEACHERS)} is damaged (not a teacher identity mapping); "
-                         f"{REPAIR.format(store=loc)}")
+                         f"{CHECK.format(store=loc)}")
     return d
 
 
-REPAIR = "restore it with `python -m pipeline.inspect {store} repair-teachers` (from the manifest's copy)"
+CHECK = ("`python -m pipeline.inspect {store} verify` checks it against the manifest's copy and what the shards "
+         "record, and says how to repair it")
+REPAIR = "`python -m pipeline.inspect {store} repair-teachers`"
+PROVENANCE_FIELDS = ("weights_sha256", "weights_files_sha256", "recipe_sha256", "compute_dtype")
 
 
-def teachers_problems(loc: Location, copy: dict | None) -> list[str]:
-    """What is wrong with teachers.yaml: unreadable, or not the identity the manifest keeps a copy of."""
+def recorded_teachers(records: dict) -> tuple[dict[str, dict], list[str]]:
+    """What the shards' records say computed each task ({task: provenance}): the evidence a teacher identity is
+    checked against. A task whose shards name different teachers is a problem, and no evidence."""
+    seen: dict[str, dict[str, list[int]]] = {}
+    for i, rec in sorted(records.items()):
+        for t, prov in (rec.teachers or {}).items():
+            seen.setdefault(t, {}).setdefault(json.dumps(prov, sort_keys=True), []).append(i)
+    evidence, problems = {}, []
+    for t, provs in seen.items():
+        if len(provs) == 1:
+            evidence[t] = json.loads(next(iter(provs)))
+        else:
+            problems.append(f"{t}: the shards were computed by {len(provs)} different teachers (shards "
+                            f"{', '.join(str(v[0]) for v in provs.values())}, ...): re-extract {t} into a new --output")
+    return evidence, problems
+
+
+def evidence_mismatches(evidence: dict[str, dict], identity: dict, tasks=None) -> list[str]:
+    """Where a teacher identity names other teachers than those the shards record (fields both sides know)."""
+    out = []
+    named = identity.get("teachers") if isinstance(identity, dict) else None
+    for t, prov in evidence.items():
+        if tasks is not None and t not in tasks:
+            continue
+        ident = (named or {}).get(t)
+        if not isinstance(ident, dict):
+            out.append(f"{t}: no teacher named, though the shards hold its targets")
+            continue
+        for f in PROVENANCE_FIELDS:
+            have, said = prov.get(f), ident.get(f)
+            if have and said and have != said:
+                out.append(f"{t}: {f} {str(said)[:16]}..., the shards record {str(have)[:16]}...")
+    return out
+
+
+@dataclass
+class IdentityCheck:
+    """teachers.yaml and the manifest's copy, held against the shards' records: `problems`, and which copy a
+    repair rewrites from the other (`repair`: "teachers.yaml", "manifest" or None: no repair can be trusted)."""
+
+    problems: list[str]
+    repair: str | None = None
+
+
+def check_identity(loc: Location, copy: dict | None, records: dict) -> IdentityCheck:
+    """Neither copy is trusted over the other without evidence: the shards' records (each says what computed it)
+    decide which one a repair keeps."""
+    evidence, problems = recorded_teachers(records)
+    name, store = loc.url_of(layout.TEACHERS), str(loc)
     try:
-        stored = read_teachers(loc)
+        stored, damage = read_teachers(loc), None
     except StoreError as e:
-        return [str(e)]
-    if copy is not None and stored != copy:
-        return [f"{loc.url_of(layout.TEACHERS)} differs from the identity the manifest records; "
-                f"{REPAIR.format(store=loc)}"]
-    return []
+        stored, damage = None, str(e).split("; `python", 1)[0]
+    if stored is not None and (copy is None or stored == copy):
+        wrong = evidence_mismatches(evidence, stored)
+        if wrong:
+            problems.append(f"{name} names other teachers than the shards record ({'; '.join(wrong)}): the store's "
+                            f"provenance is damaged or forged; re-extract into a new --output")
+        return IdentityCheck(problems)
+    if copy is None:
+        return IdentityCheck(problems + [f"{damage}; the manifest keeps no copy (written by an older olaf): restore "
+                                         f"it from a backup of yours, or re-extract into a new --output"])
+    copy_wrong = evidence_mismatches(evidence, copy)
+    if stored is None:
+        if copy_wrong:
+            return IdentityCheck(problems + [f"{damage}, and the manifest's copy names other teachers than the shards "
+                                             f"record ({'; '.join(copy_wrong)}): re-extract into a new --output"])
+        confirmed = "the shards' records confirm the copy" if evidence else \
+            "no shard records its teachers to confirm the copy (written by an older olaf)"
+        return IdentityCheck(problems + [f"{damage}; {confirmed}: {REPAIR.format(store=store)} restores it from the "
+                                         f"manifest's copy"], "teachers.yaml")
+    differs = f"{name} differs from the identity the manifest records"
+    if not [t for t in evidence if t in (stored.get("teachers") or {}) or t in (copy.get("teachers") or {})]:
+        return IdentityCheck(problems + [f"{differs}, and no shard records which teachers computed it (written by "
+                                         f"an older olaf): neither copy can be trusted over the other; restore "
+                                         f"{layout.TEACHERS} from a backup of yours, or re-extract"])
+    stored_wrong = evidence_mismatches(evidence, stored)
+    if copy_wrong and not stored_wrong:
+        return IdentityCheck(problems + [f"{differs}; the shards' records confirm {layout.TEACHERS}, not the manifest's "
+                                         f"copy ({'; '.join(copy_wrong)}): {REPAIR.format(store=store)} rewrites the "
+                                         f"copy from {layout.TEACHERS}"], "manifest")
+    if stored_wrong and not copy_wrong:
+        return IdentityCheck(problems + [f"{differs}; the shards' records confirm the manifest's copy, not "
+                                         f"{layout.TEACHERS} ({'; '.join(stored_wrong)}): {REPAIR.format(store=store)} "
+                                         f"restores it from the copy"], "teachers.yaml")
+    if stored_wrong:
+        return IdentityCheck(problems + [f"{differs}, and neither matches what the shards record "
+                                         f"({'; '.join(stored_wrong + copy_wrong)}): re-extract into a new --output"])
+    return IdentityCheck(problems + [f"{differs} in what the shards' records do not cover (fields: "
+                                     f"{', '.join(_differing(stored, copy))}): neither copy can be trusted over the "
+                                     f"other; restore {layout.TEACHERS} from a backup of yours, or re-extract"])
+
+
+def _differing(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out[:6]
 
 
 _LOCATION_FIELDS = ("path",)  # where weights are, not which weights they are

@@ -182,6 +182,7 @@ class ShardRecord:
     status: str = "done"
     extra: dict = field(default_factory=dict)  # timings the extraction adds (decode_cpu_s, teacher_s)
     ids: list[str] | None = None  # the samples' ids in dataset order (None: written before olaf recorded them)
+    teachers: dict[str, dict] | None = None  # task -> what computed its targets (weights, recipe, dtype sha256s)
 
     @property
     def count(self) -> int:
@@ -200,7 +201,8 @@ class ShardRecord:
         return {"shard": self.shard, "start": self.start, "stop": self.stop, "count": self.count,
                 "status": self.status, "tasks": self.tasks, "valid": self.valid, "bad_images": self.bad_images,
                 "files": self.files, "errors": self.errors, "written": self.written, "seconds": self.seconds,
-                **({"ids": self.ids} if self.ids is not None else {}), **self.extra}
+                **({"ids": self.ids} if self.ids is not None else {}),
+                **({"teachers": self.teachers} if self.teachers is not None else {}), **self.extra}
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardRecord:
@@ -219,9 +221,18 @@ class ShardRecord:
                        valid=dict(d["valid"]), bad_images=int(d.get("bad_images", 0)), files=d["files"],
                        errors=list(d["errors"]), written=d.get("written"), seconds=float(d.get("seconds", 0.0)),
                        status=d["status"], ids=list(d["ids"]) if d.get("ids") is not None else None,
+                       teachers=_teachers_field(d.get("teachers")),
                        extra={k: v for k, v in d.items() if k not in known})
         except (TypeError, ValueError) as e:
             raise StoreError(f"bad field: {e}") from None
+
+
+def _teachers_field(v) -> dict | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(isinstance(x, dict) for x in v.values()):
+        raise TypeError(f"teachers is not a mapping of task to provenance: {str(v)[:80]}")
+    return v
 
 
 def read_record(loc: Location, shard: int) -> ShardRecord | None:

@@ -10,7 +10,7 @@ import numpy as np
 from store import encodings, layout, tar, zarr_io
 from store.codec import decode_sample, meta_of
 from store.fs import Location, StoreError
-from store.identity import read_teachers, teacher_mismatches
+from store.identity import evidence_mismatches, read_teachers, recorded_teachers, teacher_mismatches
 from store.manifest import RunManifest, ShardRecord, read_manifest, read_records
 
 
@@ -95,6 +95,11 @@ class Store:
                 problems.append("no shard is done")
         if expected_teachers is not None and not missing:
             mismatches, notes = teacher_mismatches(self.teachers(), expected_teachers, tasks)
+            # teachers.yaml is a claim; each shard's record says what computed it: both must be the expected ones
+            evidence, mixed = recorded_teachers({i: self.records[i] for i in self.done_shards(tasks)})
+            mismatches += [m for m in mixed if m.split(":", 1)[0] in tasks]
+            mismatches += [f"{m} (by the shards' records)" for m in evidence_mismatches(evidence, expected_teachers,
+                                                                                          tasks)]
             problems += [f"teacher mismatch: {m}" for m in mismatches]
             self.notes += notes
         if problems:

@@ -10,7 +10,7 @@ import numpy as np
 from store import layout, tar
 from store.codec import meta_of, raw_targets
 from store.fs import Location
-from store.identity import teachers_problems
+from store.identity import check_identity
 from store.manifest import ShardRecord
 from store.recovery import orphans
 
@@ -129,7 +129,7 @@ def verify_store(store, full: bool = False, spot: int = 4, threads: int = 4, pro
                 problems = [f"cannot read: {type(e).__name__}: {e}"]
             if problems:
                 bad[i] = problems
-    store_problems = teachers_problems(store.loc, store.manifest.teachers)
+    store_problems = check_identity(store.loc, store.manifest.teachers, store.records).problems
     return {"ok": not bad and not store_problems, "store_problems": store_problems,
             "bad_shards": {str(k): v for k, v in sorted(bad.items())}, "shards_checked": len(shards),
             "bytes_hashed": total, "agreement": ("all samples" if full else f"{spot} samples per shard") if both else "n/a",

@@ -32,7 +32,7 @@ import numpy as np
 from store import layout, recovery, tar, zarr_io
 from store.codec import meta_of, sample_members, target_members_of
 from store.fs import Location, StoreError
-from store.identity import read_teachers, teacher_mismatches, write_teachers
+from store.identity import check_identity, read_teachers, teacher_mismatches, write_teachers
 from store.lease import Leases
 from store.manifest import (
     DamagedManifest,
@@ -73,6 +73,7 @@ class ShardResult:
     valid: dict[str, np.ndarray]  # task -> bool (n,)
     task_errors: dict[str, dict[int, str]] = field(default_factory=dict)  # task -> {position in shard: reason}
     seconds: float = 0.0
+    teachers: dict[str, dict] = field(default_factory=dict)  # task -> what computed it (weights, recipe, dtype)
 
 
 class StoreExists(StoreError):
@@ -164,13 +165,20 @@ class StoreWriter:
         loc.write_bytes(layout.MANIFEST, loc.read_bytes(layout.MANIFEST_BACKUP))
         return restored
 
-    def restore_teachers(self) -> dict:
-        """Rewrite teachers.yaml from the manifest's copy (what `verify` says to do when it is damaged)."""
-        if self.manifest.teachers is None:
-            raise StoreError(f"{self.loc}'s manifest keeps no copy of its teachers (written by an older olaf): "
-                             f"restore teachers.yaml from a backup, or re-extract into a new --output")
-        write_teachers(self.loc, self.manifest.teachers)
-        return self.manifest.teachers
+    def restore_teachers(self) -> str:
+        """Repair the teacher identity as `verify` says: teachers.yaml from the manifest's copy, or the copy from
+        teachers.yaml, whichever the shards' records confirm; refused when none can be trusted. Returns what it
+        rewrote."""
+        check = check_identity(self.loc, self.manifest.teachers, self.records())
+        if check.repair is None:
+            raise StoreError("; ".join(check.problems) if check.problems else
+                             f"{self.loc}'s teachers.yaml, the manifest's copy and the shards agree: nothing to repair")
+        if check.repair == "teachers.yaml":
+            write_teachers(self.loc, self.manifest.teachers)
+        else:
+            self.manifest.teachers = read_teachers(self.loc)
+            self.save_manifest()
+        return check.repair
 
     # ---- what is there --------------------------------------------------------------------------------------------
     def teachers(self) -> dict | None:
@@ -251,10 +259,13 @@ class StoreWriter:
         valid = dict(previous.valid if previous else {})
         valid.update({t: int(result.valid[t].sum()) for t in result.tasks})
         start, stop = m.shard_range(i)
+        made_by = {t: v for t, v in ((previous.teachers or {}) if previous else {}).items() if t in kept}
+        made_by.update(result.teachers)
         return ShardRecord(shard=i, start=start, stop=stop, tasks=all_tasks, valid={t: valid[t] for t in all_tasks},
                            bad_images=sum(1 for s in result.samples if s.error), files=files,
                            errors=_errors(result, previous), ids=[s.id for s in result.samples],
-                           seconds=round(result.seconds + (previous.seconds if previous else 0.0), 3))
+                           seconds=round(result.seconds + (previous.seconds if previous else 0.0), 3),
+                           teachers={t: made_by[t] for t in all_tasks if t in made_by} or None)
 
     def commit(self, record: ShardRecord) -> None:
         """The commit point: create the shard's record, only if no record exists (see the module docstring)."""

@@ -43,17 +43,33 @@ class TeacherSet:
     that breaks a teacher is reported alone; non-finite outputs are reported per sample too.
     """
 
-    def __init__(self, teachers: dict[str, Teacher], device: str | torch.device):
+    def __init__(self, teachers: dict[str, Teacher], device: str | torch.device,
+                 files_sha256: dict[str, str] | None = None):
         self.teachers = teachers
         self.device = torch.device(device)
+        self.files_sha256 = dict(files_sha256 or {})  # the weight files' content, where they were found
 
     @classmethod
     def load(cls, manifest: TeacherManifest, tasks, device="cpu", dtype=torch.float32) -> TeacherSet:
         """`dtype`: one for all teachers, or {task: dtype}."""
-        return cls(load_teachers(manifest, tasks, device=device, dtype=dtype), device)
+        from recipes.weights_files import manifest_files_sha256
+
+        return cls(load_teachers(manifest, tasks, device=device, dtype=dtype), device,
+                   manifest_files_sha256(manifest, tasks))
+
+    def subset(self, tasks) -> TeacherSet:
+        return TeacherSet({t: self.teachers[t] for t in tasks}, self.device, self.files_sha256)
 
     def weights_sha256(self) -> dict[str, str]:
         return {t: teacher.weights_sha256 for t, teacher in self.teachers.items()}
+
+    def provenance(self) -> dict[str, dict]:
+        """What computes each task's targets, as a shard's record keeps it: the evidence a store's teacher
+        identity is checked against (store.identity)."""
+        return {t: {"weights_sha256": teacher.weights_sha256, "recipe_sha256": teacher.spec.recipe_hash(),
+                    "compute_dtype": str(teacher.dtype).removeprefix("torch."),
+                    **({"weights_files_sha256": self.files_sha256[t]} if t in self.files_sha256 else {})}
+                for t, teacher in self.teachers.items()}
 
     def _forward(self, teacher: Teacher, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
         try:

@@ -126,3 +126,86 @@ def test_a_damaged_manifest_is_restored_from_its_backup(tmp_path, tiny_teachers)
     assert rc == 2 and "missing or damaged too" in one_error_line(log)
     rc, log = call(inspect.main, [st, "repair-manifest"])
     assert rc == 2 and (st / layout.MANIFEST).read_bytes() == b"junk"
+
+
+# ---- the teacher identity: a repair trusts only the copy the shards' records confirm ------------------------
+
+
+def test_a_forged_identity_is_found_by_the_shards_records_and_never_repaired_into_place(tmp_path, extract_dataset,
+                                                                                       tiny_teachers):
+    """Forged weight hashes in the manifest's copy made verify blame teachers.yaml and `repair-teachers` write the
+    forgery into it. Each shard's record now says what computed it; the copy it confirms is the one kept."""
+    import pytest
+    import yaml
+    from helpers import EXTRACT_SHARD, reference_store
+
+    import store
+    from pipeline import inspect
+    from store import layout
+
+    st = reference_store(tmp_path / "store", extract_dataset, tiny_teachers, shard=EXTRACT_SHARD, teachers_yaml=True)
+    made = yaml.safe_load((st / layout.TEACHERS).read_text())
+    recs = store.read_records(store.Location(st))
+    for t in ("gen", "depth", "seg"):  # every record names what computed it, as teachers.yaml does
+        want = {k: made["teachers"][t][k] for k in ("weights_sha256", "recipe_sha256", "compute_dtype")}
+        assert all({k: r.teachers[t][k] for k in want} == want for r in recs.values()), t
+    forged = "f" * 64
+
+    def manifest_copy(edit):
+        w = store.StoreWriter.open(st)
+        edit(w.manifest.teachers)
+        w.save_manifest()
+
+    def yaml_file(edit):
+        d = yaml.safe_load((st / layout.TEACHERS).read_text())
+        edit(d)
+        (st / layout.TEACHERS).write_text(yaml.safe_dump(d, sort_keys=False))
+
+    def forge(d):
+        d["teachers"]["gen"]["weights_sha256"] = forged
+
+    # the copy forged: teachers.yaml is confirmed, and the repair fixes the copy, not teachers.yaml
+    manifest_copy(forge)
+    rc, log = call(inspect.main, [st, "verify"])
+    assert rc == 1 and "confirm teachers.yaml, not the manifest's copy" in log and "gen: weights_sha256 ffff" in log
+    assert call(inspect.main, [st, "repair-teachers"])[0] == 0
+    assert yaml.safe_load((st / layout.TEACHERS).read_text()) == made
+    assert store.read_manifest(store.Location(st)).teachers == made and call(inspect.main, [st, "verify"])[0] == 0
+    # teachers.yaml forged: the copy is confirmed and restores it
+    yaml_file(forge)
+    rc, log = call(inspect.main, [st, "verify"])
+    assert rc == 1 and "confirm the manifest's copy, not teachers.yaml" in log, log
+    assert call(inspect.main, [st, "repair-teachers"])[0] == 0 and call(inspect.main, [st, "verify"])[0] == 0
+    assert yaml.safe_load((st / layout.TEACHERS).read_text()) == made
+    # both forged alike: they agree with each other, not with the shards
+    manifest_copy(forge)
+    yaml_file(forge)
+    rc, log = call(inspect.main, [st, "verify"])
+    assert rc == 1 and "names other teachers than the shards record" in log, log
+    rc, log = call(inspect.main, [st, "repair-teachers"])
+    assert rc == 2 and "re-extract" in one_error_line(log)
+    # both forged, each its own way: no repair
+    yaml_file(lambda d: d["teachers"]["depth"].update(recipe_sha256=forged))
+    rc, log = call(inspect.main, [st, "repair-teachers"])
+    assert rc == 2 and "neither matches what the shards record" in one_error_line(log)
+    # the trainer relies on the records too: teachers.yaml forged to please it is refused
+    expected = yaml.safe_load((st / layout.TEACHERS).read_text())
+    with pytest.raises(store.StoreError, match=r"gen: weights_sha256 ffff.*by the shards' records"):
+        store.Store(st).require(["gen"], expected_teachers=expected)
+
+
+def test_without_evidence_neither_copy_is_trusted_over_the_other(tmp_path, tiny_teachers):
+    """A store whose records do not say what computed them (an older olaf's): copies that differ are both
+    suspect, and the repair refuses; a teachers.yaml that no longer parses is still restored from the copy."""
+    from pipeline import inspect
+    from store import layout
+
+    st = _store(tmp_path / "store", tiny_teachers)
+    good = (st / layout.TEACHERS).read_text()
+    (st / layout.TEACHERS).write_text(good.replace("float32", "float16", 1))
+    rc, log = call(inspect.main, [st, "verify"])
+    assert rc == 1 and "neither copy can be trusted over the other" in log
+    rc, log = call(inspect.main, [st, "repair-teachers"])
+    assert rc == 2 and "neither copy can be trusted" in one_error_line(log)
+    (st / layout.TEACHERS).write_text("teachers: [unclosed")
+    assert call(inspect.main, [st, "repair-teachers"])[0] == 0 and (st / layout.TEACHERS).read_text() == good

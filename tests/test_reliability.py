@@ -478,7 +478,7 @@ def test_a_damaged_teachers_yaml_is_named_by_verify_and_repaired_from_the_manife
     assert inspect.main([url, "verify"]) == 1
     said = capsys.readouterr().out
     assert "BAD store: " in said and "teachers.yaml is damaged" in said and "repair-teachers" in said
-    assert inspect.main([url, "summary"]) == 2 and "repair-teachers" in capsys.readouterr().err
+    assert inspect.main([url, "summary"]) == 2 and "verify` checks it" in capsys.readouterr().err
     assert inspect.main([url, "repair-teachers"]) == 0
     assert inspect.main([url, "verify"]) == 0
     capsys.readouterr()

@@ -33,10 +33,7 @@ class TeacherActor:
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        from recipes.weights_files import manifest_files_sha256
-
         manifest = load_manifest(manifest_path, fidelity=fidelity)
-        self.files_sha256 = manifest_files_sha256(manifest, tasks)  # where the weights are: on this node
         self.teachers = TeacherSet.load(manifest, tasks, device=device,
                                         dtype={t: getattr(torch, d) for t, d in dtype.items()})
         self.encoding_by_task = encoding_by_task
@@ -52,7 +49,7 @@ class TeacherActor:
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({threads} threads)"
 
     def info(self) -> dict:
-        return {"weights_sha256": self.teachers.weights_sha256(), "files_sha256": self.files_sha256,
+        return {"weights_sha256": self.teachers.weights_sha256(), "files_sha256": self.teachers.files_sha256,
                 "pid": os.getpid(), "device": self.device_name}
 
     def run(self, payload: dict, tasks: list[str]) -> BatchTargets:
@@ -60,7 +57,7 @@ class TeacherActor:
         ids[k])."""
         t = time.perf_counter()
         self.first = self.first or t
-        subset = type(self.teachers)({k: self.teachers.teachers[k] for k in tasks}, self.teachers.device)
+        subset = self.teachers.subset(tasks)
         if "pixels" in payload:
             payload = {"ids": payload["ids"], "pixels": {k: payload["pixels"][k] for k in tasks}}
         out = compute_batch(subset, payload, self.encoding_by_task)

@@ -8,7 +8,7 @@ accounted for exactly once."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +25,7 @@ class BatchTargets:
     scales: dict[str, np.ndarray | None]
     errors: dict[str, dict[str, str]]  # task -> {sample id: reason} for targets that are not valid
     seconds: float  # device time, for the starvation report
+    teachers: dict[str, dict] = field(default_factory=dict)  # task -> what computed it (TeacherSet.provenance)
 
 
 def compute_batch(teacher_set, batch: DecodedBatch | dict, encoding_by_task: dict[str, str]) -> BatchTargets:
@@ -41,7 +42,9 @@ def compute_batch(teacher_set, batch: DecodedBatch | dict, encoding_by_task: dic
             raise RuntimeError(f"{task}: the teacher returned {len(out)} rows for {len(ids)} samples")
         values[task], scales[task] = encodings.encode(out, encoding_by_task[task])
     errors = {t: {ids[row]: reason for row, reason in errs.items()} for t, errs in row_errors.items()}
-    return BatchTargets(list(ids), values, scales, errors, time.perf_counter() - t0)
+    prov = teacher_set.provenance()
+    return BatchTargets(list(ids), values, scales, errors, time.perf_counter() - t0,
+                        {t: prov[t] for t in outs if t in prov})
 
 
 def assemble_shard(manifest: RunManifest, shard: int, tasks: tuple[str, ...], batches: list[DecodedBatch],
@@ -86,7 +89,18 @@ def assemble_shard(manifest: RunManifest, shard: int, tasks: tuple[str, ...], ba
                 valid[t][pos] = True
         if seen != good:
             raise RuntimeError(f"shard {shard} {t}: no target for {sorted(good - seen)[:5]}")
-    return ShardResult(shard, tasks, samples, values, scales, valid, task_errors, seconds)
+    return ShardResult(shard, tasks, samples, values, scales, valid, task_errors, seconds, made_by(shard, targets))
+
+
+def made_by(shard: int, targets: list[BatchTargets]) -> dict[str, dict]:
+    """What computed each task of the shard; every batch of a task must name the same teacher."""
+    out: dict[str, dict] = {}
+    for bt in targets:
+        for t, prov in bt.teachers.items():
+            if out.setdefault(t, prov) != prov:
+                raise RuntimeError(f"shard {shard} {t}: its batches were computed by different teachers ({out[t]} "
+                                   f"and {prov})")
+    return out
 
 
 def batches_of(records: list, batch_size: int) -> list[list]:
