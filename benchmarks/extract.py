@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.llava import load_records  # noqa: E402
+from pipeline.localray import LOOPBACK_ENV  # noqa: E402
 from pipeline.sample import generate  # noqa: E402
 from recipes.imageops import decode_rgb, read_image_bytes  # noqa: E402
 from recipes.manifest import load_manifest  # noqa: E402
@@ -193,7 +194,7 @@ def shape_true(args, work: Path) -> int:
         encoded = [{k: encodings.encode(v, "fp16") for k, v in o.items()} for o in outs]
     rows.append(("encode fp16", c.cpu_ms, c.wall_ms, "torch -> numpy", {CPU, DEV}))
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.update(LOOPBACK_ENV)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         targets = {k: v[0] for k, v in encoded[0].items()}
@@ -234,7 +235,7 @@ def shape_true(args, work: Path) -> int:
         m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=plan.num_samples,
                               shard_size=args.shard_size, formats=[fmt],
                               tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks})
-        w = store.StoreWriter.create(loc, m)
+        w = store.StoreWriter.create(loc, m, manifest.identity(tasks, teachers.weights_sha256()))
         shard_results = [assemble_shard(m, i, tuple(tasks), metas, tgts) for i, (metas, tgts) in enumerate(results)]
         with Clock(n) as c:
             recs = [w.write(r) for r in shard_results]

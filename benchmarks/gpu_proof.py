@@ -65,7 +65,7 @@ sys.path.append(str(REPO / "benchmarks"))  # after olaf's packages: benchmarks/t
 from timing import median_seconds, sync  # noqa: E402
 
 from recipes.manifest import TASKS, compute_dtypes, load_manifest  # noqa: E402
-from store.fs import atomic_write  # noqa: E402
+from store.fs import StoreError, atomic_write, refuse_inside_store  # noqa: E402
 
 SCHEMA = "olaf-gpu-proof/1"
 WEIGHTS = {"teachers": 0.30, "recipes": 0.05, "pipeline": 0.25, "pt": 0.25, "probe": 0.15}  # shares of --minutes
@@ -822,11 +822,37 @@ HEADLINES = {
 }
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
+    return value
+
+
+def result_path(out: Path) -> Path:
+    """Where this run's JSON goes: OUT/gpu_proof.json, or beside an earlier one (on a lease it may be the only copy
+    of figures measured), never over it."""
+    refuse_inside_store(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: name a folder (the JSON goes in it)")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_proof.json"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(1000):
+        if not path.exists():
+            break
+        path = out / f"gpu_proof-{stamp}{f'-{n}' if n else ''}.json"
+    if path.name != "gpu_proof.json":
+        print(f"note: {out / 'gpu_proof.json'} is kept; this run writes {path}")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for gpu_proof.json (created)")
-    p.add_argument("--minutes", type=float, default=8.0, help="the whole run's time (default 8)")
+    p.add_argument("--out", required=True, help="folder for gpu_proof.json (created; an earlier gpu_proof.json there "
+                                                "is kept: this run writes gpu_proof-<UTC time>.json beside it)")
+    p.add_argument("--minutes", type=_positive, default=8.0, help="the whole run's time (default 8)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default all)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes on CPU: every code path, no figure to quote")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default 790 on H100/H200)")
@@ -841,13 +867,15 @@ def main(argv=None) -> int:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         p.error(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(PARTS)})")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        path = result_path(Path(a.out))
+    except (OSError, ValueError, StoreError) as e:
+        p.error(str(e))
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="olaf-gpu-proof-"))
     s = make_setup(a, work)
     if a.batches:
         s = replace(s, batches=tuple(int(b) for b in a.batches.split(",")))
-    proof = Proof(out / "gpu_proof.json", a.minutes, s.size)
+    proof = Proof(path, a.minutes, s.size)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, proof.interrupted)
     try:

@@ -242,6 +242,30 @@ def test_unknown_part_is_refused(tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # refused before anything was made
 
 
+def test_figures_already_measured_are_never_replaced_and_no_budget_is_refused(tmp_path, capsys):
+    """On a lease gpu_proof.json may be the only copy of measured figures: a second run writes beside it. A file as
+    --out, and a time of zero or less (which measured nothing and said OK), are refused in one line."""
+    gp = load_script()
+    out = tmp_path / "proof"
+    out.mkdir()
+    (out / "gpu_proof.json").write_text('{"measured": "on an H100"}')
+    assert gp.main(["--out", str(out), "--tiny", "--parts", "recipes", "--minutes", "2"]) == 0
+    assert (out / "gpu_proof.json").read_text() == '{"measured": "on an H100"}'
+    new = [p for p in out.iterdir() if p.name != "gpu_proof.json"]
+    assert len(new) == 1 and new[0].name.startswith("gpu_proof-")
+    assert json.loads(new[0].read_text())["parts"]["recipes"]["status"] == "done"
+    assert "is kept; this run writes" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("mine")
+    for argv, said in ((["--out", str(tmp_path / "afile")], "is a file"), (["--out", str(out), "--minutes", "0"],
+                       "positive"), (["--out", str(out), "--minutes", "-1"], "positive"),
+                       (["--out", str(out), "--minutes", "nan"], "positive")):
+        with pytest.raises(SystemExit) as stop:
+            gp.main(argv + ["--tiny"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and said in err and "Traceback" not in err, argv
+    assert (tmp_path / "afile").read_text() == "mine" and len(list(out.iterdir())) == 2
+
+
 def test_a_library_that_is_not_installed_is_recorded_as_null(tmp_path, monkeypatch):
     gp = load_script()
     monkeypatch.setattr(gp, "LIBRARIES", ("transformers", "no-such-library-olaf"))
