@@ -101,7 +101,11 @@ def print_summary(d: dict) -> None:
     for shard, problem in d["damaged_records"].items():
         print(f"            !! shard {shard}: damaged record ({problem}); the next extraction run redoes it")
     for shard, lease in d["leases"].items():
-        until = _dt.datetime.fromtimestamp(float(lease["expires"] or 0), _dt.UTC).isoformat(timespec="seconds")
+        if lease["damaged"]:
+            print(f"lease       shard {shard}: damaged (it holds nothing: the next extraction run takes the shard); "
+                  f"python -m pipeline.inspect {d['store']} unlease {shard} removes it")
+            continue
+        until = _dt.datetime.fromtimestamp(lease["expires"], _dt.UTC).isoformat(timespec="seconds")
         state = "live" if lease["live"] else "expired or its owner is gone"
         print(f"lease       shard {shard}: {lease['owner']} until {until} ({state}); if that job is gone: "
               f"python -m pipeline.inspect {d['store']} unlease {shard}" + (" --force" if lease["live"] else ""))
@@ -335,7 +339,8 @@ def _repair_teachers(s: Store, args) -> int:
 def _unlease(s: Store, args) -> int:
     held = Leases(s.loc).break_lease(args.shard, force=args.force)
     print(json.dumps({"shard": args.shard, "removed": held}) if args.json else
-          f"removed the lease of shard {args.shard} ({held['owner']}); the next extraction run computes it")
+          f"removed the {'damaged lease' if held['damaged'] else 'lease'} of shard {args.shard}"
+          f"{'' if held['damaged'] else ' (' + held['owner'] + ')'}; the next extraction run computes it")
     return 0
 
 

@@ -40,6 +40,17 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
+def _parse(data: bytes) -> dict | None:
+    """A lease object's {"owner": str, "expires": float}, or None when it is damaged (not JSON, a field missing or
+    of another type): a damaged lease holds nothing, as a lapsed one."""
+    try:
+        d = json.loads(data)
+        lease = {"owner": str(d["owner"]), "expires": float(d["expires"])}
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        return None
+    return lease if 0 <= lease["expires"] < 1e11 else None  # a time no clock reaches (year 5138 on) is damage
+
+
 class Leases:
     """One job's leases on one store. `held` are the shards this job holds."""
 
@@ -50,18 +61,19 @@ class Leases:
         self._renewed = clock()
 
     def all(self) -> dict[int, dict]:
-        """Every lease object of the store: {shard: {"owner", "expires", "live"}} ("live": it still holds)."""
+        """Every lease object of the store: {shard: {"owner", "expires", "live", "damaged"}} ("live": it still
+        holds; a damaged one never does)."""
         out = {}
         for name in self.loc.list(layout.SHARDS):
             shard = layout.shard_of_lease(name)
             if shard is None:
                 continue
             try:
-                d = json.loads(self.loc.read_bytes(name))
-            except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-                d = {}
-            d = d if isinstance(d, dict) else {}
-            out[shard] = {"owner": d.get("owner"), "expires": d.get("expires"), "live": self.holder(shard) is not None}
+                lease = _parse(self.loc.read_bytes(name))
+            except FileNotFoundError:  # released since the listing
+                continue
+            out[shard] = {**(lease or {"owner": None, "expires": None}), "damaged": lease is None,
+                          "live": self.holder(shard) is not None}
         return out
 
     def break_lease(self, shard: int, force: bool = False) -> dict:
@@ -82,13 +94,11 @@ class Leases:
         """The live lease on a shard ({"owner", "expires"}), or None when there is none, it expired, or its owner
         is a dead process on this host."""
         try:
-            d = json.loads(self.loc.read_bytes(layout.lease_name(shard)))
+            d = _parse(self.loc.read_bytes(layout.lease_name(shard)))
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None  # a damaged lease holds nothing
-        if not isinstance(d, dict) or float(d.get("expires", 0)) <= self.clock() or _owner_is_dead(str(d.get("owner"))):
-            return None
+        if d is None or d["expires"] <= self.clock() or _owner_is_dead(d["owner"]):
+            return None  # damaged, lapsed, or its owner is gone
         return d
 
     def _body(self) -> bytes:

@@ -416,13 +416,16 @@ def test_an_authors_convnext_folder_s_tower_is_reloaded_from_the_folder(tmp_path
     (reload_from_ckpt): the folder's trunk and head.norm replace what the tower's own checkpoint holds."""
     from types import SimpleNamespace
 
+    from trainer.fields import JsonFile
     from trainer.probe import PREFIX, _authors_tower
     from trainer.tiny import build_convnext_tower
     from trainer.towers import load_tower
 
     name = build_convnext_tower(tmp_path / "convnext")
     held = {PREFIX["tower"] + k: v + 1.0 for k, v in load_tower(name, -2, torch.float32).export_state().items()}
-    tower, used = _authors_tower(SimpleNamespace(vision_tower="model"), {"mm_vision_tower": name}, held, torch.float32)
+    (tmp_path / "config.json").write_text(json.dumps({"mm_vision_tower": name}))
+    tower, used = _authors_tower(SimpleNamespace(vision_tower="model"), JsonFile(tmp_path / "config.json"), held,
+                                 torch.float32)
     assert used == name
     got = tower.export_state()
     assert set(got) == {k[len(PREFIX["tower"]):] for k in held}

@@ -32,21 +32,22 @@ def ref_mha(x, kv, p, prefix, heads=16):
 
 def ref_factors(p: dict, feats: torch.Tensor, s: dict) -> torch.Tensor:
     """Section 1: M = visual_proj(F) + pos_embed; per generator, queries -> N pre-LN blocks -> LayerNorm -> head;
-    concatenated type-major and viewed (B, T, L/s, d, r)."""
+    concatenated type-major and viewed (B, T, L/s, d, r). Their names: gen.0 .. gen.{T-1} with weights_sep, one
+    generator `gen` without (WG:72-73)."""
     ln = lambda x, n: F.layer_norm(x, x.shape[-1:], p[f"{n}.weight"], p[f"{n}.bias"], 1e-5)  # noqa: E731
     M = F.linear(feats, p["visual_proj.weight"], p["visual_proj.bias"]) + p["pos_embed"]
-    outs, g = [], 0
-    while f"gen.{g}.queries" in p:
-        q = p[f"gen.{g}.queries"].expand(feats.shape[0], -1, -1)
+    outs = []
+    gens = [f"gen.{g}" for g in range(len(s["vlora_type"]))] if s["weights_sep"] else ["gen"]
+    for g in gens:
+        q = p[f"{g}.queries"].expand(feats.shape[0], -1, -1)
         for l in range(s["vlora_depth"]):  # noqa: E741
-            b = f"gen.{g}.decoders.{l}"
+            b = f"{g}.decoders.{l}"
             h = ln(q, f"{b}.norm1")
             q = q + ref_mha(h, h, p, f"{b}.self_attn")
             q = q + ref_mha(ln(q, f"{b}.norm2"), M, p, f"{b}.multihead_attn")
             h = F.linear(ln(q, f"{b}.norm3"), p[f"{b}.linear1.weight"], p[f"{b}.linear1.bias"])
             q = q + F.linear(F.gelu(h), p[f"{b}.linear2.weight"], p[f"{b}.linear2.bias"])
-        outs.append(F.linear(ln(q, f"gen.{g}.norm"), p[f"gen.{g}.weights_head.weight"], p[f"gen.{g}.weights_head.bias"]))
-        g += 1
+        outs.append(F.linear(ln(q, f"{g}.norm"), p[f"{g}.weights_head.weight"], p[f"{g}.weights_head.bias"]))
     out = torch.cat(outs, 1)
     T, n = len(s["vlora_type"]), s["vlora_llm_depth"] // s["skip_layers"]
     return out.view(feats.shape[0], T, n, s["vlora_llm_dim"], s["vlora_rank"])
@@ -148,7 +149,74 @@ def test_deltas_logits_loss_and_generator_gradients_match_the_spec(kv_heads, wei
         want = params[name].grad
         scale = float(want.abs().max()) or 1.0
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5 * scale, msg=name)
-    assert float(got["Bs"].abs().sum()) > 0 and float(got["gen.0.queries"].abs().sum()) > 0
+    assert float(got["Bs"].abs().sum()) > 0 and float(got["gen.0.queries" if weights_sep else "gen.queries"].abs().sum()) > 0
+
+
+def _connected(kv_heads=4, **extra):
+    from trainer.vlora import VLoRAConnector, settings
+
+    llm = tiny_llama(kv_heads)
+    s = settings({"vlora_dim": 32, "vlora_depth": 2, "vlora_rank": 4, "vlora_alpha": 8, "skip_layers": 2, **extra},
+                 llm.config, Tower)
+    torch.manual_seed(2)
+    conn = VLoRAConnector(s, llm.get_decoder())
+    with torch.no_grad():
+        conn.Bs.normal_(0, 0.05)
+    return llm, conn
+
+
+def test_a_call_without_a_fresh_connector_forward_gets_no_stale_deltas():
+    """The hooks kept the last batch's factors: a text-only call after them got stale deltas, or a shape error at
+    another batch size. The factors now belong to the next LLM call only, and are dropped once it is done."""
+    llm, conn = _connected()
+    ids = torch.randint(1, 128, (3, 10))
+    with torch.no_grad():
+        plain = llm(input_ids=ids).logits  # the frozen LLM, no factors yet
+        conn(torch.randn(3, 9, 16))
+        with_deltas = llm(input_ids=ids).logits
+        assert conn.factors is None  # dropped after the call (no autograd)
+        assert not torch.allclose(with_deltas, plain)
+        again = llm(input_ids=ids).logits  # no fresh connector forward: no deltas
+        other_batch = llm(input_ids=ids[:2]).logits  # another batch size: no shape error
+    torch.testing.assert_close(again, plain)
+    torch.testing.assert_close(other_batch, plain[:2])
+    # with autograd: kept through the backward pass, then dropped
+    conn(torch.randn(3, 9, 16))
+    loss = llm(input_ids=ids, labels=ids).loss
+    assert conn.factors is not None
+    loss.backward()
+    assert conn.factors is None and conn.Bs.grad.abs().sum() > 0
+
+
+def test_rows_without_an_image_get_no_deltas_and_checkpointing_recomputes_the_same():
+    """Theirs multiplies A by 0 for a row with no image (LLV:66-73); olaf's rows say whether their image was
+    usable (`has_image`), whatever the placeholder switch. Non-reentrant activation checkpointing recomputes
+    the same deltas in the backward pass: the generator's gradients equal those without it."""
+    from trainer.build import enable_checkpointing
+
+    llm, conn = _connected()
+    ids = torch.randint(1, 128, (3, 10))
+    feats = torch.randn(3, 9, 16)
+    with torch.no_grad():
+        plain = llm(input_ids=ids).logits
+        conn(feats, torch.tensor([True, False, True]))
+        mixed = llm(input_ids=ids).logits
+        conn(feats)
+        every = llm(input_ids=ids).logits
+    torch.testing.assert_close(mixed[1], plain[1])  # the text-only row: the frozen LLM's
+    torch.testing.assert_close(mixed[[0, 2]], every[[0, 2]])  # the others: unchanged by their neighbour
+    grads = []
+    for checkpointing in (False, True):
+        llm, conn = _connected()
+        if checkpointing:
+            enable_checkpointing(llm)
+            llm.train()
+        conn(feats, torch.tensor([True, False, True]))
+        llm(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: q.grad.clone() for n, q in conn.named_parameters()})
+        assert conn.factors is None
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
 
 
 def test_the_released_generator_has_their_parameter_count_and_names():
@@ -156,14 +224,15 @@ def test_the_released_generator_has_their_parameter_count_and_names():
     D=512: 851,891,712 (VLORA_SPEC.md section 1), under the keys of their mm_projector.bin."""
     from types import SimpleNamespace
 
-    from trainer.vlora import VLoRAGenerator, settings
+    from trainer.vlora import VLoRAGenerator, parameter_count, settings
 
     llm = SimpleNamespace(hidden_size=4096, num_hidden_layers=32)
     tower = SimpleNamespace(hidden_size=1024, num_tokens=576)
     for dim, want in ((1024, 2_027_531_264), (512, 851_891_712)):
         with torch.device("meta"):
-            g = VLoRAGenerator(settings({"vlora_dim": dim}, llm, tower))
-        assert sum(q.numel() for q in g.parameters()) == want
+            s = settings({"vlora_dim": dim}, llm, tower)
+            g = VLoRAGenerator(s)
+        assert sum(q.numel() for q in g.parameters()) == want == parameter_count(s)
     keys = set(g.state_dict())
     want_keys = {"visual_proj.weight", "visual_proj.bias", "pos_embed", "Bs"}
     for t in range(5):
@@ -177,6 +246,32 @@ def test_the_released_generator_has_their_parameter_count_and_names():
                           for k in ("weight", "bias")}
     assert keys == want_keys
     assert tuple(g.state_dict()["Bs"].shape) == (1, 40, 4096 * 64)
+
+
+def test_one_generator_has_their_single_generator_s_names():
+    """weights_sep: false is one WeightsGenerater under `gen.` (WG:72-73), not a list of one: olaf wrote
+    gen.0.decoders..., which their strict=False load silently skipped (41 of 45 tensors left at random init)."""
+    from types import SimpleNamespace
+
+    from trainer.vlora import VLoRAGenerator, parameter_count, settings
+
+    llm, tower = SimpleNamespace(hidden_size=4096, num_hidden_layers=32), SimpleNamespace(hidden_size=1024, num_tokens=576)
+    with torch.device("meta"):
+        s = settings({"weights_sep": False}, llm, tower)
+        g = VLoRAGenerator(s)
+    want = {"visual_proj.weight", "visual_proj.bias", "pos_embed", "Bs", "gen.queries", "gen.norm.weight",
+            "gen.norm.bias", "gen.weights_head.weight", "gen.weights_head.bias"}
+    for b in range(8):
+        for a in ("self_attn", "multihead_attn"):
+            want |= {f"gen.decoders.{b}.{a}.{k}" for k in ("in_proj_weight", "in_proj_bias", "out_proj.weight",
+                                                           "out_proj.bias")}
+        want |= {f"gen.decoders.{b}.{m}.{k}" for m in ("linear1", "linear2", "norm1", "norm2", "norm3")
+                 for k in ("weight", "bias")}
+    assert set(g.state_dict()) == want and len(want) == 4 + 5 + 8 * (2 * 4 + 5 * 2)
+    assert tuple(g.state_dict()["gen.queries"].shape) == (1, 40, 1024)  # all 5 types x 8 slots, type-major
+    per_generator = 403_081_216 - 8 * 1024  # one type's, less its 8 queries (VLORA_SPEC.md section 1)
+    assert sum(q.numel() for q in g.parameters()) == parameter_count(s) == \
+        per_generator + 40 * 1024 + 1_049_600 + 589_824 + 10_485_760
 
 
 def test_their_init(tmp_path):
@@ -322,6 +417,15 @@ def test_vlora_with_the_embedding_losses_trains_and_logs_each_task_and_layer(tmp
     ("vlora_visual_dim: 1024", "vlora_visual_dim is 1024 but the tower gives 32"),
     ("kv_deltas: hidden", "grouped-query attention"),
     ("vlora_dim: 40", "multiple of the generator's 16 heads"),
+    # each of these trained silently wrong, or ran out of memory, before (reliability, round four)
+    ("vlora_alpha: 0", "vlora_alpha must be > 0 (the deltas are scaled by alpha / rank: 0 would silence them)"),
+    ("vlora_alpha: -2", "would negate them"),
+    ("vlora_rank: true", "vlora.vlora_rank must be an integer, got True"),
+    ("weights_sep: maybe", "vlora.weights_sep must be true or false, got 'maybe'"),
+    ("vlora_alpha: abc", "vlora.vlora_alpha must be a number, got 'abc'"),
+    ("vlora_rank: 100000", "vlora_rank 100000 is above the LLM's width 64"),
+    ("vlora_depth: 1000000", "GB in float32) and this machine has"),
+    ("vlora_type: 5", "vlora.vlora_type must be a word, got 5"),
 ])
 def test_bad_vlora_settings_are_one_line(tmp_path, trainer_store, tiny_models, tiny_teachers, setting, message):
     bad = "vlora={vlora_dim: 32, vlora_depth: 1, " + setting + "}"

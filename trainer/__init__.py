@@ -1,5 +1,7 @@
 """The lean trainer: OLA-VLM's and VLoRA's PT stages (and probing) from a store; it never imports teachers/.
 
+    errors      TrainerError: what a user can fix, printed as one line
+    fields      JSON files users hand in (configs of exports and model folders), every field checked
     config      PTConfig: defaults (configs/*.yaml), YAML overrides, --set, one message for every bad field
     templates   chat templates (and VLoRA's plain text); a record -> prefix, text ids and labels
     data        image recipe of the base encoder, one sample -> a row, collate, workers that die with the trainer

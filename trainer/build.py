@@ -17,21 +17,24 @@ from recipes.weights_files import manifest_files_sha256
 from store import Store, StoreError, TargetStream
 from trainer.config import PTConfig
 from trainer.data import ImageRecipe, PTSample, collate
+from trainer.errors import TrainerError
 from trainer.model import OLAPT
 from trainer.sequence import Layout
 from trainer.templates import PLAIN, PromptBuilder, prefix_shape, prompt_builder
 from trainer.towers import load_tower
 
 
-class TrainerError(Exception):
-    """Something the user can fix; the message says what (exit status 2)."""
-
-
 def load_or_explain(what: str, load, name: str, **kw):
-    """One message instead of transformers' chained tracebacks for a model that is not there."""
+    """One message instead of transformers' chained tracebacks for a model that is not there, or whose files
+    cannot be what they say (a pickle where weights belong, tensors of other sizes, a config transformers
+    refuses): whatever the loader raises on a user's files, the user reads which files and why."""
     try:
         return load(name, **kw)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001  (the loader reads the user's files: every failure is theirs to fix)
+        if not isinstance(e, OSError | ValueError):
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TrainerError(f"cannot load the {what} {name!r}: its files are not a {what} olaf can load "
+                               f"({type(e).__name__}: {first})") from None
         if Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).exists():
             hint = f"the folder {name} does not exist" if not Path(name).exists() else "that folder is not a model"
         elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):

@@ -156,6 +156,13 @@ class PTConfig:
             problems.append(f"probe_eval_resize must be >= 1 or null (no resize), got {self.probe_eval_resize}")
         if self.connector not in ("mlp2x_gelu", "vlora"):
             problems.append(f"connector must be mlp2x_gelu or vlora, got {self.connector!r}")
+        elif self.connector == "vlora":  # its typed section, checked before any model loads
+            from trainer.vlora import VLoRAError, VLoRASettings
+
+            try:
+                VLoRASettings.of(self.vlora)
+            except VLoRAError as e:
+                problems.append(str(e))
         if (self.chat_template == "plain") != (self.connector == "vlora"):
             problems.append(f"chat_template plain is VLoRA's PT conversation and goes with connector vlora (got "
                             f"chat_template {self.chat_template}, connector {self.connector})")

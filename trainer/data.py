@@ -18,6 +18,8 @@ from recipes.imageops import BadImage, center_crop, decode_rgb, pad_to_square, r
 from store import encodings
 from trainer.templates import IGNORE_INDEX, PromptBuilder
 
+ASPECTS = ("square", "pad")  # LLaVA's image_aspect_ratio values olaf reproduces
+
 
 @dataclass(frozen=True)
 class ImageRecipe:
@@ -107,6 +109,7 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         "ids": [r["id"] for r in rows],
         "problems": {r["id"]: r["problem"] for r in rows if r["problem"]},
         "pixels": torch.stack([r["pixels"] for r in rows]),
+        "has_image": torch.tensor([r["problem"] is None for r in rows]),
         "prefix_ids": torch.tensor([r["prefix_ids"] for r in rows], dtype=torch.long),
         "text_ids": text_ids, "text_mask": mask, "text_labels": labels,
         "targets": {t: torch.stack([r["targets"][t] for r in rows]) for t in tasks},

@@ -49,6 +49,7 @@ from store import TOKEN_ORDER, StoreError, atomic_path, refuse_inside_store
 from trainer import checkpoint
 from trainer.build import add_pad_token
 from trainer.config import PTConfig, load_config
+from trainer.errors import TrainerError
 
 HEADS = {"gen": "image_gen_heads", "depth": "image_depth_heads", "seg": "image_seg_heads"}
 # their model classes (ola_vlm/model/language_model/*), by the LLM's model_type: OLA-VLM's, and LLaVA-1.5's for a
@@ -59,8 +60,21 @@ LAYER_KEY = {"gen": "img_layer_indices", "depth": "depth_layer_indices", "seg": 
 WEIGHT_KEY = {"gen": "img_loss_weight", "depth": "depth_loss_weight", "seg": "seg_loss_weight"}
 
 
-class ExportError(Exception):
+class ExportError(TrainerError):
     """The run cannot be exported as asked; the message says why."""
+
+
+def write_export(write, run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
+    """`write(run_dir, out, ckpt)` (an exporter of this module), a failed write (a full disk, a quota) one line:
+    the exporters write through atomic_path, so nothing partial is left at `out`."""
+    from safetensors import SafetensorError
+
+    try:
+        return write(run_dir, out, ckpt)
+    except (OSError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ExportError(f"writing the export to {out} failed ({first}); nothing of it was left there: free "
+                          f"space (or choose another --out) and export again") from None
 
 
 # ---- RUN/export/: what trainer.pt leaves -------------------------------------------------------------------------
@@ -404,13 +418,13 @@ def main(argv=None) -> int:
         write = {"ola-vlm": export_ola_vlm, "llava": export_llava, "vlora": export_vlora}[a.format]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", AuthorsWarning)
-            path = write(run, out, Path(a.checkpoint) if a.checkpoint else None)
+            path = write_export(write, run, out, Path(a.checkpoint) if a.checkpoint else None)
         for w in caught:
             if issubclass(w.category, AuthorsWarning):
                 print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    except (ExportError, StoreError, checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
+    except (TrainerError, StoreError, checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from store import loader, refuse_inside_store
-from trainer.build import PTRun, TrainerError
+from trainer.build import PTRun
 from trainer.checkpoint import Checkpointer, CheckpointError, PlainRNG, TorchRNG, latest
 from trainer.data import die_with_parent, worker_init
+from trainer.errors import TrainerError
 from trainer.runlog import RunLog
 
 
@@ -94,7 +95,8 @@ def check_usable(step: int, micro: list[dict]) -> None:
 def to_device(batch: dict, device: torch.device) -> dict:
     """The tensors the model reads, on the device (non-blocking from pinned memory), plus where the micro-batch
     sits in its global batch."""
-    out = {k: batch[k].to(device, non_blocking=True) for k in ("pixels", "prefix_ids", "text_ids", "text_mask", "text_labels")}
+    out = {k: batch[k].to(device, non_blocking=True)
+           for k in ("pixels", "has_image", "prefix_ids", "text_ids", "text_mask", "text_labels") if k in batch}
     out["targets"] = {t: x.to(device, non_blocking=True) for t, x in batch["targets"].items()}
     out["valid"] = {t: v.to(device, non_blocking=True) for t, v in batch["valid"].items()}
     out["row_offset"] = batch["row_offset"]

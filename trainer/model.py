@@ -31,7 +31,7 @@ def connector(cfg: PTConfig, llm, vision) -> nn.Module:
     VLoRA's weights generator (per-sample deltas in the LLM's layers, no image tokens)."""
     if cfg.connector == "vlora":
         from trainer import vlora
-        from trainer.build import TrainerError
+        from trainer.errors import TrainerError
 
         try:
             return vlora.VLoRAConnector(vlora.settings(cfg.vlora, llm.config, vision), llm.get_decoder())

@@ -38,14 +38,16 @@ import torch.nn.functional as F
 
 from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, TASKS
 from store import Location, Store, read_manifest, refuse_inside_store, weights_mismatches
-from trainer.build import TrainerError, assemble, load_or_explain, open_store
+from trainer.build import assemble, load_or_explain, open_store
 from trainer.config import PTConfig, load_config
-from trainer.data import ImageRecipe, PTSample, collate
+from trainer.data import ASPECTS, ImageRecipe, PTSample, collate
+from trainer.errors import TrainerError
+from trainer.fields import JsonFile
 from trainer.heads import Predictor
 from trainer.loop import run_cli, start, teardown, to_device, train
 from trainer.loss import masked_smooth_l1
 from trainer.sequence import MLLM, Layout, Projector, TaskTokens, mm_projector_state
-from trainer.templates import PLAIN, PromptBuilder, prefix_shape, prompt_builder
+from trainer.templates import PLAIN, TEMPLATES, PromptBuilder, prefix_shape, prompt_builder
 from trainer.towers import CLIPTower, load_tower
 
 PROBE_DEFAULTS = Path(__file__).parent / "configs" / "probe.yaml"
@@ -150,16 +152,32 @@ def _template_of(model_type: str | None) -> str:
     return "phi_3" if "phi" in str(model_type) else "llama_3"
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _read_bin(path: Path) -> dict:
+    """The tensors of a .bin (torch.load, tensors only: no pickled code runs), one line for anything else."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load of arbitrary bytes raises arbitrary errors: all mean "not tensors"
+        raise TrainerError(f"{path} is not a file of tensors ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _load_module(module: nn.Module, tensors: dict, where: str, what: str) -> nn.Module:
+    """`module` with `tensors` (under `mm_projector.`) loaded strictly; one line when they do not fit."""
+    try:
+        module.load_state_dict(mm_projector_state(tensors))
+    except Exception as e:  # missing keys, other shapes
+        raise TrainerError(f"{where} does not hold {what}: {_first_line(e)}") from None
+    return module
+
+
 def _load_projector(read, tower_width: int, llm_width: int, where: str, dtype) -> Projector:
     """The mlp2x_gelu projector from `read()` (the tensors of mm_projector.bin or a model folder)."""
-    proj = Projector(tower_width, llm_width)
-    try:
-        proj.load_state_dict(mm_projector_state(read()))
-    except Exception as e:  # torch.load of arbitrary bytes raises arbitrary errors: all mean "not a projector"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise TrainerError(f"{where} is not an mlp2x_gelu projector from the tower's width {tower_width} to the "
-                           f"LLM's {llm_width} (tensors model.mm_projector.{{0,2}}.{{weight,bias}}): {first}") from None
-    return proj.to(dtype)
+    what = (f"an mlp2x_gelu projector from the tower's width {tower_width} to the LLM's {llm_width} (tensors "
+            f"model.mm_projector.{{0,2}}.{{weight,bias}})")
+    return _load_module(Projector(tower_width, llm_width), read(), where, what).to(dtype)
 
 
 def _frozen_parts(llm_name: str, tower_name: str, select: int, dtype):
@@ -175,48 +193,64 @@ def _frozen_parts(llm_name: str, tower_name: str, select: int, dtype):
 def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype,
                          aspect: str):
     tokenizer, llm, tower = _frozen_parts(llm_name, tower_name, select, dtype)
-    proj = _load_projector(lambda: torch.load(projector, map_location="cpu", weights_only=True), tower.hidden_size,
-                           llm.config.hidden_size, str(projector), dtype)
+    proj = _load_projector(lambda: _read_bin(projector), tower.hidden_size, llm.config.hidden_size, str(projector),
+                           dtype)
     image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
     return tokenizer, llm, tower, proj, image
 
 
-def _export_task_tokens(folder: Path, info: dict) -> TaskTokens:
+def _export_task_tokens(folder: Path, info: JsonFile) -> TaskTokens:
     """An export's task tokens (none for a run without tasks), pooled as PT put them in the sequence."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    vectors = load_file(folder / "task_tokens.safetensors")
+    try:
+        vectors = load_file(folder / "task_tokens.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise TrainerError(f"{folder / 'task_tokens.safetensors'} is not a safetensors file: {_first_line(e)}") from None
     held = [t for t in TASKS if f"special_{t}_tokens" in vectors]
-    return TaskTokens({t: vectors[f"special_{t}_tokens"] for t in held},
-                      {t: info["task_tokens"][t] for t in held}, trainable=False)
+    pooled = info.get("task_tokens", dict, {})
+    for t in held:
+        if not isinstance(pooled.get(t), int) or isinstance(pooled.get(t), bool) or pooled[t] < 1 or \
+                vectors[f"special_{t}_tokens"].shape[0] % pooled[t]:
+            raise info.error("task_tokens", f"gives {t}: {pooled.get(t)!r}", f"the tokens each task puts in the "
+                             f"sequence, a divisor of its {vectors[f'special_{t}_tokens'].shape[0]} vectors, are needed")
+    return TaskTokens({t: vectors[f"special_{t}_tokens"] for t in held}, {t: pooled[t] for t in held}, trainable=False)
 
 
 def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
     """(a) an olaf PT run's export/: its LLM, tower, projector and task tokens."""
-    info = json.loads((folder / "config.json").read_text())
-    if info.get("connector") == "vlora":
+    info = JsonFile(folder / "config.json")
+    if info.get("connector", str, "mlp2x_gelu", choices=("mlp2x_gelu", "vlora")) == "vlora":
         return _from_vlora_export(cfg, folder, info, dtype)
+    llm_name, tower_name = info.get("llm", str), info.get("vision_tower", str)
     tokenizer, llm, tower, proj, image = _llm_tower_projector(
-        cfg, info["llm"], info["vision_tower"], info["mm_vision_select_layer"], folder / "mm_projector.bin", dtype,
-        info.get("image_aspect", "square"))
+        cfg, llm_name, tower_name, info.get("mm_vision_select_layer", int), folder / "mm_projector.bin", dtype,
+        info.get("image_aspect", str, "square", choices=ASPECTS))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, _export_task_tokens(folder, info), tokenizer,
-                  _choice(cfg.chat_template, info["chat_template"]), image,
-                  f"olaf PT export: {info['llm']}, {info['vision_tower']}")
+                  _choice(cfg.chat_template, info.get("chat_template", str, choices=list(TEMPLATES))), image,
+                  f"olaf PT export: {llm_name}, {tower_name}")
 
 
-def _from_vlora_export(cfg: PTConfig, folder: Path, info: dict, dtype) -> Probed:
+def _from_vlora_export(cfg: PTConfig, folder: Path, info: JsonFile, dtype) -> Probed:
     """(a) a VLoRA run's export/: its LLM with the generator's deltas hooked in, the plain template, no image
     tokens; the task tokens when the run had OLA-VLM's losses too."""
-    from trainer.vlora import VLoRAConnector
+    from trainer.vlora import VLoRAConnector, VLoRAError, settings
 
-    tokenizer, llm, tower = _frozen_parts(info["llm"], info["vision_tower"], info["mm_vision_select_layer"], dtype)
-    connector = VLoRAConnector(info["vlora"], llm.get_decoder())
-    connector.load_state_dict(mm_projector_state(torch.load(folder / "mm_projector.bin", weights_only=True)))
-    image = ImageRecipe.from_pretrained(info["vision_tower"], _choice(cfg.image_aspect, info.get("image_aspect", "square")))
+    llm_name, tower_name = info.get("llm", str), info.get("vision_tower", str)
+    given = info.get("vlora", dict)
+    tokenizer, llm, tower = _frozen_parts(llm_name, tower_name, info.get("mm_vision_select_layer", int), dtype)
+    try:  # typed, held against this LLM and tower, and its size bounded before anything is allocated
+        s = settings(given, llm.config, tower)
+    except VLoRAError as e:
+        raise TrainerError(f"{info.path}: {e}") from None
+    connector = _load_module(VLoRAConnector(s, llm.get_decoder()), _read_bin(folder / "mm_projector.bin"),
+                             str(folder / "mm_projector.bin"), "the generator its config.json describes")
+    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect,
+                                                            info.get("image_aspect", str, "square", choices=ASPECTS)))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, connector.to(dtype),
                   _export_task_tokens(folder, info), tokenizer, PLAIN,
-                  image, f"olaf VLoRA export: {info['llm']}, {info['vision_tower']}",
-                  placeholder=info["vlora"].get("placeholder", "keep") == "keep")
+                  image, f"olaf VLoRA export: {llm_name}, {tower_name}", placeholder=s["placeholder"] == "keep")
 
 
 def _from_llava_hf(cfg: PTConfig, model: str, config, dtype) -> Probed:
@@ -256,32 +290,43 @@ def _folder_tensors(folder: Path, prefixes) -> dict[str, torch.Tensor]:
     return out
 
 
-def _authors_task_tokens(config: dict, tensors: dict, folder: Path) -> tuple[TaskTokens, tuple[str, ...]]:
+TOKEN_FORMATS = ("emb", "expand_emb", "text")  # their task_token_format values (llava_arch.py raises on others)
+
+
+def _authors_task_tokens(config: JsonFile, tensors: dict, folder: Path) -> tuple[TaskTokens, tuple[str, ...]]:
     """Their OlaLlavaMetaModel's tokens and their order (aux_mode's): special_<task>_tokens for each task, each put
     in the sequence as num_task_tokens vectors (depth and seg pooled in groups; gen as they are); none in
-    probe_mode."""
-    if "num_task_tokens" not in config or "probe_mode" in config or not config.get("num_task_tokens"):
+    probe_mode. A value olaf does not know is refused, never read as "no tokens"."""
+    k = config.get("num_task_tokens", int, 0, low=0)
+    if "probe_mode" in config or not k:
         return TaskTokens({}, {}), ()
-    if config.get("task_token_format", "emb") == "text":
+    if config.get("task_token_format", str, "emb", choices=TOKEN_FORMATS) == "text":
         raise TrainerError(f"{folder}: task_token_format 'text' (tokens as vocabulary ids) is not supported")
-    order = [t for t in str(config.get("aux_mode", "")).split("-") if t in TASKS]
+    aux = config.get("aux_mode", str)
+    order = aux.split("-")
+    if not aux or [t for t in order if t not in TASKS] or len(set(order)) < len(order):
+        raise config.error("aux_mode", f"is {aux!r}", f"their task order, tasks of {', '.join(TASKS)} joined by '-' "
+                           f"(e.g. depth-seg-gen), is needed")
     missing = [t for t in order if f"model.special_{t}_tokens" not in tensors]
     if missing:
-        raise TrainerError(f"{folder}: config aux_mode {config.get('aux_mode')!r} names task tokens the folder does "
-                           f"not hold (model.special_{missing[0]}_tokens)")
-    k = int(config["num_task_tokens"])
+        raise TrainerError(f"{folder}: config aux_mode {aux!r} names task tokens the folder does not hold "
+                           f"(model.special_{missing[0]}_tokens)")
     vectors = {t: tensors[f"model.special_{t}_tokens"] for t in order}
+    uneven = [t for t, v in vectors.items() if v.ndim != 2 or v.shape[0] % k]
+    if uneven:
+        raise config.error("num_task_tokens", f"is {k}", f"model.special_{uneven[0]}_tokens has "
+                           f"{tuple(vectors[uneven[0]].shape)}: its vectors must pool into {k} tokens")
     return TaskTokens(vectors, dict.fromkeys(order, k), trainable=False), tuple(order)
 
 
-def _authors_tower(cfg: PTConfig, config: dict, tensors: dict, dtype):
+def _authors_tower(cfg: PTConfig, config: JsonFile, tensors: dict, dtype):
     """The tower their builder makes from mm_vision_tower (or --vision-tower, e.g. a local copy); a ConvNeXt's
     weights then reloaded from the folder, as their load_pretrained_model's reload_from_ckpt does."""
     from trainer.towers import TRUNK, account_convnext, is_convnext
 
-    name = _choice(cfg.vision_tower, config["mm_vision_tower"])
-    tower = load_or_explain("vision tower", load_tower, name, select_layer=config.get("mm_vision_select_layer", -2),
-                            dtype=dtype)
+    name = cfg.vision_tower if cfg.vision_tower != "model" else config.get("mm_vision_tower", str)
+    tower = load_or_explain("vision tower", load_tower, name,
+                            select_layer=config.get("mm_vision_select_layer", int, -2), dtype=dtype)
     held = {TRUNK + k[len(PREFIX["tower"]):]: v for k, v in tensors.items() if k.startswith(PREFIX["tower"])}
     if is_convnext(name) and held:  # the folder holds the trunk under timm's names, as an open_clip checkpoint
         try:
@@ -293,28 +338,33 @@ def _authors_tower(cfg: PTConfig, config: dict, tensors: dict, dtype):
     return tower, name
 
 
-def _from_authors_folder(cfg: PTConfig, folder: Path, config: dict, dtype) -> Probed:
+def _from_authors_folder(cfg: PTConfig, folder: Path, config: JsonFile, dtype) -> Probed:
     """(d) a model folder in the authors' format: their released OLA-VLM / LLaVA checkpoints (model_type ola_llama,
     ola_phi3, llava_llama, llava_phi3; e.g. shi-labs/OLA-VLM-CLIP-ViT-Llama3-8b) or olaf's --format ola-vlm. The
     LLM part is read as transformers' own class (theirs subclass it), the projector and task tokens from the
     folder's tensors, the image aspect and template from their config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    base = AUTHORS_MODEL_TYPES[config["model_type"]]
-    if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise TrainerError(f"{folder}: mm_projector_type {config['mm_projector_type']!r}; olaf probes mlp2x_gelu")
-    fields = {k: v for k, v in config.items() if k != "model_type" and not (k == "rope_scaling" and v is None)}
-    llm_config = AutoConfig.for_model(base, **fields)
+    base = AUTHORS_MODEL_TYPES[config.get("model_type", str)]
+    if config.get("mm_projector_type", str, "mlp2x_gelu") != "mlp2x_gelu":
+        raise TrainerError(f"{folder}: mm_projector_type {config.get('mm_projector_type', str)!r}; olaf probes "
+                           f"mlp2x_gelu")
+    aspect = config.get("image_aspect_ratio", str, "square", choices=ASPECTS)
+    fields = {k: v for k, v in config.data.items() if k != "model_type" and not (k == "rope_scaling" and v is None)}
+    try:
+        llm_config = AutoConfig.for_model(base, **fields)
+    except Exception as e:  # transformers' own checks of the LLM's fields
+        raise TrainerError(f"{config.path}: transformers refuses it as a {base} config: {_first_line(e)}") from None
     tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, str(folder))
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, str(folder), config=llm_config, dtype=dtype)
     tensors = _folder_tensors(folder, PREFIX.values())
     tower, tower_name = _authors_tower(cfg, config, tensors, dtype)
     proj = _load_projector(lambda: tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
     tokens, order = _authors_task_tokens(config, tensors, folder)
-    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, config.get("image_aspect_ratio", "square")))
+    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
                   _choice(cfg.chat_template, _template_of(base)), image,
-                  f"{config['model_type']} folder {folder} ({tower_name})", token_order=order)
+                  f"{config.get('model_type', str)} folder {folder} ({tower_name})", token_order=order)
 
 
 def _local_folder(model: str) -> Path:
@@ -342,8 +392,8 @@ def load_probed(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> P
                                f"writes all of {', '.join(export_files)})")
         return _from_export(cfg, folder, dtype)
     folder = _local_folder(model)
-    raw = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    if raw.get("model_type") in AUTHORS_MODEL_TYPES:
+    raw = JsonFile(folder / "config.json") if (folder / "config.json").is_file() else None
+    if raw is not None and raw.data.get("model_type") in AUTHORS_MODEL_TYPES:
         return _from_authors_folder(cfg, folder, raw, dtype)
     config = load_or_explain("model", AutoConfig.from_pretrained, model)
     if getattr(config, "model_type", None) == "llava":

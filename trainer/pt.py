@@ -24,7 +24,7 @@ from pathlib import Path
 
 from trainer.build import build
 from trainer.config import PTConfig, load_config
-from trainer.export import export_llava, model_info
+from trainer.export import export_llava, model_info, write_export
 from trainer.loop import run_cli, start, teardown, train
 
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     out = Path(cfg.output_dir)
     train(run, out, rank, world, log, meta={"model": model_info(run)})
     if rank == 0:  # the last checkpoint, exported as every later `trainer.export` of it would be
-        log(f"exported to {export_llava(out, out / 'export')}")
+        log(f"exported to {write_export(export_llava, out, out / 'export')}")
     teardown(world)
     return 0
 

@@ -121,17 +121,21 @@ class MLLM(nn.Module):
         """The LLM's config (layers, width)."""
         return self.decoder.config
 
-    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) -> projected image tokens (B, N, H); the tower frozen and without grad."""
+    def image_tokens(self, pixels: torch.Tensor, has_image: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> projected image tokens (B, N, H); the tower frozen and without grad. `has_image`
+        (B,) bool: which rows have a usable image, for a connector that treats the others as text-only."""
         x = (pixels.permute(0, 3, 1, 2).float() / 255.0 - self.image_mean) / self.image_std
         with torch.no_grad():
             feats = self.vision.features(x)
-        return self.projector(feats.to(next(self.projector.parameters()).dtype))
+        feats = feats.to(next(self.projector.parameters()).dtype)
+        if has_image is not None and getattr(self.projector, "masks_rows", False):
+            return self.projector(feats, has_image)
+        return self.projector(feats)
 
     def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs_embeds, attention mask) of a batch (pixels, prefix_ids, text_ids, text_mask)."""
         b, dtype = batch["pixels"].shape[0], self.embed.weight.dtype
-        parts = [self.embed(batch["prefix_ids"]), self.image_tokens(batch["pixels"]).to(dtype)]
+        parts = [self.embed(batch["prefix_ids"]), self.image_tokens(batch["pixels"], batch.get("has_image")).to(dtype)]
         parts += [self.special_tokens.sequence_tokens(t).to(dtype).unsqueeze(0).expand(b, -1, -1)
                   for t in self.layout.task_slots]
         parts.append(self.embed(batch["text_ids"]))

@@ -17,33 +17,88 @@ width), `queries_init`, `placeholder`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 TYPES = "qkvom"  # the delta sites, in their order
 HEADS, MLP_RATIO = 16, 4  # hard-coded in theirs
-# their pretrain.sh; the widths and depths left None are read from the models (and checked when given)
-DEFAULTS = {"vlora_dim": 1024, "vlora_depth": 8, "vlora_visual_dim": None, "vlora_pos_num": None,
-            "vlora_llm_dim": None, "vlora_llm_depth": None, "vlora_rank": 64, "vlora_alpha": 64,
-            "vlora_type": "qkvom", "weights_sep": True, "skip_layers": 4,
-            # olaf's switches for their quirks (docs/vlora.md)
-            "kv_deltas": "kv_width", "queries_init": "randn", "placeholder": "keep"}
+
+
+@dataclass(frozen=True)
+class VLoRASettings:
+    """The `vlora:` section of a config, typed: their pretrain.sh's values under their names; the widths and depths
+    left None are read from the models (and checked when given). The last three are olaf's switches for their
+    quirks (docs/vlora.md)."""
+
+    vlora_dim: int = 1024
+    vlora_depth: int = 8
+    vlora_visual_dim: int | None = None
+    vlora_pos_num: int | None = None
+    vlora_llm_dim: int | None = None
+    vlora_llm_depth: int | None = None
+    vlora_rank: int = 64
+    vlora_alpha: float = 64  # the deltas' scale is alpha / rank
+    vlora_type: str = "qkvom"
+    weights_sep: bool = True
+    skip_layers: int = 4
+    kv_deltas: str = "kv_width"
+    queries_init: str = "randn"
+    placeholder: str = "keep"
+
+    @classmethod
+    def of(cls, given) -> VLoRASettings:
+        """From a config's mapping: every field of its type (no `true` for a rank, no `maybe` for a switch), every
+        problem named; VLoRAError otherwise."""
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            raise VLoRAError(f"vlora must be a mapping of settings (e.g. {{vlora_rank: 64}}), got {given!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise VLoRAError(f"vlora: unknown settings {unknown}; known: {', '.join(fields)}")
+        problems = [p for k, v in given.items() if (p := _type_problem(k, v, fields[k].type))]
+        if problems:
+            raise VLoRAError("; ".join(problems))
+        return cls(**given)
+
+
 CHOICES = {"kv_deltas": ("kv_width", "hidden"), "queries_init": ("randn", "trunc_normal"),
            "placeholder": ("keep", "drop")}
+DEFAULTS = dataclasses.asdict(VLoRASettings())
+
+
+def _type_problem(key: str, value, kind: str) -> str | None:
+    """Why `value` is not of the field's type `kind` (its annotation's text), or None. YAML's `true` is a bool,
+    never an int; a number is never a word."""
+    if value is None:
+        return None if "None" in kind else f"vlora.{key} cannot be null"
+    if kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif kind.startswith("float"):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a number"
+    elif kind.startswith("bool"):
+        ok, want = isinstance(value, bool), "true or false"
+    else:
+        ok, want = isinstance(value, str), "a word"
+    return None if ok else f"vlora.{key} must be {want}, got {value!r}"
 
 
 class VLoRAError(ValueError):
     """A VLoRA setting that cannot work; the message says which and why."""
 
 
-def settings(given: dict | None, llm_config, tower) -> dict:
-    """The generator's settings: DEFAULTS, then `given`, the widths and depths the models fix filled in; every
-    problem one line."""
-    s = {**DEFAULTS, **(given or {})}
-    unknown = sorted(set(s) - set(DEFAULTS))
-    if unknown:
-        raise VLoRAError(f"vlora: unknown settings {unknown}; known: {', '.join(DEFAULTS)}")
+def settings(given: dict | VLoRASettings | None, llm_config, tower) -> dict:
+    """The generator's settings: DEFAULTS, then `given` (type-checked), the widths and depths the models fix filled
+    in; every problem one line; sizes that cannot be allocated refused before anything is."""
+    s = dataclasses.asdict(given if isinstance(given, VLoRASettings) else VLoRASettings.of(given))
     fixed = {"vlora_visual_dim": tower.hidden_size, "vlora_pos_num": tower.num_tokens,
              "vlora_llm_dim": llm_config.hidden_size, "vlora_llm_depth": llm_config.num_hidden_layers}
     for key, value in fixed.items():
@@ -52,8 +107,15 @@ def settings(given: dict | None, llm_config, tower) -> dict:
                              f" gives {value}: leave it out (it is read from the model) or use a matching model")
         s[key] = value
     for key in ("vlora_dim", "vlora_depth", "vlora_rank", "skip_layers"):
-        if not isinstance(s[key], int) or s[key] < 1:
+        if s[key] < 1:
             raise VLoRAError(f"vlora.{key} must be a positive integer, got {s[key]!r}")
+    if not s["vlora_alpha"] > 0:
+        raise VLoRAError(f"vlora.vlora_alpha must be > 0 (the deltas are scaled by alpha / rank: "
+                         f"{s['vlora_alpha']} would {'silence' if s['vlora_alpha'] == 0 else 'negate'} them), "
+                         f"got {s['vlora_alpha']!r}")
+    if s["vlora_rank"] > s["vlora_llm_dim"]:
+        raise VLoRAError(f"vlora.vlora_rank {s['vlora_rank']} is above the LLM's width {s['vlora_llm_dim']}: a "
+                         f"low-rank delta's rank is at most its width")
     if s["vlora_dim"] % HEADS:
         raise VLoRAError(f"vlora.vlora_dim {s['vlora_dim']} must be a multiple of the generator's {HEADS} heads")
     if s["vlora_llm_depth"] % s["skip_layers"]:
@@ -64,7 +126,44 @@ def settings(given: dict | None, llm_config, tower) -> dict:
     for key, options in CHOICES.items():
         if s[key] not in options:
             raise VLoRAError(f"vlora.{key} must be one of {', '.join(options)}, got {s[key]!r}")
+    _check_fits(s)
     return s
+
+
+def parameter_count(s: dict) -> int:
+    """The generator's parameters, counted from its settings (nothing allocated)."""
+    D, d, r, N, P = s["vlora_dim"], s["vlora_llm_dim"], s["vlora_rank"], s["vlora_depth"], s["vlora_pos_num"]
+    T, n = len(s["vlora_type"]), s["vlora_llm_depth"] // s["skip_layers"]
+    attention = 3 * D * D + 3 * D + D * D + D
+    block = 2 * attention + (D * MLP_RATIO * D + MLP_RATIO * D) + (MLP_RATIO * D * D + D) + 3 * 2 * D
+    per_generator = N * block + 2 * D + D * d * r + d * r
+    queries = n * T * D
+    generators = T if s["weights_sep"] else 1
+    return s["vlora_visual_dim"] * D + D + P * D + generators * per_generator + queries + n * T * d * r
+
+
+def _available_bytes() -> int | None:
+    """Memory this process could still allocate on the host (MemAvailable), or None where the OS does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_fits(s: dict) -> None:
+    """Refuse a generator whose float32 parameters alone exceed the host's free memory, before it is built (a rank
+    of 200000 once allocated 51 GB before failing)."""
+    if torch.get_default_device().type == "meta":  # nothing is allocated
+        return
+    need, free = 4 * parameter_count(s), _available_bytes()
+    if free is not None and need > free:
+        raise VLoRAError(f"vlora: the generator would have {need // 4:,} parameters ({need / 1e9:.1f} GB in float32) "
+                         f"and this machine has {free / 1e9:.1f} GB free: lower vlora_dim, vlora_depth or vlora_rank "
+                         f"(their PT: 1024, 8, 64)")
 
 
 class DecoderBlock(nn.Module):
@@ -125,18 +224,22 @@ class VLoRAGenerator(nn.Module):
         self.visual_proj = nn.Linear(s["vlora_visual_dim"], D)
         self.pos_embed = nn.Parameter(torch.randn(1, s["vlora_pos_num"], D))
         n, T = self.slots, len(self.types)
-        sizes = [n] * T if s["weights_sep"] else [n * T]
-        self.gen = nn.ModuleList(WeightsGenerator(q, D, s["vlora_depth"], d * r) for q in sizes)
+        # their names: T generators gen.0 .. gen.{T-1}, or one generator `gen` of all T * n queries, type-major
+        self.gen = nn.ModuleList(WeightsGenerator(n, D, s["vlora_depth"], d * r) for _ in range(T)) \
+            if s["weights_sep"] else WeightsGenerator(n * T, D, s["vlora_depth"], d * r)
         self.apply(_init)
         if s["queries_init"] == "trunc_normal":  # their intent; their apply() never reaches parameters (randn)
-            for p in (self.pos_embed, *(g.queries for g in self.gen)):
+            for p in (self.pos_embed, *(g.queries for g in self.generators())):
                 nn.init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0)
         self.Bs = nn.Parameter(torch.zeros(1, n * T, d * r))
         self.scale = s["vlora_alpha"] / r
 
+    def generators(self) -> list[WeightsGenerator]:
+        return list(self.gen) if isinstance(self.gen, nn.ModuleList) else [self.gen]
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         memory = self.visual_proj(features) + self.pos_embed
-        out = torch.cat([g(memory) for g in self.gen], dim=1)  # (B, T * L/s, d * r), type-major
+        out = torch.cat([g(memory) for g in self.generators()], dim=1)  # (B, T * L/s, d * r), type-major
         d, r = self.s["vlora_llm_dim"], self.s["vlora_rank"]
         return out.view(out.shape[0], len(self.types), self.slots, d, r)
 
@@ -152,12 +255,17 @@ def delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class VLoRAConnector(VLoRAGenerator):
-    """The generator (its parameters under their names) and where its deltas go. `forward(features)` computes this
-    batch's factors and returns no image tokens (B, 0, H): the deltas reach the LLM through forward hooks on its
-    layers, which read the factors of the latest batch. They stay set until the next batch, so activation
-    checkpointing's recomputation in the backward pass adds the same deltas."""
+    """The generator (its parameters under their names) and where its deltas go. `forward(features, has_image)`
+    computes this batch's factors and returns no image tokens (B, 0, H): the deltas reach the LLM through forward
+    hooks on its layers. Rows without an image get no deltas (their A times 0, as theirs for text-only rows).
+
+    The factors belong to the next call of the LLM and to nothing else: that call takes them (a later call with no
+    fresh connector forward, e.g. text-only evaluation or generation at another batch size, gets no deltas), and
+    they are dropped once it is done: at once without autograd, else once their gradient is computed, after
+    activation checkpointing's recomputation in the backward pass has added the same deltas again."""
 
     num_tokens = 0
+    masks_rows = True  # forward takes has_image (trainer.sequence.MLLM passes each row's)
 
     def __init__(self, s: dict, decoder: nn.Module):
         layers, step = decoder.layers, s["skip_layers"]
@@ -168,12 +276,13 @@ class VLoRAConnector(VLoRAGenerator):
                              f"{s['vlora_llm_dim']}, but this LLM's k/v width is {kv_width} (grouped-query "
                              f"attention): use kv_deltas: kv_width, or a vlora_type without k and v")
         super().__init__(s)
-        self.factors = None
+        self.factors = self._next = None
         self.sites = [(i, t) for i in range(step - 1, len(layers), step) for t in s["vlora_type"]]
         # with kv_deltas: hidden the widths are the hidden size everywhere (MHA only, checked above)
         self.widths = {"q": attn.q_proj.out_features, "k": kv_width, "v": kv_width,
                        "o": attn.o_proj.out_features, "m": s["vlora_llm_dim"]}
         self._hooks = [self._site(layers[i], i, t).register_forward_hook(self._hook(i, t)) for i, t in self.sites]
+        self._hooks += [decoder.register_forward_pre_hook(self._take), decoder.register_forward_hook(self._done)]
 
     @staticmethod
     def _site(layer: nn.Module, i: int, t: str) -> nn.Module:
@@ -189,6 +298,27 @@ class VLoRAConnector(VLoRAGenerator):
 
         return add_delta
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        self.factors = super().forward(features)
+    def _take(self, module, args):
+        """The LLM starts a call: it takes the factors computed for it, or none."""
+        self.factors, self._next = self._next, None
+
+    def _done(self, module, args, output):
+        """The LLM's call is over: its factors go, once the backward pass no longer needs them."""
+        factors = self.factors
+        if factors is None:
+            return
+        if torch.is_grad_enabled() and factors.requires_grad:
+            factors.register_hook(lambda grad: self._drop(factors))
+        else:
+            self._drop(factors)
+
+    def _drop(self, factors: torch.Tensor) -> None:
+        if self.factors is factors:
+            self.factors = None
+
+    def forward(self, features: torch.Tensor, has_image: torch.Tensor | None = None) -> torch.Tensor:
+        factors = super().forward(features)
+        if has_image is not None:  # theirs: A * 0 for a row without an image
+            factors = factors * has_image.to(factors.dtype).view(-1, 1, 1, 1, 1)
+        self._next = factors
         return features.new_zeros(features.shape[0], 0, self.s["vlora_llm_dim"])
