@@ -264,8 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output PNG path")
     sub.add_parser("repair-teachers", parents=[after], help="rewrite a damaged teachers.yaml from the copy the "
                    "store's manifest keeps")
-    sub.add_parser("repair-manifest", parents=[after], help="rewrite a damaged olaf_store.json from its backup copy "
-                   "(olaf_store.backup.json)")
+    sub.add_parser("repair-manifest", parents=[after], help=f"rewrite a damaged {MANIFEST} from its backup copy")
     u = sub.add_parser("unlease", parents=[after], help="break the lease of a shard whose job is gone")
     u.add_argument("shard", type=int)
     u.add_argument("--force", action="store_true", help="break a lease that has not expired yet (its job must be gone)")

@@ -168,14 +168,14 @@ def test_a_vlora_export_with_bad_weights_or_settings_is_one_line(tmp_path, vlora
 
     garbage = _edited(vlora_export, tmp_path / "garbage", lambda d: None)
     (garbage / "mm_projector.bin").write_bytes(os.urandom(4096))
-    refused(garbage, "mm_projector.bin is not a file of tensors")
+    refused(garbage, "mm_projector.bin is not the generator its config.json describes: not a file of tensors")
     pickled = _edited(vlora_export, tmp_path / "pickled", lambda d: None)
     with open(pickled / "mm_projector.bin", "wb") as f:
         pickle.dump(Hostile(tmp_path / "ran"), f)
-    refused(pickled, "mm_projector.bin is not a file of tensors")
+    refused(pickled, "mm_projector.bin is not the generator its config.json describes: not a file of tensors")
     assert not (tmp_path / "ran").exists()
     rank = _edited(vlora_export, tmp_path / "rank", lambda d: d["vlora"].update(vlora_rank=8))
-    refused(rank, "mm_projector.bin does not hold the generator its config.json describes")
+    refused(rank, "mm_projector.bin is not the generator its config.json describes: size mismatch")
     huge = _edited(vlora_export, tmp_path / "huge", lambda d: d["vlora"].update(vlora_rank=200000, vlora_llm_dim=65536))
     refused(huge, "vlora.vlora_llm_dim is 65536 but the LLM gives 64")
     deep = _edited(vlora_export, tmp_path / "deep", lambda d: d["vlora"].update(vlora_depth=1_000_000))

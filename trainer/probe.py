@@ -153,15 +153,24 @@ def _template_of(model_type: str | None) -> str:
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    """What an error says, in a line: its first line that is not a heading ("Error(s) in loading ...:")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    return next((ln for ln in lines if not ln.endswith(":")), lines[0])[:200]
 
 
-def _read_bin(path: Path) -> dict:
-    """The tensors of a .bin (torch.load, tensors only: no pickled code runs), one line for anything else."""
+PROJECTOR = ("an mlp2x_gelu projector from the tower's width {tower} to the LLM's {llm} (tensors "
+             "model.mm_projector.{{0,2}}.{{weight,bias}})")
+GENERATOR = "the generator its config.json describes"
+
+
+def _read_bin(path: Path, what: str) -> dict:
+    """The tensors of a .bin that should be `what` (torch.load, tensors only: no pickled code runs); one line for
+    anything else."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load of arbitrary bytes raises arbitrary errors: all mean "not tensors"
-        raise TrainerError(f"{path} is not a file of tensors ({type(e).__name__}: {_first_line(e)})") from None
+        raise TrainerError(f"{path} is not {what}: not a file of tensors ({type(e).__name__}: {_first_line(e)})") \
+            from None
 
 
 def _load_module(module: nn.Module, tensors: dict, where: str, what: str) -> nn.Module:
@@ -169,15 +178,16 @@ def _load_module(module: nn.Module, tensors: dict, where: str, what: str) -> nn.
     try:
         module.load_state_dict(mm_projector_state(tensors))
     except Exception as e:  # missing keys, other shapes
-        raise TrainerError(f"{where} does not hold {what}: {_first_line(e)}") from None
+        raise TrainerError(f"{where} is not {what}: {_first_line(e)}") from None
     return module
 
 
-def _load_projector(read, tower_width: int, llm_width: int, where: str, dtype) -> Projector:
-    """The mlp2x_gelu projector from `read()` (the tensors of mm_projector.bin or a model folder)."""
-    what = (f"an mlp2x_gelu projector from the tower's width {tower_width} to the LLM's {llm_width} (tensors "
-            f"model.mm_projector.{{0,2}}.{{weight,bias}})")
-    return _load_module(Projector(tower_width, llm_width), read(), where, what).to(dtype)
+def _load_projector(tensors: dict | Path, tower_width: int, llm_width: int, where: str, dtype) -> Projector:
+    """The mlp2x_gelu projector from `tensors` (a model folder's) or a mm_projector.bin."""
+    what = PROJECTOR.format(tower=tower_width, llm=llm_width)
+    if isinstance(tensors, Path):
+        tensors = _read_bin(tensors, what)
+    return _load_module(Projector(tower_width, llm_width), tensors, where, what).to(dtype)
 
 
 def _frozen_parts(llm_name: str, tower_name: str, select: int, dtype):
@@ -193,8 +203,7 @@ def _frozen_parts(llm_name: str, tower_name: str, select: int, dtype):
 def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype,
                          aspect: str):
     tokenizer, llm, tower = _frozen_parts(llm_name, tower_name, select, dtype)
-    proj = _load_projector(lambda: _read_bin(projector), tower.hidden_size, llm.config.hidden_size, str(projector),
-                           dtype)
+    proj = _load_projector(Path(projector), tower.hidden_size, llm.config.hidden_size, str(projector), dtype)
     image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
     return tokenizer, llm, tower, proj, image
 
@@ -244,8 +253,8 @@ def _from_vlora_export(cfg: PTConfig, folder: Path, info: JsonFile, dtype) -> Pr
         s = settings(given, llm.config, tower)
     except VLoRAError as e:
         raise TrainerError(f"{info.path}: {e}") from None
-    connector = _load_module(VLoRAConnector(s, llm.get_decoder()), _read_bin(folder / "mm_projector.bin"),
-                             str(folder / "mm_projector.bin"), "the generator its config.json describes")
+    connector = _load_module(VLoRAConnector(s, llm.get_decoder()), _read_bin(folder / "mm_projector.bin", GENERATOR),
+                             str(folder / "mm_projector.bin"), GENERATOR)
     image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect,
                                                             info.get("image_aspect", str, "square", choices=ASPECTS)))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, connector.to(dtype),
@@ -359,7 +368,7 @@ def _from_authors_folder(cfg: PTConfig, folder: Path, config: JsonFile, dtype) -
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, str(folder), config=llm_config, dtype=dtype)
     tensors = _folder_tensors(folder, PREFIX.values())
     tower, tower_name = _authors_tower(cfg, config, tensors, dtype)
-    proj = _load_projector(lambda: tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
+    proj = _load_projector(tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
     tokens, order = _authors_task_tokens(config, tensors, folder)
     image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
