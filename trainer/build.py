@@ -122,23 +122,42 @@ def usable_samples(store: Store, tasks) -> int:
 
 
 @dataclass(frozen=True)
-class PTRun:
+class Trainable:
+    """What one training step needs (trainer.loop.train_step): the model, which returns its loss, its optimizer and
+    schedule, the config (clipping), and where and in what it runs. The benchmarks time steps of exactly this."""
+
     cfg: PTConfig
     device: torch.device
     dtype: torch.dtype
-    store: Store
-    tokenizer: object
     model: torch.nn.Module  # OLAPT, or trainer.probe's ProbeSet
-    stream: TargetStream
     optimizer: torch.optim.Optimizer
     scheduler: object
-    total_steps: int
-    pad_id: int
-    attn: str
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def trainable(cfg: PTConfig, model: torch.nn.Module, device, dtype, total_steps: int) -> Trainable:
+    """AdamW over what trains and the cosine schedule with warm-up to `total_steps` (PT and probing alike)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    return Trainable(cfg, device, dtype, model, optimizer, scheduler)
+
+
+@dataclass(frozen=True)
+class PTRun(Trainable):
+    """A whole run: the step's parts, the store it reads, the stream, the tokenizer, how long it runs."""
+
+    store: Store | None = None
+    tokenizer: object = None
+    stream: TargetStream | None = None
+    total_steps: int = 0
+    pad_id: int = 0
+    attn: str = "sdpa"
 
 
 def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> PTRun:
@@ -181,9 +200,6 @@ def assemble(cfg: PTConfig, device, dtype, store: Store, expected: dict, tokeniz
                           expected_teachers=expected, allow_partial=cfg.allow_partial_store,
                           map_fn=PTSample(builder, image, cfg.tasks, store.manifest.tasks),
                           collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
-    from transformers import get_cosine_schedule_with_warmup
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    return PTRun(cfg, device, dtype, store, tokenizer, model, stream, optimizer, scheduler, total_steps, pad_id, attn)
+    step = trainable(cfg, model, device, dtype, total_steps)
+    return PTRun(**vars(step), store=store,
+                 tokenizer=tokenizer, stream=stream, total_steps=total_steps, pad_id=pad_id, attn=attn)

@@ -12,12 +12,13 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from store import loader, refuse_inside_store
-from trainer.build import PTRun
+from trainer.build import PTRun, Trainable
 from trainer.checkpoint import Checkpointer, CheckpointError, PlainRNG, TorchRNG, latest
 from trainer.data import die_with_parent, worker_init
 from trainer.errors import TrainerError
@@ -37,32 +38,48 @@ def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None =
                   worker_init_fn=functools.partial(worker_init, os.getpid()))
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None) \
         if world > 1 else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.dtype == torch.bfloat16 and cuda \
-        else contextlib.nullcontext()
     with contextlib.closing(runlog):  # the bar closes whatever happens, so an error starts on its own line
         while step < run.total_steps:
             micro = [next(data) for _ in range(stream.accum)]  # this rank's part of global batch `step`
             check_usable(step, micro)
             runlog.count(step, micro)
-            micro = [to_device(b, run.device) for b in micro]
-            context = model.step_context(micro)
-            terms = {}
-            for j, batch in enumerate(micro):
-                with net.no_sync() if world > 1 and j < len(micro) - 1 else contextlib.nullcontext():
-                    with autocast:
-                        loss, parts = net(batch, context)
-                    (loss / len(micro)).backward()
-                terms = {k: terms.get(k, 0.0) + v / len(micro) for k, v in parts.items()}
-            grad_norm = clip_gradients(run.trainable, cfg.max_grad_norm)
-            lr = run.scheduler.get_last_lr()[0]
-            run.optimizer.step()
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            done = train_step(run, [to_device(b, run.device) for b in micro], net)
             step += 1
-            runlog.step(step, terms, grad_norm, lr)
+            runlog.step(step, done.terms, done.grad_norm, done.lr)
             if rank == 0 and (step % cfg.save_every == 0 or step == run.total_steps):
                 ckpt.save(step)
     return step
+
+
+class StepResult(NamedTuple):
+    terms: dict  # the loss terms, device tensors averaged over the micro-batches
+    grad_norm: torch.Tensor
+    lr: float  # the rate this step used
+
+
+def train_step(run: Trainable, micro: list[dict], net: torch.nn.Module | None = None) -> StepResult:
+    """One optimizer step over this rank's micro-batches of a global batch (on the device): what the step shares
+    (`model.step_context`), then per micro-batch the forward (bf16 autocast on CUDA), which returns the loss, and
+    its backward (under DDP, gradients sync on the last one only); clipping when set, AdamW, the schedule. The
+    loop and every benchmark that times a step call this. `net`: the model wrapped for DDP, if it is."""
+    model, net = run.model, net or run.model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.dtype == torch.bfloat16 and \
+        run.device.type == "cuda" else contextlib.nullcontext()
+    ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+    context = model.step_context(micro)
+    terms = {}
+    for j, batch in enumerate(micro):
+        with net.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext():
+            with autocast:
+                loss, parts = net(batch, context)
+            (loss / len(micro)).backward()
+        terms = {k: terms.get(k, 0.0) + v / len(micro) for k, v in parts.items()}
+    grad_norm = clip_gradients(run.trainable, run.cfg.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(terms, grad_norm, lr)
 
 
 def resume(ckpt: Checkpointer, out: Path, log) -> int:
