@@ -40,14 +40,14 @@ authors-env: setup
 test: setup authors-env
 	$(PY) -m pytest
 
-# Every GPU figure the README owes, in one JSON (benchmarks/gpu_proof.py; docs/benchmarks.md#the-gpu-proof).
+# Every GPU figure the README owes, in one JSON (benchmarks/gpu_proof/; docs/benchmarks.md#the-gpu-proof).
 GPU_PROOF ?= gpu_proof
 GPU_PROOF_MINUTES ?= 8
 gpu-proof: setup
-	$(PY) benchmarks/gpu_proof.py --out $(GPU_PROOF) --minutes $(GPU_PROOF_MINUTES)
+	$(PY) -m benchmarks.gpu_proof --out $(GPU_PROOF) --minutes $(GPU_PROOF_MINUTES)
 
 lint: setup
-	$(VENV)/bin/ruff check recipes teachers store pipeline trainer tests benchmarks
+	$(VENV)/bin/ruff check recipes teachers store pipeline trainer tests benchmarks support
 
 # ---- the demo: sample data -> tiny teachers -> local Ray head -> `ray job submit` extraction -> inspect
 #      -> tiny LLM + CLIP -> trainer.pt (a few dozen PT steps) -> export + loss curve

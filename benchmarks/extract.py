@@ -1,9 +1,9 @@
 """End-to-end extraction throughput: the Ray job with 1 and 2 actors vs a naive single-process per-image loop;
 with --shape-true, the data path stage by stage at real target sizes.
 
-    python benchmarks/extract.py [--samples 96] [--size tiny|full] [--actors 1,2] [--batch-size N]
+    python -m benchmarks.extract [--samples 96] [--size tiny|full] [--actors 1,2] [--batch-size N]
                                  [--gpus-per-actor F] [--work-dir DIR]
-    python benchmarks/extract.py --shape-true [--samples 64] [--batch-size 8]
+    python -m benchmarks.extract --shape-true [--samples 64] [--batch-size 8]
 
 --shape-true uses the stand-ins of `teachers.tiny --shape-true` (real recipes, real output shapes 1x1024,
 576x1024, 576x1536, cheap models) and prints, per sample: decode and each recipe's resizes (CPU ms), the teacher
@@ -36,16 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipeline.llava import load_records
+from pipeline.localray import LOOPBACK_ENV
+from pipeline.sample import generate
+from recipes.imageops import decode_rgb, read_image_bytes
+from recipes.manifest import TASKS, load_manifest
+from recipes.preprocess import preprocess
+from store import encodings
+from teachers.registry import load_teachers
 
-from pipeline.llava import load_records  # noqa: E402
-from pipeline.localray import LOOPBACK_ENV  # noqa: E402
-from pipeline.sample import generate  # noqa: E402
-from recipes.imageops import decode_rgb, read_image_bytes  # noqa: E402
-from recipes.manifest import load_manifest  # noqa: E402
-from recipes.preprocess import preprocess  # noqa: E402
-from teachers.registry import load_teachers  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def full_size_teachers(out: Path, dtype: torch.dtype) -> Path:
@@ -76,7 +76,7 @@ def full_size_teachers(out: Path, dtype: torch.dtype) -> Path:
 def naive(json_path: Path, images: Path, manifest_path: Path, device: str, dtype: torch.dtype, n: int) -> float:
     """The original's way: everything per image, synchronously."""
     manifest = load_manifest(manifest_path)
-    teachers = load_teachers(manifest, ["gen", "depth", "seg"], device=device, dtype=dtype)
+    teachers = load_teachers(manifest, list(TASKS), device=device, dtype=dtype)
     records, _ = load_records(json_path)
     done, t0 = 0, None
     for k, rec in enumerate(records):
@@ -108,8 +108,7 @@ def job_command(json_path, images, out, manifest_path, batch: int) -> list[str]:
 
 def ray_run(json_path, images, manifest_path, out, actors, batch, gpus_per_actor, extra) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | LOOPBACK_ENV | {"HF_HUB_OFFLINE": "1"}
     cmd = job_command(json_path, images, out, manifest_path, batch) + ["--actors", str(actors)]
     if gpus_per_actor is not None:
         cmd += ["--gpus-per-actor", str(gpus_per_actor)]
@@ -140,17 +139,14 @@ class Clock:
         self.wall_ms = 1e3 * (time.perf_counter() - self.wall) / self.n
 
 
+CPU, DEV = "cpu", "device"  # --resize-on modes: a row's last field says whose CPU work it is
+
+
 def shape_true(args, work: Path) -> int:
     """The data path's stages at real target sizes, one table, and the cores needed per 250 img/s, for the recipes
     resized by PIL in the decode workers (`--resize-on cpu`, what every run did before) and on the device."""
-    import ray
-
-    import store
-    from pipeline.extract.compute import assemble_shard, batches_of, compute_shard
+    from pipeline.extract.compute import batches_of
     from pipeline.extract.decode import decode_batch
-    from pipeline.extract.plan import make_plan
-    from recipes import pil_exact
-    from store import encodings
     from teachers.registry import TeacherSet
     from teachers.tiny import build
 
@@ -159,13 +155,44 @@ def shape_true(args, work: Path) -> int:
     images = work / "data" / "images"
     manifest_path = build(work / "teachers", shape_true=True)
     manifest = load_manifest(manifest_path)
-    tasks = ["gen", "depth", "seg"]
-    specs = [manifest.teachers[t] for t in tasks]
+    specs = [manifest.teachers[t] for t in TASKS]
     records, _ = load_records(json_path)
-    raws = [read_image_bytes(images, r.image) for r in records]
-    CPU, DEV = "cpu", "device"
-    rows = []  # (stage, CPU ms per sample, wall ms per sample, note, the --resize-on modes whose CPU work it is)
+    rows = cpu_stages(specs, [read_image_bytes(images, r.image) for r in records])
+    teachers = TeacherSet.load(manifest, list(TASKS))
+    decoded = {mode: [decode_batch(chunk, str(images), specs, resize_on=mode) for chunk in batches_of(records, batch)]
+               for mode in (CPU, DEV)}
+    with Clock(n) as teacher:
+        outs = [teachers.run(d.pixels)[0] for d in decoded[CPU]]
+    with Clock(n) as c:
+        encoded = [{k: encodings.encode(v, "fp16") for k, v in o.items()} for o in outs]
+    rows.append(("encode fp16", c.cpu_ms, c.wall_ms, "torch -> numpy", {CPU, DEV}))
+    rows += ray_transfers(decoded, {k: v[0] for k, v in encoded[0].items()})
+    written, bytes_per = write_stages(work, json_path, images, manifest, teachers, args.shard_size, batch, n)
+    rows += written
+    print(f"# data path at real target sizes: {n} samples, CPU x{os.cpu_count()}, shape-true stand-ins, batch "
+          f"{batch}, shards of {args.shard_size}, fp16")
+    print(f"{'stage':<30} {'CPU ms/smp':>10} {'wall ms/smp':>11}  note")
+    for stage, cpu, wall, note, _ in rows:
+        print(f"{stage:<30} {cpu:10.2f} {wall:11.2f}  {note}")
+    print(f"{'(teacher stand-ins)':<30} {teacher.cpu_ms:10.2f} {teacher.wall_ms:11.2f}  the device's work, not the "
+          f"data path's")
+    for mode in (CPU, DEV):
+        r = ray_run(json_path, images, manifest_path, work / f"store-ray-{mode}", 1, batch, None,
+                    ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5", "--resize-on", mode])
+        print(f"{'end to end, --resize-on ' + mode:<30} {'':>10} {1e3 / r['samples_per_s']:11.2f}  "
+              f"{r['samples_per_s']:.1f} samples/s here, stand-ins in one actor: busy {r['busy']:.2f}, "
+              f"{r['teacher_ms']:.1f} ms/sample (recipes included with device); decode {r['decode_ms']:.1f} CPU ms/"
+              f"sample (the job's own report)")
+    print_cores(rows, bytes_per)
+    return 0
 
+
+def cpu_stages(specs, raws: list[bytes]) -> list[tuple]:
+    """(stage, CPU ms per sample, wall ms per sample, note, the --resize-on modes whose CPU work it is): decoding,
+    each recipe in PIL, the array a device recipe is shipped, the recipes in torch."""
+    from recipes import pil_exact
+
+    n, rows = len(raws), []
     with Clock(n) as c:
         rgbs = [decode_rgb(data) for data in raws]
     rows.append(("decode (JPEG -> RGB)", c.cpu_ms, c.wall_ms, "once per image, for all recipes", {CPU, DEV}))
@@ -184,22 +211,19 @@ def shape_true(args, work: Path) -> int:
                 pil_exact.apply_ops(torch.from_numpy(a), spec.preprocess.ops)
     rows.append(("(recipes in torch, CPU)", c.cpu_ms, c.wall_ms, "--resize-on device: device work, here on this "
                  "CPU; bit-identical", set()))
-    teachers = TeacherSet.load(manifest, tasks)
-    decoded = {mode: [decode_batch(chunk, str(images), specs, resize_on=mode) for chunk in batches_of(records, batch)]
-               for mode in (CPU, DEV)}
-    with Clock(n) as c:
-        outs = [teachers.run(d.pixels)[0] for d in decoded[CPU]]
-    teacher = c
-    with Clock(n) as c:
-        encoded = [{k: encodings.encode(v, "fp16") for k, v in o.items()} for o in outs]
-    rows.append(("encode fp16", c.cpu_ms, c.wall_ms, "torch -> numpy", {CPU, DEV}))
+    return rows
+
+
+def ray_transfers(decoded: dict, targets: dict, reps: int = 10) -> list[tuple]:
+    """What shipping each payload through Ray's object store costs, put + get in a worker (median of interleaved
+    rounds), on a Ray of its own on 127.0.0.1."""
+    import ray
 
     os.environ.update(LOOPBACK_ENV)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        targets = {k: v[0] for k, v in encoded[0].items()}
         strided = {k: np.swapaxes(np.ascontiguousarray(np.swapaxes(v, 1, 2)), 1, 2) for k, v in targets.items()}
-        reps, k = 10, len(decoded[CPU][0].ids)
+        k, rows = len(decoded[CPU][0].ids), []
 
         @ray.remote
         def touch(x):  # a worker receives the object (zero-copy numpy views from the object store)
@@ -223,27 +247,36 @@ def shape_true(args, work: Path) -> int:
             mb = ray.get(touch.remote(obj)) / k / 1e6
             cpu, wall = (float(np.median([t[j] for t in times[what]])) for j in (0, 1))
             rows.append((what, cpu, wall, f"{mb:.2f} MB/sample, put + get in a worker (median); {note}", set()))
+        return rows
     finally:
         ray.shutdown()
 
-    plan = make_plan(json_path, images, args.shard_size)
-    results = [compute_shard(plan.shard_records(i), str(images), specs, teachers, dict.fromkeys(tasks, "fp16"), batch)
+
+def write_stages(work: Path, json_path, images, manifest, teachers, shard_size: int, batch: int, n: int):
+    """(rows, bytes per sample by format): each format's write through the store's writer, the same bytes with
+    plain write() calls, and verify's re-hash."""
+    import store
+    from pipeline.extract.compute import assemble_shard, compute_shard
+    from pipeline.extract.plan import make_plan
+
+    plan = make_plan(json_path, images, shard_size)
+    specs = [manifest.teachers[t] for t in TASKS]
+    results = [compute_shard(plan.shard_records(i), str(images), specs, teachers, dict.fromkeys(TASKS, "fp16"), batch)
                for i in range(plan.num_shards)]
-    bytes_per = {}
+    rows, bytes_per = [], {}
     for fmt in ("zarr", "wds"):
         loc = store.Location(work / f"store-{fmt}")
-        m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=plan.num_samples,
-                              shard_size=args.shard_size, formats=[fmt],
-                              tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks})
-        w = store.StoreWriter.create(loc, m, manifest.identity(tasks, teachers.weights_sha256()))
-        shard_results = [assemble_shard(m, i, tuple(tasks), metas, tgts) for i, (metas, tgts) in enumerate(results)]
+        m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=plan.num_samples, shard_size=shard_size,
+                              formats=[fmt], tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape,
+                                                                                   "fp16") for t in TASKS})
+        w = store.StoreWriter.create(loc, m, manifest.identity(list(TASKS), teachers.weights_sha256()))
+        shard_results = [assemble_shard(m, i, TASKS, metas, tgts) for i, (metas, tgts) in enumerate(results)]
         with Clock(n) as c:
             recs = [w.write(r) for r in shard_results]
         hashed = sum(f["bytes"] for r in recs for f in r.files.values() if "bytes" in f)
         bytes_per[fmt] = hashed / n
-        how = "every object hashed as it is written"
-        rows.append((f"write {fmt} (local disk)", c.cpu_ms, c.wall_ms, f"{hashed / n / 1e6:.2f} MB/sample, {how}",
-                     {CPU, DEV}))
+        rows.append((f"write {fmt} (local disk)", c.cpu_ms, c.wall_ms, f"{hashed / n / 1e6:.2f} MB/sample, every "
+                     f"object hashed as it is written", {CPU, DEV}))
         blobs = [loc.read_bytes(name) for r in recs for name in r.files]
         with Clock(n) as c:  # the same bytes with one plain write() per object: what the kernel alone costs here
             for j, blob in enumerate(blobs):
@@ -255,21 +288,11 @@ def shape_true(args, work: Path) -> int:
             for r in recs:
                 assert not store.check_files(loc, r, full=True)
         rows.append((f"verify {fmt} (sha256)", c.cpu_ms, c.wall_ms, "re-hash on resume and `inspect verify`", set()))
+    return rows, bytes_per
 
-    print(f"# data path at real target sizes: {n} samples, CPU x{os.cpu_count()}, shape-true stand-ins, batch "
-          f"{batch}, shards of {args.shard_size}, fp16")
-    print(f"{'stage':<30} {'CPU ms/smp':>10} {'wall ms/smp':>11}  note")
-    for stage, cpu, wall, note, _ in rows:
-        print(f"{stage:<30} {cpu:10.2f} {wall:11.2f}  {note}")
-    print(f"{'(teacher stand-ins)':<30} {teacher.cpu_ms:10.2f} {teacher.wall_ms:11.2f}  the device's work, not the "
-          f"data path's")
-    for mode in (CPU, DEV):
-        r = ray_run(json_path, images, manifest_path, work / f"store-ray-{mode}", 1, batch, None,
-                    ["--torch-threads", "1", "--cpus-per-actor", "0.5", "--decode-cpus", "0.5", "--resize-on", mode])
-        print(f"{'end to end, --resize-on ' + mode:<30} {'':>10} {1e3 / r['samples_per_s']:11.2f}  "
-              f"{r['samples_per_s']:.1f} samples/s here, stand-ins in one actor: busy {r['busy']:.2f}, "
-              f"{r['teacher_ms']:.1f} ms/sample (recipes included with device); decode {r['decode_ms']:.1f} CPU ms/"
-              f"sample (the job's own report)")
+
+def print_cores(rows: list[tuple], bytes_per: dict) -> None:
+    """Bytes per sample at LLaVA-558K's size, and the CPU cores the data path needs per 250 img/s, by mode."""
     print(f"\nbytes per sample: zarr {bytes_per['zarr'] / 1e6:.2f} MB, wds {bytes_per['wds'] / 1e6:.2f} MB "
           f"(x 558,128 samples: {558128 * bytes_per['zarr'] / 1e12:.2f} TB + {558128 * bytes_per['wds'] / 1e12:.2f} TB)")
     total = {mode: sum(cpu for _, cpu, _, _, modes in rows if mode in modes) for mode in (CPU, DEV)}
@@ -281,7 +304,6 @@ def shape_true(args, work: Path) -> int:
                       ("--resize-on device, --formats zarr", one_format)):
         print(f"  {label:<52} {ms:6.1f} CPU ms/sample -> {250 * ms / 1e3:5.1f} cores per 250 img/s, "
               f"{1e3 / ms:5.0f} img/s per core ({total[CPU] / ms:.2f}x)")
-    return 0
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """What fp8 targets do to PT: the demo's training on fp16 vs fp8 stored targets, side by side.
 
-    python benchmarks/fp8_targets.py [--samples 48] [--steps 40] [--work-dir DIR]
+    python -m benchmarks.fp8_targets [--samples 48] [--steps 40] [--work-dir DIR]
 
 Builds the demo's sample data and tiny teachers, computes the targets once and stores them twice (fp16, lossless
 for the teachers' half-precision outputs; fp8 e4m3 with a per-token scale, half the bytes), trains the same tiny
@@ -19,17 +19,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import store
+from pipeline.extract.compute import assemble_shard, batches_of, compute_batch
+from pipeline.extract.decode import decode_batch
+from pipeline.extract.plan import make_plan
+from pipeline.sample import generate
+from recipes.manifest import TASKS, load_manifest
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import store  # noqa: E402
-from pipeline.extract.compute import assemble_shard, batches_of, compute_batch  # noqa: E402
-from pipeline.extract.decode import decode_batch  # noqa: E402
-from pipeline.extract.plan import make_plan  # noqa: E402
-from pipeline.sample import generate  # noqa: E402
-from recipes.manifest import load_manifest  # noqa: E402
-
-TASKS = ("gen", "depth", "seg")
 
 
 def build_stores(work: Path, json_path: Path, images: Path, manifest_path: Path, encodings: list[str]) -> dict:
@@ -50,7 +48,8 @@ def build_stores(work: Path, json_path: Path, images: Path, manifest_path: Path,
                               tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, enc) for t in TASKS})
         w = store.StoreWriter.create(loc, m, manifest.identity(list(TASKS), teachers.weights_sha256()))
         for i, ds in decoded.items():
-            targets = [compute_batch(_Replay(o), d, dict.fromkeys(TASKS, enc)) for d, o in zip(ds, outs[i], strict=True)]
+            targets = [compute_batch(_Replay(o, teachers), d, dict.fromkeys(TASKS, enc))
+                       for d, o in zip(ds, outs[i], strict=True)]
             w.commit_shard(assemble_shard(m, i, TASKS, ds, targets))
         paths[enc] = loc.url
     return paths
@@ -59,11 +58,14 @@ def build_stores(work: Path, json_path: Path, images: Path, manifest_path: Path,
 class _Replay:
     """The teachers' outputs computed once, handed to compute_batch again for another encoding."""
 
-    def __init__(self, result):
-        self.result = result
+    def __init__(self, result, teachers):
+        self.result, self.teachers = result, teachers
 
     def run(self, pixels):
         return self.result
+
+    def provenance(self) -> dict:
+        return self.teachers.provenance()
 
 
 def train(store_url: str, models_cfg: Path, teachers_yaml: Path, out: Path, steps: int) -> list[dict]:

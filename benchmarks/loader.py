@@ -1,7 +1,7 @@
 """The trainer's loader at the real target sizes: resume latency early and late in an epoch, and stream
 throughput against what PT consumes, on a local folder and on object storage (s3://) side by side.
 
-    python benchmarks/loader.py [--samples 256] [--shard-size 32] [--micro-batch 8] [--workers 2]
+    python -m benchmarks.loader [--samples 256] [--shard-size 32] [--micro-batch 8] [--workers 2]
         [--backends local,s3] [--s3-url s3://bucket/prefix]
 
 For each backend, a WebDataset store of random full-shape targets (gen 1x1024, depth 576x1024, seg 576x1536 in
@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import store  # noqa: E402
+import store
 from store import (
-    Location,  # noqa: E402
-    encodings,  # noqa: E402
+    Location,
+    encodings,
 )
 
 SHAPES = {"gen": (1, 1024), "depth": (576, 1024), "seg": (576, 1536)}
@@ -94,8 +92,7 @@ def main(argv=None):
     backends = [b for b in a.backends.split(",") if b]
     server, s3_root = None, a.s3_url
     if "s3" in backends and not s3_root:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from s3server import bucket_for_benchmark
+        from support.s3server import bucket_for_benchmark
 
         server, s3_root = bucket_for_benchmark(root / "seaweedfs")
     per_sample = sum(x * y for x, y in SHAPES.values()) * 2 + 60_000

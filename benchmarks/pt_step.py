@@ -1,6 +1,6 @@
 """PT step throughput: targets read from the store vs teachers run inside the step (the original's way).
 
-    python benchmarks/pt_step.py [--size tiny|full] [--steps 10] [--micro-batch N] [--workers 2]
+    python -m benchmarks.pt_step [--size tiny|full] [--steps 10] [--micro-batch N] [--workers 2]
 
 Same model, same data, side by side:
   * stored:   the trainer's step (frozen CLIP + projector + frozen LLM + predictors, loss, AdamW) on batches
@@ -27,20 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import store  # noqa: E402
-from pipeline.sample import generate  # noqa: E402
-from recipes.imageops import decode_rgb  # noqa: E402
-from recipes.manifest import TASKS, load_manifest  # noqa: E402
-from recipes.preprocess import preprocess  # noqa: E402
-from store import encodings  # noqa: E402
-from teachers import depth, gen, seg  # noqa: E402
-from teachers.registry import ADAPTERS, load_teachers  # noqa: E402
-from trainer.build import build  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.loop import to_device  # noqa: E402
+import store
+from benchmarks.timing import sync
+from pipeline.sample import generate
+from recipes.imageops import decode_rgb
+from recipes.manifest import TASKS, load_manifest
+from recipes.preprocess import preprocess
+from store import encodings
+from teachers import depth, gen, seg
+from teachers.registry import ADAPTERS, load_teachers
+from trainer.build import build
+from trainer.config import load_config
+from trainer.loop import to_device, train_step
 
 
 def tiny_setup(work: Path, samples: int):
@@ -50,8 +48,7 @@ def tiny_setup(work: Path, samples: int):
     json_path = generate(work / "data", samples, seed=0)
     teachers_yaml = build_teachers(work / "teachers")
     models_cfg = build_models(work / "models", lm_steps=0)
-    sys.path.insert(0, str(REPO / "tests"))
-    from helpers import reference_store
+    from support.reference import reference_store
 
     path = reference_store(work / "store", (json_path, work / "data" / "images"), teachers_yaml, shard=16,
                            teachers_yaml=True)
@@ -129,26 +126,21 @@ def teacher_targets(teachers, batch_ids, raw_images: dict, device):
     return {t: torch.stack(v) for t, v in out.items()}
 
 
-def timed_steps(run, loader, steps, device, autocast, teachers=None, raw_images=None):
-    """Median samples/s of the trainer's step (forward with the loss inside, backward, AdamW) over `steps`."""
-    opt = torch.optim.AdamW(run.trainable, lr=1e-4)
+def timed_steps(run, loader, steps, teachers=None, raw_images=None):
+    """Median samples/s of the trainer's step (trainer.loop.train_step: forward with the loss inside, backward,
+    AdamW) over `steps`; with `teachers`, their targets computed inside the step first (the original's way)."""
     it = iter(loader)
     times = []
     for k in range(steps + 2):  # two warm-up steps
         batch = next(it)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(run.device)
         t0 = time.perf_counter()
-        on_device = to_device(batch, device)
+        on_device = to_device(batch, run.device)
         if teachers is not None:
-            on_device["targets"] = teacher_targets(teachers, batch["ids"], raw_images, device)
-        with autocast:
-            loss, _ = run.model(on_device)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            with torch.no_grad():
+                on_device["targets"] = teacher_targets(teachers, batch["ids"], raw_images, run.device)
+        train_step(run, [on_device])
+        sync(run.device)
         if k >= 2:
             times.append(time.perf_counter() - t0)
     return batch["pixels"].shape[0] / statistics.median(times)
@@ -209,15 +201,14 @@ def main(argv=None):
     cfg, teachers = tiny_setup(work, samples) if a.size == "tiny" else full_setup(work, samples, device, dtype)
     cfg = replace(cfg, micro_batch_size=batch, global_batch_size=batch)
     run = build(cfg, device, dtype)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     raw = {}
     s = store.Store(cfg.store)
     for shard in s.done_shards():
         for d in s.iter_decoded(shard, []):
             if d["image"] is not None:
                 raw[d["id"]] = d["image"]
-    stored = timed_steps(run, loader_for(run, a.workers), a.steps, device, autocast)
-    inline = timed_steps(run, loader_for(run, a.workers), a.steps, device, autocast, teachers=teachers, raw_images=raw)
+    stored = timed_steps(run, loader_for(run, a.workers), a.steps)
+    inline = timed_steps(run, loader_for(run, a.workers), a.steps, teachers=teachers, raw_images=raw)
     feed = loader_rate(loader_for(run, a.workers), a.steps * 2)
     dev = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# PT step benchmark: {a.size} models, {dev}, {dtype}, micro-batch {batch}, {a.workers} loader workers")

@@ -1,10 +1,10 @@
 """VLoRA's PT step against OLA-VLM's (and LLaVA-1.5's) on the same LLM and tower, side by side.
 
-    python benchmarks/vlora_step.py [--size tiny|layers|both] [--repeats 3]
+    python -m benchmarks.vlora_step [--size tiny|layers|both] [--repeats 3]
 
 Each row is one PT model of trainer.model.OLAPT, built as the trainer builds it (connector, layout, template),
-stepping on a synthetic micro-batch: forward with the loss inside, backward, no optimizer (AdamW's cost is a
-function of the trained parameters, listed). Per sample: the step's time (median), the activations autograd saves
+stepping on a synthetic micro-batch with the trainer's own step (trainer.loop.train_step: forward with the loss
+inside, backward, AdamW). Per sample: the step's time (median), the activations autograd saves
 for the backward pass (a count of bytes, not a timing: the same on any machine), the sequence length the LLM
 runs, the trained parameters; the generator's share of the step time (its forward and backward on their own).
 Weights are not activations: the counts leave out every parameter and buffer.
@@ -26,21 +26,22 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import median_seconds
+from recipes.manifest import TASKS
+from trainer.build import sequence_layout, trainable
+from trainer.config import load_config
+from trainer.loop import train_step
+from trainer.model import OLAPT
+from trainer.towers import CLIPTower
+from trainer.vlora import VLoRAGenerator
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from timing import median_seconds  # noqa: E402
-
-from trainer.build import sequence_layout  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.model import OLAPT  # noqa: E402
-from trainer.towers import CLIPTower  # noqa: E402
 
 MODES = {  # name: (connector, template, tasks)
     "LLaVA-1.5 PT (projector, NTP)": ("mlp2x_gelu", "llama_3", []),
-    "OLA-VLM PT": ("mlp2x_gelu", "llama_3", ["gen", "depth", "seg"]),
+    "OLA-VLM PT": ("mlp2x_gelu", "llama_3", list(TASKS)),
     "VLoRA PT": ("vlora", "plain", []),
-    "VLoRA + OLA-VLM losses": ("vlora", "plain", ["gen", "depth", "seg"]),
+    "VLoRA + OLA-VLM losses": ("vlora", "plain", list(TASKS)),
 }
 
 
@@ -143,22 +144,20 @@ def measure(size: str, repeats: int, device, dtype, work: Path) -> list[dict]:
     b = 4 if size == "tiny" else 1
     rows = []
     for name, (connector, _, tasks) in MODES.items():
-        model, layout, _ = pt_model(name, tok, llm, tower, shapes, over, device, gradient_checkpointing=False)
+        model, layout, cfg = pt_model(name, tok, llm, tower, shapes, over, device, gradient_checkpointing=False)
         batch = batch_for(layout, b, 32, shapes, tasks, device)
+        run = trainable(cfg, model, device, dtype, total_steps=1000)
 
-        def step(model=model, batch=batch):
-            loss, _ = model(batch)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+        def step(run=run, batch=batch):
+            train_step(run, [batch])
 
         step_s = median_seconds(step, device, repeats)
         activations = saved_bytes(lambda model=model, batch=batch: model(batch)[0], model)
         gen_s = None
         if connector == "vlora":
             feats = torch.randn(b, tower.num_tokens, tower.hidden_size, device=device, dtype=dtype)
-            def generator_step(conn=model.projector, feats=feats):
-                conn(feats)
-                conn.factors.float().sum().backward()
+            def generator_step(conn=model.projector, feats=feats):  # the generator alone: its factors A
+                VLoRAGenerator.forward(conn, feats).float().sum().backward()
 
             gen_s = median_seconds(generator_step, device, repeats)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

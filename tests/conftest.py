@@ -29,7 +29,7 @@ if "RAY_AUTH_TOKEN_PATH" not in os.environ:
     os.environ["RAY_AUTH_TOKEN_PATH"] = _token_path
     atexit.register(lambda: os.path.exists(_token_path) and os.unlink(_token_path))
 
-from s3server import SeaweedFS, free_port  # noqa: E402
+from support.s3server import SeaweedFS, free_port  # noqa: E402
 
 # ---- models -----------------------------------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ def ray_head(tmp_path_factory, seaweedfs):
 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory):
-    """SeaweedFS on loopback for the whole test run (tests/s3server.py). Sets AWS_* in this process's environment
+    """SeaweedFS on loopback for the whole test run (support/s3server.py). Sets AWS_* in this process's environment
     (inherited by Ray and every child), so s3:// URLs reach it the way they reach any bucket."""
     try:
         server = SeaweedFS.start(tmp_path_factory.mktemp("seaweedfs"))

@@ -16,46 +16,14 @@ from pathlib import Path
 import torch
 
 import store
-from pipeline.extract.compute import assemble_shard, compute_shard
-from pipeline.extract.plan import make_plan
-from recipes.manifest import load_manifest
-from recipes.weights_files import manifest_files_sha256
+from support.reference import BATCH, reference_store  # noqa: F401  (the suite's reference store, re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARD, BATCH = 8, 4
+SHARD = 8
 EXTRACT_SHARD = 5  # the extraction dataset's 18 records: 4 shards (5, 5, 5, 3)
 TRAINED_STEPS = 8  # the session's PT run (conftest `trained`)
 # The teacher identity of stores whose targets are synthetic (store-layer tests): every store names its teachers.
 SYNTHETIC_TEACHERS = {"format": 1, "name": "synthetic", "teachers": {}}
-
-
-def reference_store(path: Path, dataset, manifest_path: Path, tasks=("gen", "depth", "seg"), shard: int = SHARD,
-                    teachers_yaml: bool = False) -> Path:
-    """The straightforward way: one process, shard after shard, batch after batch."""
-    from teachers.registry import TeacherSet
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the job's actors (--torch-threads 1): the same kernels, the same bytes
-    try:
-        json_path, images = dataset
-        plan = make_plan(json_path, images, shard)
-        manifest = load_manifest(manifest_path)
-        teachers = TeacherSet.load(manifest, tasks)
-        layouts = {t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks}
-        m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
-                              formats=["zarr", "wds"], tasks=layouts)
-        # teachers.yaml as the Ray job records it; the extraction tests compare data files only
-        identity = manifest.identity(list(tasks), teachers.weights_sha256(),
-                                     files_sha256=manifest_files_sha256(manifest, tasks)) if teachers_yaml else None
-        w = store.StoreWriter.create(path, m, identity)
-        specs = [manifest.teachers[t] for t in tasks]
-        for i in range(plan.num_shards):
-            metas, targets = compute_shard(plan.shard_records(i), str(images), specs, teachers,
-                                           dict.fromkeys(tasks, "fp16"), BATCH)
-            w.commit_shard(assemble_shard(m, i, tuple(tasks), metas, targets))
-        return path
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---- commands -----------------------------------------------------------------------------------------------------

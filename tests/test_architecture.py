@@ -16,6 +16,9 @@ LAYERS = {
     "teachers": {"recipes"},
     "pipeline": {"recipes", "teachers", "store"},
     "trainer": {"recipes", "store"},
+    # what the tests and benchmarks share (a real S3 server, the reference store), then the benchmarks, on top
+    "support": {"recipes", "store", "teachers", "pipeline"},
+    "benchmarks": {"recipes", "store", "teachers", "pipeline", "trainer", "support"},
 }
 MAX_FUNCTION_LINES = 60
 
@@ -42,6 +45,22 @@ def test_packages_import_only_the_layers_below_them():
         for path, tree in _modules(package):
             wrong = (_imported_packages(tree) & set(LAYERS)) - allowed - {package}
             offenders += [f"{path.relative_to(REPO)} imports {w}" for w in sorted(wrong)]
+    assert offenders == []
+
+
+def test_benchmarks_are_a_package_on_the_layers():
+    """No benchmark edits sys.path or imports from tests/ (benchmarks are commands of their own package, `python -m
+    benchmarks.<name>`), and no module of theirs is named like one of olaf's packages."""
+    offenders = []
+    for package in ("benchmarks", "support"):
+        for path, tree in _modules(package):
+            imported = _imported_packages(tree)
+            offenders += [f"{path.relative_to(REPO)} imports from tests/" for name in ("helpers", "conftest", "tests")
+                          if name in imported]
+            offenders += [f"{path.relative_to(REPO)} edits sys.path" for n in ast.walk(tree)
+                          if isinstance(n, ast.Attribute) and n.attr == "path" and getattr(n.value, "id", "") == "sys"]
+            if path.stem in LAYERS:
+                offenders.append(f"{path.relative_to(REPO)} is named like olaf's package {path.stem}")
     assert offenders == []
 
 

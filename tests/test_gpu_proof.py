@@ -1,10 +1,9 @@
-"""benchmarks/gpu_proof.py: the --tiny run the suite makes (every part, every field a GPU run fills), the
+"""benchmarks/gpu_proof (python -m benchmarks.gpu_proof): the --tiny run the suite makes (every part, every field a GPU run fills), the
 clock each part runs against, and what a killed run leaves."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -18,21 +17,16 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.gpu_proof import machine, part_pipeline, runner, setup
+from benchmarks.gpu_proof.__main__ import main as proof_main
+
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "gpu_proof.py"
 PT_YAML = REPO / "trainer" / "configs" / "ola_vlm_pt.yaml"
 MODES = ["LLaVA-1.5 PT (projector, NTP)", "OLA-VLM PT", "VLoRA PT", "VLoRA + OLA-VLM losses"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_proof_under_test", SCRIPT)
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def proof_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), "--tiny", "--out", str(out), *extra]
+    return [sys.executable, "-m", "benchmarks.gpu_proof", "--tiny", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +141,9 @@ class FakeClock:
 
 
 def test_each_part_gets_its_share_stops_when_over_and_the_record_is_on_disk_as_it_goes(tmp_path):
-    gp = load_script()
     clock = FakeClock()
     path = tmp_path / "gpu_proof.json"
-    proof = gp.Proof(path, minutes=2, mode="tiny", clock=clock, hard_stop=False)
+    proof = runner.Proof(path, minutes=2, mode="tiny", clock=clock, hard_stop=False)
     seen = {}
 
     def slow(pr):
@@ -181,9 +174,8 @@ def test_each_part_gets_its_share_stops_when_over_and_the_record_is_on_disk_as_i
 
 
 def test_time_left_by_an_early_part_goes_to_the_next(tmp_path):
-    gp = load_script()
     clock = FakeClock()
-    proof = gp.Proof(tmp_path / "p.json", minutes=1, mode="tiny", clock=clock, hard_stop=False)
+    proof = runner.Proof(tmp_path / "p.json", minutes=1, mode="tiny", clock=clock, hard_stop=False)
 
     def early(pr):
         clock.now += 5
@@ -195,8 +187,7 @@ def test_time_left_by_an_early_part_goes_to_the_next(tmp_path):
 
 
 def test_the_alarm_stops_a_figure_that_hangs(tmp_path):
-    gp = load_script()
-    proof = gp.Proof(tmp_path / "p.json", minutes=0, mode="tiny")
+    proof = runner.Proof(tmp_path / "p.json", minutes=0, mode="tiny")
     proof.grace = lambda budget: 0.3  # the alarm rings 0.3 s after the part starts
     ticks = []
 
@@ -235,9 +226,8 @@ def test_a_killed_run_leaves_what_it_measured(tmp_path):
 
 
 def test_unknown_part_is_refused(tmp_path, capsys):
-    gp = load_script()
     with pytest.raises(SystemExit) as stop:
-        gp.main(["--out", str(tmp_path / "x"), "--parts", "teachers,warp"])
+        proof_main(["--out", str(tmp_path / "x"), "--parts", "teachers,warp"])
     assert stop.value.code == 2 and "unknown warp" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was made
 
@@ -245,11 +235,10 @@ def test_unknown_part_is_refused(tmp_path, capsys):
 def test_figures_already_measured_are_never_replaced_and_no_budget_is_refused(tmp_path, capsys):
     """On a lease gpu_proof.json may be the only copy of measured figures: a second run writes beside it. A file as
     --out, and a time of zero or less (which measured nothing and said OK), are refused in one line."""
-    gp = load_script()
     out = tmp_path / "proof"
     out.mkdir()
     (out / "gpu_proof.json").write_text('{"measured": "on an H100"}')
-    assert gp.main(["--out", str(out), "--tiny", "--parts", "recipes", "--minutes", "2"]) == 0
+    assert proof_main(["--out", str(out), "--tiny", "--parts", "recipes", "--minutes", "2"]) == 0
     assert (out / "gpu_proof.json").read_text() == '{"measured": "on an H100"}'
     new = [p for p in out.iterdir() if p.name != "gpu_proof.json"]
     assert len(new) == 1 and new[0].name.startswith("gpu_proof-")
@@ -260,43 +249,40 @@ def test_figures_already_measured_are_never_replaced_and_no_budget_is_refused(tm
                        "positive"), (["--out", str(out), "--minutes", "-1"], "positive"),
                        (["--out", str(out), "--minutes", "nan"], "positive")):
         with pytest.raises(SystemExit) as stop:
-            gp.main(argv + ["--tiny"])
+            proof_main(argv + ["--tiny"])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and said in err and "Traceback" not in err, argv
     assert (tmp_path / "afile").read_text() == "mine" and len(list(out.iterdir())) == 2
 
 
 def test_a_library_that_is_not_installed_is_recorded_as_null(tmp_path, monkeypatch):
-    gp = load_script()
-    monkeypatch.setattr(gp, "LIBRARIES", ("transformers", "no-such-library-olaf"))
-    s = gp.make_setup(argparse.Namespace(tiny=True, peak_tflops=None, compile_backend=None, job_images=0, ray_address=None), tmp_path)
-    libs = gp.environment(s)["libraries"]
+    monkeypatch.setattr(machine, "LIBRARIES", ("transformers", "no-such-library-olaf"))
+    s = setup.make_setup(argparse.Namespace(tiny=True, peak_tflops=None, compile_backend=None, job_images=0, ray_address=None), tmp_path)
+    libs = machine.environment(s)["libraries"]
     assert libs["no-such-library-olaf"] is None and libs["transformers"] == version("transformers")
 
 
 def test_a_job_past_its_time_is_stopped_with_sigterm_then_sigkill():
-    gp = load_script()
     # a job that finishes what it is doing on SIGTERM, and one that ignores it
     polite = [sys.executable, "-c", "import signal, sys, time\n"
               "signal.signal(signal.SIGTERM, lambda *a: (print('committed'), sys.exit(3)))\ntime.sleep(120)"]
     deaf = [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('started', flush=True)\ntime.sleep(120)"]
-    done, _ = gp.run_job(polite, timeout=2.0)  # the child has set its handler long before
+    done, _ = part_pipeline.run_job(polite, timeout=2.0)  # the child has set its handler long before
     assert done["timed_out"] and done["returncode"] == 3 and "committed" in done["tail"]
-    done, cores = gp.run_job(deaf, timeout=2.0, grace_s=0.5)
+    done, cores = part_pipeline.run_job(deaf, timeout=2.0, grace_s=0.5)
     assert done["timed_out"] and done["returncode"] == -signal.SIGKILL and "started" in done["tail"]
     assert isinstance(cores["per_second"], list)
 
 
 def test_a_job_is_not_left_running_when_its_part_is_stopped(tmp_path):
-    gp = load_script()
     pid_file, slept = tmp_path / "pid", tmp_path / "slept"
     job = [sys.executable, "-c", "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
            f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(20)\nopen({str(slept)!r}, 'w')"]
-    proof = gp.Proof(tmp_path / "p.json", minutes=0, mode="tiny")
+    proof = runner.Proof(tmp_path / "p.json", minutes=0, mode="tiny")
     proof.grace = lambda budget: 3.0  # the alarm comes while the job still has 100 s to go
 
-    proof.run_part("pipeline", lambda pr: gp.run_job(job, timeout=100.0), 0.0)
+    proof.run_part("pipeline", lambda pr: part_pipeline.run_job(job, timeout=100.0), 0.0)
     assert proof.data["parts"]["pipeline"]["status"] == "budget"
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):

