@@ -112,7 +112,7 @@ def test_llama3_rope_scaling_is_kept_and_needs_transformers_4_43(tiny_models, tm
     without scaling); 4.43.4, the first release with it, reads the same logits; the export warns."""
     import yaml
 
-    from trainer.export import authors_llm_config, authors_rope_warning, write_authors_folder
+    from trainer.formats.ola_vlm import authors_llm_config, authors_rope_warning, write_authors_folder
 
     llm = yaml.safe_load(tiny_models.read_text())["llm"]
     model, tokenizer = tiny_llama3_scaled(tmp_path, llm)

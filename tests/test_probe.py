@@ -417,7 +417,8 @@ def test_an_authors_convnext_folder_s_tower_is_reloaded_from_the_folder(tmp_path
     from types import SimpleNamespace
 
     from trainer.fields import JsonFile
-    from trainer.probe import PREFIX, _authors_tower
+    from trainer.formats.ola_vlm import PREFIX
+    from trainer.formats.ola_vlm import authors_tower as _authors_tower
     from trainer.tiny import build_convnext_tower
     from trainer.towers import load_tower
 

@@ -540,7 +540,7 @@ def test_a_pad_token_is_added_as_their_pt_does(tiny_models):
     others (so the vocabulary grows by one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.export import add_pad_token
+    from trainer.build import add_pad_token
 
     folder = Path(tiny_models).parent / "llm"
     tok, llm = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)

@@ -15,7 +15,8 @@
     loop        the training loop (PT and probing), distributed set-up, the one-line CLI errors
     checkpoint  the checkpointer over a run's stateful parts
     runlog      logs, counts, the log-time reduction
-    export      what a run leaves for the next stage (export/, --format ola-vlm, llava, vlora), for the
-                authors' pinned transformers 4.41.1
+    export      the command that writes what a run leaves for the next stage (--format ola-vlm, llava, vlora)
+    formats/    one module per model folder format, which writes it and reads it back (run_export, ola_vlm for
+                the authors' pinned transformers 4.41.1, vlora_pt, llava_hf)
     pt, probe   the commands; plot the loss curves; tiny the random-weight stand-ins
 """

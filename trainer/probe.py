@@ -40,15 +40,19 @@ from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, TASKS
 from store import Location, Store, read_manifest, refuse_inside_store, weights_mismatches
 from trainer.build import assemble, load_or_explain, open_store
 from trainer.config import PTConfig, load_config
-from trainer.data import ASPECTS, ImageRecipe, PTSample, collate
+from trainer.data import ImageRecipe, PTSample, collate
 from trainer.errors import TrainerError
 from trainer.fields import JsonFile
+from trainer.formats.common import Probed, choice, llm_tower_projector, template_of
+from trainer.formats.llava_hf import read_llava_hf
+from trainer.formats.ola_vlm import AUTHORS_MODEL_TYPES, read_authors_folder
+from trainer.formats.run_export import FILES as EXPORT_FILES
+from trainer.formats.run_export import read_export
 from trainer.heads import Predictor
 from trainer.loop import run_cli, start, teardown, to_device, train
 from trainer.loss import masked_smooth_l1
-from trainer.sequence import MLLM, Layout, Projector, TaskTokens, mm_projector_state
-from trainer.templates import PLAIN, TEMPLATES, PromptBuilder, prefix_shape, prompt_builder
-from trainer.towers import CLIPTower, load_tower
+from trainer.sequence import MLLM, Layout, TaskTokens
+from trainer.templates import PromptBuilder
 
 PROBE_DEFAULTS = Path(__file__).parent / "configs" / "probe.yaml"
 
@@ -107,276 +111,8 @@ class ProbeSet(nn.Module):
 
 # ---- the probed model, in the forms users hold it ---------------------------------------------------------------
 
-@dataclass
-class Probed:
-    """A model to probe, loaded: its MLLM's parts, tokenizer, chat template, image recipe (at the aspect the run
-    asked for, or the model's own), the order of its task tokens, and what it is."""
 
-    embed: nn.Module
-    decoder: nn.Module
-    tower: nn.Module
-    projector: nn.Module
-    task_tokens: TaskTokens
-    tokenizer: object
-    template: str
-    image: ImageRecipe
-    what: str
-    token_order: tuple = TASKS
-    placeholder: bool = True  # VLoRA's plain template: its masked <image> placeholder
-
-    def layout(self, with_task_tokens: bool = True) -> Layout:
-        tokens = self.task_tokens.pooled if with_task_tokens else {}
-        image = getattr(self.projector, "num_tokens", self.tower.num_tokens)  # VLoRA's connector: none
-        prefix, masked = prefix_shape(self.tokenizer, self.template, self.placeholder)
-        return Layout.of(prefix, image, tokens, self.token_order, masked)
-
-    def builder(self, max_length: int, layout: Layout, **protocol):
-        """The prompt builder for this model's template; `protocol`: answer / with_answer (the probes')."""
-        return prompt_builder(self.tokenizer, self.template, max_length - layout.text_start, self.placeholder,
-                              **protocol)
-
-    def mllm(self, with_task_tokens: bool = True) -> MLLM:
-        """The frozen MLLM; without task tokens: the same parts, none inserted (the authors' probe_mode)."""
-        tokens = self.task_tokens if with_task_tokens else TaskTokens({}, {}, trainable=False)
-        return MLLM(self.embed, self.decoder, None, self.tower, self.projector, tokens,
-                    self.layout(with_task_tokens), self.image.mean, self.image.std)
-
-
-def _choice(value: str, model_value: str) -> str:
-    """A setting that may say `model`: the probed model's own value."""
-    return model_value if value == "model" else value
-
-
-def _template_of(model_type: str | None) -> str:
-    """The chat template their eval picks for a model (llava_llama_3 / llava_phi_3), by its LLM."""
-    return "phi_3" if "phi" in str(model_type) else "llama_3"
-
-
-def _first_line(e: Exception) -> str:
-    """What an error says, in a line: its first line that is not a heading ("Error(s) in loading ...:")."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-    return next((ln for ln in lines if not ln.endswith(":")), lines[0])[:200]
-
-
-PROJECTOR = ("an mlp2x_gelu projector from the tower's width {tower} to the LLM's {llm} (tensors "
-             "model.mm_projector.{{0,2}}.{{weight,bias}})")
-GENERATOR = "the generator its config.json describes"
-
-
-def _read_bin(path: Path, what: str) -> dict:
-    """The tensors of a .bin that should be `what` (torch.load, tensors only: no pickled code runs); one line for
-    anything else."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load of arbitrary bytes raises arbitrary errors: all mean "not tensors"
-        raise TrainerError(f"{path} is not {what}: not a file of tensors ({type(e).__name__}: {_first_line(e)})") \
-            from None
-
-
-def _load_module(module: nn.Module, tensors: dict, where: str, what: str) -> nn.Module:
-    """`module` with `tensors` (under `mm_projector.`) loaded strictly; one line when they do not fit."""
-    try:
-        module.load_state_dict(mm_projector_state(tensors))
-    except Exception as e:  # missing keys, other shapes
-        raise TrainerError(f"{where} is not {what}: {_first_line(e)}") from None
-    return module
-
-
-def _load_projector(tensors: dict | Path, tower_width: int, llm_width: int, where: str, dtype) -> Projector:
-    """The mlp2x_gelu projector from `tensors` (a model folder's) or a mm_projector.bin."""
-    what = PROJECTOR.format(tower=tower_width, llm=llm_width)
-    if isinstance(tensors, Path):
-        tensors = _read_bin(tensors, what)
-    return _load_module(Projector(tower_width, llm_width), tensors, where, what).to(dtype)
-
-
-def _frozen_parts(llm_name: str, tower_name: str, select: int, dtype):
-    """(tokenizer, LLM, tower) by name, each failure one line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, llm_name)
-    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, llm_name, dtype=dtype)
-    tower = load_or_explain("vision tower", load_tower, tower_name, select_layer=select, dtype=dtype)
-    return tokenizer, llm, tower
-
-
-def _llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: int, projector: Path, dtype,
-                         aspect: str):
-    tokenizer, llm, tower = _frozen_parts(llm_name, tower_name, select, dtype)
-    proj = _load_projector(Path(projector), tower.hidden_size, llm.config.hidden_size, str(projector), dtype)
-    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
-    return tokenizer, llm, tower, proj, image
-
-
-def _export_task_tokens(folder: Path, info: JsonFile) -> TaskTokens:
-    """An export's task tokens (none for a run without tasks), pooled as PT put them in the sequence."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        vectors = load_file(folder / "task_tokens.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise TrainerError(f"{folder / 'task_tokens.safetensors'} is not a safetensors file: {_first_line(e)}") from None
-    held = [t for t in TASKS if f"special_{t}_tokens" in vectors]
-    pooled = info.get("task_tokens", dict, {})
-    for t in held:
-        if not isinstance(pooled.get(t), int) or isinstance(pooled.get(t), bool) or pooled[t] < 1 or \
-                vectors[f"special_{t}_tokens"].shape[0] % pooled[t]:
-            raise info.error("task_tokens", f"gives {t}: {pooled.get(t)!r}", f"the tokens each task puts in the "
-                             f"sequence, a divisor of its {vectors[f'special_{t}_tokens'].shape[0]} vectors, are needed")
-    return TaskTokens({t: vectors[f"special_{t}_tokens"] for t in held}, {t: pooled[t] for t in held}, trainable=False)
-
-
-def _from_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
-    """(a) an olaf PT run's export/: its LLM, tower, projector and task tokens."""
-    info = JsonFile(folder / "config.json")
-    if info.get("connector", str, "mlp2x_gelu", choices=("mlp2x_gelu", "vlora")) == "vlora":
-        return _from_vlora_export(cfg, folder, info, dtype)
-    llm_name, tower_name = info.get("llm", str), info.get("vision_tower", str)
-    tokenizer, llm, tower, proj, image = _llm_tower_projector(
-        cfg, llm_name, tower_name, info.get("mm_vision_select_layer", int), folder / "mm_projector.bin", dtype,
-        info.get("image_aspect", str, "square", choices=ASPECTS))
-    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, _export_task_tokens(folder, info), tokenizer,
-                  _choice(cfg.chat_template, info.get("chat_template", str, choices=list(TEMPLATES))), image,
-                  f"olaf PT export: {llm_name}, {tower_name}")
-
-
-def _from_vlora_export(cfg: PTConfig, folder: Path, info: JsonFile, dtype) -> Probed:
-    """(a) a VLoRA run's export/: its LLM with the generator's deltas hooked in, the plain template, no image
-    tokens; the task tokens when the run had OLA-VLM's losses too."""
-    from trainer.vlora import VLoRAConnector, VLoRAError, settings
-
-    llm_name, tower_name = info.get("llm", str), info.get("vision_tower", str)
-    given = info.get("vlora", dict)
-    tokenizer, llm, tower = _frozen_parts(llm_name, tower_name, info.get("mm_vision_select_layer", int), dtype)
-    try:  # typed, held against this LLM and tower, and its size bounded before anything is allocated
-        s = settings(given, llm.config, tower)
-    except VLoRAError as e:
-        raise TrainerError(f"{info.path}: {e}") from None
-    connector = _load_module(VLoRAConnector(s, llm.get_decoder()), _read_bin(folder / "mm_projector.bin", GENERATOR),
-                             str(folder / "mm_projector.bin"), GENERATOR)
-    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect,
-                                                            info.get("image_aspect", str, "square", choices=ASPECTS)))
-    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, connector.to(dtype),
-                  _export_task_tokens(folder, info), tokenizer, PLAIN,
-                  image, f"olaf VLoRA export: {llm_name}, {tower_name}", placeholder=s["placeholder"] == "keep")
-
-
-def _from_llava_hf(cfg: PTConfig, model: str, config, dtype) -> Probed:
-    """(c) a transformers LlavaForConditionalGeneration (e.g. llava-hf/llava-1.5-7b-hf): vicuna_v1, and the
-    aspect its image processor applies (it does not pad unless it says do_pad)."""
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaForConditionalGeneration
-
-    m = load_or_explain("LLaVA model", LlavaForConditionalGeneration.from_pretrained, model, dtype=dtype)
-    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, model)
-    tower = CLIPTower(m.model.vision_tower, config.vision_feature_layer)
-    pads = bool(getattr(CLIPImageProcessorPil.from_pretrained(model), "do_pad", False))
-    image = ImageRecipe.from_pretrained(model, _choice(cfg.image_aspect, "pad" if pads else "square"))
-    return Probed(m.get_input_embeddings(), m.model.language_model, tower, m.model.multi_modal_projector,
-                  TaskTokens({}, {}), tokenizer, _choice(cfg.chat_template, "vicuna_v1"), image,
-                  f"LlavaForConditionalGeneration {model}")
-
-
-# their model types -> the LLM's (transformers'); olaf's --format ola-vlm writes the first. A released probe
-# checkpoint (shi-labs/probe_depth_llava-1.5-pt-ift: probe_dsg_llava_llama, probe_mode set) holds its whole MLLM,
-# the paper's LLaVA-1.5 baseline among them
-AUTHORS_MODEL_TYPES = {"ola_llama": "llama", "ola_phi3": "phi3", "llava_llama": "llama", "llava_phi3": "phi3",
-                       "probe_dsg_llava_llama": "llama"}
-PREFIX = {"tower": "model.vision_tower.vision_tower.", "projector": "model.mm_projector.", "tokens": "model.special_"}
-
-
-def _folder_tensors(folder: Path, prefixes) -> dict[str, torch.Tensor]:
-    """The tensors under `prefixes` of every safetensors file of a model folder."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise TrainerError(f"{folder} holds no *.safetensors: their released folders and olaf's exports do")
-    out = {}
-    for path in files:
-        with safe_open(str(path), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(prefixes))})  # noqa: SIM118
-    return out
-
-
-TOKEN_FORMATS = ("emb", "expand_emb", "text")  # their task_token_format values (llava_arch.py raises on others)
-
-
-def _authors_task_tokens(config: JsonFile, tensors: dict, folder: Path) -> tuple[TaskTokens, tuple[str, ...]]:
-    """Their OlaLlavaMetaModel's tokens and their order (aux_mode's): special_<task>_tokens for each task, each put
-    in the sequence as num_task_tokens vectors (depth and seg pooled in groups; gen as they are); none in
-    probe_mode. A value olaf does not know is refused, never read as "no tokens"."""
-    k = config.get("num_task_tokens", int, 0, low=0)
-    if "probe_mode" in config or not k:
-        return TaskTokens({}, {}), ()
-    if config.get("task_token_format", str, "emb", choices=TOKEN_FORMATS) == "text":
-        raise TrainerError(f"{folder}: task_token_format 'text' (tokens as vocabulary ids) is not supported")
-    aux = config.get("aux_mode", str)
-    order = aux.split("-")
-    if not aux or [t for t in order if t not in TASKS] or len(set(order)) < len(order):
-        raise config.error("aux_mode", f"is {aux!r}", f"their task order, tasks of {', '.join(TASKS)} joined by '-' "
-                           f"(e.g. depth-seg-gen), is needed")
-    missing = [t for t in order if f"model.special_{t}_tokens" not in tensors]
-    if missing:
-        raise TrainerError(f"{folder}: config aux_mode {aux!r} names task tokens the folder does not hold "
-                           f"(model.special_{missing[0]}_tokens)")
-    vectors = {t: tensors[f"model.special_{t}_tokens"] for t in order}
-    uneven = [t for t, v in vectors.items() if v.ndim != 2 or v.shape[0] % k]
-    if uneven:
-        raise config.error("num_task_tokens", f"is {k}", f"model.special_{uneven[0]}_tokens has "
-                           f"{tuple(vectors[uneven[0]].shape)}: its vectors must pool into {k} tokens")
-    return TaskTokens(vectors, dict.fromkeys(order, k), trainable=False), tuple(order)
-
-
-def _authors_tower(cfg: PTConfig, config: JsonFile, tensors: dict, dtype):
-    """The tower their builder makes from mm_vision_tower (or --vision-tower, e.g. a local copy); a ConvNeXt's
-    weights then reloaded from the folder, as their load_pretrained_model's reload_from_ckpt does."""
-    from trainer.towers import TRUNK, account_convnext, is_convnext
-
-    name = cfg.vision_tower if cfg.vision_tower != "model" else config.get("mm_vision_tower", str)
-    tower = load_or_explain("vision tower", load_tower, name,
-                            select_layer=config.get("mm_vision_select_layer", int, -2), dtype=dtype)
-    held = {TRUNK + k[len(PREFIX["tower"]):]: v for k, v in tensors.items() if k.startswith(PREFIX["tower"])}
-    if is_convnext(name) and held:  # the folder holds the trunk under timm's names, as an open_clip checkpoint
-        try:
-            trunk, head_norm, _ = account_convnext(held)
-        except KeyError as e:
-            raise TrainerError(f"{name}: the folder's tower tensors are not its ConvNeXt trunk: {e}") from None
-        tower.head_norm.update(head_norm)
-        tower.model.load_state_dict({k: v.to(dtype) for k, v in trunk.items()}, strict=False)
-    return tower, name
-
-
-def _from_authors_folder(cfg: PTConfig, folder: Path, config: JsonFile, dtype) -> Probed:
-    """(d) a model folder in the authors' format: their released OLA-VLM / LLaVA checkpoints (model_type ola_llama,
-    ola_phi3, llava_llama, llava_phi3; e.g. shi-labs/OLA-VLM-CLIP-ViT-Llama3-8b) or olaf's --format ola-vlm. The
-    LLM part is read as transformers' own class (theirs subclass it), the projector and task tokens from the
-    folder's tensors, the image aspect and template from their config."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    base = AUTHORS_MODEL_TYPES[config.get("model_type", str)]
-    if config.get("mm_projector_type", str, "mlp2x_gelu") != "mlp2x_gelu":
-        raise TrainerError(f"{folder}: mm_projector_type {config.get('mm_projector_type', str)!r}; olaf probes "
-                           f"mlp2x_gelu")
-    aspect = config.get("image_aspect_ratio", str, "square", choices=ASPECTS)
-    fields = {k: v for k, v in config.data.items() if k != "model_type" and not (k == "rope_scaling" and v is None)}
-    try:
-        llm_config = AutoConfig.for_model(base, **fields)
-    except Exception as e:  # transformers' own checks of the LLM's fields
-        raise TrainerError(f"{config.path}: transformers refuses it as a {base} config: {_first_line(e)}") from None
-    tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, str(folder))
-    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, str(folder), config=llm_config, dtype=dtype)
-    tensors = _folder_tensors(folder, PREFIX.values())
-    tower, tower_name = _authors_tower(cfg, config, tensors, dtype)
-    proj = _load_projector(tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
-    tokens, order = _authors_task_tokens(config, tensors, folder)
-    image = ImageRecipe.from_pretrained(tower_name, _choice(cfg.image_aspect, aspect))
-    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
-                  _choice(cfg.chat_template, _template_of(base)), image,
-                  f"{config.get('model_type', str)} folder {folder} ({tower_name})", token_order=order)
-
-
-def _local_folder(model: str) -> Path:
+def local_folder(model: str) -> Path:
     """A model folder on this machine: `model` itself, or its Hub snapshot (the cache, or downloaded)."""
     if Path(model).is_dir():
         return Path(model)
@@ -392,29 +128,28 @@ def load_probed(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> P
     from transformers import AutoConfig
 
     folder = Path(model)
-    export_files = ("config.json", "mm_projector.bin", "task_tokens.safetensors")
-    present = [f for f in export_files[1:] if (folder / f).is_file()]
+    present = [f for f in EXPORT_FILES[1:] if (folder / f).is_file()]
     if present:  # an olaf export, whole or not
-        missing = [f for f in export_files if not (folder / f).is_file()]
+        missing = [f for f in EXPORT_FILES if not (folder / f).is_file()]
         if missing:
             raise TrainerError(f"{folder} is an incomplete PT export: {', '.join(missing)} missing (trainer.export "
-                               f"writes all of {', '.join(export_files)})")
-        return _from_export(cfg, folder, dtype)
-    folder = _local_folder(model)
+                               f"writes all of {', '.join(EXPORT_FILES)})")
+        return read_export(cfg, folder, dtype)
+    folder = local_folder(model)
     raw = JsonFile(folder / "config.json") if (folder / "config.json").is_file() else None
     if raw is not None and raw.data.get("model_type") in AUTHORS_MODEL_TYPES:
-        return _from_authors_folder(cfg, folder, raw, dtype)
+        return read_authors_folder(cfg, folder, raw, dtype)
     config = load_or_explain("model", AutoConfig.from_pretrained, model)
     if getattr(config, "model_type", None) == "llava":
-        return _from_llava_hf(cfg, model, config, dtype)
+        return read_llava_hf(cfg, model, config, dtype)
     if not mm_projector or cfg.vision_tower == "model":
         raise TrainerError(f"{model} is an LLM: give --vision-tower and --mm-projector (LLaVA's mm_projector.bin), "
                            f"or pass a PT export folder, a folder in the authors' format or a "
                            f"LlavaForConditionalGeneration checkpoint")
-    tokenizer, llm, tower, proj, image = _llm_tower_projector(cfg, model, cfg.vision_tower, cfg.vision_select_layer,
+    tokenizer, llm, tower, proj, image = llm_tower_projector(cfg, model, cfg.vision_tower, cfg.vision_select_layer,
                                                               Path(mm_projector), dtype, "square")
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, TaskTokens({}, {}), tokenizer,
-                  _choice(cfg.chat_template, _template_of(config.model_type)), image,
+                  choice(cfg.chat_template, template_of(config.model_type)), image,
                   f"LLM + tower + mm_projector.bin: {model}, {cfg.vision_tower}")
 
 

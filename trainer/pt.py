@@ -24,7 +24,8 @@ from pathlib import Path
 
 from trainer.build import build
 from trainer.config import PTConfig, load_config
-from trainer.export import export_llava, model_info, write_export
+from trainer.formats.common import model_info, write_export
+from trainer.formats.run_export import export_llava
 from trainer.loop import run_cli, start, teardown, train
 
 

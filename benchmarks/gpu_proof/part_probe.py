@@ -37,7 +37,7 @@ def part_probe(proof: Proof, s: Setup) -> None:
 def random_probed(s: Setup, tok, llm, tower):
     """A probed model of random weights: the LLM and tower, an mlp2x_gelu projector and task tokens."""
     from trainer.data import ImageRecipe
-    from trainer.probe import Probed
+    from trainer.formats.common import Probed
     from trainer.sequence import Projector, TaskTokens
     from trainer.towers import OPENAI_MEAN, OPENAI_STD
 
