@@ -165,6 +165,33 @@ class StoreWriter:
         loc.write_bytes(layout.MANIFEST, loc.read_bytes(layout.MANIFEST_BACKUP))
         return restored
 
+    # ---- a run's record in the manifest ------------------------------------------------------------------------
+    def start_run(self, run: dict, extraction: dict, code: dict, teachers: dict, new_tasks: dict[str, TaskLayout],
+                  order) -> None:
+        """A run continues this store: its tasks join the store's (a task already there keeps its layout; `order`
+        is the order of every listing of tasks), it is recorded under `runs`, the manifest says it is not
+        finished, and the teacher identity becomes `teachers`."""
+        m = self.manifest
+        m.tasks = {t: m.tasks.get(t) or new_tasks[t] for t in order if t in m.tasks or t in new_tasks}
+        m.runs.append(run)
+        m.extraction, m.code, m.finished = extraction, code, None
+        self.save(teachers)
+
+    def record_progress(self, progress: dict) -> None:
+        """The run's progress so far (samples, rates), saved: what a reader of a running store sees."""
+        self.manifest.progress = progress
+        self.save_manifest()
+
+    def finish_run(self, progress: dict | None, all_done: bool, shards_done: int, shards_failed: list[int]) -> None:
+        """The run's last word: its progress, its record under `runs`, and `finished` once every shard is done
+        for every task and no shard failed (kept from an earlier run that finished)."""
+        m = self.manifest
+        if progress is not None:
+            m.progress = progress
+        m.finished = (m.finished or now()) if all_done and not shards_failed else None
+        m.runs[-1].update(finished=now(), shards_done=shards_done, shards_failed=sorted(shards_failed))
+        self.save_manifest()
+
     def restore_teachers(self) -> str:
         """Repair the teacher identity as `verify` says: teachers.yaml from the manifest's copy, or the copy from
         teachers.yaml, whichever the shards' records confirm; refused when none can be trusted. Returns what it

@@ -70,8 +70,7 @@ def _on_ray(ray, s: Settings, plan: Plan, manifest: TeacherManifest, existing: S
     t_run, total = time.time(), bar.total
 
     def on_commit(sched: ShardScheduler) -> None:
-        writer.manifest.progress = progress(sched.done, total, t_run, sched.failed)
-        writer.save_manifest()
+        writer.record_progress(progress(sched.done, total, t_run, sched.failed))
 
     sched = ShardScheduler(ray, writer, plan, work, actors, {t: manifest.teachers[t] for t in load_tasks}, res,
                            records=records, decode_cpus=s.decode_cpus, max_pixels=s.max_pixels,
@@ -177,12 +176,8 @@ def open_store(s: Settings, plan: Plan, manifest: TeacherManifest, existing: Sto
             existing = preflight.existing_store(s, plan, manifest)
             identity = teacher_identity(manifest, existing, tasks, res, info.get("weights_sha256", {}),
                                         info.get("files_sha256", {}))
-    m = existing.manifest
-    new = preflight.layouts_for(manifest, tasks, s.encoding)
-    m.tasks = {t: m.tasks.get(t) or new[t] for t in TASKS if t in m.tasks or t in new}
-    m.runs.append(run)
-    m.extraction, m.code, m.finished = extraction, code_version(), None
-    existing.save(identity)
+    existing.start_run(run, extraction, code_version(), identity, preflight.layouts_for(manifest, tasks, s.encoding),
+                       TASKS)
     return existing
 
 
@@ -193,11 +188,8 @@ def finish(writer: StoreWriter, plan: Plan, work: dict, sched: ShardScheduler, u
     n_err = writer.rebuild_errors()
     final = writer.records()
     all_done = all(i in final and set(m.tasks) <= set(final[i].tasks) for i in range(plan.num_shards))
-    if work:
-        m.progress = progress(sched.done, sum(len(plan.shard_records(i)) for i in work), t_run, sched.failed,
-                              utilisation)
-    m.finished = (m.finished or now()) if all_done and not sched.failed else None
-    m.runs[-1].update(finished=now(), shards_done=len(sched.done), shards_failed=sorted(sched.failed))
-    writer.save_manifest()
+    done = progress(sched.done, sum(len(plan.shard_records(i)) for i in work), t_run, sched.failed, utilisation) \
+        if work else None
+    writer.finish_run(done, all_done, len(sched.done), list(sched.failed))
     print_summary(m, plan, sched.done, final, sched.failed, n_err, wall, work, sched.by_others)
     return 1 if sched.failed else 0
