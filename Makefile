@@ -1,5 +1,6 @@
 # olaf: the two commands a newcomer runs on a fresh machine.
-#   make test   set up .venv (torch first, then olaf[dev]) and .venv-authors (the authors' pins), run the suite
+#   make test   set up .venv (torch first, then olaf[dev]), run the suite's fast tier (make test-slow: the rest,
+#               with .venv-authors, the authors' pins)
 #   make demo   same set-up, then the main job end to end on the bundled sample
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -10,10 +11,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help setup authors-env test demo lint gpu-proof
+.PHONY: help setup authors-env test test-slow test-all demo lint gpu-proof
 help:
-	@echo "make test   set up $(VENV) and run the test suite"
-	@echo "make demo   set up $(VENV) and run extraction + training end to end on the bundled sample"
+	@echo "make test        set up $(VENV) and run the suite's fast tier (a few minutes)"
+	@echo "make test-slow   the slow tier: Ray jobs and clusters, killed processes, the authors' pinned"
+	@echo "                 environment, every benchmark at a tiny size (CI runs both tiers)"
+	@echo "make demo        set up $(VENV) and run extraction + training end to end on the bundled sample"
 
 $(PY):
 	@echo "== creating $(VENV)"
@@ -37,7 +40,15 @@ setup: $(VENV)/.olaf-installed
 authors-env: setup
 	$(PY) tests/authors/env.py >/dev/null
 
-test: setup authors-env
+# Two tiers: `make test` is the fast one (everyone's loop); `make test-slow` (pytest -m slow) the tests that
+# start Ray clusters, kill processes, build the authors' environment or run every benchmark. CI runs both.
+test: setup
+	$(PY) -m pytest -m "not slow"
+
+test-slow: setup authors-env
+	$(PY) -m pytest -m slow
+
+test-all: setup authors-env
 	$(PY) -m pytest
 
 # Every GPU figure the README owes, in one JSON (benchmarks/gpu_proof/; docs/benchmarks.md#the-gpu-proof).

@@ -16,6 +16,9 @@ LOADER = Path(__file__).parent / "authors" / "load_export.py"
 TEXTS = ["A photo of a red car parked by the lake.", "the quick brown fox jumps over the lazy dog <pad>"]
 
 
+pytestmark = pytest.mark.slow  # builds and runs the authors' pinned environment (a venv of its own)
+
+
 @pytest.fixture(scope="module")
 def authors_python():
     return env.ensure()

@@ -82,6 +82,7 @@ def test_a_stream_that_yields_nothing_ends_with_an_error_not_a_hang(tmp_path, ti
     wait_for(lambda: processes_mentioning(str(out)) == [], timeout=10, what="no DataLoader worker left spinning")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_trainer_takes_its_workers_along(tmp_path, trainer_store, tiny_models, tiny_teachers):
     out = tmp_path / "out-sigterm"
     argv = trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "500", "--set", "num_workers=2")
@@ -145,6 +146,7 @@ def test_resume_refuses_a_crafted_checkpoint_without_running_it(tmp_path, traine
 
 # ---- 4. SIGTERM to the extraction driver ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_stops_extraction_like_ctrl_c(tmp_path, extract_dataset, tiny_teachers):
     """SIGTERM mid-job: exit 143 with one line, the committed shards whole, the local Ray it started stopped.
     (Re-running finishes the store: test_extract's resume after kill -9, the harder case, shows it.)"""
@@ -322,6 +324,7 @@ def test_a_lease_keeps_a_second_job_off_a_shard(tmp_path, backend, request):
     assert not b.take(5)
 
 
+@pytest.mark.slow
 def test_two_jobs_on_one_output_compute_each_shard_once(seaweedfs, extract_dataset, tiny_teachers, reference, ray_head):
     """Started together on one new bucket prefix: whichever creates the store first, the other continues it (a
     writability probe is no store's content), and no shard is computed twice."""
@@ -337,6 +340,7 @@ def test_two_jobs_on_one_output_compute_each_shard_once(seaweedfs, extract_datas
     assert not [n for n in Location(out).list(layout.SHARDS) if n.endswith(".lease")]
 
 
+@pytest.mark.slow
 def test_damaged_records_are_redone_and_held_shards_taken_over_when_their_lease_lapses(
         tmp_path, extract_dataset, tiny_teachers, reference, ray_head, capsys):
     """Shard 1's record is damaged, shard 2's lacks its files list: both are redone. Another job holds shard 3

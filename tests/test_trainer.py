@@ -247,6 +247,7 @@ def test_plot_writes_a_loss_curve_png(trained):
     assert img.shape == (760, 1000, 3) and (img < 250).any(axis=2).mean() > 0.02  # something is drawn
 
 
+@pytest.mark.slow
 def test_kill_and_resume_give_the_same_losses(tmp_path, trainer_store, tiny_models, tiny_teachers, trained):
     out = tmp_path / "out"
     argv = trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", str(TRAINED_STEPS))
@@ -268,6 +269,7 @@ def test_refuses_to_overwrite_a_run_without_resume(trained, trainer_store, tiny_
     assert rc == 2 and "pass --resume" in log
 
 
+@pytest.mark.slow
 def test_a_run_killed_on_two_processes_continues_on_one(tmp_path, trainer_store, tiny_models, tiny_teachers):
     """Elastic: `torchrun --nproc_per_node 2` (global batch 8 = 2 x 4) killed with SIGKILL after its step-2
     checkpoint, resumed with one process (2 accumulation steps x 4). Every step, on two processes as on one, has

@@ -336,6 +336,7 @@ def test_the_trainer_s_vlora_loss_is_the_spec_s_on_a_stored_batch(tmp_path, trai
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vlora_trains_resumes_after_kill_9_and_exports_their_folder(tmp_path, trainer_store, tiny_models,
                                                                    tiny_teachers):
     from trainer.export import main as export
