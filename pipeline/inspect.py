@@ -9,6 +9,7 @@
     python -m pipeline.inspect STORE unlease N [--force] break shard N's lease when its job is gone
     python -m pipeline.inspect STORE repair-teachers    rewrite a damaged teachers.yaml from the copy its shards confirm
     python -m pipeline.inspect STORE repair-manifest    rewrite a damaged olaf_store.json from its backup copy
+    python -m pipeline.inspect STORE index              (re)build the sample index the trainer starts from
 KEY is a sample id; without one, show and render take the first sample with every target valid.
 Add --json (before the command) for machine-readable output. `verify` exits 1 naming each bad shard; any
 unusable input (not a store, an unknown format version, a missing key) exits 2 with one message.
@@ -35,6 +36,7 @@ from store import (
     StoreError,
     StoreWriter,
     atomic_write,
+    load_index,
     member_sizes,
     refuse_inside_store,
     verify_store,
@@ -88,7 +90,16 @@ def summary(s: Store) -> dict:
         "code": m.code,
         "created": m.created, "finished": m.finished,
         "progress": m.progress,
+        "index": index_state(s),
     }
+
+
+def index_state(s: Store) -> dict:
+    index, why = load_index(s.loc)
+    if index is None:
+        return {"used": False, "why": why}
+    return {"used": True, "built": index.meta["built"], "usable": index.meta["usable"],
+            "bytes": sum(f["bytes"] for f in index.meta["files"].values())}
 
 
 def print_summary(d: dict) -> None:
@@ -126,6 +137,10 @@ def print_summary(d: dict) -> None:
     c = d.get("code") or {}
     print(f"code        olaf {c.get('version')}  git {c.get('git')}  source {str(c.get('source_sha256'))[:12]}")
     print(f"created     {d['created']}   finished {d['finished'] or '-'}")
+    ix = d["index"]
+    print(f"index       built {ix['built']}: {ix['usable']:,} usable samples, {_human(ix['bytes'])} (the trainer starts "
+          f"from it)" if ix["used"] else f"index       not used: {ix['why']} (python -m pipeline.inspect {d['store']} "
+          f"index builds it)")
 
 
 # ---- stats -----------------------------------------------------------------------------------------------------
@@ -265,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("repair-teachers", parents=[after], help="rewrite a damaged teachers.yaml from the copy the "
                    "store's manifest keeps")
     sub.add_parser("repair-manifest", parents=[after], help=f"rewrite a damaged {MANIFEST} from its backup copy")
+    sub.add_parser("index", parents=[after], help="(re)build the sample index the trainer starts from (the "
+                   "extraction builds it at the end of every run)")
     u = sub.add_parser("unlease", parents=[after], help="break the lease of a shard whose job is gone")
     u.add_argument("shard", type=int)
     u.add_argument("--force", action="store_true", help="break a lease that has not expired yet (its job must be gone)")
@@ -287,6 +304,8 @@ def _verify(s: Store, args) -> int:
     for shard, problems in d["bad_shards"].items():
         for prob in problems:
             print(f"BAD shard {shard}: {prob}")
+    for note in d.get("notes", []):
+        print(f"note: {note}")
     for name in d["orphans"]:
         print(f"note: {name} is not part of any commit (left by an interrupted write; the next extraction run "
               f"removes or overwrites it)")
@@ -335,6 +354,14 @@ def _repair_teachers(s: Store, args) -> int:
     return 0
 
 
+def _index(s: Store, args) -> int:
+    meta = StoreWriter(s.loc, s.manifest).build_index()
+    print(json.dumps({k: meta[k] for k in ("built", "usable", "files")}) if args.json else
+          f"built {s.url}'s sample index: {meta['usable']:,} usable samples of {len(meta['shards']):,} shards, "
+          f"{sum(f['bytes'] for f in meta['files'].values()) / 1e6:.1f} MB")
+    return 0
+
+
 def _unlease(s: Store, args) -> int:
     held = Leases(s.loc).break_lease(args.shard, force=args.force)
     print(json.dumps({"shard": args.shard, "removed": held}) if args.json else
@@ -344,7 +371,7 @@ def _unlease(s: Store, args) -> int:
 
 
 COMMANDS = {"summary": _summary, "verify": _verify, "stats": _stats, "show": _show, "render": _render,
-            "unlease": _unlease, "repair-teachers": _repair_teachers}
+            "unlease": _unlease, "repair-teachers": _repair_teachers, "index": _index}
 
 
 def _repair_manifest(url: str) -> int:

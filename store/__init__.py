@@ -18,11 +18,13 @@ contract for readers in other languages. A store is a local folder or any fsspec
     verify      checksums, CRCs, Zarr == WebDataset, orphans
     order       the global training order: a pure function of (seed, epoch), whatever the world size
     stream      TargetStream: the trainer's IterableDataset (this rank's micro-batches, O(1) resume), loader
+    index       the sample index: the records' per-sample columns as mmapped arrays, what the trainer starts from
 """
 
 from store import encodings
 from store.fs import Location, StoreError, atomic_path, atomic_write, enclosing_store, is_url, refuse_inside_store
 from store.identity import teacher_mismatches, weights_mismatches
+from store.index import StoreIndex, load_index
 from store.layout import COMPRESSIONS, FORMATS, MANIFEST, TOKEN_ORDER, num_shards, shard_range
 from store.lease import LEASE_TTL, Leases, lease_owner
 from store.manifest import RunManifest, ShardRecord, TaskLayout, now, read_manifest, read_records
@@ -46,7 +48,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "COMPRESSIONS", "FORMATS", "LEASE_TTL", "MANIFEST", "TOKEN_ORDER", "GlobalOrder", "Leases", "Location", "RunManifest",
-    "SampleResult", "SampleTable", "ShardRecord", "ShardResult", "Store", "StoreError", "StoreExists", "StoreWriter", "TargetStream",
+    "SampleResult", "SampleTable", "StoreIndex", "load_index", "ShardRecord", "ShardResult", "Store", "StoreError", "StoreExists", "StoreWriter", "TargetStream",
     "TaskLayout", "atomic_path", "atomic_write", "check_files", "enclosing_store", "check_writable", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
     "num_shards", "orphans", "read_manifest", "read_records", "refuse_inside_store", "shard_range", "teacher_mismatches", "verify_store", "weights_mismatches",
 ]

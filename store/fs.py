@@ -78,6 +78,13 @@ class StoreError(Exception):
     """Something about a store is wrong or does not match what the caller expects; the message says what."""
 
 
+def cache_root() -> Path:
+    """This machine's cache for what readers derive from a store (a remote store's index files, the training
+    order's arrays), shared by the processes of a node: $OLAF_CACHE, else $XDG_CACHE_HOME/olaf or ~/.cache/olaf."""
+    explicit = os.environ.get("OLAF_CACHE")
+    return Path(explicit) if explicit else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olaf"
+
+
 def enclosing_store(path) -> str | None:
     """The local store `path` is or lies in (the nearest folder, links resolved, that holds a store manifest), or
     None; URLs are not looked into."""
@@ -264,18 +271,23 @@ class Location:
 
     def list(self, rel_dir: str) -> list[str]:
         """Names (relative to the root) of the files directly inside `rel_dir`, sorted; [] when there is none."""
+        return sorted(self.sizes(rel_dir))
+
+    def sizes(self, rel_dir: str) -> dict[str, int]:
+        """{name relative to the root: bytes} of the files directly inside `rel_dir` (one listing: on object
+        storage a request per 1000 names, not one per file)."""
         try:
             entries = self.fs.ls(self.path(rel_dir), detail=True)
         except FileNotFoundError:
-            return []
+            return {}
         inside = self.path(rel_dir).rstrip("/") + "/"
-        out = []
+        out = {}
         for e in entries:
             name = e["name"].rstrip("/")
             # some S3 servers list a folder marker ("shards/") as an empty object of its own: not a file in it
             if e.get("type") == "file" and name.startswith(inside) and name != inside.rstrip("/"):
-                out.append(name[len(self.root) + 1:])
-        return sorted(out)
+                out[name[len(self.root) + 1:]] = int(e.get("size") or 0)
+        return out
 
     def du(self, rel: str = "") -> int:
         """Bytes of every file under `rel`."""

@@ -46,12 +46,13 @@ REPAIR = "`python -m pipeline.inspect {store} repair-teachers`"
 PROVENANCE_FIELDS = ("weights_sha256", "weights_files_sha256", "recipe_sha256", "compute_dtype")
 
 
-def recorded_teachers(records: dict) -> tuple[dict[str, dict], list[str]]:
-    """What the shards' records say computed each task ({task: provenance}): the evidence a teacher identity is
-    checked against. A task whose shards name different teachers is a problem, and no evidence."""
+def recorded_teachers(made_by: dict[int, dict | None]) -> tuple[dict[str, dict], list[str]]:
+    """What the shards' records say computed each task ({task: provenance}; `made_by`: each shard's record's
+    `teachers`): the evidence a teacher identity is checked against. A task whose shards name different
+    teachers is a problem, and no evidence."""
     seen: dict[str, dict[str, list[int]]] = {}
-    for i, rec in sorted(records.items()):
-        for t, prov in (rec.teachers or {}).items():
+    for i, teachers in sorted(made_by.items()):
+        for t, prov in (teachers or {}).items():
             seen.setdefault(t, {}).setdefault(json.dumps(prov, sort_keys=True), []).append(i)
     evidence, problems = {}, []
     for t, provs in seen.items():
@@ -93,7 +94,7 @@ class IdentityCheck:
 def check_identity(loc: Location, copy: dict | None, records: dict) -> IdentityCheck:
     """Neither copy is trusted over the other without evidence: the shards' records (each says what computed it)
     decide which one a repair keeps."""
-    evidence, problems = recorded_teachers(records)
+    evidence, problems = recorded_teachers({i: r.teachers for i, r in records.items()})
     name, store = loc.url_of(layout.TEACHERS), str(loc)
     try:
         stored, damage = read_teachers(loc), None

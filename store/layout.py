@@ -10,6 +10,7 @@ shard ranges. Everything else in olaf asks this module (through the store packag
       shards/NNNNNN.json         one record per shard, written last: the commit point
       shards/NNNNNN.lease        while a job computes the shard: who, and until when (see writer.take_lease)
       errors.jsonl               one line per bad sample or target, rebuilt from the records
+      index/                     the sample index the trainer starts from (store.index): index.json, *.npy, ids.bin
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ ZARR = "targets.zarr"
 WDS = "wds"
 SHARDS = "shards"
 ERRORS = "errors.jsonl"
+INDEX = "index"
+INDEX_META = f"{INDEX}/index.json"  # the index's commit point
+INDEX_IDS = f"{INDEX}/ids.bin"
 FORMATS = ("zarr", "wds")
 COMPRESSIONS = ("none", "zstd")
 TOKEN_ORDER = "row-major: token index = row * grid_cols + col"

@@ -264,9 +264,11 @@ def _parse_record(shard: int, data: bytes) -> tuple[ShardRecord | None, str | No
     return rec, None
 
 
-def read_records(loc: Location, damaged: dict[int, str] | None = None) -> dict[int, ShardRecord]:
-    """Every readable record, by shard. Damaged ones are left out (and described in `damaged` if given)."""
-    shards = sorted(i for i in map(layout.shard_of_record, loc.list(layout.SHARDS)) if i is not None)
+def read_records(loc: Location, damaged: dict[int, str] | None = None, names: list[str] | None = None) -> dict[int, ShardRecord]:
+    """Every readable record (or those of `names`), by shard. Damaged ones are left out (and described in
+    `damaged` if given)."""
+    names = loc.list(layout.SHARDS) if names is None else names
+    shards = sorted(i for i in map(layout.shard_of_record, names) if i is not None)
     got = loc.read_many([layout.record_name(i) for i in shards])  # thousands of records: concurrent GETs on S3
     out = {}
     for i in shards:

@@ -22,17 +22,25 @@ within blocks), chunks are smaller than shards, so the mixing does not need a ra
 
 Randomness: NumPy's Philox bit generator, whose raw output is guaranteed stable across NumPy versions; a
 permutation is the stable argsort of raw 64-bit draws. `ORDER_VERSION` names the algorithm in checkpoints.
+
+Memory: an epoch keeps only its permutation of the chunks (one int32 and one int64 per chunk); the mixing of the
+positions a reader asks for is computed for their spans alone (Philox jumps to a span's draws), so a process
+holds a few bytes per sample beyond the table, which the store's index maps from disk (store.index). The rows
+are those of the whole-epoch computation, bit for bit (tests/test_order.py holds them to the order of olaf
+before the index).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-from store.fs import StoreError
+from store.fs import StoreError, atomic_path
 
 ORDER_VERSION = "olaf.order/1"
 
@@ -40,13 +48,14 @@ ORDER_VERSION = "olaf.order/1"
 @dataclass(frozen=True)
 class SampleTable:
     """The usable samples of a store, in dataset order, with where each one's bytes are: row r is the sample of
-    global index `index[r]`, at `[offset[r], offset[r] + size[r])` of the tar of shard `shard[r]`."""
+    global index `index[r]`, at `[offset[r], offset[r] + size[r])` of the tar of shard `shard[r]`. The arrays may
+    be mmapped (store.index)."""
 
     index: np.ndarray  # int64 (N,)
-    shard: np.ndarray  # int64 (N,)
+    shard: np.ndarray  # int (N,)
     offset: np.ndarray  # int64 (N,)
-    size: np.ndarray  # int64 (N,)
-    ids: tuple[str, ...] | None  # per row, when every record lists its ids
+    size: np.ndarray  # int (N,)
+    ids: Sequence[str] | None  # per row (a tuple, or the index's ids), when every record lists its ids
 
     def __len__(self) -> int:
         return len(self.index)
@@ -79,8 +88,8 @@ class SampleTable:
         return cls(as64(index), as64(shard), as64(offset), as64(size), tuple(ids) if with_ids else None)
 
     def fingerprint(self) -> str:
-        """sha256 of the usable indices: a resumed run must see the same set of samples."""
-        return hashlib.sha256(self.index.tobytes()).hexdigest()
+        """sha256 of the usable indices (as int64): a resumed run must see the same set of samples."""
+        return hashlib.sha256(memoryview(np.ascontiguousarray(self.index, dtype=np.int64))).hexdigest()
 
 
 def _draws(n: int, seed: int, epoch: int, stream: int) -> np.ndarray:
@@ -92,63 +101,110 @@ def _draws(n: int, seed: int, epoch: int, stream: int) -> np.ndarray:
 
 
 class GlobalOrder:
-    """Rows of a `SampleTable` at each global position. `chunk` and `mix` as in the module docstring."""
+    """Rows of a `SampleTable` at each global position. `chunk` and `mix` as in the module docstring. With
+    `cache` (a folder on this machine), the chunks and each epoch's permutation of them are kept there as .npy
+    files and mmapped: the processes of a node (ranks, DataLoader workers) compute them once and share them."""
 
-    def __init__(self, table: SampleTable, seed: int, chunk: int = 4, mix: int = 32):
+    def __init__(self, table: SampleTable, seed: int, chunk: int = 4, mix: int = 32, cache: Path | None = None):
         if chunk < 1 or mix < chunk or mix % chunk:
             raise ValueError(f"order: chunk must be >= 1 and mix a multiple of it (chunk {chunk}, mix {mix})")
         if len(table) == 0:
             raise StoreError("the store has no usable sample (every image was bad, see errors.jsonl): nothing to "
                              "train on")
         self.table, self.seed, self.chunk, self.mix = table, int(seed), int(chunk), int(mix)
-        # chunk k = rows [starts[k], stops[k]): consecutive usable rows of one shard
-        starts = []
-        shard = table.shard
+        self._fingerprint = None
+        self.cache = None if cache is None else \
+            Path(cache) / f"{self.describe()['fingerprint'][:24]}-{len(table)}-{self.seed}-{chunk}-{mix}"
+        # chunk k = rows [starts[k], starts[k] + lengths[k]): consecutive usable rows of one shard
+        self._starts = self._kept("chunk-starts", self._chunk_starts)
+        self._lengths = self._kept("chunk-lengths", lambda: (np.minimum(np.r_[self._starts[1:], len(table)],
+                                                                       self._starts + chunk) - self._starts
+                                                            ).astype(np.int32))
+        self._epoch = lru_cache(maxsize=2)(self._chunks_of_epoch)
+
+    def _chunk_starts(self) -> np.ndarray:
+        n, shard = len(self.table), self.table.shard
         begin = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]])  # first row of each shard
-        ends = np.r_[begin[1:], len(table)]
-        for a, b in zip(begin, ends, strict=True):
-            starts.extend(range(a, b, chunk))
-        self._starts = np.asarray(starts, dtype=np.int64)
-        self._stops = np.minimum(np.r_[self._starts[1:], len(table)], self._starts + chunk)
-        self._epoch = lru_cache(maxsize=2)(self._compute_epoch)
+        per_shard = -(-np.diff(np.r_[begin, n]) // self.chunk)  # chunks of each shard
+        first = np.repeat(np.cumsum(per_shard) - per_shard, per_shard)
+        return np.repeat(begin, per_shard) + (np.arange(len(first), dtype=np.int64) - first) * self.chunk
+
+    def _kept(self, name: str, compute) -> np.ndarray:
+        """`compute()`, or the copy the cache holds (written atomically by whichever process came first)."""
+        if self.cache is None:
+            return compute()
+        path = self.cache / f"{name}.npy"
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            pass
+        arr = compute()
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+        except OSError:  # a cache that cannot be written only costs memory
+            return arr
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def __len__(self) -> int:
         return len(self.table)
 
     def describe(self) -> dict:
         """What a checkpoint records, so a resume can refuse an order that is not the same."""
+        if self._fingerprint is None:
+            self._fingerprint = self.table.fingerprint()
         return {"version": ORDER_VERSION, "seed": self.seed, "chunk": self.chunk, "mix": self.mix,
-                "samples": len(self), "fingerprint": self.table.fingerprint()}
+                "samples": len(self), "fingerprint": self._fingerprint}
 
-    def _compute_epoch(self, epoch: int) -> np.ndarray:
-        chunks = np.argsort(_draws(len(self._starts), self.seed, epoch, 1), kind="stable")
-        lengths = (self._stops - self._starts)[chunks]
-        # rows of the permuted chunks, concatenated
-        first = np.repeat(self._starts[chunks], lengths)
-        within = np.arange(len(self)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        rows = first + within
-        span = np.arange(len(self)) // self.mix
-        mixed = np.lexsort((_draws(len(self), self.seed, epoch, 2), span))  # by span, then by a random key inside it
-        return rows[mixed]
+    def _chunks_of_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the chunks in the epoch's order, the position before the mixing at which each one starts)."""
+        def permute():
+            return np.argsort(_draws(len(self._starts), self.seed, epoch, 1), kind="stable").astype(
+                np.int32 if len(self._starts) < 2**31 else np.int64)
+
+        chunks = self._kept(f"epoch-{epoch}-chunks", permute)
+        at = self._kept(f"epoch-{epoch}-at", lambda: np.cumsum(self._lengths[chunks], dtype=np.int64)
+                        - self._lengths[chunks])
+        for old in (self.cache.glob("epoch-*.npy") if self.cache else []):  # an epoch two back is done with
+            if int(old.name.split("-")[1]) < epoch - 1:
+                old.unlink(missing_ok=True)
+        return chunks, at
+
+    def _premix_rows(self, epoch: int, q: np.ndarray) -> np.ndarray:
+        """Rows at the epoch's positions `q` before the mixing: the permuted chunks laid end to end."""
+        chunks, at = self._epoch(int(epoch))
+        c = np.searchsorted(at, q, side="right") - 1
+        return self._starts[chunks[c]] + (q - at[c])
+
+    def _span_rows(self, epoch: int, lo: int, hi: int) -> np.ndarray:
+        """Rows at the epoch's positions [lo, hi) (whole spans of `mix`, the last one possibly cut by the epoch's
+        end): in each span, the positions sorted by their draws (stable), as the whole epoch's lexsort."""
+        bits = np.random.Philox(key=np.array([self.seed % (1 << 64), epoch], dtype=np.uint64),
+                                counter=np.array([0, 0, 0, 2], dtype=np.uint64))  # _draws' stream 2, from lo
+        blocks, skip = divmod(lo, 4)  # Philox4x64: four draws per counter step
+        bits.advance(blocks)
+        draws = bits.random_raw(skip + hi - lo)[skip:]
+        span = np.arange(lo, hi) // self.mix
+        return self._premix_rows(epoch, lo + np.lexsort((draws, span)))
 
     def epoch(self, epoch: int) -> np.ndarray:
         """Table rows of one epoch, in position order (read-only)."""
-        out = self._epoch(int(epoch))
+        out = self._span_rows(int(epoch), 0, len(self))
         out.flags.writeable = False
         return out
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Table rows at global positions [start, stop), across epoch boundaries."""
-        n = len(self)
-        parts = []
-        p = start
+        """Table rows at global positions [start, stop), across epoch boundaries; only the spans they touch are
+        computed."""
+        n, parts, p = len(self), [], start
         while p < stop:
             e, off = divmod(p, n)
             take = min(stop - p, n - off)
-            parts.append(self.epoch(e)[off:off + take])
+            lo, hi = off // self.mix * self.mix, min(n, -(-(off + take) // self.mix) * self.mix)
+            parts.append(self._span_rows(e, lo, hi)[off - lo:off - lo + take])
             p += take
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def indices(self, start: int, stop: int) -> np.ndarray:
         """Global dataset indices of the samples at positions [start, stop)."""
-        return self.table.index[self.rows(start, stop)]
+        return np.asarray(self.table.index[self.rows(start, stop)])

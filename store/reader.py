@@ -11,20 +11,27 @@ from store import encodings, layout, tar, zarr_io
 from store.codec import decode_sample, meta_of
 from store.fs import Location, StoreError
 from store.identity import evidence_mismatches, read_teachers, recorded_teachers, teacher_mismatches
+from store.index import load_index
 from store.manifest import RunManifest, ShardRecord, read_manifest, read_records
+from store.order import SampleTable
 
 
 class Store:
     """A store, opened for reading: a local path or any fsspec URL (s3://bucket/prefix). Checks the format
     version on open; `require` checks tasks, completeness and teacher identity before anything relies on them.
     With `expected_teachers` (a `TeacherManifest.identity()` dict) the check happens on open, for `tasks`
-    (default: all the store has), so random access (`get`) refuses a mismatch exactly as the stream does."""
+    (default: all the store has), so random access (`get`) refuses a mismatch exactly as the stream does.
 
-    def __init__(self, path, expected_teachers: dict | None = None, tasks=None):
+    `use_index`: what the trainer needs (done shards, usable samples, their byte ranges and ids, the teachers
+    the records name) comes from the store's sample index (store.index) when it is fresh, without reading a
+    record; the records are read when something asks for them (`records`)."""
+
+    def __init__(self, path, expected_teachers: dict | None = None, tasks=None, use_index: bool = False):
         self.loc = path if isinstance(path, Location) else Location(path)
         self.manifest: RunManifest = read_manifest(self.loc)
         self.damaged_records: dict[int, str] = {}
-        self.records: dict[int, ShardRecord] = read_records(self.loc, self.damaged_records)
+        self._records: dict[int, ShardRecord] | None = None
+        self.index, self.no_index = load_index(self.loc) if use_index else (None, "not asked for")
         self.notes: list[str] = []
         self._index = None
         self._zarr = None
@@ -36,6 +43,13 @@ class Store:
     @property
     def url(self) -> str:
         return self.loc.url
+
+    @property
+    def records(self) -> dict[int, ShardRecord]:
+        """Every readable shard record (read on first use; damaged ones are in `damaged_records`)."""
+        if self._records is None:
+            self._records = read_records(self.loc, self.damaged_records)
+        return self._records
 
     # -- what is there
     @property
@@ -62,6 +76,8 @@ class Store:
 
     def done_shards(self, tasks: Iterable[str] | None = None) -> list[int]:
         tasks = list(tasks) if tasks is not None else self.tasks
+        if self.index is not None:
+            return self.index.shards["shard"][self.index.done_mask(tasks)].astype(int).tolist()
         return [i for i, r in sorted(self.records.items()) if r.status == "done" and set(tasks) <= set(r.tasks)]
 
     def pending_shards(self, tasks: Iterable[str] | None = None) -> list[int]:
@@ -69,7 +85,34 @@ class Store:
         return [i for i in range(self.num_shards) if i not in done]
 
     def samples_done(self, tasks: Iterable[str] | None = None) -> int:
+        if self.index is not None:
+            return int(self.index.shards["count"][self.index.done_mask(self.tasks if tasks is None else list(tasks))].sum())
         return sum(self.records[i].count for i in self.done_shards(tasks))
+
+    def usable_samples(self, tasks: Iterable[str]) -> int:
+        """Samples of the done shards whose image was usable (what an epoch trains on)."""
+        if self.index is not None:
+            return int(self.index.shards["usable"][self.index.done_mask(list(tasks))].sum())
+        return sum(self.records[i].usable_count() for i in self.done_shards(tasks))
+
+    def sample_table(self, tasks: Iterable[str]) -> SampleTable:
+        """The usable samples of the shards done for `tasks`, with their tar byte ranges and ids: mmapped arrays
+        from the index, or built from the records."""
+        tasks = list(tasks)
+        shards = self.done_shards(tasks)
+        if self.index is None:
+            return SampleTable.from_records(self.records, shards, layout.tar_name)
+        cols, ix = self.index.columns, self.index
+        if len(shards) == len(ix.shards):  # every shard: the mmapped arrays themselves
+            rows, ids = None, ix.ids
+        else:
+            rows = np.flatnonzero(np.isin(cols["shard"], np.asarray(shards, dtype=np.int32)))
+            ids = ix.ids.take(rows)
+        pick = (lambda a: a) if rows is None else (lambda a: np.asarray(a[rows]))  # noqa: E731
+        if len(shards) and int(np.min(pick(cols["size"]), initial=0)) < 0:
+            raise StoreError(f"{self.url}: its records give no byte range for each sample (no tars, or written by "
+                             f"an older olaf): re-extract the store to train from it with a global order")
+        return SampleTable(pick(cols["index"]), pick(cols["shard"]), pick(cols["offset"]), pick(cols["size"]), ids)
 
     def bytes_used(self) -> dict:
         return {"zarr": self.loc.du(layout.ZARR), "wds": self.loc.du(layout.WDS), "total": self.loc.du()}
@@ -96,7 +139,10 @@ class Store:
         if expected_teachers is not None and not missing:
             mismatches, notes = teacher_mismatches(self.teachers(), expected_teachers, tasks)
             # teachers.yaml is a claim; each shard's record says what computed it: both must be the expected ones
-            evidence, mixed = recorded_teachers({i: self.records[i] for i in self.done_shards(tasks)})
+            if self.index is not None:
+                evidence, mixed = self.index.meta["teachers"], self.index.meta["teachers_problems"]
+            else:
+                evidence, mixed = recorded_teachers({i: self.records[i].teachers for i in self.done_shards(tasks)})
             mismatches += [m for m in mixed if m.split(":", 1)[0] in tasks]
             mismatches += [f"{m} (by the shards' records)" for m in evidence_mismatches(evidence, expected_teachers,
                                                                                           tasks)]
@@ -112,6 +158,8 @@ class Store:
             raise StoreError(f"{self.url} has no WebDataset shards (formats: {self.manifest.formats})")
         from store.verify import check_files
 
+        if self.index is not None and check == "size":  # one listing of wds/, not a request per tar
+            return self._tar_urls_by_listing(tasks)
         out = []
         for i in self.done_shards(tasks):
             name = layout.tar_name(i)
@@ -122,6 +170,19 @@ class Store:
             if problems:
                 raise StoreError(f"shard {i} is damaged: {'; '.join(problems)}; run `python -m pipeline.inspect "
                                  f"{self.url} verify` and re-run the extraction to redo it")
+            out.append(self.loc.url_of(name))
+        return out
+
+    def _tar_urls_by_listing(self, tasks) -> list[str]:
+        shards = self.index.shards[self.index.done_mask(self.tasks if tasks is None else list(tasks))]
+        held = self.loc.sizes(layout.WDS)
+        out = []
+        for i, want in zip(shards["shard"].tolist(), shards["tar_bytes"].tolist(), strict=True):
+            name = layout.tar_name(i)
+            if held.get(name) != want:
+                what = "missing" if name not in held else f"{held[name]} bytes, recorded {want}"
+                raise StoreError(f"shard {i} is damaged: {name}: {what}; run `python -m pipeline.inspect {self.url} "
+                                 f"verify` and re-run the extraction to redo it")
             out.append(self.loc.url_of(name))
         return out
 

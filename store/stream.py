@@ -23,9 +23,11 @@ import torch.utils.data as tud
 
 from store import layout, tar
 from store.codec import decode_sample, meta_of
-from store.fs import StoreError
-from store.order import GlobalOrder, SampleTable
+from store.fs import StoreError, cache_root
+from store.order import GlobalOrder
 from store.reader import Store
+
+INDEX_ADVISED = 100_000  # samples above which a store without its index is worth a note (the records take seconds)
 
 
 def micro_batch_positions(step: int, part: int, *, global_batch: int, micro_batch: int) -> tuple[int, int]:
@@ -45,14 +47,17 @@ class TargetStream(tud.IterableDataset):
                  mix: int = 32, rank: int | None = None, world_size: int | None = None,
                  expected_teachers: dict | None = None, allow_partial: bool = False, compact: bool = True,
                  check: str = "size", map_fn=None, collate_fn=None, stop_step: int | None = None):
-        s = store_or_path if isinstance(store_or_path, Store) else Store(store_or_path)
+        s = store_or_path if isinstance(store_or_path, Store) else Store(store_or_path, use_index=True)
         self.tasks = list(tasks)
         s.require(self.tasks, expected_teachers=expected_teachers, allow_partial=allow_partial, formats=["wds"])
         s.tar_urls(self.tasks, check=check)  # every tar there and of its recorded size, before any training
         self.store, self.notes, self.manifest = s, list(s.notes), s.manifest
-        shards = s.done_shards(self.tasks)
-        self.table = SampleTable.from_records(s.records, shards, layout.tar_name)
-        self.order = GlobalOrder(self.table, seed, chunk, mix)
+        if s.index is None and s.num_samples >= INDEX_ADVISED:
+            self.notes.append(f"the store's sample index is not used ({s.no_index}): the shard records were read "
+                              f"instead, which costs memory and time per sample; build it with `python -m "
+                              f"pipeline.inspect {s.url} index`")
+        self.table = s.sample_table(self.tasks)
+        self.order = GlobalOrder(self.table, seed, chunk, mix, cache=cache_root() / "order")
         rank, world = _rank_world(rank, world_size)
         if global_batch % (micro_batch * world):
             raise ValueError(f"global batch {global_batch} is not micro batch {micro_batch} x {world} processes x "

@@ -11,6 +11,7 @@ from store import layout, tar
 from store.codec import meta_of, raw_targets
 from store.fs import Location
 from store.identity import check_identity
+from store.index import index_problems
 from store.manifest import ShardRecord
 from store.recovery import orphans
 
@@ -130,7 +131,10 @@ def verify_store(store, full: bool = False, spot: int = 4, threads: int = 4, pro
             if problems:
                 bad[i] = problems
     store_problems = check_identity(store.loc, store.manifest.teachers, store.records).problems
+    index_problems_, index_notes = index_problems(store.loc, store.manifest)
+    store_problems += index_problems_
     return {"ok": not bad and not store_problems, "store_problems": store_problems,
             "bad_shards": {str(k): v for k, v in sorted(bad.items())}, "shards_checked": len(shards),
             "bytes_hashed": total, "agreement": ("all samples" if full else f"{spot} samples per shard") if both else "n/a",
-            "orphans": orphans(store.loc, store.records), "shards_not_done": store.pending_shards([])}
+            "orphans": orphans(store.loc, store.records), "shards_not_done": store.pending_shards([]),
+            "notes": index_notes}

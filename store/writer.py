@@ -264,8 +264,10 @@ class StoreWriter:
     # ---- one shard ------------------------------------------------------------------------------------------------
     def redo(self, shard: int) -> ShardRecord | None:
         """Before a shard's data is rewritten: take its record away (the shard is then not done) and return it,
-        so that `write` can carry over the tasks it already had."""
+        so that `write` can carry over the tasks it already had. The sample index no longer describes the
+        store: it goes first."""
         rec = read_record(self.loc, shard)
+        self.loc.remove(layout.INDEX_META)
         self.loc.remove(layout.record_name(shard))
         return rec
 
@@ -295,7 +297,9 @@ class StoreWriter:
                            teachers={t: made_by[t] for t in all_tasks if t in made_by} or None)
 
     def commit(self, record: ShardRecord) -> None:
-        """The commit point: create the shard's record, only if no record exists (see the module docstring)."""
+        """The commit point: create the shard's record, only if no record exists (see the module docstring). The
+        sample index goes first: an index that is there describes the committed shards (store.index)."""
+        self.loc.remove(layout.INDEX_META)
         if not self.loc.create_exclusive(layout.record_name(record.shard), dumps(record.to_dict())):
             raise StoreError(f"shard {record.shard} already has a record: another job committed it meanwhile "
                              f"(one --output, one extraction at a time)")
@@ -309,6 +313,12 @@ class StoreWriter:
     # ---- the whole store ------------------------------------------------------------------------------------------
     def recover(self) -> list[str]:
         return recovery.recover(self.loc)
+
+    def build_index(self) -> dict:
+        """The sample index the trainer starts from, built from the committed records (store.index)."""
+        from store.index import build_index
+
+        return build_index(self.loc, self.manifest)
 
     def rebuild_errors(self, records: dict[int, ShardRecord] | None = None) -> int:
         """errors.jsonl from the shard records (the records are the source of truth). Returns the line count."""

@@ -14,6 +14,12 @@ from pipeline.localray import LOOPBACK_ENV
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "OLAF_CACHE" not in os.environ:  # readers' caches (a remote store's index, the order's arrays): this session's
+    import atexit
+    import tempfile
+
+    os.environ["OLAF_CACHE"] = tempfile.mkdtemp(prefix="olaf-cache-")
+    atexit.register(shutil.rmtree, os.environ["OLAF_CACHE"], True)
 # Every Ray the tests start is single-node on 127.0.0.1, sends no usage stats, and uses a token of this session.
 os.environ.update(LOOPBACK_ENV)
 os.environ["RAY_AUTH_MODE"] = "token"

@@ -3,6 +3,9 @@ once per epoch, O(1) resume (counted in bytes), elastic resume, shuffle quality.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +178,116 @@ def test_shuffle_quality_and_read_granularity():
     assert np.array_equal(e0, GlobalOrder(table, seed=42, chunk=chunk, mix=mix).epoch(0))
     with pytest.raises(ValueError, match="multiple"):
         GlobalOrder(table, seed=1, chunk=4, mix=30)
+
+
+# ---- the order is the same as before the index; the index gives the records' table ---------------------------
+
+GOLDEN = Path(__file__).parent / "data" / "order_before_the_index.json"
+
+
+def golden_table(shard_sizes, bad, seed) -> SampleTable:
+    """The tables tests/data/order_before_the_index.json was made from (byte sizes from a seeded generator)."""
+    rng = np.random.default_rng(seed)
+    index, shard, offset, size = [], [], [], []
+    g = 0
+    for i, n in enumerate(shard_sizes):
+        off = 0
+        for _ in range(n):
+            s = int(rng.integers(100, 5000))
+            if g not in bad:
+                index.append(g)
+                shard.append(i)
+                offset.append(off)
+                size.append(s)
+            off += s
+            g += 1
+    as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return SampleTable(as64(index), as64(shard), as64(offset), as64(size), None)
+
+
+@pytest.mark.parametrize("case", ["case0", "case1", "case2", "case3", "case4"])
+def test_the_order_is_bit_identical_to_the_order_before_the_index(case):
+    """The order computed span by span (what a reader asks for, and the whole epochs) gives the rows olaf's
+    whole-epoch computation gave before the index (recorded in tests/data; chunk/mix pairs that are not
+    multiples of Philox's 4 draws per step, partial spans, epoch boundaries, shards with one sample): existing
+    checkpoints resume in the same order."""
+    c = json.loads(GOLDEN.read_text())[case]
+    table = golden_table(c["shard_sizes"], set(c["bad"]), c["table_seed"])
+    assert table.fingerprint() == c["fingerprint"]
+    order = GlobalOrder(table, c["seed"], c["chunk"], c["mix"])
+    total = len(c["rows"])
+    assert order.rows(0, total).tolist() == c["rows"]
+    rng = np.random.default_rng(1)
+    cuts = np.sort(rng.choice(np.arange(1, total), size=min(40, total - 1), replace=False))
+    pieces = [order.rows(int(a), int(b)).tolist() for a, b in zip(np.r_[0, cuts], np.r_[cuts, total], strict=True)]
+    assert sum(pieces, []) == c["rows"]
+    n = len(table)
+    assert np.concatenate([order.epoch(e) for e in range(3)]).tolist() == c["rows"][:3 * n]
+
+
+def test_the_index_gives_the_records_table_and_the_same_batches(tmp_path):
+    """Built from the records, the index holds the same table (mmapped arrays, ids decoded on demand, no Python
+    object per sample): the stream reads the same samples at the same positions with it as without it."""
+    url = make_store(str(tmp_path / "store"))
+    without = store.Store(url)
+    table = without.sample_table(["gen"])
+    meta = store.StoreWriter.open(url).build_index()
+    assert meta["usable"] == SHARDS * PER_SHARD - len(BAD)
+    with_index = store.Store(url, use_index=True)
+    assert with_index.index is not None and with_index._records is None  # not one record read
+    indexed = with_index.sample_table(["gen"])
+    assert isinstance(indexed.index, np.memmap) and not isinstance(indexed.ids, tuple)
+    for col in ("index", "shard", "offset", "size"):
+        assert np.array_equal(np.asarray(getattr(indexed, col)), getattr(table, col)), col
+    assert [indexed.ids[r] for r in range(len(indexed))] == list(table.ids)
+    assert with_index.done_shards(["gen"]) == without.done_shards(["gen"]) == list(range(SHARDS))
+    assert with_index.usable_samples(["gen"]) == without.usable_samples(["gen"]) == len(table)
+    assert with_index.samples_done(["gen"]) == without.samples_done(["gen"]) == SHARDS * PER_SHARD
+    assert with_index.tar_urls(["gen"]) == without.tar_urls(["gen"])
+    assert position_ids(stream(url, stop_step=4)) == position_ids(stream(without, stop_step=4))
+    assert stream(url).state_dict() == stream(without).state_dict()  # the same order, fingerprint included
+
+
+def test_a_stale_index_is_never_used(tmp_path, capsys):
+    """The writer removes index.json before it commits or redoes a shard; a record committed behind its back (an
+    older olaf) is seen in the listing of shards/; a damaged index file is named by verify."""
+    from pipeline import inspect
+
+    url = make_store(str(tmp_path / "store"))
+    w = store.StoreWriter.open(url)
+    w.build_index()
+    assert store.load_index(w.loc)[0] is not None
+    assert inspect.main([url, "verify"]) == 0
+    w.redo(5)  # the writer's first step on a shard: the index goes
+    index, why = store.load_index(w.loc)
+    assert index is None and "no index" in why
+    w.build_index()
+    rec = w.loc.read_bytes(store.layout.record_name(3))
+    w.loc.remove(store.layout.record_name(3))
+    index, why = store.load_index(w.loc)
+    assert index is None and "committed or removed" in why
+    w.loc.write_bytes(store.layout.record_name(3), rec)
+    assert store.load_index(w.loc)[0] is not None
+    assert store.Store(url, use_index=True).done_shards(["gen"]) == [i for i in range(SHARDS) if i != 5]
+    capsys.readouterr()
+    path = Path(url) / "index" / "offset.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert inspect.main([url, "verify"]) == 1 and "index/offset.npy: sha256 differs" in capsys.readouterr().out
+    assert inspect.main([url, "index"]) == 0 and inspect.main([url, "verify"]) == 0
+
+
+def test_the_order_s_arrays_are_computed_once_per_node_and_mapped(tmp_path):
+    """With a cache folder the chunks and each epoch's permutation are written once and mmapped by every process
+    of the node (ranks, DataLoader workers), giving the same rows; epochs two back are dropped."""
+    c = json.loads(GOLDEN.read_text())["case1"]
+    table = golden_table(c["shard_sizes"], set(c["bad"]), c["table_seed"])
+    first = GlobalOrder(table, c["seed"], c["chunk"], c["mix"], cache=tmp_path)
+    assert first.rows(0, len(c["rows"])).tolist() == c["rows"]
+    second = GlobalOrder(table, c["seed"], c["chunk"], c["mix"], cache=tmp_path)
+    assert isinstance(second._starts, np.memmap) and isinstance(second._epoch(0)[0], np.memmap)
+    assert second.rows(0, len(c["rows"])).tolist() == c["rows"]
+    second.rows(5 * len(table), 5 * len(table) + 3)  # epoch 5: epochs 0..3 go
+    kept = sorted(p.name for p in first.cache.glob("epoch-*"))
+    assert kept == ["epoch-5-at.npy", "epoch-5-chunks.npy"], kept  # epochs 0..3 were computed, then dropped

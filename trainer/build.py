@@ -108,7 +108,7 @@ def open_store(cfg: PTConfig, url: str | None = None, manifest_path: str | None 
     """The store (`url`, default the config's) and the teacher identity it must have (`manifest_path`, default
     the config's manifest), checked (tasks, done shards, teachers, at least one usable sample)."""
     expected = expected_teachers(cfg, manifest_path)
-    store = Store(url or cfg.store)
+    store = Store(url or cfg.store, use_index=True)
     store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
     if usable_samples(store, cfg.tasks) == 0:
         raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks)} samples in done shards has "
@@ -118,7 +118,7 @@ def open_store(cfg: PTConfig, url: str | None = None, manifest_path: str | None 
 
 def usable_samples(store: Store, tasks) -> int:
     """Samples per epoch: those of the done shards whose image was usable."""
-    return sum(store.records[i].usable_count() for i in store.done_shards(tasks))
+    return store.usable_samples(tasks)
 
 
 @dataclass(frozen=True)

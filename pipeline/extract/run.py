@@ -186,6 +186,7 @@ def finish(writer: StoreWriter, plan: Plan, work: dict, sched: ShardScheduler, u
     """errors.jsonl, the manifest's last word (finished when every shard is done), the summary; the exit status."""
     m = writer.manifest
     n_err = writer.rebuild_errors()
+    writer.build_index()  # what the trainer starts from: the records as a few mmapped arrays
     final = writer.records()
     all_done = all(i in final and set(m.tasks) <= set(final[i].tasks) for i in range(plan.num_shards))
     done = progress(sched.done, sum(len(plan.shard_records(i)) for i in work), t_run, sched.failed, utilisation) \
