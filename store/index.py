@@ -45,7 +45,8 @@ def _npy(column: str) -> str:
 
 
 def _shard_rows(rec: ShardRecord, tar: str, task_bit: dict[str, int]) -> tuple[tuple, dict[str, np.ndarray], bytes]:
-    """One record's row of shards.npy, its usable samples' columns and their ids."""
+    """One record's row of shards.npy, its usable samples' columns (their ids' byte lengths among them) and their
+    ids, UTF-8, concatenated."""
     info = rec.files.get(tar) or {}
     ranges = info.get("samples")
     if ranges is not None and len(ranges) != rec.count:
@@ -63,8 +64,9 @@ def _shard_rows(rec: ShardRecord, tar: str, task_bit: dict[str, int]) -> tuple[t
         cols["offset"], cols["size"] = r[:, 0], r[:, 1].astype(np.int32)
     else:  # no tar (zarr only) or an older olaf's record: the trainer's stream refuses such a store
         cols["offset"], cols["size"] = np.full(usable, -1, np.int64), np.full(usable, -1, np.int32)
-    ids = [rec.ids[p] if rec.ids is not None else str(rec.start + p) for p in range(rec.count) if keep[p]]
-    return row, cols, ids
+    ids = [(rec.ids[p] if rec.ids is not None else str(rec.start + p)).encode() for p in range(rec.count) if keep[p]]
+    cols["id_length"] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return row, cols, b"".join(ids)
 
 
 def build_index(loc: Location, manifest: RunManifest) -> dict:
@@ -86,21 +88,21 @@ def index_arrays(loc: Location, manifest: RunManifest) -> tuple[dict[str, np.nda
     """(the arrays, ids.bin, the shards listed, each shard's `teachers`) from the records, read in batches."""
     task_bit = {t: k for k, t in enumerate(manifest.tasks)}
     names = sorted(n for n in loc.list(layout.SHARDS) if layout.shard_of_record(n) is not None)
-    shards, cols, ids, made_by, listed = [], {k: [] for k in COLUMNS if k != "id_offsets"}, [], {}, []
+    shards, cols, blobs, made_by, listed = [], {k: [] for k in (*COLUMNS, "id_length") if k != "id_offsets"}, [], {}, []
     for a in range(0, len(names), BATCH):
         for i, rec in sorted(read_records(loc, names=names[a:a + BATCH]).items()):
-            row, c, i_ids = _shard_rows(rec, layout.tar_name(i), task_bit)
+            row, c, ids = _shard_rows(rec, layout.tar_name(i), task_bit)
             shards.append(row)
             for k, v in c.items():
                 cols[k].append(v)
-            ids.extend(i_ids)
+            blobs.append(ids)
             listed.append(i)
             made_by[i] = rec.teachers
+    lengths = np.concatenate(cols.pop("id_length")) if blobs else np.zeros(0, np.int64)
     arrays = {k: np.concatenate(v).astype(COLUMNS[k]) if v else np.zeros(0, COLUMNS[k]) for k, v in cols.items()}
-    encoded = [s.encode() for s in ids]
-    arrays["id_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in encoded], dtype=np.int64)]).astype("<i8")
+    arrays["id_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     arrays["shards"] = np.array(shards, dtype=SHARD_DTYPE)
-    return arrays, b"".join(encoded), listed, made_by
+    return arrays, b"".join(blobs), listed, made_by
 
 
 def index_problems(loc: Location, manifest: RunManifest) -> tuple[list[str], list[str]]:

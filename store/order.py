@@ -115,8 +115,10 @@ class GlobalOrder:
         self._fingerprint = None
         self.cache = None if cache is None else \
             Path(cache) / f"{self.describe()['fingerprint'][:24]}-{len(table)}-{self.seed}-{chunk}-{mix}"
-        # chunk k = rows [starts[k], starts[k] + lengths[k]): consecutive usable rows of one shard
-        self._starts = self._kept("chunk-starts", self._chunk_starts)
+        # chunk k = rows [starts[k], starts[k] + lengths[k]): consecutive usable rows of one shard; rows and
+        # positions in int32 below 2**31 samples (a few bytes a sample, whatever the store)
+        self._position = np.int32 if len(table) < 2**31 else np.int64
+        self._starts = self._kept("chunk-starts", lambda: self._chunk_starts().astype(self._position))
         self._lengths = self._kept("chunk-lengths", lambda: (np.minimum(np.r_[self._starts[1:], len(table)],
                                                                        self._starts + chunk) - self._starts
                                                             ).astype(np.int32))
@@ -159,12 +161,11 @@ class GlobalOrder:
     def _chunks_of_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(the chunks in the epoch's order, the position before the mixing at which each one starts)."""
         def permute():
-            return np.argsort(_draws(len(self._starts), self.seed, epoch, 1), kind="stable").astype(
-                np.int32 if len(self._starts) < 2**31 else np.int64)
+            return np.argsort(_draws(len(self._starts), self.seed, epoch, 1), kind="stable").astype(self._position)
 
         chunks = self._kept(f"epoch-{epoch}-chunks", permute)
-        at = self._kept(f"epoch-{epoch}-at", lambda: np.cumsum(self._lengths[chunks], dtype=np.int64)
-                        - self._lengths[chunks])
+        at = self._kept(f"epoch-{epoch}-at", lambda: (np.cumsum(self._lengths[chunks], dtype=np.int64)
+                                                       - self._lengths[chunks]).astype(self._position))
         for old in (self.cache.glob("epoch-*.npy") if self.cache else []):  # an epoch two back is done with
             if int(old.name.split("-")[1]) < epoch - 1:
                 old.unlink(missing_ok=True)
@@ -174,7 +175,7 @@ class GlobalOrder:
         """Rows at the epoch's positions `q` before the mixing: the permuted chunks laid end to end."""
         chunks, at = self._epoch(int(epoch))
         c = np.searchsorted(at, q, side="right") - 1
-        return self._starts[chunks[c]] + (q - at[c])
+        return self._starts[chunks[c]].astype(np.int64) + (q - at[c])
 
     def _span_rows(self, epoch: int, lo: int, hi: int) -> np.ndarray:
         """Rows at the epoch's positions [lo, hi) (whole spans of `mix`, the last one possibly cut by the epoch's
