@@ -105,7 +105,9 @@ def index_state(s: Store) -> dict:
 def print_summary(d: dict) -> None:
     print(f"store       {d['store']}  ({d['format']})")
     ds = d["dataset"]
-    print(f"dataset     {ds.get('json')}  sha256 {str(ds.get('sha256'))[:16]}...  images {ds.get('image_folder')}")
+    where = ds.get("json") or ds.get("jsonl") or ds.get("webdataset")
+    print(f"dataset     {where}  sha256 {str(ds.get('sha256'))[:16]}...  " +
+          (f"images {ds.get('image_folder')}" if ds.get("image_folder") else f"{len(ds.get('shards', []))} tars"))
     sh = d["shards"]
     print(f"samples     {d['samples']} in {sh['total']} shards of {d['shard_size']}: {sh['done']} done, "
           f"{sh['pending']} pending; {d['bad_images']} bad images, {d['errors']} errors (errors.jsonl)")
@@ -123,7 +125,10 @@ def print_summary(d: dict) -> None:
     print(f"formats     {', '.join(d['formats'])}  (zarr compression: {d['zarr_compression']})")
     t = d["teachers"]
     print(f"teachers    {t['name']}  fidelity {t['fidelity']}" + (f"\n            !! {t['description']}" if t["description"] else ""))
-    print(f"{'task':<6} {'shape':<12} {'encoding':<9} {'dtype':<8} {'done':>10} {'valid':>10}  weights / sha256 / recipe")
+    if not d["tasks"]:
+        print("tasks       none: images, captions and ids only (extract_teachers --tasks adds teachers to it)")
+    else:
+        print(f"{'task':<6} {'shape':<12} {'encoding':<9} {'dtype':<8} {'done':>10} {'valid':>10}  weights / sha256 / recipe")
     for task, v in d["tasks"].items():
         pt = t["per_task"].get(task, {})
         w = pt.get("weights") or {}

@@ -39,6 +39,7 @@ class Record:
     image: str | None  # relative path, or None for a text-only record
     raw: dict
     problem: str | None = None  # why the record cannot be a training sample (it is stored as a bad sample)
+    blob: tuple[str, int, int] | None = None  # (url, offset, size) of its image's bytes in an input tar
 
     def caption(self) -> str:
         turns = self.raw.get("conversations") or []
@@ -104,6 +105,13 @@ def _record(i: int, rec, first_seen: dict[str, int]) -> tuple[Record | None, str
     image = rec.get("image")
     return Record(index=i, id=rid, image=image if isinstance(image, str) and image else None, raw=rec,
                   problem=conversation_problem(conv)), None
+
+
+def record_of(i: int, rec) -> tuple[Record | None, str | None]:
+    """One record of a listing read line by line: (the record, None) or (None, its structural problem);
+    duplicate ids are the caller's to find."""
+    record, problem = _record(i, rec, {})
+    return record, problem.removeprefix(f"record {i}: ") if problem else None
 
 
 def load_records(path: str | Path, limit: int | None = None, max_problems: int = 50) -> tuple[list[Record], int]:

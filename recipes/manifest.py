@@ -135,7 +135,7 @@ class TeacherManifest:
         weights reference and, once loaded, the weights' sha256, the weight files' content sha256 where they were
         found (`files_sha256`, recipes.weights_files), and the compute dtype (the one a run used,
         `compute_dtypes`, else the declared one)."""
-        tasks = [t for t in TASKS if t in (tasks or self.teachers)]
+        tasks = [t for t in TASKS if t in (self.teachers if tasks is None else tasks)]  # []: no teacher
         return {
             "format": FORMAT,
             "name": self.name,

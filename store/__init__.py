@@ -22,7 +22,16 @@ contract for readers in other languages. A store is a local folder or any fsspec
 """
 
 from store import encodings
-from store.fs import Location, StoreError, atomic_path, atomic_write, enclosing_store, is_url, refuse_inside_store
+from store.fs import (
+    Location,
+    StoreError,
+    atomic_path,
+    atomic_write,
+    cache_root,
+    enclosing_store,
+    is_url,
+    refuse_inside_store,
+)
 from store.identity import teacher_mismatches, weights_mismatches
 from store.index import StoreIndex, load_index
 from store.layout import COMPRESSIONS, FORMATS, MANIFEST, TOKEN_ORDER, num_shards, shard_range
@@ -49,6 +58,6 @@ def __getattr__(name: str):
 __all__ = [
     "COMPRESSIONS", "FORMATS", "LEASE_TTL", "MANIFEST", "TOKEN_ORDER", "GlobalOrder", "Leases", "Location", "RunManifest",
     "SampleResult", "SampleTable", "StoreIndex", "load_index", "ShardRecord", "ShardResult", "Store", "StoreError", "StoreExists", "StoreWriter", "TargetStream",
-    "TaskLayout", "atomic_path", "atomic_write", "check_files", "enclosing_store", "check_writable", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
+    "TaskLayout", "atomic_path", "atomic_write", "cache_root", "check_files", "enclosing_store", "check_writable", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
     "num_shards", "orphans", "read_manifest", "read_records", "refuse_inside_store", "shard_range", "teacher_mismatches", "verify_store", "weights_mismatches",
 ]

@@ -218,13 +218,14 @@ class StoreWriter:
         return read_record(self.loc, shard)
 
     def resume_problems(self, *, dataset_sha256: str, num_samples: int, shard_size: int, formats: list[str],
+                        dataset: dict | None = None,
                         compression: str, layouts: dict[str, TaskLayout], identity: dict) -> list[str]:
         """Why this store cannot be continued with these settings (empty: it can). `identity` is the run's
         teacher identity."""
         m, problems = self.manifest, []
         if m.dataset.get("sha256") != dataset_sha256:
-            problems.append(f"the dataset JSON differs (sha256 {str(m.dataset.get('sha256'))[:12]}... in the store, "
-                            f"{dataset_sha256[:12]}... now)")
+            problems.append(f"the dataset differs (sha256 {str(m.dataset.get('sha256'))[:12]}... in the store, "
+                            f"{dataset_sha256[:12]}... now){_changed_shards(m.dataset, dataset)}")
         if m.num_samples != num_samples:
             problems.append(f"the store holds {m.num_samples} samples, this run plans {num_samples} (--limit?)")
         if m.shard_size != shard_size:
@@ -326,6 +327,19 @@ class StoreWriter:
         lines = [json.dumps(e, sort_keys=True) for i in sorted(records) for e in records[i].errors]
         self.loc.write_bytes(layout.ERRORS, "".join(line + "\n" for line in lines).encode())
         return len(lines)
+
+
+def _changed_shards(before: dict, now: dict | None) -> str:
+    """For an input of several files (`shards`: [{url, bytes, sha256, ...}]): which of them changed."""
+    if not now or "shards" not in before or "shards" not in now:
+        return ""
+    was = {s["url"]: s for s in before["shards"]}
+    changed = [s["url"] for s in now["shards"] if was.get(s["url"]) != s]
+    gone = [u for u in was if u not in {s["url"] for s in now["shards"]}]
+    said = ([f"{changed[0]} changed" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")] if changed
+            else []) + ([f"{gone[0]} is gone" + (f" (and {len(gone) - 1} more)" if len(gone) > 1 else "")]
+                        if gone else [])
+    return f": {'; '.join(said)}" if said else ""
 
 
 def _check_result(m: RunManifest, result: ShardResult) -> None:

@@ -38,6 +38,7 @@ import sys
 import store
 from pipeline.extract.run import run
 from pipeline.extract.settings import SIGNALS_RECEIVED, Settings, Terminated, UsageError, on_sigterm
+from pipeline.inputs import IMAGE_KEYS
 from pipeline.llava import DatasetError
 from recipes.imageops import DEFAULT_MAX_PIXELS
 from recipes.manifest import DEFAULT_MANIFEST, TASKS, ManifestError
@@ -49,13 +50,22 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m pipeline.extract_teachers", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     a = p.add_argument
-    a("--data-path", required=True, help="the LLaVA JSON (blip_laion_cc_sbu_558k.json)")
-    a("--image-folder", required=True, help="folder the records' image paths are relative to")
+    a("--data-path", required=True, help="the input: a LLaVA JSON (blip_laion_cc_sbu_558k.json), a JSONL listing "
+                                         "(a record per line), or WebDataset tars, local or s3:// "
+                                         "('in/{00000..02999}.tar', img2dataset's output)")
+    a("--image-folder", default=None, help="folder the records' image paths are relative to (JSON and JSONL)")
+    a("--image-keys", default=",".join(IMAGE_KEYS), help="WebDataset input: image member suffixes, in preference "
+                                                        f"order (default {','.join(IMAGE_KEYS)})")
+    a("--caption-key", default="txt", help="WebDataset input: the caption member's suffix (default txt), or "
+                                          "json:FIELD for a field of the json member")
     a("--output", required=True, help="store directory or URL (created, or resumed if it is one)")
     a("--teachers-manifest", default=str(DEFAULT_MANIFEST), help="teacher manifest YAML (default: ola_vlm.yaml)")
     a("--fidelity", choices=["original", "corrected"], default=None,
       help="original recipe with its quirks (default) or corrected (e.g. RGB for depth)")
-    a("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)} (default: all three)")
+    a("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)} (default: all three), or `none`: a "
+                                               f"store of images, captions and ids only (VLoRA's PT and the "
+                                               f"NTP-only baseline read no target); teachers join it later with "
+                                               f"--tasks on the same --output")
     a("--shard-size", type=int, default=256, help="samples per shard (default 256, ~0.76 GB fp16)")
     a("--limit", type=int, default=None, help="only the first N records (smoke runs)")
     a("--formats", default="zarr,wds", help="comma list of zarr,wds (default both)")
@@ -98,17 +108,22 @@ def parse_args(argv=None) -> Settings:
     a = p.parse_args(argv)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    tasks = [] if tasks == ["none"] else tasks
     bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        p.error(f"--tasks: unknown {bad}; choose from {','.join(TASKS)}")
+    if bad or (not tasks and a.tasks.strip() != "none"):
+        p.error(f"--tasks: unknown {bad or a.tasks!r}; choose from {','.join(TASKS)}, or none")
     if [f for f in formats if f not in store.FORMATS] or not formats:
         p.error(f"--formats: choose from {','.join(store.FORMATS)}")
     for name in ("shard_size", "batch_size", "actors", "limit", "prefetch", "max_writers"):
         v = getattr(a, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    values = {k: v for k, v in vars(a).items() if k not in ("tasks", "formats", "no_progress")}
-    return Settings(**values, tasks=[t for t in TASKS if t in tasks], formats=formats, progress=not a.no_progress)
+    values = {k: v for k, v in vars(a).items() if k not in ("tasks", "formats", "no_progress", "image_keys")}
+    keys = tuple(k.strip().lower() for k in a.image_keys.split(",") if k.strip())
+    if not keys:
+        p.error("--image-keys: give at least one member suffix (e.g. jpg,png,webp)")
+    return Settings(**values, tasks=[t for t in TASKS if t in tasks], formats=formats, progress=not a.no_progress,
+                    image_keys=keys)
 
 
 def main(argv=None) -> int:

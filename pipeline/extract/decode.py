@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.inputs import read_blob
 from pipeline.llava import Record
 from recipes.imageops import DEFAULT_MAX_PIXELS, BadImage, check_ops, decode_rgb, read_image_bytes
 from recipes.manifest import TeacherSpec
@@ -49,7 +50,7 @@ class DecodedBatch:
         return DecodedBatch({}, self.samples, self.seconds)
 
 
-def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSpec],
+def decode_batch(records: list[Record], image_folder: str | None, specs: list[TeacherSpec],
                  max_pixels: int = DEFAULT_MAX_PIXELS, resize_on: str = "cpu") -> DecodedBatch:
     if resize_on not in RESIZE_ON:
         raise ValueError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
@@ -64,7 +65,7 @@ def decode_batch(records: list[Record], image_folder: str, specs: list[TeacherSp
                 raise BadImage(f"unusable record: {rec.problem}")
             if rec.image is None:
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
-            data = read_image_bytes(image_folder, rec.image)
+            data = read_image_bytes(image_folder, rec.image) if rec.blob is None else read_blob(rec.blob)
             rgb = decode_rgb(data, max_pixels=max_pixels)
             for spec in specs:  # sizes only: a recipe that would blow an image up is refused before any pixel
                 check_ops(spec.preprocess.ops, rgb.width, rgb.height)

@@ -1,49 +1,55 @@
-"""Planning, before any model is loaded: validate the dataset and split it into the store's shards (fixed,
-contiguous, in dataset order; the store says which samples a shard holds)."""
+"""Planning, before any model is loaded: open the input (pipeline.inputs: a LLaVA JSON, a JSONL listing or
+WebDataset tars), validate it and split it into the store's shards (fixed, contiguous, in input order; the store
+says which samples a shard holds). A shard's records are made when it is scheduled: the plan holds none."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import store
-from pipeline.llava import DatasetError, Record, load_records
+from pipeline.inputs import IMAGE_KEYS, Source, open_source
+from pipeline.llava import Record
 
 
 @dataclass
 class Plan:
-    data_path: Path
-    image_folder: Path
-    records: list[Record]
-    records_in_file: int
-    limit: int | None
+    source: Source
     shard_size: int
-    dataset_sha256: str
 
     @property
     def num_samples(self) -> int:
-        return len(self.records)
+        return self.source.num_samples
+
+    @property
+    def records_in_input(self) -> int:
+        return self.source.records_in_input
 
     @property
     def num_shards(self) -> int:
         return store.num_shards(self.num_samples, self.shard_size)
 
+    @property
+    def image_folder(self) -> str | None:
+        """Where records' images are, for the decode tasks (None: each record's image is a byte range of an input
+        tar)."""
+        return str(self.source.image_folder) if self.source.image_folder else None
+
+    @property
+    def dataset_sha256(self) -> str:
+        return self.source.dataset_info()["sha256"]
+
     def shard_records(self, shard: int) -> list[Record]:
-        start, stop = store.shard_range(self.num_samples, self.shard_size, shard)
-        return self.records[start:stop]
+        return self.source.records(*store.shard_range(self.num_samples, self.shard_size, shard))
 
     def dataset_info(self) -> dict:
-        return {"json": str(self.data_path), "sha256": self.dataset_sha256, "image_folder": str(self.image_folder),
-                "records_in_file": self.records_in_file, "limit": self.limit}
+        return {"kind": self.source.kind, **self.source.dataset_info()}
+
+    def describe(self) -> str:
+        return f"{self.num_samples} samples ({self.records_in_input} in the {self.source.kind} input)"
 
 
-def make_plan(data_path: str | Path, image_folder: str | Path, shard_size: int, limit: int | None = None) -> Plan:
+def make_plan(data_path, image_folder, shard_size: int, limit: int | None = None, image_keys=IMAGE_KEYS,
+              caption_key: str = "txt") -> Plan:
     """Structural problems raise DatasetError (all listed at once); per-sample problems are left to decode."""
-    data_path, image_folder = Path(data_path).resolve(), Path(image_folder).resolve()
-    if shard_size < 1:
-        raise DatasetError(f"--shard-size must be >= 1, got {shard_size}")
-    if not image_folder.is_dir():
-        raise DatasetError(f"image folder not found: {image_folder}")
-    records, in_file = load_records(data_path, limit=limit)
-    sha = store.Location(data_path.parent).sha256(data_path.name)
-    return Plan(data_path, image_folder, records, in_file, limit, shard_size, sha)
+    return Plan(open_source(str(data_path), image_folder and str(image_folder), shard_size, limit, image_keys,
+                            caption_key), shard_size)

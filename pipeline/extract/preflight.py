@@ -33,7 +33,8 @@ def existing_store(s: Settings, plan: Plan, manifest: TeacherManifest) -> StoreW
     # the weight files' content where this machine has them: a store made with other weights is refused here,
     # before Ray starts, not after the teachers are loaded
     identity = manifest.identity(shared, files_sha256=manifest_files_sha256(manifest, shared))
-    problems = w.resume_problems(dataset_sha256=plan.dataset_sha256, num_samples=plan.num_samples,
+    problems = w.resume_problems(dataset_sha256=plan.dataset_sha256, dataset=plan.dataset_info(),
+                                 num_samples=plan.num_samples,
                                  shard_size=s.shard_size, formats=s.formats, compression=s.zarr_compression,
                                  layouts=layouts_for(manifest, s.tasks, s.encoding), identity=identity)
     if problems:
@@ -97,7 +98,8 @@ def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged
                store_tasks=()) -> dict[int, tuple[str, ...]]:
     """shard -> tasks to compute. A done shard whose files verify needs only the tasks it lacks; a damaged one
     is redone for everything it had and everything asked; one without a (readable) record for every task the
-    store holds and everything asked."""
+    store holds and everything asked. A shard without a record, or a damaged one, is written even with no task
+    (a store of images, captions and ids only)."""
     work = {}
     for i in range(plan.num_shards):
         rec = records.get(i)
@@ -107,6 +109,6 @@ def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged
             need = [t for t in TASKS if t in s.tasks or t in rec.tasks]
         else:
             need = [t for t in s.tasks if t not in rec.tasks]
-        if need:
+        if need or rec is None or i in damaged:
             work[i] = tuple(need)
     return work

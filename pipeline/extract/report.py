@@ -29,16 +29,17 @@ def print_summary(m, plan, done, records, failed, n_err, seconds, work, by_other
         ("samples", f"{n_done} written now ({sum(r.bad_images for r in done.values())} bad images); "
                     f"{plan.num_samples} in the store"),
         ("valid targets", ", ".join(f"{t} {sum(r.valid.get(t, 0) for r in records.values())}" for t in m.tasks)
-         + " (store)"),
+         + " (store)" if m.tasks else "none: no teacher (images, captions and ids only; --tasks adds them later)"),
         ("errors.jsonl", f"{n_err} lines"),
     ]
     if work:
         rows += [
             ("throughput", f"{p['samples_per_s']} samples/s over {p['seconds']} s (wall {seconds:.1f} s incl. start-up)"),
             ("decode", f"{p['decode_cpu_ms_per_sample']} CPU ms/sample"),
-            ("teachers", f"{p['teacher_ms_per_sample']} ms/sample on {m.extraction.get('device')}, "
-                         f"actors busy {p.get('actor_busy_fraction')} of their running time"),
         ]
+    if work and any(work.values()):
+        rows.append(("teachers", f"{p['teacher_ms_per_sample']} ms/sample on {m.extraction.get('device')}, "
+                                 f"actors busy {p.get('actor_busy_fraction')} of their running time"))
     print("\nextraction summary")
     for k, v in rows:
         print(f"  {k:<14} {v}")

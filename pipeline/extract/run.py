@@ -25,14 +25,16 @@ from store import Location, RunManifest, StoreExists, StoreWriter, now
 
 def run(s: Settings) -> int:
     t_start = time.time()
-    plan = make_plan(s.data_path, s.image_folder, s.shard_size, s.limit)
+    plan = make_plan(s.data_path, s.image_folder, s.shard_size, s.limit, s.image_keys, s.caption_key)
+    for w in plan.source.warnings():
+        print(w, flush=True)
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)
     manifest.select(s.tasks)
     existing = preflight.existing_store(s, plan, manifest)
     for w in image_library_warnings(existing and existing.manifest, image_libraries(), "the driver"):
         print(w, flush=True)
-    print(f"plan: {plan.num_samples} samples ({plan.records_in_file} in {plan.data_path.name}), {plan.num_shards} "
-          f"shards of {s.shard_size}; tasks {','.join(s.tasks)}; teachers {manifest.name} ({manifest.fidelity}); "
+    print(f"plan: {plan.describe()}, {plan.num_shards} "
+          f"shards of {s.shard_size}; tasks {','.join(s.tasks) or 'none (images, captions and ids only)'}; teachers {manifest.name} ({manifest.fidelity}); "
           f"output {Location(s.output)} ({'resuming' if existing else 'new'})", flush=True)
     # what a real run refuses before it starts, a plan refuses too: a plan that says OK means the run will start
     preflight.check_writable(Location(s.output), keep=not s.plan_only)

@@ -47,7 +47,8 @@ class ShardScheduler:
     def run(self) -> None:
         try:
             while self.queue or self.inflight or self.writers or self.deferred:
-                while self.queue and len(self.writers) < self.res.max_writers and min(self.load) < self.res.prefetch:
+                while self.queue and len(self.writers) < self.res.max_writers and \
+                        min(self.load, default=0) < self.res.prefetch:
                     self._submit(self.queue.popleft())
                 self.leases.renew_due()
                 if self.queue or self.inflight or self.writers:
@@ -85,13 +86,15 @@ class ShardScheduler:
             return
         tasks, metas, targets = self.work[i], [], []
         for chunk in batches_of(self.plan.shard_records(i), self.res.batch):
-            a = min(range(len(self.actors)), key=self.load.__getitem__)
-            pix, meta = self.decode.remote(chunk, str(self.plan.image_folder), [self.specs[t] for t in tasks],
+            pix, meta = self.decode.remote(chunk, self.plan.image_folder, [self.specs[t] for t in tasks],
                                            self.max_pixels, self.res.resize_on)
+            metas.append(meta)
+            if not tasks:  # images, captions and ids only: no teacher, the decoded batch goes to the writer
+                continue
+            a = min(range(len(self.actors)), key=self.load.__getitem__)
             ref = self.actors[a].run.remote(pix, list(tasks))
             self.inflight[ref] = (a, len(chunk))
             self.load[a] += 1
-            metas.append(meta)
             targets.append(ref)
         if i not in self.previous:  # a shard being redone is not done meanwhile (a damaged record goes too);
             self.previous[i] = self.writer.redo(i)  # a retry keeps what the first attempt found
@@ -118,7 +121,8 @@ class ShardScheduler:
             if self.attempts[i] <= self.retries:
                 print(f"shard {i} failed ({reason}); retrying", flush=True)
                 self.queue.append(i)
-                self.bar.update(-len(self.plan.shard_records(i)))
+                if self.work[i]:  # the teacher step counted its images
+                    self.bar.update(-len(self.plan.shard_records(i)))
             else:
                 self.failed[i] = reason
                 self.leases.release(i)
@@ -126,6 +130,8 @@ class ShardScheduler:
             return
         self.leases.release(i)
         self.done[i] = rec
+        if not self.work[i]:  # no teacher step counted its images
+            self.bar.update(rec.count)
         bad = sum(r.bad_images for r in self.done.values())
         self.bar.set_postfix(shards=f"{len(self.done)}/{len(self.work)}", bad=bad, failed=len(self.failed),
                              refresh=False)

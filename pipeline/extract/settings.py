@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.inputs import IMAGE_KEYS
 from recipes.imageops import DEFAULT_MAX_PIXELS
 from recipes.manifest import DEFAULT_MANIFEST, TASKS
 
@@ -16,7 +17,7 @@ class UsageError(Exception):
 @dataclass
 class Settings:
     data_path: str
-    image_folder: str
+    image_folder: str | None
     output: str
     teachers_manifest: str = str(DEFAULT_MANIFEST)
     fidelity: str | None = None
@@ -43,6 +44,8 @@ class Settings:
     shard_retries: int = 2
     plan_only: bool = False
     progress: bool = True
+    image_keys: tuple[str, ...] = IMAGE_KEYS  # WebDataset input: the image member suffixes, in preference order
+    caption_key: str = "txt"  # WebDataset input: the caption member (txt), or a json member's field (json:caption)
 
 
 class Terminated(KeyboardInterrupt):

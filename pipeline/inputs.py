@@ -1,0 +1,371 @@
+"""Where a store's samples come from, each kind planned into the store's shards without more than a shard's
+records in memory at once:
+
+    LLaVA JSON      --data-path blip_laion_cc_sbu_558k.json --image-folder images/   (the whole file is parsed)
+    JSONL listing   --data-path listing.jsonl --image-folder images/                 (a LLaVA record per line, or
+                    {"id", "image", "caption"}; read line by line, the offsets of the shards' first lines kept)
+    WebDataset      --data-path 'in/{00000..02999}.tar' (local or s3://...)          (img2dataset's shards: the
+                    image and caption of each sample are members of its tar)
+
+A source gives the records of a range of global indices, the identity the store keeps (`dataset_info`, whose
+"sha256" a resume must match: the file's sha256, or that of the listing of the input tars' sizes and sha256s),
+and how a decode task reads a record's image (`Record.blob`: a byte range of an input tar; else the image folder).
+Samples a source cannot use (a tar member that cannot be read, a sample without an image or caption) stay in the
+order as bad records, with their reason: never fatal, never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from pipeline.llava import IMAGE_TOKEN, DatasetError, Record, load_records, record_of
+from recipes.imageops import BadImage
+from store import Location, atomic_write, cache_root, is_url
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LIST_THREADS = 8  # input tars listed at once
+
+
+class Source:
+    """What every kind gives the plan."""
+
+    kind = ""
+    num_samples: int
+    records_in_input: int
+    image_folder: Path | None = None
+
+    def records(self, start: int, stop: int) -> list[Record]:
+        raise NotImplementedError
+
+    def dataset_info(self) -> dict:
+        raise NotImplementedError
+
+    def warnings(self) -> list[str]:
+        """What the planning found that is not fatal (a tar that cannot be read to its end)."""
+        return []
+
+
+# ---- a LLaVA JSON, whole -------------------------------------------------------------------------------------------
+
+class LlavaJson(Source):
+    kind = "llava-json"
+
+    def __init__(self, path: Path, image_folder: Path, limit: int | None):
+        self.path, self.image_folder, self.limit = path, image_folder, limit
+        self._records, self.records_in_input = load_records(path, limit=limit)
+        self.num_samples = len(self._records)
+        self.sha256 = Location(path.parent).sha256(path.name)
+
+    def records(self, start: int, stop: int) -> list[Record]:
+        return self._records[start:stop]
+
+    def dataset_info(self) -> dict:
+        return {"json": str(self.path), "sha256": self.sha256, "image_folder": str(self.image_folder),
+                "records_in_file": self.records_in_input, "limit": self.limit}
+
+
+# ---- a JSONL listing, line by line ----------------------------------------------------------------------------------
+
+class JsonlListing(Source):
+    """One pass at planning: the file's sha256, the structure of every line (all problems at once, as the JSON's),
+    duplicate ids (by 64-bit hashes: 8 bytes a record), and the byte offset of every `shard_size`-th line."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: Path, image_folder: Path, shard_size: int, limit: int | None):
+        self.path, self.image_folder, self.shard_size, self.limit = path, image_folder, shard_size, limit
+        h, starts, hashes, numbers, problems, n = hashlib.sha256(), [], [], [], [], 0
+        with open(path, "rb") as f:
+            offset = 0
+            for line in f:
+                h.update(line)
+                if line.strip() and (limit is None or n < limit):
+                    if n % shard_size == 0:
+                        starts.append(offset)
+                    rec, problem = _listing_record(n, line)
+                    if problem:
+                        problems.append(f"line {n + 1}: {problem}")
+                    else:
+                        hashes.append(int.from_bytes(hashlib.blake2b(rec.id.encode(), digest_size=8).digest(), "little"))
+                        numbers.append(n)
+                    n += 1
+                offset += len(line)
+        problems += _duplicates(path, np.array(hashes, dtype=np.uint64), np.array(numbers, dtype=np.int64))
+        if problems:
+            raise DatasetError(f"{path}: {len(problems)} structural problem(s):\n  " + "\n  ".join(problems[:50]))
+        self.sha256, self.starts, self.num_samples = h.hexdigest(), starts, n
+        self.records_in_input = n
+
+    def records(self, start: int, stop: int) -> list[Record]:
+        out = []
+        with open(self.path, "rb") as f:
+            f.seek(self.starts[start // self.shard_size])
+            n = start // self.shard_size * self.shard_size
+            for line in f:
+                if not line.strip():
+                    continue
+                if n >= stop:
+                    break
+                if n >= start:
+                    out.append(_listing_record(n, line)[0])
+                n += 1
+        return out
+
+    def dataset_info(self) -> dict:
+        return {"jsonl": str(self.path), "sha256": self.sha256, "image_folder": str(self.image_folder),
+                "records_in_file": self.records_in_input, "limit": self.limit}
+
+
+def _listing_record(n: int, line: bytes) -> tuple[Record | None, str | None]:
+    """A listing line as a record: a LLaVA record, or {"id", "image", "caption"} (given the LLaVA form)."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        return None, f"not JSON ({str(e)[:80]})"
+    if isinstance(obj, dict) and "caption" in obj and "conversations" not in obj:
+        obj = llava_record(str(obj.get("id", "")), obj.get("image"), obj["caption"])
+    return record_of(n, obj)
+
+
+def _duplicates(path: Path, hashes: np.ndarray, numbers: np.ndarray) -> list[str]:
+    """Ids that occur twice, by the 64-bit hashes of the records `numbers` (0-based, blank lines not counted); a
+    hash collision is read back from the file to tell it from a duplicate."""
+    if len(hashes) < 2:
+        return []
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    pairs = [(int(numbers[order[k]]), int(numbers[order[k + 1]])) for k in same]
+    want = {n for pair in pairs for n in pair}
+    ids: dict[int, str] = {}
+    with open(path, "rb") as f:
+        n = 0
+        for line in f:
+            if line.strip():
+                if n in want:
+                    ids[n] = str(json.loads(line)["id"])  # a record that parsed and had an id
+                n += 1
+    return [f"line {b + 1}: duplicate id {ids[a]!r} (first at line {a + 1})" for a, b in pairs if ids[a] == ids[b]]
+
+
+def llava_record(sample_id: str, image: str | None, caption) -> dict:
+    """A caption as LLaVA's PT writes a sample: the human turn the image, the gpt turn the caption."""
+    return {"id": sample_id, "image": image,
+            "conversations": [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption}]}
+
+
+# ---- WebDataset tars -----------------------------------------------------------------------------------------------
+
+def expand_braces(pattern: str) -> list[str]:
+    """'in/{00000..00002}.tar' -> in/00000.tar, in/00001.tar, in/00002.tar (zero padding kept; several braces and
+    comma lists {a,b} too), as webdataset's brace expansion."""
+    import braceexpand
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+class TarShards(Source):
+    """Input tars, each listed once (streamed: its samples' keys, where each image member's bytes are, the
+    caption; the tar's size and sha256) and the listing cached on this machine, keyed by the tar's url, size and
+    modification time or ETag, so a resume lists only tars that changed."""
+
+    kind = "webdataset"
+
+    def __init__(self, pattern: str, shard_size: int, limit: int | None, image_keys=IMAGE_KEYS,
+                 caption_key: str = "txt", threads: int = LIST_THREADS):
+        self.pattern, self.limit, self.image_keys, self.caption_key = pattern, limit, tuple(image_keys), caption_key
+        urls = expand_braces(pattern)
+        if not urls:
+            raise DatasetError(f"--data-path {pattern!r} names no tar")
+        with ThreadPoolExecutor(threads) as pool:
+            self.listings = list(pool.map(self._listing, urls))
+        counts = np.array([len(x["samples"]) for x in self.listings], dtype=np.int64)
+        self.first = np.r_[0, np.cumsum(counts)]  # global index of each tar's first sample
+        self.records_in_input = int(self.first[-1])
+        self.num_samples = min(self.records_in_input, limit) if limit is not None else self.records_in_input
+        if self.num_samples == 0:
+            raise DatasetError(f"--data-path {pattern!r}: the tars hold no sample")
+        self._loaded: dict[int, list] = {}
+
+    def _listing(self, url: str) -> dict:
+        """The tar's listing, from this machine's cache when the tar has not changed, else listed now."""
+        loc, name = _location_of(url)
+        try:
+            info = loc.fs.info(loc.path(name))
+        except FileNotFoundError:
+            raise DatasetError(f"input tar not found: {url} (of --data-path {self.pattern!r})") from None
+        except Exception as e:  # a bucket that refuses, an endpoint that does not answer
+            raise DatasetError(f"input tar {url} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
+        stamp = f"{url}|{info.get('size')}|{info.get('mtime') or info.get('ETag') or info.get('LastModified')}|" \
+                f"{','.join(self.image_keys)}|{self.caption_key}"
+        cache = cache_root() / "inputs" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.json"
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, ValueError):
+            pass
+        try:
+            listing = list_tar(url, self.image_keys, self.caption_key)
+        except OSError as e:
+            raise DatasetError(f"input tar {url} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
+        try:
+            atomic_write(cache, json.dumps(listing).encode())
+        except OSError:
+            pass  # a cache that cannot be written only costs a listing next time
+        return listing
+
+    def records(self, start: int, stop: int) -> list[Record]:
+        out = []
+        k = int(np.searchsorted(self.first, start, side="right")) - 1
+        j = start
+        while j < stop:
+            listing = self.listings[k]
+            for pos in range(j - int(self.first[k]), min(len(listing["samples"]), stop - int(self.first[k]))):
+                out.append(_tar_record(j, listing, pos, self.caption_key))
+                j += 1
+            k += 1
+        return out
+
+    def warnings(self) -> list[str]:
+        return [f"warning: {x['url']}: {x['problem']}; its {len(x['samples'])} samples before that are kept"
+                for x in self.listings if x.get("problem")]
+
+    def dataset_info(self) -> dict:
+        shards = [{"url": x["url"], "bytes": x["bytes"], "sha256": x["sha256"], "samples": len(x["samples"]),
+                   "problem": x.get("problem")} for x in self.listings]
+        digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
+        return {"webdataset": self.pattern, "sha256": digest, "image_keys": list(self.image_keys),
+                "caption_key": self.caption_key, "records_in_file": self.records_in_input, "limit": self.limit,
+                "shards": shards}
+
+
+def _location_of(url: str) -> tuple[Location, str]:
+    if is_url(url):
+        head, _, name = url.rpartition("/")
+        return Location(head), name
+    p = Path(url).resolve()
+    return Location(str(p.parent)), p.name
+
+
+def _tar_record(j: int, listing: dict, pos: int, caption_key: str) -> Record:
+    key, member, offset, size, caption, problem = listing["samples"][pos]
+    tar_name = PurePosixPath(listing["url"]).name
+    image = f"{tar_name}/{member}" if member else None
+    raw = llava_record(key, image, caption)
+    if problem is None and member is None:
+        problem = f"no image member ({key}.{{{'/'.join(IMAGE_KEYS)}}})"
+    if problem is None and caption is None:
+        problem = f"no caption ({key}.{caption_key})"
+    return Record(j, key, image, raw, problem, blob=(listing["url"], offset, size) if member else None)
+
+
+class _Hashing:
+    """A read-only stream that hashes what is read through it (a tar streamed once: listed and hashed)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        self.h.update(b)
+        self.n += len(b)
+        return b
+
+
+def list_tar(url: str, image_keys=IMAGE_KEYS, caption_key: str = "txt") -> dict:
+    """{"url", "bytes", "sha256", "samples": [[key, image member, its data's offset, size, caption, problem]],
+    "problem"}: one streamed pass. A sample is a run of members sharing the name up to the first dot of its base
+    name (webdataset's rule). A tar that cannot be read to its end keeps the samples read before, and says why."""
+    loc, name = _location_of(url)
+    samples: list[list] = []
+    groups: dict[str, dict] = {}
+    problem = None
+    field = caption_key.split(":", 1)[1] if caption_key.startswith("json:") else None
+    last_end, last_name = 0, None
+    with loc.open(name) as f:
+        hashing = _Hashing(f)
+        try:
+            with tarfile.open(fileobj=hashing, mode="r|") as tf:
+                for m in tf:
+                    last_end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    last_name = m.name
+                    if not m.isfile():
+                        continue
+                    folder, _, base = m.name.rpartition("/")
+                    stem, _, suffix = base.partition(".")
+                    key = f"{folder}/{stem}" if folder else stem
+                    g = groups.get(key)
+                    if g is None:
+                        if groups:  # webdataset's grouping: a new key closes the previous sample
+                            samples.append(_sample(groups.popitem()[1], image_keys, caption_key, field))
+                        g = groups[key] = {"key": key, "members": {}}
+                    small = suffix == caption_key or (field is not None and suffix == "json")
+                    g["members"][suffix.lower()] = (m.name, m.offset_data, m.size,
+                                                    tf.extractfile(m).read() if small and m.size < 1 << 20 else None)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            problem = f"the tar cannot be read past {hashing.n} bytes: {type(e).__name__}: {str(e)[:200]}"
+        while True:  # the rest of a damaged tar, if any, still counts in its hash
+            if not hashing.read(8 << 20):
+                break
+    if problem is None and hashing.n < last_end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks
+        problem = f"the tar ends at {hashing.n} bytes, after {last_name}, without its end blocks: it may be cut short"
+    if groups:
+        samples.append(_sample(groups.popitem()[1], image_keys, caption_key, field))
+    return {"url": url, "bytes": hashing.n, "sha256": hashing.h.hexdigest(), "samples": samples, "problem": problem}
+
+
+def _sample(g: dict, image_keys, caption_key: str, field: str | None) -> list:
+    members = g["members"]
+    image = next((members[k] for k in image_keys if k in members), None)
+    text = members.get("json" if field else caption_key)
+    caption, problem = None, None
+    if text is not None and text[3] is not None:
+        try:
+            caption = json.loads(text[3]).get(field) if field else text[3].decode("utf-8").strip()
+            if field and not isinstance(caption, str):
+                caption, problem = None, f"its json member has no string {field!r}"
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            problem = f"its caption member cannot be read: {type(e).__name__}"
+    return [g["key"], image[0] if image else None, image[1] if image else 0, image[2] if image else 0, caption,
+            problem]
+
+
+def read_blob(blob: tuple[str, int, int]) -> bytes:
+    """An image's bytes from an input tar: one range read; BadImage when they cannot be read (the sample is
+    recorded as bad, its neighbours are not)."""
+    url, offset, size = blob
+    try:
+        loc, name = _location_of(url)
+        data = loc.read_range(name, offset, offset + size)
+    except Exception as e:  # a tar gone or cut short since its listing, a bucket that refuses
+        raise BadImage(f"image unreadable at {url}@{offset}: {type(e).__name__}: {str(e)[:200]}") from None
+    if len(data) != size:
+        raise BadImage(f"image at {url}@{offset}: {len(data)} of its {size} bytes could be read (the tar is cut "
+                       f"short, or changed since its listing)")
+    return data
+
+
+# ---- which kind ------------------------------------------------------------------------------------------------------
+
+def open_source(data_path: str, image_folder: str | None, shard_size: int, limit: int | None = None,
+                image_keys=IMAGE_KEYS, caption_key: str = "txt") -> Source:
+    """The source `data_path` names: tars (a brace pattern or one .tar, local or a URL), a .jsonl listing or a
+    LLaVA JSON (both with `image_folder`). DatasetError says what is wrong, in one message."""
+    if shard_size < 1:
+        raise DatasetError(f"--shard-size must be >= 1, got {shard_size}")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"--limit must be >= 1, got {limit}")
+    if re.search(r"\.tar(\.gz)?$|\{[^}]*\}", data_path) or data_path.endswith(".tar"):
+        return TarShards(data_path, shard_size, limit, image_keys, caption_key)
+    path = Path(data_path).resolve()
+    if not image_folder or not Path(image_folder).is_dir():
+        raise DatasetError(f"image folder not found: {image_folder} (a JSON or JSONL listing names images in a "
+                           f"folder: --image-folder)")
+    if path.suffix == ".jsonl":
+        return JsonlListing(path, Path(image_folder).resolve(), shard_size, limit)
+    return LlavaJson(path, Path(image_folder).resolve(), limit)

@@ -1,0 +1,176 @@
+"""Inputs that stream (pipeline/inputs.py): WebDataset tars (local and on S3), a JSONL listing, each planned into
+the store's shards without holding the listing; bad members recorded, never fatal; a changed input refused on
+resume in one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import call, one_error_line
+
+import store
+from pipeline.extract.plan import make_plan
+from pipeline.inputs import list_tar, read_blob
+from pipeline.llava import DatasetError, load_records
+from recipes.manifest import load_manifest
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_tars(dataset, out: Path, per_tar: int = 8, caption: str = "txt") -> tuple[list[Path], list[dict]]:
+    """The sample dataset as img2dataset's tars: <id>.jpg (when the record's image exists) and its caption as
+    <id>.txt or inside <id>.json; the records in order, for the expected values."""
+    json_path, images = dataset
+    records = json.loads(Path(json_path).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(0, len(records), per_tar):
+        path = out / f"{k // per_tar:05d}.tar"
+        with tarfile.open(path, "w") as tf:
+            for r in records[k:k + per_tar]:
+                img = Path(images) / r["image"] if r.get("image") else None
+                if img is not None and img.is_file():
+                    _add(tf, f"{r['id']}.jpg", img.read_bytes())
+                text = r["conversations"][-1]["value"]
+                if caption == "txt":
+                    _add(tf, f"{r['id']}.txt", text.encode())
+                else:
+                    _add(tf, f"{r['id']}.json", json.dumps({"caption": text, "key": r["id"]}).encode())
+        paths.append(path)
+    return paths, records
+
+
+def test_webdataset_tars_are_listed_into_records_with_their_image_bytes(tmp_path, sample_dataset):
+    paths, records = write_tars(sample_dataset, tmp_path / "wds")
+    plan = make_plan(str(tmp_path / "wds" / f"{{00000..{len(paths) - 1:05d}}}.tar"), None, 5)
+    assert plan.num_samples == len(records) and plan.num_shards == -(-len(records) // 5)
+    got = [r for i in range(plan.num_shards) for r in plan.shard_records(i)]
+    assert [r.id for r in got] == [r["id"] for r in records] and [r.index for r in got] == list(range(len(records)))
+    images = Path(sample_dataset[1])
+    for r, want in zip(got, records, strict=True):
+        assert r.raw["conversations"][-1]["value"] == want["conversations"][-1]["value"]
+        path = images / want["image"] if want.get("image") else None
+        if path is not None and path.is_file():
+            assert r.problem is None and read_blob(r.blob) == path.read_bytes(), r.id
+        else:
+            assert r.blob is None and "no image member" in r.problem, r.id
+    info = plan.dataset_info()
+    assert info["kind"] == "webdataset" and len(info["shards"]) == len(paths)
+    assert all(s["bytes"] == p.stat().st_size for s, p in zip(info["shards"], paths, strict=True))
+    # a caption inside the json member
+    json_paths, _ = write_tars(sample_dataset, tmp_path / "wdsj", caption="json")
+    other = make_plan(str(json_paths[0]), None, 5, caption_key="json:caption")
+    assert [r.raw["conversations"][-1]["value"] for r in other.shard_records(0)] == \
+        [r["conversations"][-1]["value"] for r in records[:5]]
+
+
+@pytest.mark.parametrize("cut", ["inside a member", "between members"])
+def test_a_damaged_tar_keeps_its_readable_samples_and_says_why(tmp_path, sample_dataset, cut):
+    """A tar cut short (inside a member's data, or cleanly between two members, so that only its missing end
+    blocks tell) keeps the samples read before the cut, and says so; the rest of the input is all there; a member
+    cut short reads as a bad image, never as other bytes."""
+    from recipes.imageops import BadImage
+
+    paths, records = write_tars(sample_dataset, tmp_path / "wds")
+    data = paths[0].read_bytes()
+    with tarfile.open(paths[0]) as tf:
+        members = tf.getmembers()
+    m = members[len(members) // 2]
+    at = m.offset_data + m.size // 2 if cut == "inside a member" else m.offset
+    paths[0].write_bytes(data[:at])
+    listing = list_tar(str(paths[0]))
+    assert listing["problem"] and 0 < len(listing["samples"]) < 8
+    plan = make_plan(str(tmp_path / "wds" / f"{{00000..{len(paths) - 1:05d}}}.tar"), None, 4)
+    (warning,) = plan.source.warnings()
+    assert paths[0].name in warning and ("cut short" in warning or "cannot be read past" in warning), warning
+    assert plan.num_samples == len(records) - 8 + len(listing["samples"])
+    for r in (r for i in range(plan.num_shards) for r in plan.shard_records(i) if r.blob is not None):
+        try:
+            assert len(read_blob(r.blob)) == r.blob[2]
+        except BadImage as e:
+            assert "could be read" in str(e) and r.blob[0] == str(paths[0])
+
+
+def test_a_changed_input_tar_is_refused_on_resume_in_one_line(tmp_path, sample_dataset, tiny_teachers):
+    from helpers import extraction_args
+
+    from pipeline.extract.cli import main as extraction_main
+
+    paths, _ = write_tars(sample_dataset, tmp_path / "wds")
+    pattern = str(tmp_path / "wds" / f"{{00000..{len(paths) - 1:05d}}}.tar")
+    plan = make_plan(pattern, None, 5)
+    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=5,
+                          formats=["zarr", "wds"], tasks={})
+    store.StoreWriter.create(str(tmp_path / "store"), m, load_manifest(tiny_teachers).identity([]))
+    argv = extraction_args(("unused", "unused"), tmp_path / "store", tiny_teachers, "--tasks", "none",
+                           "--plan-only")
+    argv[argv.index("--data-path") + 1] = pattern
+    del argv[argv.index("--image-folder"):argv.index("--image-folder") + 2]
+    argv[argv.index("--shard-size") + 1] = "5"
+    rc, log = call(extraction_main, argv)
+    assert rc == 0 and "plan OK" in log, log
+    with tarfile.open(paths[1], "a") as tf:  # one more sample in the second tar
+        _add(tf, "extra.txt", b"a new caption")
+    rc, log = call(extraction_main, argv)
+    assert rc == 2 and f"{paths[1].name} changed" in log and "the dataset differs" in log, log
+
+
+def test_webdataset_tars_on_s3(tmp_path, sample_dataset, seaweedfs):
+    paths, records = write_tars(sample_dataset, tmp_path / "wds")
+    loc = store.Location(f"s3://{seaweedfs.bucket}/inputs-{uuid.uuid4().hex[:8]}")
+    for p in paths:
+        loc.write_bytes(p.name, p.read_bytes())
+    plan = make_plan(f"{loc.url}/{{00000..{len(paths) - 1:05d}}}.tar", None, 8)
+    local = make_plan(str(tmp_path / "wds" / f"{{00000..{len(paths) - 1:05d}}}.tar"), None, 8)
+    assert plan.num_samples == local.num_samples == len(records)
+    s3, here = plan.shard_records(1), local.shard_records(1)
+    assert [r.id for r in s3] == [r.id for r in here]
+    for a, b in zip(s3, here, strict=True):
+        assert (a.blob is None) == (b.blob is None)
+        if a.blob is not None:
+            assert read_blob(a.blob) == read_blob(b.blob)
+    assert [s["sha256"] for s in plan.dataset_info()["shards"]] == [s["sha256"] for s in local.dataset_info()["shards"]]
+
+
+def test_a_jsonl_listing_is_read_shard_by_shard(tmp_path, sample_dataset):
+    json_path, images = sample_dataset
+    records, _ = load_records(json_path)
+    listing = tmp_path / "listing.jsonl"
+    listing.write_text("".join(json.dumps(r.raw) + "\n" for r in records))
+    plan = make_plan(str(listing), images, 6)
+    assert not hasattr(plan.source, "_records")  # nothing but shard offsets is held
+    got = [r for i in range(plan.num_shards) for r in plan.shard_records(i)]
+    assert [(r.index, r.id, r.image, r.raw) for r in got] == [(r.index, r.id, r.image, r.raw) for r in records]
+    assert len(plan.source.starts) == plan.num_shards
+    assert make_plan(str(listing), images, 6, limit=7).num_samples == 7
+    # {"id", "image", "caption"} lines are LLaVA records of that caption
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"id": "a", "image": records[0].image, "caption": "a cat"}) + "\n")
+    (one,) = make_plan(str(short), images, 6).shard_records(0)
+    assert one.raw["conversations"][-1] == {"from": "gpt", "value": "a cat"} and one.image == records[0].image
+    # every structural problem at once, duplicates included
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(records[0].raw) + "\n" + "{not json\n" + json.dumps(records[0].raw) + "\n" + "[1]\n")
+    with pytest.raises(DatasetError) as e:
+        make_plan(str(bad), images, 6)
+    said = str(e.value)
+    assert "line 2: not JSON" in said and "duplicate id" in said and "line 4" in said
+
+
+def test_an_input_that_is_not_there_is_one_line(tmp_path, tiny_teachers):
+    from helpers import extraction_args
+
+    from pipeline.extract.cli import main as extraction_main
+
+    argv = extraction_args((tmp_path / "none-{000..002}.tar", tmp_path), tmp_path / "out", tiny_teachers, "--plan-only")
+    rc, log = call(extraction_main, argv)
+    assert rc == 2 and "none-000.tar" in one_error_line(log), log
