@@ -12,6 +12,7 @@ that compares designs side by side in one run and prints a table (ratios; nothin
     pt_step         the PT step (trainer.loop.train_step) with stored targets vs teachers inside the step
     vlora_step      VLoRA's PT step beside LLaVA-1.5's and OLA-VLM's (time, saved activations, parameters)
     probing         olaf's one probing pass vs the authors' one job per task
+    scale           558K, 3M and 30M samples: planning, the sample index, trainer start-up and memory, resume
     gpu_proof       every GPU figure in one run and one JSON (a package: runner, setup, machine, one module per
                     part, table)
     timing          how every benchmark times a call (warm-up, median, device sync)

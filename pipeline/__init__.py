@@ -6,5 +6,6 @@
     inspect, render   see, verify and picture what a store holds
     jobdir            the allow-list a Ray job is submitted with
     localray          a Ray head on 127.0.0.1, stopped without touching any other Ray
+    inputs            where samples come from: a LLaVA JSON, a JSONL listing, WebDataset tars (local or s3://)
     provenance        the code and library versions a store records
 """

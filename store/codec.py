@@ -23,6 +23,15 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def sample_meta(sample_id: str, index: int, shard: int, record: dict, image: str | None, valid: dict[str, bool],
+                errors: dict | None) -> dict:
+    """A sample's json member: its id, global index, shard, dataset record, image member suffix (None: no image
+    stored), per-task validity and errors."""
+    return {"id": sample_id, "index": index, "shard": shard, "record": record,
+            "image_member": layout.image_member(image) if image is not None else None, "valid": valid,
+            "errors": errors or None}
+
+
 def sample_members(meta: dict, image_bytes: bytes | None, targets: dict[str, tuple[np.ndarray, np.ndarray | None]],
                    kept: dict[str, bytes] | None = None) -> dict:
     """A sample as WebDataset writes it: {"__key__", "json", <image ext>, "<task>.npy", "<task>.scale.npy"}.

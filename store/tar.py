@@ -46,14 +46,27 @@ def write_tar(loc: Location, name: str, samples: Iterable[dict]) -> dict:
         with tarfile.open(fileobj=hw, mode="w") as tf:
             for s in samples:
                 start = tf.offset
-                key = s["__key__"]
-                for suffix in sorted(k for k in s if not k.startswith("_")):
-                    data = s[suffix]
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0.0, MEMBER_MODE, "", ""
-                    tf.addfile(info, io.BytesIO(data))
+                _add_members(tf, s)
                 ranges.append([start, tf.offset - start])
     return {"bytes": hw.n, "sha256": hw.h.hexdigest(), "samples": ranges}
+
+
+def _add_members(tf: tarfile.TarFile, s: dict) -> None:
+    key = s["__key__"]
+    for suffix in sorted(k for k in s if not k.startswith("_")):
+        data = s[suffix]
+        info = tarfile.TarInfo(f"{key}.{suffix}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0.0, MEMBER_MODE, "", ""
+        tf.addfile(info, io.BytesIO(data))
+
+
+def sample_bytes(s: dict) -> bytes:
+    """One sample's members as `write_tar` lays them out inside a tar (its range's bytes, wherever it lies)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        _add_members(tf, s)
+        end = tf.offset
+    return buf.getvalue()[:end]
 
 
 def samples_of(stream, url: str) -> Iterator[dict]:

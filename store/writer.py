@@ -30,7 +30,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from store import layout, recovery, tar, zarr_io
-from store.codec import meta_of, sample_members, target_members_of
+from store.codec import meta_of, sample_members, sample_meta, target_members_of
 from store.fs import Location, StoreError
 from store.identity import check_identity, read_teachers, teacher_mismatches, write_teachers
 from store.lease import Leases
@@ -368,9 +368,8 @@ def _tar_samples(m: RunManifest, result: ShardResult, kept: list[str], old: dict
         for t in result.tasks:
             if pos in result.task_errors.get(t, {}):
                 errors[t] = result.task_errors[t][pos]
-        meta = {"id": s.id, "index": s.index, "shard": result.shard, "record": s.record,
-                "image_member": layout.image_member(s.image) if s.image_bytes is not None else None,
-                "valid": {t: valid[t] for t in all_tasks}, "errors": errors or None}
+        meta = sample_meta(s.id, s.index, result.shard, s.record, s.image if s.image_bytes is not None else None,
+                           {t: valid[t] for t in all_tasks}, errors)
         carried = {k: v for t in kept for k, v in target_members_of(prev, t).items()}
         now = {t: (result.values[t][pos], result.scales[t][pos] if m.tasks[t].scaled else None)
                for t in result.tasks if result.valid[t][pos]}

@@ -5,7 +5,6 @@ samples, in a few GB of disk. For the scale benchmark and tests; the targets are
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -14,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 import store
-from store import layout
-from store.codec import sample_members
+from store import layout, tar
+from store.codec import sample_members, sample_meta
 
 TASK, SHAPE = "gen", (1, 16)
 BAD_EVERY = 997  # every 997th sample's image was bad at extraction: never trained on
@@ -28,19 +27,10 @@ def sample_id(j: int) -> str:
 
 def sample_bytes(j: int, shard: int) -> bytes:
     """Sample j's tar members (its json and its target), as the store's tar writer lays them out: the same number
-    of bytes for every sample (2,048), so the records' byte ranges are arithmetic."""
+    of bytes for every sample, so the records' byte ranges are arithmetic."""
     values = np.full(SHAPE, j % 1000, dtype=np.float16)  # the fp16 encoding stores the values as they are
-    meta = {"id": sample_id(j), "index": j, "shard": shard, "record": {"id": sample_id(j)}, "image_member": None,
-            "valid": {TASK: True}, "errors": None}
-    raw = sample_members(meta, None, {TASK: (values, None)})
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for suffix in sorted(k for k in raw if not k.startswith("_")):
-            info = tarfile.TarInfo(f"{raw['__key__']}.{suffix}")
-            info.size, info.mtime, info.mode, info.uname, info.gname = len(raw[suffix]), 0.0, 0o444, "", ""
-            tf.addfile(info, io.BytesIO(raw[suffix]))
-        end = tf.offset
-    return buf.getvalue()[:end]
+    meta = sample_meta(sample_id(j), j, shard, {"id": sample_id(j)}, None, {TASK: True}, None)
+    return tar.sample_bytes(sample_members(meta, None, {TASK: (values, None)}))
 
 
 SAMPLE_BYTES = len(sample_bytes(0, 0))

@@ -174,3 +174,37 @@ def test_an_input_that_is_not_there_is_one_line(tmp_path, tiny_teachers):
     argv = extraction_args((tmp_path / "none-{000..002}.tar", tmp_path), tmp_path / "out", tiny_teachers, "--plan-only")
     rc, log = call(extraction_main, argv)
     assert rc == 2 and "none-000.tar" in one_error_line(log), log
+
+
+@pytest.mark.slow
+def test_vlora_trains_from_a_teacher_free_store_of_tars_that_later_gains_the_teachers(tmp_path, trainer_dataset,
+                                                                                      tiny_models, tiny_teachers,
+                                                                                      ray_head):
+    """img2dataset-style tars -> a store without teachers (images, captions, ids) -> VLoRA's PT trains from it;
+    the same store then gains the three teachers' targets (`--tasks gen,depth,seg`) and OLA-VLM's PT trains."""
+    from helpers import extract, trainer_args
+    from test_vlora import vlora_args
+
+    from pipeline import inspect
+    from trainer.pt import run as trainer
+
+    paths, records = write_tars(trainer_dataset, tmp_path / "wds", per_tar=10)
+    out = tmp_path / "store"
+    argv = ["--data-path", str(tmp_path / "wds" / f"{{00000..{len(paths) - 1:05d}}}.tar"), "--output", str(out),
+            "--teachers-manifest", str(tiny_teachers), "--shard-size", "8", "--batch-size", "4", "--torch-threads",
+            "1", "--no-progress", "--address", ray_head]
+    rc, log = extract(argv + ["--tasks", "none"])
+    assert rc == 0 and "tasks none" in log, log
+    s = store.Store(str(out))
+    assert s.tasks == [] and s.num_samples == len(records) and s.done_shards([]) == list(range(s.num_shards))
+    rc, log = call(trainer, vlora_args(out, tiny_models, tiny_teachers, tmp_path / "vlora", "--max-steps", "2"))
+    assert rc == 0, log
+    rc, log = extract(argv + ["--tasks", "gen,depth,seg"])
+    assert rc == 0, log
+    s = store.Store(str(out))
+    assert s.tasks == ["gen", "depth", "seg"] and s.done_shards(["gen", "depth", "seg"]) == list(range(s.num_shards))
+    assert call(inspect.main, [out, "verify", "--full"])[0] == 0
+    rc, log = call(trainer, trainer_args(out, tiny_models, tiny_teachers, tmp_path / "ola", "--max-steps", "2"))
+    assert rc == 0, log
+    rows = [json.loads(x) for x in (tmp_path / "ola" / "logs" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > r["ntp"] for r in rows)  # the embedding losses are in

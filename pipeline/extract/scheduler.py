@@ -15,6 +15,34 @@ from pipeline.extract.resources import Resources
 from store import ShardRecord, StoreWriter
 
 
+class NodeWatch:
+    """The cluster's nodes, looked at once every `every` seconds: a node that leaves (killed, preempted, its
+    raylet dead) is one line, not silence while Ray retries its tasks and restarts its actors on the others."""
+
+    def __init__(self, ray, every: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.ray, self.every, self.clock = ray, every, clock
+        self.alive = self._alive()
+        self.next = clock() + every
+
+    def _alive(self) -> dict[str, str]:
+        try:
+            return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in self.ray.nodes() if n.get("Alive")}
+        except Exception:  # the GCS busy or restarting: look again next time
+            return getattr(self, "alive", {})
+
+    def lost(self, now: bool = False) -> list[str]:
+        """Lines for the nodes gone since the last look (`now`: look even if it is not time yet)."""
+        if self.clock() < self.next and not now:
+            return []
+        self.next = self.clock() + self.every
+        now = self._alive()
+        gone = [f"node {addr} ({node[:12]}) left the cluster: Ray retries its tasks and restarts its actors on the "
+                f"{len(now)} node(s) left; shards already committed are kept" for node, addr in self.alive.items()
+                if node not in now]
+        self.alive = now
+        return gone
+
+
 class ShardScheduler:
     """`run()` computes and commits every shard of `work` ({shard: tasks}); afterwards `done` holds the records
     committed, `failed` the shards that kept failing (with why), `by_others` those another job committed."""
@@ -43,6 +71,7 @@ class ShardScheduler:
         self.leases = writer.leases()
         self.deferred: dict[int, str] = {}  # shard -> the job holding its lease
         self.said_waiting = False
+        self.nodes = NodeWatch(ray)
 
     def run(self) -> None:
         try:
@@ -51,10 +80,14 @@ class ShardScheduler:
                         min(self.load, default=0) < self.res.prefetch:
                     self._submit(self.queue.popleft())
                 self.leases.renew_due()
+                for line in self.nodes.lost():
+                    print(line, flush=True)
                 if self.queue or self.inflight or self.writers:
                     self._collect()
                 else:  # only shards another job holds are left: wait for them
                     self._wait_for_others()
+            for line in self.nodes.lost(now=True):
+                print(line, flush=True)
         finally:
             self.leases.release_all()  # stopped or failed: hand the shards back at once rather than at expiry
 
