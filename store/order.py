@@ -113,8 +113,7 @@ class GlobalOrder:
                              "train on")
         self.table, self.seed, self.chunk, self.mix = table, int(seed), int(chunk), int(mix)
         self._fingerprint = None
-        self.cache = None if cache is None else \
-            Path(cache) / f"{self.describe()['fingerprint'][:24]}-{len(table)}-{self.seed}-{chunk}-{mix}"
+        self.cache = None if cache is None else Path(cache) / f"{self._table_key()}-{self.seed}-{chunk}-{mix}"
         # chunk k = rows [starts[k], starts[k] + lengths[k]): consecutive usable rows of one shard; rows and
         # positions in int32 below 2**31 samples (a few bytes a sample, whatever the store)
         self._position = np.int32 if len(table) < 2**31 else np.int64
@@ -123,6 +122,13 @@ class GlobalOrder:
                                                                        self._starts + chunk) - self._starts
                                                             ).astype(np.int32))
         self._epoch = lru_cache(maxsize=2)(self._chunks_of_epoch)
+
+    def _table_key(self) -> str:
+        """What the cached arrays depend on: the usable samples and where the shards break them into chunks."""
+        h = hashlib.sha256(self.describe()["fingerprint"].encode())
+        h.update(memoryview(np.ascontiguousarray(self.table.shard, dtype=np.int64 if self.table.shard.dtype.itemsize
+                                                 == 8 else np.int32)))
+        return h.hexdigest()[:32]
 
     def _chunk_starts(self) -> np.ndarray:
         n, shard = len(self.table), self.table.shard

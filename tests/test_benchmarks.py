@@ -79,3 +79,11 @@ def test_vlora_s_step_beside_ola_vlm_s():
 def test_probing_one_pass_against_one_job_per_task():
     out = bench("probing", "--samples", "16", "--batches", "1", "--micro-batch", "4")
     assert "olaf: stored targets, all tasks, one pass" in out and "authors: the three jobs" in out, out
+
+
+def test_olaf_at_scale(tmp_path):
+    out = bench("scale", "--sizes", "3000,6000", "--ranks", "1", "--workers", "1", "--work-dir", str(tmp_path))
+    for figure in ("plan (JSON whole / JSONL streamed), s", "index: bytes per sample on disk",
+                   "start-up to the first batch, s", "node memory for the store, bytes per sample",
+                   "resume near the end of epoch 2, s", "inspect summary (every record), s"):
+        assert sum(figure in line for line in out.splitlines()) == 2, (figure, out)  # a line for each size
