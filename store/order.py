@@ -92,12 +92,14 @@ class SampleTable:
         return hashlib.sha256(memoryview(np.ascontiguousarray(self.index, dtype=np.int64))).hexdigest()
 
 
-def _draws(n: int, seed: int, epoch: int, stream: int) -> np.ndarray:
-    """n raw 64-bit draws of one (seed, epoch, stream); streams differ in the counter's top word, so they never
-    overlap."""
+def _draws(n: int, seed: int, epoch: int, stream: int, start: int = 0) -> np.ndarray:
+    """Draws start .. start + n - 1 (raw 64-bit) of one (seed, epoch, stream); streams differ in the counter's top
+    word, so they never overlap. Philox jumps to `start` (four draws per counter step) without drawing before it."""
     bits = np.random.Philox(key=np.array([seed % (1 << 64), epoch], dtype=np.uint64),
                             counter=np.array([0, 0, 0, stream], dtype=np.uint64))
-    return bits.random_raw(n)
+    blocks, skip = divmod(start, 4)
+    bits.advance(blocks)
+    return bits.random_raw(skip + n)[skip:]
 
 
 class GlobalOrder:
@@ -126,8 +128,7 @@ class GlobalOrder:
     def _table_key(self) -> str:
         """What the cached arrays depend on: the usable samples and where the shards break them into chunks."""
         h = hashlib.sha256(self.describe()["fingerprint"].encode())
-        h.update(memoryview(np.ascontiguousarray(self.table.shard, dtype=np.int64 if self.table.shard.dtype.itemsize
-                                                 == 8 else np.int32)))
+        h.update(memoryview(np.ascontiguousarray(self.table.shard)))
         return h.hexdigest()[:32]
 
     def _chunk_starts(self) -> np.ndarray:
@@ -186,11 +187,7 @@ class GlobalOrder:
     def _span_rows(self, epoch: int, lo: int, hi: int) -> np.ndarray:
         """Rows at the epoch's positions [lo, hi) (whole spans of `mix`, the last one possibly cut by the epoch's
         end): in each span, the positions sorted by their draws (stable), as the whole epoch's lexsort."""
-        bits = np.random.Philox(key=np.array([self.seed % (1 << 64), epoch], dtype=np.uint64),
-                                counter=np.array([0, 0, 0, 2], dtype=np.uint64))  # _draws' stream 2, from lo
-        blocks, skip = divmod(lo, 4)  # Philox4x64: four draws per counter step
-        bits.advance(blocks)
-        draws = bits.random_raw(skip + hi - lo)[skip:]
+        draws = _draws(hi - lo, self.seed, epoch, 2, start=lo)
         span = np.arange(lo, hi) // self.mix
         return self._premix_rows(epoch, lo + np.lexsort((draws, span)))
 

@@ -4,6 +4,7 @@ relies on is checked: a problem names the file and the field, never a KeyError o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from trainer.errors import TrainerError
@@ -13,11 +14,13 @@ KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a st
          list: "a list"}
 
 
-def _is(value, kind) -> bool:
-    if kind in (int, float) and isinstance(value, bool):  # JSON's true is no count
+def is_kind(value, kind) -> bool:
+    """Whether a value read from JSON or YAML is of `kind` (a type of KINDS): `true` is no count, a number is a
+    finite int or float, a word is never a number."""
+    if kind in (int, float) and isinstance(value, bool):
         return False
     if kind is float:
-        return isinstance(value, int | float)
+        return isinstance(value, int | float) and math.isfinite(value)
     return isinstance(value, kind)
 
 
@@ -51,7 +54,7 @@ class JsonFile:
                 raise self.error(key, "is missing" if key not in self.data else "is null",
                                  f"{KINDS[kind]} is needed")
             return default
-        if not _is(value, kind):
+        if not is_kind(value, kind):
             raise self.error(key, f"is {value!r}", f"it must be {KINDS[kind]}")
         if choices is not None and value not in choices:
             raise self.error(key, f"is {value!r}", f"it must be one of {', '.join(map(str, choices))}")

@@ -18,12 +18,13 @@ width), `queries_init`, `placeholder`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainer.fields import is_kind
 
 TYPES = "qkvom"  # the delta sites, in their order
 HEADS, MLP_RATIO = 16, 4  # hard-coded in theirs
@@ -78,17 +79,9 @@ def _type_problem(key: str, value, kind: str) -> str | None:
     never an int; a number is never a word."""
     if value is None:
         return None if "None" in kind else f"vlora.{key} cannot be null"
-    if kind.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        want = "an integer"
-    elif kind.startswith("float"):
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        want = "a number"
-    elif kind.startswith("bool"):
-        ok, want = isinstance(value, bool), "true or false"
-    else:
-        ok, want = isinstance(value, str), "a word"
-    return None if ok else f"vlora.{key} must be {want}, got {value!r}"
+    t = next((t for t in (int, float, bool) if kind.startswith(t.__name__)), str)
+    want = {int: "an integer", float: "a number", bool: "true or false", str: "a word"}[t]
+    return None if is_kind(value, t) else f"vlora.{key} must be {want}, got {value!r}"
 
 
 class VLoRAError(ValueError):

@@ -38,6 +38,11 @@ class Plan:
     def dataset_sha256(self) -> str:
         return self.source.dataset_info()["sha256"]
 
+    def shard_count(self, shard: int) -> int:
+        """Samples of one shard, by arithmetic (no record is made)."""
+        start, stop = store.shard_range(self.num_samples, self.shard_size, shard)
+        return stop - start
+
     def shard_records(self, shard: int) -> list[Record]:
         return self.source.records(*store.shard_range(self.num_samples, self.shard_size, shard))
 

@@ -67,7 +67,7 @@ def _on_ray(ray, s: Settings, plan: Plan, manifest: TeacherManifest, existing: S
     actors, info = start_actors(ray, s, manifest, load_tasks, res, existing) if load_tasks else ([], {})
     worker_libs = ray.get(ray.remote(num_cpus=s.decode_cpus)(image_libraries).remote())  # what decodes
     writer = open_store(s, plan, manifest, existing, load_tasks, res, info, worker_libs)
-    bar = tqdm(total=sum(len(plan.shard_records(i)) for i in work), unit="img", desc="extract",
+    bar = tqdm(total=sum(plan.shard_count(i) for i in work), unit="img", desc="extract",
                disable=not s.progress, smoothing=0.05)
     t_run, total = time.time(), bar.total
 
@@ -191,7 +191,7 @@ def finish(writer: StoreWriter, plan: Plan, work: dict, sched: ShardScheduler, u
     writer.build_index()  # what the trainer starts from: the records as a few mmapped arrays
     final = writer.records()
     all_done = all(i in final and set(m.tasks) <= set(final[i].tasks) for i in range(plan.num_shards))
-    done = progress(sched.done, sum(len(plan.shard_records(i)) for i in work), t_run, sched.failed, utilisation) \
+    done = progress(sched.done, sum(plan.shard_count(i) for i in work), t_run, sched.failed, utilisation) \
         if work else None
     writer.finish_run(done, all_done, len(sched.done), list(sched.failed))
     print_summary(m, plan, sched.done, final, sched.failed, n_err, wall, work, sched.by_others)

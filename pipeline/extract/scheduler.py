@@ -35,11 +35,11 @@ class NodeWatch:
         if self.clock() < self.next and not now:
             return []
         self.next = self.clock() + self.every
-        now = self._alive()
+        alive = self._alive()
         gone = [f"node {addr} ({node[:12]}) left the cluster: Ray retries its tasks and restarts its actors on the "
-                f"{len(now)} node(s) left; shards already committed are kept" for node, addr in self.alive.items()
-                if node not in now]
-        self.alive = now
+                f"{len(alive)} node(s) left; shards already committed are kept" for node, addr in self.alive.items()
+                if node not in alive]
+        self.alive = alive
         return gone
 
 
@@ -100,7 +100,7 @@ class ShardScheduler:
 
     def _by_another(self, i: int) -> None:
         self.by_others.add(i)
-        self.bar.update(len(self.plan.shard_records(i)))
+        self.bar.update(self.plan.shard_count(i))
 
     def _claim(self, i: int) -> bool:
         if i in self.leases.held:
@@ -155,7 +155,7 @@ class ShardScheduler:
                 print(f"shard {i} failed ({reason}); retrying", flush=True)
                 self.queue.append(i)
                 if self.work[i]:  # the teacher step counted its images
-                    self.bar.update(-len(self.plan.shard_records(i)))
+                    self.bar.update(-self.plan.shard_count(i))
             else:
                 self.failed[i] = reason
                 self.leases.release(i)
