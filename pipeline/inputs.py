@@ -27,10 +27,13 @@ import numpy as np
 
 from pipeline.llava import IMAGE_TOKEN, DatasetError, Record, load_records, record_of
 from recipes.imageops import BadImage
-from store import Location, atomic_write, cache_root, is_url
+from store import Location, cache, is_url
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 LIST_THREADS = 8  # input tars listed at once
+ID_PREFIXES = ("none", "tar")  # what a WebDataset sample's id is: its key, or its tar's path / its key
+CAPTION_MAX = 1 << 20  # bytes a caption member may have
+LISTING_VERSION = 2  # what a cached tar listing holds (2: its compression, member names escaped)
 
 
 class Source:
@@ -76,24 +79,17 @@ class LlavaJson(Source):
 class JsonlListing(Source):
     """One pass at planning: the file's sha256, the structure of every line (all problems at once, as the JSON's),
     duplicate ids (by 64-bit hashes: 16 bytes a record while planning), and the byte offset of every
-    `shard_size`-th line. What it found is cached on the node, keyed by the file's size and modification time, so a
-    resume does not read the listing again."""
+    `shard_size`-th line. What it found is cached on the node, so a
+    resume does not parse the listing again: the cached plan is used only when the file still hashes to the sha256
+it was made from (`cached_input`)."""
 
     kind = "jsonl"
 
     def __init__(self, path: Path, image_folder: Path, shard_size: int, limit: int | None):
         self.path, self.image_folder, self.shard_size, self.limit = path, image_folder, shard_size, limit
         st = path.stat()
-        key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{shard_size}|{limit}"
-        cache = cache_root() / "inputs" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-        try:
-            planned = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            planned = self._plan()
-            try:
-                atomic_write(cache, json.dumps(planned).encode())
-            except OSError:
-                pass  # a cache that cannot be written only costs a pass over the listing next time
+        planned = cached_input(("jsonl", path, st.st_size, st.st_mtime_ns, shard_size, limit), self._plan,
+                               lambda: Location(path.parent).sha256(path.name))
         self.sha256, self.starts, self.num_samples = planned["sha256"], planned["starts"], planned["samples"]
         self.records_in_input = planned["samples"]
 
@@ -113,7 +109,7 @@ class JsonlListing(Source):
                         problems.append(f"line {n + 1}: {problem}")
                     # record n's id hash (a line without an id hashes a name no id can have: no false duplicate)
                     name = rec.id if problem is None else f"\0line {n}"
-                    hashes.append(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little"))
+                    hashes.append(_id_hash(name))
                     n += 1
                 offset += len(line)
         problems += _duplicates(self.path, np.frombuffer(hashes, dtype=np.uint64))
@@ -154,10 +150,9 @@ def _listing_record(n: int, line: bytes) -> tuple[Record | None, str | None]:
     return record_of(n, obj)
 
 
-def _duplicates(path: Path, hashes: np.ndarray) -> list[str]:
-    """Ids that occur twice, by the 64-bit hashes of every record's id (record n: 0-based, blank lines not
-    counted); a hash collision is read back from the file to tell it from a duplicate. Sorted once: 8 more bytes
-    a record, and an argsort only when two hashes are equal."""
+def equal_hashes(hashes: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs (a, b), a first, of positions whose 64-bit hashes are equal: sorted once (8 more bytes a record), and an
+    argsort only when two are equal."""
     if len(hashes) < 2:
         return []
     ordered = np.sort(hashes)
@@ -166,16 +161,23 @@ def _duplicates(path: Path, hashes: np.ndarray) -> list[str]:
     del ordered
     order = np.argsort(hashes, kind="stable")
     same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-    pairs = [(int(order[k]), int(order[k + 1])) for k in same]
+    return [(int(order[k]), int(order[k + 1])) for k in same]
+
+
+def _duplicates(path: Path, hashes: np.ndarray) -> list[str]:
+    """Ids that occur twice, by the 64-bit hashes of every record's id (record n: 0-based, blank lines not
+    counted); a hash collision is read back from the file to tell it from a duplicate."""
+    pairs = equal_hashes(hashes)
     want = {n for pair in pairs for n in pair}
     ids: dict[int, str] = {}
-    with open(path, "rb") as f:
-        n = 0
-        for line in f:
-            if line.strip():
-                if n in want:
-                    ids[n] = str(json.loads(line)["id"])  # a record that parsed and had an id
-                n += 1
+    if want:
+        with open(path, "rb") as f:
+            n = 0
+            for line in f:
+                if line.strip():
+                    if n in want:
+                        ids[n] = str(json.loads(line)["id"])  # a record that parsed and had an id
+                    n += 1
     return [f"line {b + 1}: duplicate id {ids[a]!r} (first at line {a + 1})" for a, b in pairs if ids[a] == ids[b]]
 
 
@@ -183,6 +185,26 @@ def llava_record(sample_id: str, image: str | None, caption) -> dict:
     """A caption as LLaVA's PT writes a sample: the human turn the image, the gpt turn the caption."""
     return {"id": sample_id, "image": image,
             "conversations": [{"from": "human", "value": IMAGE_TOKEN}, {"from": "gpt", "value": caption}]}
+
+
+def cached_input(key: tuple, compute, sha256_now=None) -> dict:
+    """What planning found in an input (a JSONL plan, a tar's listing), from the node's cache (store.cache, checked
+    on read) when it is there and the input is the same: `key` names it (path, size, mtime, settings), and
+    `sha256_now()`, when given, hashes the input as it is now, which must equal the "sha256" the entry was made
+    from (a file rewritten under the same size and mtime is planned again). Without `sha256_now` the key must
+    already say the content (an object's ETag)."""
+    path = cache.entry("inputs", *key)
+    raw = cache.read(path)
+    if raw is not None:
+        try:
+            found = json.loads(raw)
+            if sha256_now is None or found.get("sha256") == sha256_now():
+                return found
+        except (ValueError, AttributeError):
+            pass
+    found = compute()
+    cache.write(path, json.dumps(found).encode())
+    return found
 
 
 # ---- WebDataset tars -----------------------------------------------------------------------------------------------
@@ -197,26 +219,37 @@ def expand_braces(pattern: str) -> list[str]:
 
 class TarShards(Source):
     """Input tars, each listed once (streamed: its samples' keys, where each image member's bytes are, the
-    caption; the tar's size and sha256) and the listing cached on this machine, keyed by the tar's url, size and
-    modification time or ETag, so a resume lists only tars that changed."""
+    caption; the tar's size and sha256) and the listing cached on this machine (`cached_input`: a local tar is
+    hashed again and must match, an object's ETag is its content's), so a resume lists only tars that changed.
+    Keys must be unique across the tars (`id_prefix="tar"` makes two datasets' keys so: each id is prefixed with
+    its tar's path relative to the pattern's root, without .tar)."""
 
     kind = "webdataset"
 
     def __init__(self, pattern: str, shard_size: int, limit: int | None, image_keys=IMAGE_KEYS,
-                 caption_key: str = "txt", threads: int = LIST_THREADS):
-        self.pattern, self.limit, self.image_keys, self.caption_key = pattern, limit, tuple(image_keys), caption_key
+                 caption_key: str = "txt", threads: int = LIST_THREADS, id_prefix: str = "none"):
+        if id_prefix not in ID_PREFIXES:
+            raise DatasetError(f"--id-prefix must be one of {', '.join(ID_PREFIXES)}, got {id_prefix!r}")
+        self.pattern, self.limit, self.id_prefix = pattern, limit, id_prefix
+        self.image_keys, self.caption_key = tuple(k.lower() for k in image_keys), _lower_suffix(caption_key)
         urls = expand_braces(pattern)
         if not urls:
             raise DatasetError(f"--data-path {pattern!r} names no tar")
         with ThreadPoolExecutor(threads) as pool:
             self.listings = list(pool.map(self._listing, urls))
+        unreadable = [x for x in self.listings if not x["samples"] and x.get("problem")]
+        if unreadable:
+            raise DatasetError(f"input tar {unreadable[0]['url']}: nothing in it can be read ({unreadable[0]['problem']})"
+                               + (f"; and {len(unreadable) - 1} more such tar(s)" if len(unreadable) > 1 else "")
+                               + ": repair or remove it from --data-path")
+        self.prefixes = tar_prefixes(pattern, urls) if id_prefix == "tar" else [""] * len(urls)
         counts = np.array([len(x["samples"]) for x in self.listings], dtype=np.int64)
         self.first = np.r_[0, np.cumsum(counts)]  # global index of each tar's first sample
         self.records_in_input = int(self.first[-1])
         self.num_samples = min(self.records_in_input, limit) if limit is not None else self.records_in_input
         if self.num_samples == 0:
             raise DatasetError(f"--data-path {pattern!r}: the tars hold no sample")
-        self._loaded: dict[int, list] = {}
+        self._refuse_duplicate_keys()
 
     def _listing(self, url: str) -> dict:
         """The tar's listing, from this machine's cache when the tar has not changed, else listed now."""
@@ -227,22 +260,36 @@ class TarShards(Source):
             raise DatasetError(f"input tar not found: {url} (of --data-path {self.pattern!r})") from None
         except Exception as e:  # a bucket that refuses, an endpoint that does not answer
             raise DatasetError(f"input tar {url} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
-        stamp = f"{url}|{info.get('size')}|{info.get('mtime') or info.get('ETag') or info.get('LastModified')}|" \
-                f"{','.join(self.image_keys)}|{self.caption_key}"
-        cache = cache_root() / "inputs" / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.json"
-        try:
-            return json.loads(cache.read_text())
-        except (OSError, ValueError):
-            pass
-        try:
-            listing = list_tar(url, self.image_keys, self.caption_key)
-        except OSError as e:
-            raise DatasetError(f"input tar {url} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
-        try:
-            atomic_write(cache, json.dumps(listing).encode())
-        except OSError:
-            pass  # a cache that cannot be written only costs a listing next time
-        return listing
+        etag = None if loc.local else (info.get("ETag") or info.get("etag"))
+
+        def listed() -> dict:
+            try:
+                return list_tar(url, self.image_keys, self.caption_key)
+            except OSError as e:
+                raise DatasetError(f"input tar {url} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
+
+        key = ("tar", LISTING_VERSION, url, info.get("size"), etag or info.get("mtime") or info.get("LastModified"),
+               ",".join(self.image_keys), self.caption_key)
+        return cached_input(key, listed, None if etag else (lambda: loc.sha256(name)))
+
+    def _key(self, k: int, pos: int) -> str:
+        key = self.listings[k]["samples"][pos][0]
+        return f"{self.prefixes[k]}/{key}" if self.prefixes[k] else key
+
+    def _refuse_duplicate_keys(self) -> None:
+        """Two samples under one id would be one sample to every reader: refused, naming both tars, as a JSON
+        listing's duplicates are (by 64-bit hashes of the ids; a collision is told apart by the ids themselves)."""
+        n = self.num_samples
+        where = [(k, pos) for k in range(len(self.listings)) for pos in range(len(self.listings[k]["samples"]))][:n]
+        hashes = np.fromiter((_id_hash(self._key(k, pos)) for k, pos in where), dtype=np.uint64, count=n)
+        pairs = [(a, b) for a, b in equal_hashes(hashes) if self._key(*where[a]) == self._key(*where[b])]
+        if not pairs:
+            return
+        (ka, _), (kb, _) = where[pairs[0][0]], where[pairs[0][1]]
+        raise DatasetError(
+            f"--data-path {self.pattern!r}: {len(pairs)} sample key(s) occur twice, the first "
+            f"{self._key(*where[pairs[0][0]])!r} in {self.listings[ka]['url']} and in {self.listings[kb]['url']}; ids "
+            f"must be unique: pass --id-prefix tar to prefix each id with its tar's path (docs/extraction.md)")
 
     def records(self, start: int, stop: int) -> list[Record]:
         out = []
@@ -251,22 +298,47 @@ class TarShards(Source):
         while j < stop:
             listing = self.listings[k]
             for pos in range(j - int(self.first[k]), min(len(listing["samples"]), stop - int(self.first[k]))):
-                out.append(_tar_record(j, listing, pos, self.caption_key))
+                out.append(_tar_record(j, listing, pos, self.caption_key, self.image_keys, self.prefixes[k]))
                 j += 1
             k += 1
         return out
 
     def warnings(self) -> list[str]:
-        return [f"warning: {x['url']}: {x['problem']}; its {len(x['samples'])} samples before that are kept"
+        said = [f"warning: {x['url']}: {x['problem']}; its {len(x['samples'])} samples before that are kept"
                 for x in self.listings if x.get("problem")]
+        said += [f"warning: {x['url']} is {x['compression']}-compressed: each batch decompresses it from its start to "
+                 f"read its images (uncompressed tars are read by byte range)" for x in self.listings
+                 if x.get("compression")][:1]
+        return said + [f"warning: {x['url']} holds no sample" for x in self.listings if not x["samples"]]
 
     def dataset_info(self) -> dict:
         shards = [{"url": x["url"], "bytes": x["bytes"], "sha256": x["sha256"], "samples": len(x["samples"]),
                    "problem": x.get("problem")} for x in self.listings]
-        digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
-        return {"webdataset": self.pattern, "sha256": digest, "image_keys": list(self.image_keys),
-                "caption_key": self.caption_key, "records_in_file": self.records_in_input, "limit": self.limit,
-                "shards": shards}
+        digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode())
+        if self.id_prefix != "none":  # another prefix, other ids: another dataset (none keeps older stores' digest)
+            digest.update(f"|id_prefix={self.id_prefix}".encode())
+        return {"webdataset": self.pattern, "sha256": digest.hexdigest(), "image_keys": list(self.image_keys),
+                "caption_key": self.caption_key, "id_prefix": self.id_prefix, "records_in_file": self.records_in_input,
+                "limit": self.limit, "shards": shards}
+
+
+def _lower_suffix(caption_key: str) -> str:
+    """Member suffixes match whatever their case (IMG_1.TXT is a txt); a json field keeps its own."""
+    head, sep, field = caption_key.partition(":")
+    return head.lower() + sep + field
+
+
+def _id_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "backslashreplace"), digest_size=8).digest(), "little")
+
+
+def tar_prefixes(pattern: str, urls: list[str]) -> list[str]:
+    """Each tar's path relative to the pattern's root (the folder before its first brace), without the tar suffix:
+    '{cc,laion}/00000.tar' gives cc/00000 and laion/00000."""
+    fixed = pattern.split("{", 1)[0]
+    root = fixed.rpartition("/")[0] + "/" if "/" in fixed else ""
+    return [re.sub(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$", "", u[len(root):] if u.startswith(root) else u)
+            for u in urls]
 
 
 def _location_of(url: str) -> tuple[Location, str]:
@@ -277,16 +349,18 @@ def _location_of(url: str) -> tuple[Location, str]:
     return Location(str(p.parent)), p.name
 
 
-def _tar_record(j: int, listing: dict, pos: int, caption_key: str) -> Record:
+def _tar_record(j: int, listing: dict, pos: int, caption_key: str, image_keys=IMAGE_KEYS, prefix: str = "") -> Record:
     key, member, offset, size, caption, problem = listing["samples"][pos]
+    sample_id = f"{prefix}/{key}" if prefix else key
     tar_name = PurePosixPath(listing["url"]).name
     image = f"{tar_name}/{member}" if member else None
-    raw = llava_record(key, image, caption)
+    raw = llava_record(sample_id, image, caption)
     if problem is None and member is None:
-        problem = f"no image member ({key}.{{{'/'.join(IMAGE_KEYS)}}})"
+        problem = f"no image member ({key}.{{{'/'.join(image_keys)}}})"
     if problem is None and caption is None:
         problem = f"no caption ({key}.{caption_key})"
-    return Record(j, key, image, raw, problem, blob=(listing["url"], offset, size) if member else None)
+    blob = (listing["url"], offset, size, listing.get("compression")) if member else None
+    return Record(j, sample_id, image, raw, problem, blob=blob)
 
 
 class _Hashing:
@@ -302,54 +376,75 @@ class _Hashing:
         return b
 
 
+def _member_name(name: str) -> tuple[str, str | None]:
+    """(the name as text, a problem): a name that is not UTF-8 is kept with its bytes escaped (\\xe9), and its
+    sample is bad, not its whole tar."""
+    try:
+        name.encode("utf-8")
+        return name, None
+    except UnicodeEncodeError:
+        escaped = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return escaped, f"the member name {escaped!r} is not UTF-8"
+
+
 def list_tar(url: str, image_keys=IMAGE_KEYS, caption_key: str = "txt") -> dict:
-    """{"url", "bytes", "sha256", "samples": [[key, image member, its data's offset, size, caption, problem]],
-    "problem"}: one streamed pass. A sample is a run of members sharing the name up to the first dot of its base
-    name (webdataset's rule). A tar that cannot be read to its end keeps the samples read before, and says why."""
+    """{"url", "bytes", "sha256", "compression", "samples": [[key, image member, its data's offset, size, caption,
+    problem]], "problem"}: one streamed pass (a gzip, bzip2 or xz tar too: offsets are then in the decompressed
+    stream). A sample is a run of members sharing the name up to the first dot of its base name (webdataset's
+    rule); suffixes match whatever their case. A tar that cannot be read to its end keeps the samples read before,
+    and says why."""
     loc, name = _location_of(url)
+    image_keys, caption_key = tuple(k.lower() for k in image_keys), _lower_suffix(caption_key)
     samples: list[list] = []
     groups: dict[str, dict] = {}
-    problem = None
+    problem, compression = None, None
     field = caption_key.split(":", 1)[1] if caption_key.startswith("json:") else None
+    text_suffix = "json" if field else caption_key
     last_end, last_name = 0, None
     with loc.open(name) as f:
         hashing = _Hashing(f)
         try:
-            with tarfile.open(fileobj=hashing, mode="r|") as tf:
+            with tarfile.open(fileobj=hashing, mode="r|*") as tf:
+                compression = None if tf.fileobj.comptype == "tar" else tf.fileobj.comptype
                 for m in tf:
                     last_end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     last_name = m.name
                     if not m.isfile():
                         continue
-                    folder, _, base = m.name.rpartition("/")
+                    member, bad_name = _member_name(m.name)
+                    folder, _, base = member.rpartition("/")
                     stem, _, suffix = base.partition(".")
+                    suffix = suffix.lower()
                     key = f"{folder}/{stem}" if folder else stem
                     g = groups.get(key)
                     if g is None:
                         if groups:  # webdataset's grouping: a new key closes the previous sample
-                            samples.append(_sample(groups.popitem()[1], image_keys, caption_key, field))
-                        g = groups[key] = {"key": key, "members": {}}
-                    small = suffix == caption_key or (field is not None and suffix == "json")
-                    g["members"][suffix.lower()] = (m.name, m.offset_data, m.size,
-                                                    tf.extractfile(m).read() if small and m.size < 1 << 20 else None)
+                            samples.append(_sample(groups.popitem()[1], image_keys, text_suffix, field))
+                        g = groups[key] = {"key": key, "members": {}, "problem": None}
+                    g["problem"] = g["problem"] or bad_name
+                    small = suffix == text_suffix and m.size <= CAPTION_MAX
+                    g["members"][suffix] = (member, m.offset_data, m.size, tf.extractfile(m).read() if small else None)
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             problem = f"the tar cannot be read past {hashing.n} bytes: {type(e).__name__}: {str(e)[:200]}"
         while True:  # the rest of a damaged tar, if any, still counts in its hash
             if not hashing.read(8 << 20):
                 break
-    if problem is None and hashing.n < last_end + 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks
+    if problem is None and compression is None and hashing.n < last_end + 2 * tarfile.BLOCKSIZE:  # no end blocks
         problem = f"the tar ends at {hashing.n} bytes, after {last_name}, without its end blocks: it may be cut short"
     if groups:
-        samples.append(_sample(groups.popitem()[1], image_keys, caption_key, field))
-    return {"url": url, "bytes": hashing.n, "sha256": hashing.h.hexdigest(), "samples": samples, "problem": problem}
+        samples.append(_sample(groups.popitem()[1], image_keys, text_suffix, field))
+    return {"url": url, "bytes": hashing.n, "sha256": hashing.h.hexdigest(), "compression": compression,
+            "samples": samples, "problem": problem}
 
 
-def _sample(g: dict, image_keys, caption_key: str, field: str | None) -> list:
+def _sample(g: dict, image_keys, text_suffix: str, field: str | None) -> list:
     members = g["members"]
     image = next((members[k] for k in image_keys if k in members), None)
-    text = members.get("json" if field else caption_key)
-    caption, problem = None, None
-    if text is not None and text[3] is not None:
+    text = members.get(text_suffix)
+    caption, problem = None, g["problem"]
+    if problem is None and text is not None and text[3] is None:
+        problem = f"its caption member {text[0]} is {text[2]:,} bytes, over the {CAPTION_MAX:,} a caption may have"
+    elif problem is None and text is not None:
         try:
             caption = json.loads(text[3]).get(field) if field else text[3].decode("utf-8").strip()
             if field and not isinstance(caption, str):
@@ -360,33 +455,71 @@ def _sample(g: dict, image_keys, caption_key: str, field: str | None) -> list:
             problem]
 
 
-def read_blob(blob: tuple[str, int, int]) -> bytes:
-    """An image's bytes from an input tar: one range read; BadImage when they cannot be read (the sample is
-    recorded as bad, its neighbours are not)."""
-    url, offset, size = blob
+def read_blob(blob: tuple) -> bytes:
+    """An image's bytes from an input tar: one range read (a compressed tar: decompressed from its start);
+    BadImage when they cannot be read (the sample is recorded as bad, its neighbours are not)."""
+    got = read_blobs([blob])[0]
+    if isinstance(got, BadImage):
+        raise got
+    return got
+
+
+def read_blobs(blobs: list[tuple]) -> list[bytes]:
+    """Several images' bytes from input tars, in order: a range read each, and one decompressing pass per
+    compressed tar for all of its images (in offset order). One that cannot be read is a BadImage (returned, not
+    raised: it is that sample's problem)."""
+    out: list = [None] * len(blobs)
+    compressed: dict[tuple[str, str], list[int]] = {}
+    for k, (url, offset, size, *comp) in enumerate(blobs):
+        if comp and comp[0]:
+            compressed.setdefault((url, comp[0]), []).append(k)
+            continue
+        try:
+            loc, name = _location_of(url)
+            out[k] = loc.read_range(name, offset, offset + size)
+        except Exception as e:  # a tar gone or cut short since its listing, a bucket that refuses
+            out[k] = BadImage(f"image unreadable at {url}@{offset}: {type(e).__name__}: {str(e)[:200]}")
+    for (url, comp), ks in compressed.items():
+        _read_compressed(url, comp, sorted(ks, key=lambda k: blobs[k][1]), blobs, out)
+    for k, (url, offset, size, *_) in enumerate(blobs):
+        if isinstance(out[k], bytes) and len(out[k]) != size:
+            out[k] = BadImage(f"image at {url}@{offset}: {len(out[k])} of its {size} bytes could be read (the tar is "
+                              f"cut short, or changed since its listing)")
+    return out
+
+
+def _read_compressed(url: str, comp: str, ks: list[int], blobs: list[tuple], out: list) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {"gz": gzip.GzipFile, "bz2": bz2.BZ2File, "xz": lzma.LZMAFile}[comp]
     try:
         loc, name = _location_of(url)
-        data = loc.read_range(name, offset, offset + size)
-    except Exception as e:  # a tar gone or cut short since its listing, a bucket that refuses
-        raise BadImage(f"image unreadable at {url}@{offset}: {type(e).__name__}: {str(e)[:200]}") from None
-    if len(data) != size:
-        raise BadImage(f"image at {url}@{offset}: {len(data)} of its {size} bytes could be read (the tar is cut "
-                       f"short, or changed since its listing)")
-    return data
+        with loc.open(name) as raw, opener(fileobj=raw) if comp == "gz" else opener(raw) as f:
+            for k in ks:
+                f.seek(blobs[k][1])  # forward only: decompresses what lies between
+                out[k] = f.read(blobs[k][2])
+    except Exception as e:
+        for k in ks:
+            if out[k] is None:
+                out[k] = BadImage(f"image unreadable in {url} ({comp}): {type(e).__name__}: {str(e)[:200]}")
 
 
 # ---- which kind ------------------------------------------------------------------------------------------------------
 
 def open_source(data_path: str, image_folder: str | None, shard_size: int, limit: int | None = None,
-                image_keys=IMAGE_KEYS, caption_key: str = "txt") -> Source:
-    """The source `data_path` names: tars (a brace pattern or one .tar, local or a URL), a .jsonl listing or a
-    LLaVA JSON (both with `image_folder`). DatasetError says what is wrong, in one message."""
+                image_keys=IMAGE_KEYS, caption_key: str = "txt", id_prefix: str = "none") -> Source:
+    """The source `data_path` names: tars (a brace pattern or one .tar, .tar.gz, .tgz, local or a URL), a .jsonl
+    listing or a LLaVA JSON (both with `image_folder`). DatasetError says what is wrong, in one message."""
     if shard_size < 1:
         raise DatasetError(f"--shard-size must be >= 1, got {shard_size}")
     if limit is not None and limit < 1:
         raise DatasetError(f"--limit must be >= 1, got {limit}")
-    if re.search(r"\.tar(\.gz)?$|\{[^}]*\}", data_path) or data_path.endswith(".tar"):
-        return TarShards(data_path, shard_size, limit, image_keys, caption_key)
+    if re.search(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$|\{[^}]*\}", data_path):
+        return TarShards(data_path, shard_size, limit, image_keys, caption_key, id_prefix=id_prefix)
+    if id_prefix != "none":
+        raise DatasetError("--id-prefix is for WebDataset tars: a JSON or JSONL listing names its own ids")
     path = Path(data_path).resolve()
     if not image_folder or not Path(image_folder).is_dir():
         raise DatasetError(f"image folder not found: {image_folder} (a JSON or JSONL listing names images in a "

@@ -39,7 +39,10 @@ class Record:
     image: str | None  # relative path, or None for a text-only record
     raw: dict
     problem: str | None = None  # why the record cannot be a training sample (it is stored as a bad sample)
-    blob: tuple[str, int, int] | None = None  # (url, offset, size) of its image's bytes in an input tar
+    blob: tuple | None = None  # (url, offset, size, compression) of its image's bytes in an input tar
+    # (store url, shard, offset, size): its sample in a committed shard of the store, whose image a shard gaining
+    # tasks computes from (never the input again)
+    stored: tuple[str, int, int, int] | None = None
 
     def caption(self) -> str:
         turns = self.raw.get("conversations") or []

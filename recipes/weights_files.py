@@ -4,23 +4,17 @@ points at other files, or a repo whose snapshot changed, is not the same teacher
 
 The files are the checkpoint's weight files (`*.safetensors`, `*.bin`, `*.pt`, `*.pth`) in the reference's
 folder (a local path, or the HF cache's snapshot of the repo, never a download), with their names. Hashing a
-real teacher reads gigabytes, so each file's sha256 is cached by (path, size, mtime) in
-$XDG_CACHE_HOME/olaf/weights_files.json (default ~/.cache)."""
+real teacher reads gigabytes, so each file's sha256 is kept in the node's cache (store.cache, checked on read)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
 from recipes.manifest import WeightsRef
+from store import cache
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def _cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olaf" / "weights_files.json"
 
 
 def folder_of(ref: WeightsRef) -> Path | None:
@@ -40,16 +34,20 @@ def folder_of(ref: WeightsRef) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _file_sha256(path: Path, cache: dict) -> str:
+def _file_sha256(path: Path) -> str:
+    """The file's sha256, from the node's cache when the same file (path, inode, size, modification and change
+    times: a rewrite that restores the mtime still changes the ctime) was hashed before."""
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if key not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while b := f.read(8 << 20):
-                h.update(b)
-        cache[key] = h.hexdigest()
-    return cache[key]
+    key = (path.resolve(), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return cache.cached_bytes(cache.entry("weights_files", *key), lambda: _hash(path).encode()).decode()
+
+
+def _hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(8 << 20):
+            h.update(b)
+    return h.hexdigest()
 
 
 def files_sha256(ref: WeightsRef) -> str | None:
@@ -58,24 +56,9 @@ def files_sha256(ref: WeightsRef) -> str | None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) if folder else []
     if not files:
         return None
-    cache_file = _cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    known = len(cache)
     h = hashlib.sha256()
     for p in files:
-        h.update(f"{p.name}|{_file_sha256(p, cache)}\n".encode())
-    if len(cache) == known:  # every file's hash was cached: nothing to write
-        return h.hexdigest()
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)  # store.atomic_path sits above recipes/: a cache needs no fsync anyway
-    except OSError:
-        pass  # a cache that cannot be written only costs time
+        h.update(f"{p.name}|{_file_sha256(p)}\n".encode())
     return h.hexdigest()
 
 

@@ -5,6 +5,7 @@ contract for readers in other languages. A store is a local folder or any fsspec
 
     layout      every name and path: objects, tar members, Zarr arrays, shard ranges
     fs          Location: one store root on one filesystem (local, shared, object storage); the atomic write
+    cache       the node's caches (input listings, weight hashes, the order's arrays, a remote index), checked on read
     manifest    typed run manifest, task layouts, shard records
     identity    teachers.yaml: the teacher identity, and the rule readers compare it by
     encodings   how target values are stored (fp16, bf16, fp8)
@@ -38,7 +39,7 @@ from store.layout import COMPRESSIONS, FORMATS, MANIFEST, TOKEN_ORDER, num_shard
 from store.lease import LEASE_TTL, Leases, lease_owner
 from store.manifest import RunManifest, ShardRecord, TaskLayout, now, read_manifest, read_records
 from store.order import GlobalOrder, SampleTable
-from store.reader import Store
+from store.reader import Store, committed_images
 from store.recovery import orphans
 from store.tar import member_sizes
 from store.verify import check_files, verify_store
@@ -58,6 +59,6 @@ def __getattr__(name: str):
 __all__ = [
     "COMPRESSIONS", "FORMATS", "LEASE_TTL", "MANIFEST", "TOKEN_ORDER", "GlobalOrder", "Leases", "Location", "RunManifest",
     "SampleResult", "SampleTable", "StoreIndex", "load_index", "ShardRecord", "ShardResult", "Store", "StoreError", "StoreExists", "StoreWriter", "TargetStream",
-    "TaskLayout", "atomic_path", "atomic_write", "cache_root", "check_files", "enclosing_store", "check_writable", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
+    "TaskLayout", "atomic_path", "atomic_write", "cache_root", "check_files", "enclosing_store", "check_writable", "committed_images", "encodings", "is_url", "lease_owner", "loader", "member_sizes", "now",
     "num_shards", "orphans", "read_manifest", "read_records", "refuse_inside_store", "shard_range", "teacher_mismatches", "verify_store", "weights_mismatches",
 ]

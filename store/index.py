@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from store import layout
-from store.fs import Location, StoreError, atomic_write, cache_root
+from store import cache, layout
+from store.fs import Location, StoreError, cache_root
 from store.identity import recorded_teachers
 from store.manifest import RunManifest, ShardRecord, now, read_records
 
@@ -181,18 +181,21 @@ def _cache_dir(loc: Location, meta_bytes: bytes) -> Path:
 
 
 def _local_files(loc: Location, meta: dict, meta_bytes: bytes) -> Path:
-    """A local folder holding the index files: the store's own, or a node-local copy of a remote store's."""
+    """A local folder holding the index files: the store's own, or a node-local copy of a remote store's (each
+    copy checked against index.json's sha256 whenever it is used: store.cache)."""
     if loc.local:
         return Path(loc.path(""))
-    cache = _cache_dir(loc, meta_bytes)
+    folder = _cache_dir(loc, meta_bytes)
     for name, info in meta["files"].items():
-        path = cache / name
-        if not (path.is_file() and path.stat().st_size == info["bytes"]):
-            data = loc.read_bytes(name)
-            if hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise StoreError(f"{loc.url_of(name)} does not match index.json (sha256)")
-            atomic_write(path, data)
-    return cache
+        if cache.valid(folder / name, expect=info["sha256"]):
+            continue
+        data = loc.read_bytes(name)
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise StoreError(f"{loc.url_of(name)} does not match index.json (sha256)")
+        if not cache.write(folder / name, data):
+            raise StoreError(f"the index of a remote store is read from a copy on this machine, and {folder} cannot "
+                             f"be written: set OLAF_CACHE to a writable folder")
+    return folder
 
 
 def load_index(loc: Location, check_listing: bool = True) -> tuple[StoreIndex | None, str | None]:

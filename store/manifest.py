@@ -193,6 +193,11 @@ class ShardRecord:
         theirs is invalid, and training never sees them."""
         return {e["index"] for e in self.errors if e.get("task") is None}
 
+    def sample_ranges(self) -> list | None:
+        """[offset, size] of each sample's members in the shard's tar, in dataset order (None: no tar, or written
+        before olaf recorded them)."""
+        return (self.files.get(layout.tar_name(self.shard)) or {}).get("samples")
+
     def usable_count(self) -> int:
         """Samples of the shard with a usable image."""
         return self.count - len(self.bad_indices())

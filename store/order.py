@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from store.fs import StoreError, atomic_path
+from store.cache import cached_array
+from store.fs import StoreError
 
 ORDER_VERSION = "olaf.order/1"
 
@@ -139,21 +140,10 @@ class GlobalOrder:
         return np.repeat(begin, per_shard) + (np.arange(len(first), dtype=np.int64) - first) * self.chunk
 
     def _kept(self, name: str, compute) -> np.ndarray:
-        """`compute()`, or the copy the cache holds (written atomically by whichever process came first)."""
+        """`compute()`, or the copy the node's cache holds (store.cache: checked against its checksum)."""
         if self.cache is None:
             return compute()
-        path = self.cache / f"{name}.npy"
-        try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError):
-            pass
-        arr = compute()
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-        except OSError:  # a cache that cannot be written only costs memory
-            return arr
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return cached_array(self.cache / f"{name}.npy", compute)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -173,7 +163,7 @@ class GlobalOrder:
         chunks = self._kept(f"epoch-{epoch}-chunks", permute)
         at = self._kept(f"epoch-{epoch}-at", lambda: (np.cumsum(self._lengths[chunks], dtype=np.int64)
                                                        - self._lengths[chunks]).astype(self._position))
-        for old in (self.cache.glob("epoch-*.npy") if self.cache else []):  # an epoch two back is done with
+        for old in (self.cache.glob("epoch-*.npy*") if self.cache else []):  # an epoch two back is done with
             if int(old.name.split("-")[1]) < epoch - 1:
                 old.unlink(missing_ok=True)
         return chunks, at

@@ -336,3 +336,31 @@ class Store:
 
     def decode(self, raw: dict, tasks: Iterable[str], compact: bool = False) -> dict:
         return decode_sample(raw, self.manifest, tasks, compact=compact)
+
+
+def committed_images(url: str, shard: int, ranges: list[tuple[int, int]], ids: list[str]) -> list[bytes | None]:
+    """The images a committed shard's tar holds for the samples `ids` at the byte ranges of its record; None for a
+    sample stored without one (it was bad). What a shard gaining tasks computes from: the bytes the store already
+    holds (checked by the tar's sha256 before: verify), never the input again. Bytes at a range that are not
+    their sample (the tar rewritten by an attempt that did not commit) are found by a scan of the tar."""
+    loc, name = Location(url), layout.tar_name(shard)
+    found = {}
+    try:
+        datas = loc.read_ranges([(name, a, a + n) for a, n in ranges])
+    except StoreError:  # the tar is shorter than the ranges: scanned below
+        datas = []
+    for (offset, _), data in zip(ranges, datas, strict=False):
+        try:
+            raw = tar.sample_in(data, f"{loc.url_of(name)}@{offset}")
+        except Exception:  # not a sample's bytes: scanned below
+            continue
+        if raw is not None and layout.META_MEMBER in raw:
+            found[meta_of(raw).get("id")] = raw
+    if any(i not in found for i in ids):
+        found = {meta_of(raw).get("id"): raw for raw in tar.iter_tar(loc, name) if layout.META_MEMBER in raw}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise StoreError(f"{loc.url_of(name)} holds no sample {missing[0]!r} although its record lists it; run "
+                         f"`python -m pipeline.inspect {loc.url} verify`")
+    image = [meta_of(found[i]).get("image_member") for i in ids]
+    return [found[i].get(m) if m else None for i, m in zip(ids, image, strict=True)]

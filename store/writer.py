@@ -21,6 +21,7 @@ independent); `redo` and `commit` belong to the one process that schedules the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import uuid
@@ -272,10 +273,12 @@ class StoreWriter:
         self.loc.remove(layout.record_name(shard))
         return rec
 
-    def write(self, result: ShardResult, previous: ShardRecord | None = None) -> ShardRecord:
+    def write(self, result: ShardResult, previous: ShardRecord | None = None, keep_images: bool = False) -> ShardRecord:
         """Write one shard's Zarr objects and tar under their final names and return the record that commits them
         (not yet written: `commit`). With `previous` (what `redo` took away) the tasks it had and this pass does
-        not compute are kept: the tar is rebuilt with their members, their Zarr objects are listed again."""
+        not compute are kept: the tar is rebuilt with their members, their Zarr objects are listed again.
+        `keep_images` (a verified shard gaining tasks): the images its tar holds stay as they are, and a pass that
+        computed from other bytes is refused, never stored as their targets."""
         m, i = self.manifest, result.shard
         _check_result(m, result)
         kept = [t for t in (previous.tasks if previous else []) if t not in result.tasks]
@@ -283,8 +286,10 @@ class StoreWriter:
         if "zarr" in m.formats:
             files.update(zarr_io.write_shard(self.loc, m, result, kept))
         if "wds" in m.formats:
-            old = tar.members_by_key(self.loc, layout.tar_name(i)) if kept else {}
-            files[layout.tar_name(i)] = tar.write_tar(self.loc, layout.tar_name(i), _tar_samples(m, result, kept, old))
+            keep_images = keep_images and previous is not None and layout.tar_name(i) in previous.files
+            old = tar.members_by_key(self.loc, layout.tar_name(i)) if kept or keep_images else {}
+            files[layout.tar_name(i)] = tar.write_tar(self.loc, layout.tar_name(i),
+                                                      _tar_samples(m, result, kept, old, keep_images))
         all_tasks = [t for t in m.tasks if t in kept or t in result.tasks]
         valid = dict(previous.valid if previous else {})
         valid.update({t: int(result.valid[t].sum()) for t in result.tasks})
@@ -353,13 +358,19 @@ def _check_result(m: RunManifest, result: ShardResult) -> None:
         raise StoreError(f"shard {result.shard}: tasks {unknown} are not in the store manifest")
 
 
-def _tar_samples(m: RunManifest, result: ShardResult, kept: list[str], old: dict):
+def _tar_samples(m: RunManifest, result: ShardResult, kept: list[str], old: dict, keep_images: bool = False):
     """The shard's samples as tar members: this pass's targets, and the kept tasks' members and flags from the
-    shard's previous tar."""
+    shard's previous tar (`keep_images`: its images too, which this pass's must equal)."""
     all_tasks = [t for t in m.tasks if t in kept or t in result.tasks]
     for pos, s in enumerate(result.samples):
         prev = old.get(layout.tar_key(s.id), {})
         prev_meta = meta_of(prev) if layout.META_MEMBER in prev else {}
+        if keep_images and prev_meta.get("image_member"):
+            committed = prev.get(prev_meta["image_member"])
+            if s.image_bytes is not None and s.image_bytes != committed:
+                raise StoreError(f"shard {result.shard}: sample {s.id!r} was computed from other bytes than the image "
+                                 f"the store holds for it; its committed image is kept and the shard is not written")
+            s = dataclasses.replace(s, image_bytes=committed)
         valid = {t: bool(prev_meta.get("valid", {}).get(t, False)) for t in kept}
         valid.update({t: bool(result.valid[t][pos]) for t in result.tasks})
         errors = {k: v for k, v in (prev_meta.get("errors") or {}).items() if k not in result.tasks}

@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# package -> the olaf packages it may import (bottom up: recipes and store at the bottom, pipeline and trainer on top)
+# package -> the olaf packages it may import (bottom up: store, then recipes on it, pipeline and trainer on top)
 LAYERS = {
-    "recipes": set(),
     "store": set(),
+    "recipes": {"store"},  # a weight file's sha256 is kept in the node's cache (store.cache)
     "teachers": {"recipes"},
     "pipeline": {"recipes", "teachers", "store"},
     "trainer": {"recipes", "store"},

@@ -290,4 +290,24 @@ def test_the_order_s_arrays_are_computed_once_per_node_and_mapped(tmp_path):
     assert second.rows(0, len(c["rows"])).tolist() == c["rows"]
     second.rows(5 * len(table), 5 * len(table) + 3)  # epoch 5: epochs 0..3 go
     kept = sorted(p.name for p in first.cache.glob("epoch-*"))
-    assert kept == ["epoch-5-at.npy", "epoch-5-chunks.npy"], kept  # epochs 0..3 were computed, then dropped
+    # epochs 0..3 were computed, then dropped, with their checksums
+    assert kept == ["epoch-5-at.npy", "epoch-5-at.npy.sha256", "epoch-5-chunks.npy", "epoch-5-chunks.npy.sha256"], kept
+
+
+def test_a_flipped_bit_in_the_order_cache_is_found_and_the_arrays_computed_again(tmp_path, capfd):
+    """One bit of the cached chunk starts made one epoch train a sample twice and another never: every cached array
+    is checked against the checksum written with it, and a damaged one is computed again (one line says so)."""
+    c = json.loads(GOLDEN.read_text())["case1"]
+    table = golden_table(c["shard_sizes"], set(c["bad"]), c["table_seed"])
+    first = GlobalOrder(table, c["seed"], c["chunk"], c["mix"], cache=tmp_path)
+    epoch = first.epoch(0).tolist()
+    assert sorted(epoch) == list(range(len(table)))  # each row once
+    for name in ("chunk-starts.npy", "epoch-0-chunks.npy"):
+        path = first.cache / name
+        data = bytearray(path.read_bytes())
+        data[-2] ^= 0x01  # one bit of the last entry
+        path.write_bytes(bytes(data))
+        again = GlobalOrder(table, c["seed"], c["chunk"], c["mix"], cache=tmp_path)
+        assert again.epoch(0).tolist() == epoch, name
+        assert f"{path} does not match its checksum" in capfd.readouterr().err
+        assert store.cache.valid(path)  # rewritten whole

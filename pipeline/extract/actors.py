@@ -76,14 +76,15 @@ def decode_task(records, image_folder, specs, max_pixels, resize_on):
 
 
 def write_task(writer: StoreWriter, shard: int, tasks: tuple[str, ...], previous: ShardRecord | None,
-               meta_refs: list, target_refs: list) -> ShardRecord:
-    """Join the shard's batches on sample ids and write its data; the driver commits the record."""
+               meta_refs: list, target_refs: list, keep_images: bool = False) -> ShardRecord:
+    """Join the shard's batches on sample ids and write its data (`keep_images`: a verified shard gaining tasks
+    keeps the images it holds); the driver commits the record."""
     import ray
 
     metas: list[DecodedBatch] = ray.get(meta_refs)
     targets: list[BatchTargets] = ray.get(target_refs)
     result = assemble_shard(writer.manifest, shard, tasks, metas, targets, seconds=sum(t.seconds for t in targets))
-    record = writer.write(result, previous)
+    record = writer.write(result, previous, keep_images)
     record.extra.update(decode_cpu_s=sum(m.seconds for m in metas), teacher_s=sum(t.seconds for t in targets))
     return record
 

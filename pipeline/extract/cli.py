@@ -38,7 +38,7 @@ import sys
 import store
 from pipeline.extract.run import run
 from pipeline.extract.settings import SIGNALS_RECEIVED, Settings, Terminated, UsageError, on_sigterm
-from pipeline.inputs import IMAGE_KEYS
+from pipeline.inputs import ID_PREFIXES, IMAGE_KEYS
 from pipeline.llava import DatasetError
 from recipes.imageops import DEFAULT_MAX_PIXELS
 from recipes.manifest import DEFAULT_MANIFEST, TASKS, ManifestError
@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                                                         f"order (default {','.join(IMAGE_KEYS)})")
     a("--caption-key", default="txt", help="WebDataset input: the caption member's suffix (default txt), or "
                                           "json:FIELD for a field of the json member")
+    a("--id-prefix", choices=ID_PREFIXES, default="none",
+      help="WebDataset input: a sample's id is its key (none, default) or its tar's path relative to the pattern's "
+           "root, then its key (tar: '{cc,laion}/00000.tar' gives cc/00000/000000001), for datasets whose keys "
+           "repeat; ids must be unique, duplicates are refused")
     a("--output", required=True, help="store directory or URL (created, or resumed if it is one)")
     a("--teachers-manifest", default=str(DEFAULT_MANIFEST), help="teacher manifest YAML (default: ola_vlm.yaml)")
     a("--fidelity", choices=["original", "corrected"], default=None,

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.inputs import read_blob
+from pipeline.inputs import read_blobs
 from pipeline.llava import Record
 from recipes.imageops import DEFAULT_MAX_PIXELS, BadImage, check_ops, decode_rgb, read_image_bytes
 from recipes.manifest import TeacherSpec
 from recipes.preprocess import preprocess
-from store import SampleResult
+from store import SampleResult, committed_images
 
 RESIZE_ON = ("cpu", "device")
 DEVICE_RESIZE_MAX_PIXELS = 16_000_000  # larger images are resized by the decode worker even with resize_on=device
@@ -50,6 +50,22 @@ class DecodedBatch:
         return DecodedBatch({}, self.samples, self.seconds)
 
 
+def _fetch(records: list[Record]) -> dict[int, bytes | BadImage]:
+    """The batch's images that are not files of an image folder, by position: a committed shard's from the store
+    (one range read each), an input tar's by range (a compressed tar's in one decompressing pass)."""
+    out: dict[int, bytes | BadImage] = {}
+    usable = [k for k, r in enumerate(records) if r.problem is None and r.image is not None]
+    stored = [k for k in usable if records[k].stored is not None]
+    for shard in sorted({records[k].stored[:2] for k in stored}):
+        ks = [k for k in stored if records[k].stored[:2] == shard]
+        got = committed_images(shard[0], shard[1], [records[k].stored[2:] for k in ks], [records[k].id for k in ks])
+        out.update({k: BadImage("the committed shard holds no image for it (it was a bad sample)") if data is None
+                    else data for k, data in zip(ks, got, strict=True)})
+    blobs = [k for k in usable if records[k].stored is None and records[k].blob is not None]
+    out.update(zip(blobs, read_blobs([records[k].blob for k in blobs]), strict=True))
+    return out
+
+
 def decode_batch(records: list[Record], image_folder: str | None, specs: list[TeacherSpec],
                  max_pixels: int = DEFAULT_MAX_PIXELS, resize_on: str = "cpu") -> DecodedBatch:
     if resize_on not in RESIZE_ON:
@@ -58,14 +74,17 @@ def decode_batch(records: list[Record], image_folder: str | None, specs: list[Te
     samples: list[SampleResult] = []
     arrays: dict[str, list[np.ndarray]] = {s.task: [] for s in specs}
     images: list = []
-    for rec in records:
+    fetched = _fetch(records)
+    for k, rec in enumerate(records):
         data, error = None, None
         try:
             if rec.problem is not None:
                 raise BadImage(f"unusable record: {rec.problem}")
             if rec.image is None:
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
-            data = read_image_bytes(image_folder, rec.image) if rec.blob is None else read_blob(rec.blob)
+            data = fetched[k] if k in fetched else read_image_bytes(image_folder, rec.image)
+            if isinstance(data, BadImage):
+                raise data
             rgb = decode_rgb(data, max_pixels=max_pixels)
             for spec in specs:  # sizes only: a recipe that would blow an image up is refused before any pixel
                 check_ops(spec.preprocess.ops, rgb.width, rgb.height)

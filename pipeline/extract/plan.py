@@ -54,7 +54,7 @@ class Plan:
 
 
 def make_plan(data_path, image_folder, shard_size: int, limit: int | None = None, image_keys=IMAGE_KEYS,
-              caption_key: str = "txt") -> Plan:
+              caption_key: str = "txt", id_prefix: str = "none") -> Plan:
     """Structural problems raise DatasetError (all listed at once); per-sample problems are left to decode."""
     return Plan(open_source(str(data_path), image_folder and str(image_folder), shard_size, limit, image_keys,
-                            caption_key), shard_size)
+                            caption_key, id_prefix), shard_size)

@@ -25,7 +25,7 @@ from store import Location, RunManifest, StoreExists, StoreWriter, now
 
 def run(s: Settings) -> int:
     t_start = time.time()
-    plan = make_plan(s.data_path, s.image_folder, s.shard_size, s.limit, s.image_keys, s.caption_key)
+    plan = make_plan(s.data_path, s.image_folder, s.shard_size, s.limit, s.image_keys, s.caption_key, s.id_prefix)
     for w in plan.source.warnings():
         print(w, flush=True)
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)
@@ -76,7 +76,8 @@ def _on_ray(ray, s: Settings, plan: Plan, manifest: TeacherManifest, existing: S
 
     sched = ShardScheduler(ray, writer, plan, work, actors, {t: manifest.teachers[t] for t in load_tasks}, res,
                            records=records, decode_cpus=s.decode_cpus, max_pixels=s.max_pixels,
-                           retries=s.shard_retries, bar=bar, on_commit=on_commit)
+                           retries=s.shard_retries, bar=bar, on_commit=on_commit,
+                           committed={i for i in records if i not in damaged})
     with contextlib.closing(bar):
         sched.run()
     utilisation = ray.get([a.utilisation.remote() for a in actors]) if actors else []

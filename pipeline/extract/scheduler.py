@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 from pipeline.extract.actors import decode_task, write_task
 from pipeline.extract.compute import batches_of
@@ -50,13 +51,15 @@ class ShardScheduler:
     def __init__(self, ray, writer: StoreWriter, plan: Plan, work: dict[int, tuple[str, ...]], actors: list,
                  specs: dict, res: Resources, *, records: dict[int, ShardRecord], decode_cpus: float,
                  max_pixels: int, retries: int, bar, on_commit: Callable[[ShardScheduler], None] = lambda s: None,
-                 poll: float = 1.0):
+                 poll: float = 1.0, committed: set[int] = frozenset()):
         """`records`: the store's records when the run began (a shard whose record changes since was committed by
-        another job); `on_commit` runs after each commit (the run's progress); `poll`: seconds between looks at
-        shards another job holds."""
+        another job); `committed`: those of them whose files verified, so that a shard gaining tasks computes
+        from the images its tar holds, not from the input again; `on_commit` runs after each commit (the run's
+        progress); `poll`: seconds between looks at shards another job holds."""
         self.ray, self.writer, self.plan, self.work, self.actors = ray, writer, plan, work, actors
         self.specs, self.res, self.max_pixels, self.retries, self.bar = specs, res, max_pixels, retries, bar
         self.records_at_start, self.on_commit, self.poll = records, on_commit, poll
+        self.committed = committed
         self.decode = ray.remote(num_cpus=decode_cpus, max_retries=3)(decode_task).options(num_returns=2)
         self.write = ray.remote(num_cpus=min(1.0, decode_cpus), max_retries=3)(write_task)  # mostly I/O
         self.queue = deque(sorted(work))
@@ -118,7 +121,7 @@ class ShardScheduler:
         if not self._claim(i):
             return
         tasks, metas, targets = self.work[i], [], []
-        for chunk in batches_of(self.plan.shard_records(i), self.res.batch):
+        for chunk in batches_of(self._records(i), self.res.batch):
             pix, meta = self.decode.remote(chunk, self.plan.image_folder, [self.specs[t] for t in tasks],
                                            self.max_pixels, self.res.resize_on)
             metas.append(meta)
@@ -131,8 +134,20 @@ class ShardScheduler:
             targets.append(ref)
         if i not in self.previous:  # a shard being redone is not done meanwhile (a damaged record goes too);
             self.previous[i] = self.writer.redo(i)  # a retry keeps what the first attempt found
-        self.writers[self.write.remote(self.writer, i, tasks, self.previous[i], metas, targets)] = i
+        self.writers[self.write.remote(self.writer, i, tasks, self.previous[i], metas, targets,
+                                       i in self.committed)] = i
         self.attempts[i] += 1
+
+    def _records(self, i: int) -> list:
+        """The shard's records; those of a committed shard that gains tasks name their sample in its tar, whose
+        image the decode reads (never a committed image replaced by what the input holds now)."""
+        records = self.plan.shard_records(i)
+        rec = self.records_at_start.get(i) if i in self.committed else None
+        ranges = rec.sample_ranges() if rec is not None else None
+        if ranges is None or rec.ids is None or len(ranges) != len(records):
+            return records
+        url = self.writer.loc.url
+        return [replace(r, stored=(url, i, *ranges[p])) for p, r in enumerate(records)]
 
     def _collect(self) -> None:
         ready, _ = self.ray.wait(list(self.inflight) + list(self.writers), num_returns=1, timeout=1.0,

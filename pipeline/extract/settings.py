@@ -46,6 +46,7 @@ class Settings:
     progress: bool = True
     image_keys: tuple[str, ...] = IMAGE_KEYS  # WebDataset input: the image member suffixes, in preference order
     caption_key: str = "txt"  # WebDataset input: the caption member (txt), or a json member's field (json:caption)
+    id_prefix: str = "none"  # WebDataset input: a sample's id is its key (none) or its tar's path / its key (tar)
 
 
 class Terminated(KeyboardInterrupt):
