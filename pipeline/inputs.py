@@ -151,8 +151,8 @@ def _listing_record(n: int, line: bytes) -> tuple[Record | None, str | None]:
 
 
 def equal_hashes(hashes: np.ndarray) -> list[tuple[int, int]]:
-    """Pairs (a, b), a first, of positions whose 64-bit hashes are equal: sorted once (8 more bytes a record), and an
-    argsort only when two are equal."""
+    """Pairs (a, b), a < b, of positions whose 64-bit hashes are equal, in the order of b (the first repeat
+    first): sorted once (8 more bytes a record), and an argsort only when two are equal."""
     if len(hashes) < 2:
         return []
     ordered = np.sort(hashes)
@@ -161,7 +161,7 @@ def equal_hashes(hashes: np.ndarray) -> list[tuple[int, int]]:
     del ordered
     order = np.argsort(hashes, kind="stable")
     same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-    return [(int(order[k]), int(order[k + 1])) for k in same]
+    return sorted(((int(order[k]), int(order[k + 1])) for k in same), key=lambda pair: pair[1])
 
 
 def _duplicates(path: Path, hashes: np.ndarray) -> list[str]:

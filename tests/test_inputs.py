@@ -208,3 +208,132 @@ def test_vlora_trains_from_a_teacher_free_store_of_tars_that_later_gains_the_tea
     assert rc == 0, log
     rows = [json.loads(x) for x in (tmp_path / "ola" / "logs" / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > r["ntp"] for r in rows)  # the embedding losses are in
+
+
+# ---- reliability, round five: what the new inputs could store wrongly -------------------------------------------
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w", fmt=tarfile.PAX_FORMAT) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode, format=fmt, encoding="utf-8", errors="surrogateescape") as tf:
+        for name, data in members:
+            _add(tf, name, data)
+    return path
+
+
+def _jpeg(seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20 + seed, 16), (seed * 40 % 256, 90, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_duplicate_keys_across_tars_are_refused_and_id_prefix_makes_them_unique(tmp_path, tiny_teachers):
+    """Two img2dataset outputs read together, both with keys 000000000..3: 8 samples under 4 ids before. Refused in
+    one line naming both tars and the first key; --id-prefix tar gives every sample an id of its own."""
+    from helpers import extraction_args
+
+    from pipeline.extract.cli import main as extraction_main
+
+    for name in ("cc", "laion"):
+        _tar(tmp_path / name / "00000.tar", [m for j in range(4) for m in
+                                             ((f"{j:09d}.jpg", _jpeg(j)), (f"{j:09d}.txt", f"{name} {j}".encode()))])
+    pattern = str(tmp_path / "{cc,laion}" / "00000.tar")
+    with pytest.raises(DatasetError) as e:
+        make_plan(pattern, None, 4)
+    said = str(e.value)
+    assert "'000000000'" in said and str(tmp_path / "cc" / "00000.tar") in said and \
+        str(tmp_path / "laion" / "00000.tar") in said and "--id-prefix tar" in said, said
+    plan = make_plan(pattern, None, 4, id_prefix="tar")
+    got = [r for i in range(plan.num_shards) for r in plan.shard_records(i)]
+    assert [r.id for r in got] == [f"{d}/00000/{j:09d}" for d in ("cc", "laion") for j in range(4)]
+    assert [r.caption() for r in got] == [f"{d} {j}" for d in ("cc", "laion") for j in range(4)]
+    assert plan.dataset_sha256 != make_plan(str(tmp_path / "cc" / "00000.tar"), None, 4).dataset_sha256
+    # the command: one line, and the refusal names the way out
+    argv = extraction_args((pattern, tmp_path), tmp_path / "out", tiny_teachers, "--tasks", "none", "--plan-only")
+    del argv[argv.index("--image-folder"):argv.index("--image-folder") + 2]
+    rc, log = call(extraction_main, argv)
+    assert rc == 2 and "--id-prefix tar" in one_error_line(log), log
+    rc, log = call(extraction_main, argv + ["--id-prefix", "tar"])
+    assert rc == 0 and "plan OK" in log, log
+    # duplicates inside one tar too (a key that comes back after another)
+    one = _tar(tmp_path / "one.tar", [("a.jpg", _jpeg(1)), ("a.txt", b"x"), ("b.jpg", _jpeg(2)), ("b.txt", b"y"),
+                                      ("a.jpg", _jpeg(3)), ("a.txt", b"z")])
+    with pytest.raises(DatasetError, match="'a'"):
+        make_plan(str(one), None, 4)
+
+
+def test_member_suffixes_match_whatever_their_case(tmp_path):
+    """IMG_000.JPG + IMG_000.TXT: every caption was missed and each sample stored bad as 'no caption'."""
+    img = [_jpeg(k) for k in range(3)]
+    txt = _tar(tmp_path / "txt.tar", [("IMG_000.JPG", img[0]), ("IMG_000.TXT", b"upper"),
+                                      ("IMG_001.Jpg", img[1]), ("IMG_001.Txt", b"mixed"),
+                                      ("IMG_002.jpeg", img[2]), ("IMG_002.txt", b"lower")])
+    got = make_plan(str(txt), None, 8).shard_records(0)
+    assert [(r.problem, r.caption(), read_blob(r.blob)) for r in got] == \
+        [(None, c, i) for c, i in zip(("upper", "mixed", "lower"), img, strict=True)]
+    js = _tar(tmp_path / "json.tar", [("IMG_000.PNG", img[0]), ("IMG_000.JSON", json.dumps({"caption": "c0"}).encode())])
+    (r,) = make_plan(str(js), None, 8, caption_key="json:caption").shard_records(0)
+    assert r.problem is None and r.caption() == "c0" and read_blob(r.blob) == img[0]
+    (r,) = make_plan(str(js), None, 8, caption_key="JSON:caption", image_keys=("PNG",)).shard_records(0)
+    assert r.problem is None and r.caption() == "c0"
+
+
+def test_compressed_tars_are_read_and_a_tar_with_nothing_readable_is_an_error(tmp_path):
+    """A .tar.gz among the inputs was read as a damaged tar: a store 'finished' with half its samples. It is read
+    whole (its images from the decompressed stream); an input from which nothing can be read is an error."""
+    import gzip
+
+    images = {f"s{j}": _jpeg(j) for j in range(16)}
+    members = [[(f"s{j}.jpg", images[f"s{j}"]), (f"s{j}.txt", f"caption {j}".encode())] for j in range(16)]
+    _tar(tmp_path / "in" / "00000.tar", [m for s in members[:8] for m in s])
+    _tar(tmp_path / "in" / "00001.tar.gz", [m for s in members[8:] for m in s], mode="w:gz")
+    plan = make_plan(str(tmp_path / "in" / "{00000.tar,00001.tar.gz}"), None, 5)
+    assert plan.num_samples == 16 and not any("cannot be read" in w for w in plan.source.warnings())
+    got = [r for i in range(plan.num_shards) for r in plan.shard_records(i)]
+    assert [r.problem for r in got] == [None] * 16
+    from pipeline.inputs import read_blobs
+
+    assert read_blobs([r.blob for r in reversed(got)]) == [images[r.id] for r in reversed(got)]
+    # a tar cut short keeps its readable samples (as before); a file with nothing readable is refused, named
+    (tmp_path / "in" / "00002.tar.gz").write_bytes(gzip.compress(b"not a tar at all" * 100))
+    with pytest.raises(DatasetError) as e:
+        make_plan(str(tmp_path / "in" / "{00000.tar,00002.tar.gz}"), None, 5)
+    assert "00002.tar.gz: nothing in it can be read" in str(e.value), e.value
+
+
+def test_a_member_name_that_is_not_utf8_is_one_bad_sample_and_its_neighbours_are_stored(tmp_path):
+    """A Latin-1 byte in one member name made its whole shard fail on every retry. That sample is bad (its name
+    escaped in the reason), the others of its shard are stored."""
+    from pipeline.extract.decode import decode_batch
+
+    latin = b"caf\xe9".decode("utf-8", "surrogateescape")
+    path = _tar(tmp_path / "in.tar", [("a.jpg", _jpeg(1)), ("a.txt", b"first"), (f"{latin}.jpg", _jpeg(2)),
+                                      (f"{latin}.txt", b"second"), ("c.jpg", _jpeg(3)), ("c.txt", b"third")],
+                fmt=tarfile.GNU_FORMAT)
+    plan = make_plan(str(path), None, 8)
+    records = plan.shard_records(0)
+    assert [r.id for r in records] == ["a", "caf\\xe9", "c"]
+    assert records[1].problem and "not UTF-8" in records[1].problem and "caf\\\\xe9" in records[1].problem
+    decoded = decode_batch(records, None, [])
+    assert [s.error is None for s in decoded.samples] == [True, False, True]
+    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=3, shard_size=8, formats=["zarr", "wds"], tasks={})
+    w = store.StoreWriter.create(str(tmp_path / "store"), m, {"format": 1, "name": "none", "teachers": {}})
+    from pipeline.extract.compute import assemble_shard
+
+    rec = w.commit_shard(assemble_shard(m, 0, (), [decoded], []))
+    assert rec.ids == ["a", "caf\\xe9", "c"] and rec.bad_images == 1
+    assert "not UTF-8" in rec.errors[0]["reason"]
+
+
+def test_a_caption_too_large_is_said_so_not_called_missing(tmp_path):
+    path = _tar(tmp_path / "in.tar", [("a.jpg", _jpeg(1)), ("a.txt", b"x" * (2 << 20)), ("b.jpg", _jpeg(2)),
+                                      ("b.txt", b"fine")])
+    a, b = make_plan(str(path), None, 8).shard_records(0)
+    assert "2,097,152 bytes, over the 1,048,576" in a.problem and "no caption" not in a.problem, a.problem
+    assert b.problem is None and b.caption() == "fine"
+    # the message for a sample without an image names the user's --image-keys, not the defaults
+    (c,) = make_plan(str(_tar(tmp_path / "c.tar", [("c.gif", b"GIF89a"), ("c.txt", b"c")])), None, 8,
+                     image_keys=("png", "tif")).shard_records(0)
+    assert "no image member (c.{png/tif})" in c.problem, c.problem
