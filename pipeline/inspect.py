@@ -363,7 +363,9 @@ def _index(s: Store, args) -> int:
     meta = StoreWriter(s.loc, s.manifest).build_index()
     print(json.dumps({k: meta[k] for k in ("built", "usable", "files")}) if args.json else
           f"built {s.url}'s sample index: {meta['usable']:,} usable samples of {len(meta['shards']):,} shards, "
-          f"{sum(f['bytes'] for f in meta['files'].values()) / 1e6:.1f} MB")
+          f"{sum(f['bytes'] for f in meta['files'].values()) / 1e6:.1f} MB"
+          + ("" if meta["shards"] else f" (no shard of the {s.num_shards:,} is committed yet: the extraction "
+                                       f"commits them, and builds the index again at the end of every run)"))
     return 0
 
 
@@ -380,9 +382,10 @@ COMMANDS = {"summary": _summary, "verify": _verify, "stats": _stats, "show": _sh
 
 
 def _repair_manifest(url: str) -> int:
-    m = StoreWriter.restore_manifest(url)
-    print(f"restored {url}'s {MANIFEST} from its backup ({m.num_samples} samples, tasks {', '.join(m.tasks)}, "
-          f"updated {m.updated}); run `python -m pipeline.inspect {url} verify` next")
+    m, notes = StoreWriter.restore_manifest(url)
+    print(f"restored {url}'s {MANIFEST} from its backup ({m.num_samples} samples, tasks {', '.join(m.tasks) or 'none'}, "
+          f"generation {m.generation})" + "".join(f"\n  reconciled with the shards' records: {n}" for n in notes)
+          + f"\nrun `python -m pipeline.inspect {url} verify` next")
     return 0
 
 

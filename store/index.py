@@ -77,7 +77,9 @@ def build_index(loc: Location, manifest: RunManifest) -> dict:
     files = {_npy(name): _write_npy(loc, _npy(name), arr) for name, arr in arrays.items()}
     files[layout.INDEX_IDS] = _write_bytes(loc, layout.INDEX_IDS, blob)
     evidence, mixed = recorded_teachers(made_by)
-    meta = {"format": FORMAT, "built": now(), "num_samples": manifest.num_samples, "shard_size": manifest.shard_size,
+    meta = {"format": FORMAT, "built": now(), "store_id": manifest.store_id,
+            "dataset_sha256": manifest.dataset.get("sha256"), "num_samples": manifest.num_samples,
+            "shard_size": manifest.shard_size,
             "tasks": list(manifest.tasks), "shards": listed, "usable": int(len(arrays["index"])),
             "teachers": evidence, "teachers_problems": mixed, "files": files}
     loc.write_bytes(layout.INDEX_META, (json.dumps(meta, indent=1) + "\n").encode())
@@ -98,7 +100,8 @@ def index_arrays(loc: Location, manifest: RunManifest) -> tuple[dict[str, np.nda
             blobs.append(ids)
             listed.append(i)
             made_by[i] = rec.teachers
-    lengths = np.concatenate(cols.pop("id_length")) if blobs else np.zeros(0, np.int64)
+    lengths = cols.pop("id_length")
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     arrays = {k: np.concatenate(v).astype(COLUMNS[k]) if v else np.zeros(0, COLUMNS[k]) for k, v in cols.items()}
     arrays["id_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     arrays["shards"] = np.array(shards, dtype=SHARD_DTYPE)

@@ -21,6 +21,7 @@ from pathlib import PurePosixPath
 FORMAT = "olaf.store/1"
 MANIFEST = "olaf_store.json"
 MANIFEST_BACKUP = "olaf_store.backup.json"
+MANIFEST_LOCK = "olaf_store.lock"  # held while a job saves the manifest (store.lease.ManifestLock)
 TEACHERS = "teachers.yaml"
 ZARR = "targets.zarr"
 WDS = "wds"

@@ -141,3 +141,41 @@ class Leases:
     def release_all(self) -> None:
         for shard in list(self.held):
             self.release(shard)
+
+
+class ManifestLock:
+    """Held while a job reads, merges and writes the manifest (`StoreWriter.save`): `olaf_store.lock`, created with
+    the same conditional create as a lease, so that two jobs' saves never interleave; a lock whose holder died or
+    that lapsed (`ttl`) holds nothing. Waits for a live one, up to `wait` seconds (StoreError then)."""
+
+    def __init__(self, loc: Location, ttl: float = 30.0, wait: float = 120.0, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.loc, self.ttl, self.wait, self.clock, self.sleep = loc, ttl, wait, clock, sleep
+        self.owner = lease_owner()
+
+    def __enter__(self) -> ManifestLock:
+        from store.fs import StoreError
+
+        give_up = self.clock() + self.wait
+        body = json.dumps({"owner": self.owner, "expires": self.clock() + self.ttl}).encode()
+        while not self.loc.create_exclusive(layout.MANIFEST_LOCK, body):
+            try:
+                held = _parse(self.loc.read_bytes(layout.MANIFEST_LOCK))
+            except FileNotFoundError:
+                continue  # released meanwhile
+            if held is None or held["expires"] <= self.clock() or _owner_is_dead(held["owner"]):
+                self.loc.remove(layout.MANIFEST_LOCK)  # lapsed, damaged or its holder gone: break it, race again
+                continue
+            if self.clock() > give_up:
+                raise StoreError(f"{self.loc.url_of(layout.MANIFEST_LOCK)} has been held by {held['owner']} for over "
+                                 f"{self.wait:.0f} s: if that job is gone, remove the file")
+            self.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            held = _parse(self.loc.read_bytes(layout.MANIFEST_LOCK))
+        except FileNotFoundError:
+            return
+        if held is None or held["owner"] == self.owner:
+            self.loc.remove(layout.MANIFEST_LOCK)

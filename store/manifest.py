@@ -81,6 +81,8 @@ class RunManifest:
     format: str = layout.FORMAT
     token_order: str = layout.TOKEN_ORDER
     teachers: dict | None = None  # a copy of teachers.yaml's identity, from which a damaged one is restored
+    generation: int = 0  # saves so far: the manifest and its backup carry the same, checked on a restore
+    store_id: str | None = None  # this store's own id, given at its first save (stores from before: at their next)
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in layout.FORMATS]
@@ -103,7 +105,9 @@ class RunManifest:
         return index // self.shard_size
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "created": self.created, "updated": self.updated, "finished": self.finished,
+        # the generation and the store's id come first: a manifest cut short still says which store and save it was
+        return {"format": self.format, "generation": self.generation, "store_id": self.store_id,
+                "created": self.created, "updated": self.updated, "finished": self.finished,
                 "code": self.code, "dataset": self.dataset, "num_samples": self.num_samples,
                 "shard_size": self.shard_size, "num_shards": self.num_shards, "formats": self.formats,
                 "zarr_compression": self.zarr_compression, "tasks": {t: v.to_dict() for t, v in self.tasks.items()},
@@ -119,9 +123,27 @@ class RunManifest:
                        progress=d.get("progress") or {}, runs=d.get("runs") or [], code=d.get("code") or {},
                        created=d.get("created"), updated=d.get("updated"), finished=d.get("finished"),
                        format=d["format"], token_order=d.get("token_order", layout.TOKEN_ORDER),
-                       teachers=d.get("teachers"))
+                       teachers=d.get("teachers"), generation=int(d.get("generation") or 0),
+                       store_id=d.get("store_id"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DamagedManifest(f"{where} is damaged: {type(e).__name__}: {e}") from None
+
+
+def merged(disk: RunManifest, mine: RunManifest) -> RunManifest:
+    """What a job saves when another job saved the same store's manifest since it read it (two jobs on one output,
+    with other task sets): the union of their tasks (a task there keeps its layout), of their runs (by id) and of
+    their teacher identities (this job's for its tasks); the rest is this job's."""
+    out = dataclasses.replace(mine)
+    out.tasks = {**disk.tasks, **{t: v for t, v in mine.tasks.items() if t not in disk.tasks}}
+    ids = {r.get("id") for r in mine.runs if r.get("id")}
+    out.runs = [r for r in disk.runs if (r.get("id") not in ids if r.get("id") else r not in mine.runs)] + mine.runs
+    out.runs.sort(key=lambda r: str(r.get("started") or ""))
+    if disk.teachers or mine.teachers:
+        both = {**((disk.teachers or {}).get("teachers") or {}), **((mine.teachers or {}).get("teachers") or {})}
+        out.teachers = {**(mine.teachers or disk.teachers), "teachers": {t: both[t] for t in out.tasks if t in both}}
+    out.store_id = disk.store_id or mine.store_id
+    out.generation = max(disk.generation, mine.generation)
+    return out
 
 
 REPAIR_MANIFEST = "restore it with `python -m pipeline.inspect {store} repair-manifest` (from {backup})"
@@ -183,6 +205,7 @@ class ShardRecord:
     extra: dict = field(default_factory=dict)  # timings the extraction adds (decode_cpu_s, teacher_s)
     ids: list[str] | None = None  # the samples' ids in dataset order (None: written before olaf recorded them)
     teachers: dict[str, dict] | None = None  # task -> what computed its targets (weights, recipe, dtype sha256s)
+    store_id: str | None = None  # the store it was committed to (a manifest's backup is checked against it)
 
     @property
     def count(self) -> int:
@@ -207,7 +230,8 @@ class ShardRecord:
                 "status": self.status, "tasks": self.tasks, "valid": self.valid, "bad_images": self.bad_images,
                 "files": self.files, "errors": self.errors, "written": self.written, "seconds": self.seconds,
                 **({"ids": self.ids} if self.ids is not None else {}),
-                **({"teachers": self.teachers} if self.teachers is not None else {}), **self.extra}
+                **({"teachers": self.teachers} if self.teachers is not None else {}),
+                **({"store_id": self.store_id} if self.store_id is not None else {}), **self.extra}
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardRecord:
@@ -226,7 +250,7 @@ class ShardRecord:
                        valid=dict(d["valid"]), bad_images=int(d.get("bad_images", 0)), files=d["files"],
                        errors=list(d["errors"]), written=d.get("written"), seconds=float(d.get("seconds", 0.0)),
                        status=d["status"], ids=list(d["ids"]) if d.get("ids") is not None else None,
-                       teachers=_teachers_field(d.get("teachers")),
+                       teachers=_teachers_field(d.get("teachers")), store_id=d.get("store_id"),
                        extra={k: v for k, v in d.items() if k not in known})
         except (TypeError, ValueError) as e:
             raise StoreError(f"bad field: {e}") from None

@@ -34,13 +34,13 @@ from store import layout, recovery, tar, zarr_io
 from store.codec import meta_of, sample_members, sample_meta, target_members_of
 from store.fs import Location, StoreError
 from store.identity import check_identity, read_teachers, teacher_mismatches, write_teachers
-from store.lease import Leases
+from store.lease import Leases, ManifestLock
 from store.manifest import (
-    DamagedManifest,
     RunManifest,
     ShardRecord,
     TaskLayout,
     dumps,
+    merged,
     now,
     parse_manifest,
     read_manifest,
@@ -105,7 +105,7 @@ class StoreWriter:
         teachers computed it) and Zarr arrays. The manifest is created first and exclusively: StoreExists when another job created the store meanwhile."""
         w = cls(url, manifest)
         w.loc.makedirs()
-        manifest.updated = now()
+        manifest.updated, manifest.store_id = now(), manifest.store_id or uuid.uuid4().hex
         if not w.loc.create_exclusive(layout.MANIFEST, dumps(manifest.to_dict())):
             raise StoreExists(f"{w.loc} was created by another job meanwhile")
         w.save(teachers)
@@ -129,42 +129,42 @@ class StoreWriter:
             raise StoreError(f"{loc} exists, is not empty and is not an olaf store; choose another output")
         return cls(loc, read_manifest(loc))
 
-    def save(self, teachers: dict | None = None) -> None:
+    def save(self, teachers: dict | None = None, update=None) -> None:
         """Write the run manifest (and the teacher identity), and create the Zarr arrays its tasks need; the one
         place shard writers' metadata comes from (they write data objects only). The manifest keeps a copy of
         the teacher identity, from which `restore_teachers` repairs a damaged teachers.yaml."""
         if teachers is not None:
             self.manifest.teachers = teachers
-        self.save_manifest()
-        if teachers is not None:
-            write_teachers(self.loc, teachers)
+        self.save_manifest(update, teachers_file=teachers is not None)
         zarr_io.create_arrays(self.loc, self.manifest)
 
-    def save_manifest(self) -> None:
-        """The manifest, then its backup copy (the same bytes): damage to one leaves the other to restore from."""
-        self.manifest.updated = now()
-        data = dumps(self.manifest.to_dict())
-        self.loc.write_bytes(layout.MANIFEST, data)
-        self.loc.write_bytes(layout.MANIFEST_BACKUP, data)
+    def save_manifest(self, update=None, teachers_file: bool = False) -> None:
+        """Under the store's manifest lock: what another job saved since (its tasks, runs, teachers) merged into
+        this job's manifest, `update(manifest)` applied, the generation counted up, then the manifest, its backup
+        copy (the same bytes: damage to one leaves the other to restore from) and, with `teachers_file`,
+        teachers.yaml from the merged identity."""
+        with ManifestLock(self.loc):
+            try:
+                disk = parse_manifest(self.loc, layout.MANIFEST)
+            except (FileNotFoundError, StoreError):
+                disk = None  # a new store, or a damaged manifest this save replaces
+            m = self.manifest = merged(disk, self.manifest) if disk is not None else self.manifest
+            if update is not None:
+                update(m)
+            m.store_id = m.store_id or uuid.uuid4().hex
+            m.generation += 1
+            m.updated = now()
+            data = dumps(m.to_dict())
+            self.loc.write_bytes(layout.MANIFEST, data)
+            self.loc.write_bytes(layout.MANIFEST_BACKUP, data)
+            if teachers_file:
+                write_teachers(self.loc, m.teachers)
 
     @staticmethod
-    def restore_manifest(url) -> RunManifest:
-        """Rewrite a damaged manifest from its backup copy (what reading a damaged one says to do); a sound manifest
-        is left alone."""
-        loc = url if isinstance(url, Location) else Location(url)
-        try:
-            parse_manifest(loc, layout.MANIFEST)
-        except (FileNotFoundError, DamagedManifest):
-            pass
-        else:
-            raise StoreError(f"{loc.url_of(layout.MANIFEST)} is sound: nothing to restore")
-        try:
-            restored = parse_manifest(loc, layout.MANIFEST_BACKUP)
-        except FileNotFoundError:
-            raise StoreError(f"{loc} has no {layout.MANIFEST_BACKUP} (written by an older olaf): restore "
-                             f"{layout.MANIFEST} from a backup of yours, or re-extract into a new --output") from None
-        loc.write_bytes(layout.MANIFEST, loc.read_bytes(layout.MANIFEST_BACKUP))
-        return restored
+    def restore_manifest(url) -> tuple[RunManifest, list[str]]:
+        """Rewrite a damaged manifest from its backup copy, reconciled with the shards' records (store.recovery);
+        (the manifest, what was reconciled)."""
+        return recovery.restore_manifest(url if isinstance(url, Location) else Location(url))
 
     # ---- a run's record in the manifest ------------------------------------------------------------------------
     def start_run(self, run: dict, extraction: dict, code: dict, teachers: dict, new_tasks: dict[str, TaskLayout],
@@ -174,7 +174,7 @@ class StoreWriter:
         finished, and the teacher identity becomes `teachers`."""
         m = self.manifest
         m.tasks = {t: m.tasks.get(t) or new_tasks[t] for t in order if t in m.tasks or t in new_tasks}
-        m.runs.append(run)
+        m.runs.append({"id": uuid.uuid4().hex[:12], **run})
         m.extraction, m.code, m.finished = extraction, code, None
         self.save(teachers)
 
@@ -183,15 +183,22 @@ class StoreWriter:
         self.manifest.progress = progress
         self.save_manifest()
 
-    def finish_run(self, progress: dict | None, all_done: bool, shards_done: int, shards_failed: list[int]) -> None:
-        """The run's last word: its progress, its record under `runs`, and `finished` once every shard is done
-        for every task and no shard failed (kept from an earlier run that finished)."""
-        m = self.manifest
-        if progress is not None:
-            m.progress = progress
-        m.finished = (m.finished or now()) if all_done and not shards_failed else None
-        m.runs[-1].update(finished=now(), shards_done=shards_done, shards_failed=sorted(shards_failed))
-        self.save_manifest()
+    def finish_run(self, progress: dict | None, records: dict[int, ShardRecord], shards_done: int,
+                   shards_failed: list[int]) -> None:
+        """The run's last word: its progress, its record under `runs`, and `finished` once `records` hold every shard
+        done for every task the store has (another job's too) and no shard failed (kept from an earlier run that
+        finished)."""
+        def last_word(m: RunManifest) -> None:
+            all_done = all(i in records and set(m.tasks) <= set(records[i].tasks) for i in range(m.num_shards))
+            if progress is not None:
+                m.progress = progress
+            m.finished = (m.finished or now()) if all_done and not shards_failed else None
+            mine = next((r for r in m.runs if r.get("id") == run_id), m.runs[-1] if m.runs else None)
+            if mine is not None:
+                mine.update(finished=now(), shards_done=shards_done, shards_failed=sorted(shards_failed))
+
+        run_id = self.manifest.runs[-1].get("id") if self.manifest.runs else None
+        self.save_manifest(last_word)
 
     def restore_teachers(self) -> str:
         """Repair the teacher identity as `verify` says: teachers.yaml from the manifest's copy, or the copy from
@@ -300,7 +307,7 @@ class StoreWriter:
                            bad_images=sum(1 for s in result.samples if s.error), files=files,
                            errors=_errors(result, previous), ids=[s.id for s in result.samples],
                            seconds=round(result.seconds + (previous.seconds if previous else 0.0), 3),
-                           teachers={t: made_by[t] for t in all_tasks if t in made_by} or None)
+                           teachers={t: made_by[t] for t in all_tasks if t in made_by} or None, store_id=m.store_id)
 
     def commit(self, record: ShardRecord) -> None:
         """The commit point: create the shard's record, only if no record exists (see the module docstring). The

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import yaml
 from helpers import call, one_error_line
 
 from pipeline import localray
@@ -209,3 +211,147 @@ def test_without_evidence_neither_copy_is_trusted_over_the_other(tmp_path, tiny_
     assert rc == 2 and "neither copy can be trusted" in one_error_line(log)
     (st / layout.TEACHERS).write_text("teachers: [unclosed")
     assert call(inspect.main, [st, "repair-teachers"])[0] == 0 and (st / layout.TEACHERS).read_text() == good
+
+
+# ---- reliability, round five: the manifest's backup, two jobs' saves, an empty store's index -------------------
+
+def _teacher_free_then_gen(path, shard_size: int = 4):
+    """A 2-shard store made without teachers (images, captions, ids), then given gen: (its backup before gen was
+    added, the writer)."""
+    import numpy as np
+    from helpers import SYNTHETIC_TEACHERS
+
+    from store import RunManifest, SampleResult, ShardResult, StoreWriter, TaskLayout, layout, now
+
+    m = RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=8, shard_size=shard_size,
+                    formats=["zarr", "wds"], tasks={})
+    w = StoreWriter.create(str(path), m, SYNTHETIC_TEACHERS)
+
+    def samples(i):
+        return [SampleResult(j, f"s{j}", {"id": f"s{j}"}, f"{j}.jpg", b"\xff\xd8" + bytes([j]) * 40)
+                for j in range(*m.shard_range(i))]
+
+    for i in range(m.num_shards):
+        w.commit_shard(ShardResult(i, (), samples(i), {}, {}, {}))
+    w.finish_run(None, w.records(), m.num_shards, [])
+    before = (path / layout.MANIFEST_BACKUP).read_bytes()
+    w.start_run({"started": now(), "tasks": ["gen"]}, {}, {}, SYNTHETIC_TEACHERS, {"gen": TaskLayout((1, 16), "fp16")},
+                ["gen"])
+    for i in range(m.num_shards):
+        n = len(samples(i))
+        values = np.full((n, 1, 16), i, dtype=np.float16)
+        w.commit_shard(ShardResult(i, ("gen",), samples(i), {"gen": values}, {"gen": None},
+                                   {"gen": np.ones(n, dtype=bool)}))
+    w.finish_run(None, w.records(), m.num_shards, [])
+    w.build_index()
+    return before, w
+
+
+def test_repair_manifest_reconciles_a_backup_a_save_behind_with_the_records(tmp_path):
+    """A backup from before the teachers were added used to be installed as it was: verify then called both shards
+    bad and re-running the add command found nothing to do. The records are the truth: the tasks they hold come
+    back, with their layouts read from the store's own files, and the command says so."""
+    from pipeline import inspect
+    from store import Store, layout
+
+    st = tmp_path / "store"
+    before, w = _teacher_free_then_gen(st)
+    good = json.loads((st / layout.MANIFEST).read_text())
+    assert json.loads(before)["tasks"] == {} and good["tasks"]["gen"]["shape"] == [1, 16]
+    assert json.loads(before)["generation"] < good["generation"]
+    for damage in (b"junk", (st / layout.MANIFEST).read_bytes()[:200]):
+        (st / layout.MANIFEST_BACKUP).write_bytes(before)
+        (st / layout.MANIFEST).write_bytes(damage)
+        rc, log = call(inspect.main, [st, "repair-manifest"])
+        assert rc == 0 and "tasks gen added" in log, log
+        assert ("save(s) behind" in log) == (damage != b"junk"), log  # a cut manifest still says its generation
+        restored = json.loads((st / layout.MANIFEST).read_text())
+        assert restored["tasks"] == good["tasks"] and restored["finished"]  # every shard is done for gen
+        assert (st / layout.MANIFEST_BACKUP).read_bytes() == (st / layout.MANIFEST).read_bytes()
+        assert call(inspect.main, [st, "verify"])[0] == 0
+        assert Store(str(st)).done_shards(["gen"]) == [0, 1]
+
+
+def test_repair_manifest_refuses_another_stores_backup(tmp_path):
+    """Another store's manifest as the backup was installed (the store could then be continued with neither shard
+    size). Refused, naming what differs, and nothing is written."""
+    from pipeline import inspect
+    from store import layout
+
+    st = tmp_path / "store"
+    _teacher_free_then_gen(st)
+    other = tmp_path / "other"
+    _teacher_free_then_gen(other, shard_size=3)  # another store, another shard size
+    twin = tmp_path / "twin"
+    _teacher_free_then_gen(twin)  # another store of the same geometry
+    cases = [(other / layout.MANIFEST, b"junk", "do not put there"),
+             (twin / layout.MANIFEST, (st / layout.MANIFEST).read_bytes()[:120], "the damaged manifest says"),
+             (twin / layout.MANIFEST, b"junk", "the sample index says"),
+             (twin / layout.MANIFEST, b"junk", "the shards' records say")]
+    for backup, damage, said in cases:
+        if said == "the shards' records say":
+            (st / layout.INDEX_META).unlink()  # the records alone still tell
+        (st / layout.MANIFEST_BACKUP).write_bytes(backup.read_bytes())
+        (st / layout.MANIFEST).write_bytes(damage)
+        rc, log = call(inspect.main, [st, "repair-manifest"])
+        assert rc == 2 and "is not this store's manifest" in one_error_line(log) and said in log, log
+        assert (st / layout.MANIFEST).read_bytes() == damage
+
+
+def test_two_jobs_saving_one_manifest_keep_each_others_tasks(tmp_path):
+    """`--tasks none` and `--tasks gen,...` on one output: the teacher-free job kept a manifest without the teachers
+    in memory and saved it on every commit; its last save lost the added tasks. Every save merges what is on disk,
+    under the store's manifest lock."""
+    import numpy as np
+    from helpers import SYNTHETIC_TEACHERS
+
+    from store import RunManifest, SampleResult, ShardResult, StoreError, StoreWriter, TaskLayout, layout, now
+    from store.lease import ManifestLock
+
+    m = RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=8, shard_size=4,
+                    formats=["wds"], tasks={})
+    free = StoreWriter.create(str(tmp_path / "store"), m, SYNTHETIC_TEACHERS)
+    adder = StoreWriter.open(str(tmp_path / "store"))
+    free.start_run({"started": now(), "tasks": []}, {}, {}, SYNTHETIC_TEACHERS, {}, ["gen"])
+    teachers = {**SYNTHETIC_TEACHERS, "teachers": {"gen": {"weights_sha256": "ab" * 32}}}
+    adder.start_run({"started": now(), "tasks": ["gen"]}, {}, {}, teachers, {"gen": TaskLayout((1, 16), "fp16")}, ["gen"])
+    samples = [SampleResult(j, f"s{j}", {"id": f"s{j}"}, f"{j}.jpg", b"\xff\xd8" * 9) for j in range(4)]
+    rec = free.commit_shard(ShardResult(0, (), samples, {}, {}, {}))
+    free.record_progress({"samples_done": 4})  # the teacher-free job's save after the other's start
+    free.finish_run(None, {0: rec}, 1, [])
+    disk = json.loads((tmp_path / "store" / layout.MANIFEST).read_text())
+    assert list(disk["tasks"]) == ["gen"] and disk["finished"] is None  # gen is not done anywhere
+    assert len(disk["runs"]) == 2 and all(r.get("id") for r in disk["runs"])
+    assert "gen" in yaml.safe_load((tmp_path / "store" / "teachers.yaml").read_text())["teachers"]
+    adder.commit_shard(ShardResult(1, ("gen",), [SampleResult(j, f"s{j}", {"id": f"s{j}"}, f"{j}.jpg", b"\xff\xd8")
+                                                 for j in range(4, 8)],
+                                   {"gen": np.zeros((4, 1, 16), np.float16)}, {"gen": None}, {"gen": np.ones(4, bool)}))
+    # a live lock of another job is waited for, then refused in one line; a lapsed one is broken
+    clock = [1000.0]
+    lock = tmp_path / "store" / layout.MANIFEST_LOCK
+    lock.write_text(json.dumps({"owner": f"elsewhere:{1}:x", "expires": 1030.0}))
+    waiting = ManifestLock(free.loc, wait=5, clock=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + 1))
+    with pytest.raises(StoreError, match="has been held by elsewhere"):
+        waiting.__enter__()
+    clock[0] = 2000.0
+    with ManifestLock(free.loc, clock=lambda: clock[0]):
+        assert json.loads(lock.read_text())["owner"] != "elsewhere:1:x"
+    assert not lock.exists()
+
+
+def test_an_index_of_a_store_with_no_committed_shard_is_built_and_said(tmp_path):
+    """A first run that committed no shard (its disk full) ended in KeyError: 'id_length' while building the index."""
+    from helpers import SYNTHETIC_TEACHERS
+
+    from pipeline import inspect
+    from store import RunManifest, StoreWriter, load_index
+
+    m = RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=8, shard_size=4,
+                    formats=["zarr", "wds"], tasks={})
+    w = StoreWriter.create(str(tmp_path / "store"), m, SYNTHETIC_TEACHERS)
+    meta = w.build_index()
+    assert meta["usable"] == 0 and meta["shards"] == []
+    index, _ = load_index(w.loc)
+    assert len(index.ids) == 0 and len(index.columns["offset"]) == 0
+    rc, log = call(inspect.main, [tmp_path / "store", "index"])
+    assert rc == 0 and "no shard of the 2 is committed yet" in log, log

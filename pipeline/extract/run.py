@@ -187,13 +187,11 @@ def open_store(s: Settings, plan: Plan, manifest: TeacherManifest, existing: Sto
 def finish(writer: StoreWriter, plan: Plan, work: dict, sched: ShardScheduler, utilisation: list, t_run: float,
            wall: float) -> int:
     """errors.jsonl, the manifest's last word (finished when every shard is done), the summary; the exit status."""
-    m = writer.manifest
     n_err = writer.rebuild_errors()
     writer.build_index()  # what the trainer starts from: the records as a few mmapped arrays
     final = writer.records()
-    all_done = all(i in final and set(m.tasks) <= set(final[i].tasks) for i in range(plan.num_shards))
     done = progress(sched.done, sum(plan.shard_count(i) for i in work), t_run, sched.failed, utilisation) \
         if work else None
-    writer.finish_run(done, all_done, len(sched.done), list(sched.failed))
-    print_summary(m, plan, sched.done, final, sched.failed, n_err, wall, work, sched.by_others)
+    writer.finish_run(done, final, len(sched.done), list(sched.failed))
+    print_summary(writer.manifest, plan, sched.done, final, sched.failed, n_err, wall, work, sched.by_others)
     return 1 if sched.failed else 0
