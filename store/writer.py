@@ -381,7 +381,7 @@ def _tar_samples(m: RunManifest, result: ShardResult, kept: list[str], old: dict
         valid = {t: bool(prev_meta.get("valid", {}).get(t, False)) for t in kept}
         valid.update({t: bool(result.valid[t][pos]) for t in result.tasks})
         errors = {k: v for k, v in (prev_meta.get("errors") or {}).items() if k not in result.tasks}
-        if s.error:
+        if s.error and not (keep_images and "image" in errors):  # a kept image keeps the reason it was bad for
             errors["image"] = s.error
         for t in result.tasks:
             if pos in result.task_errors.get(t, {}):

@@ -270,3 +270,30 @@ def test_ray_job_submit_uploads_only_the_allow_list_to_a_loopback_head(tmp_path)
     finally:
         localray.stop(state)
         bystander.kill()
+
+
+@pytest.mark.slow
+def test_a_store_gaining_tasks_computes_from_its_committed_images(tmp_path, extract_dataset, tiny_teachers,
+                                                                  reference, ray_head):
+    """An image that changes between `--tasks none` and adding the teachers (rot, or a folder edited under the
+    same name) replaced the store's committed image and its targets were computed from it. The targets come from
+    the image the store holds (checked by the tar's sha256), which stays: the store equals the one-pass reference
+    of the original images byte for byte."""
+    json_path, images = extract_dataset
+    copy = tmp_path / "data"
+    shutil.copytree(images, copy / "images")
+    shutil.copy(json_path, copy / json_path.name)
+    good = [r for r in json.loads(json_path.read_text()) if r.get("image")
+            and store.Store(reference).get(r["id"])["valid"].get("gen")]
+    victim, other = copy / "images" / good[0]["image"], copy / "images" / good[1]["image"]
+    out = tmp_path / "store"
+    argv = extraction_args((copy / json_path.name, copy / "images"), out, tiny_teachers, "--address", ray_head)
+    rc, log = extract([*argv, "--tasks", "none"])
+    assert rc == 0, log
+    assert victim.read_bytes() != other.read_bytes()
+    victim.write_bytes(other.read_bytes())  # the folder now holds another picture under the sample's name
+    rc, log = extract([*argv, "--tasks", "gen,depth,seg"])
+    assert rc == 0, log
+    same_data(out, reference)
+    st = store.Store(out)
+    assert st.decode(st.find(good[0]["id"])[1], [])["image"] == (images / good[0]["image"]).read_bytes()

@@ -3,6 +3,7 @@ local folder and on a real S3-compatible server (SeaweedFS on loopback) alike.""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import multiprocessing as mp
@@ -469,3 +470,44 @@ def test_the_tar_writer_gives_webdataset_tarwriters_bytes(tmp_path):
             w.write(s)
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
     assert got["bytes"] == (tmp_path / "ref.tar").stat().st_size and len(got["samples"]) == 5
+
+
+def test_a_shard_gaining_tasks_keeps_its_committed_images_and_refuses_other_bytes(tmp_path):
+    """What a shard gaining tasks is computed from is the image its tar holds: the decode reads it from the store
+    (by its record's byte range), and the writer refuses a pass whose image is not that one, never replacing it."""
+    from pipeline.extract.compute import assemble_shard
+    from pipeline.extract.decode import decode_batch
+    from pipeline.llava import Record
+
+    m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=3, shard_size=3,
+                          formats=["wds"], tasks={})
+    w = store.StoreWriter.create(str(tmp_path / "store"), m, SYNTHETIC_TEACHERS)
+    images = [_png(k) for k in range(3)]
+    first = [store.SampleResult(j, f"s{j}", {"id": f"s{j}"}, f"{j}.png", images[j]) for j in range(3)]
+    rec = w.commit_shard(store.ShardResult(0, (), first, {}, {}, {}))
+    records = [Record(j, f"s{j}", f"{j}.png", {"id": f"s{j}"}, stored=(w.loc.url, 0, *rec.sample_ranges()[j]))
+               for j in range(3)]
+    decoded = decode_batch(records, str(tmp_path / "no such folder"), [])
+    assert [s.image_bytes for s in decoded.samples] == images and not any(s.error for s in decoded.samples)
+    w.manifest.tasks["gen"] = store.TaskLayout((1, 4), "fp16")
+    result = store.ShardResult(0, ("gen",), [dataclasses.replace(s, image_bytes=_png(9) if s.index == 1 else
+                                                                 s.image_bytes) for s in first],
+                               {"gen": np.zeros((3, 1, 4), np.float16)}, {"gen": None}, {"gen": np.ones(3, bool)})
+    with pytest.raises(store.StoreError, match="computed from other bytes than the image the store holds"):
+        w.write(result, w.redo(0), keep_images=True)
+    ok = store.ShardResult(0, ("gen",), first, {"gen": np.zeros((3, 1, 4), np.float16)}, {"gen": None},
+                           {"gen": np.ones(3, bool)})
+    w.commit(w.write(ok, rec, keep_images=True))
+    st = store.Store(str(tmp_path / "store"))
+    assert [st.decode(st.find(f"s{j}")[1], [])["image"] for j in range(3)] == images
+    # ranges that are not the sample's (another sample's; the tar rewritten since): found by the sample's id
+    lying = [dataclasses.replace(records[0], stored=(w.loc.url, 0, *rec.sample_ranges()[1]))]
+    assert decode_batch(lying, None, []).samples[0].image_bytes == images[0]
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8 + seed, 8), (seed * 30 % 256, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()

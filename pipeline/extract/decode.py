@@ -84,7 +84,8 @@ def decode_batch(records: list[Record], image_folder: str | None, specs: list[Te
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
             data = fetched[k] if k in fetched else read_image_bytes(image_folder, rec.image)
             if isinstance(data, BadImage):
-                raise data
+                bad, data = data, None
+                raise bad
             rgb = decode_rgb(data, max_pixels=max_pixels)
             for spec in specs:  # sizes only: a recipe that would blow an image up is refused before any pixel
                 check_ops(spec.preprocess.ops, rgb.width, rgb.height)
