@@ -475,7 +475,6 @@ def test_the_tar_writer_gives_webdataset_tarwriters_bytes(tmp_path):
 def test_a_shard_gaining_tasks_keeps_its_committed_images_and_refuses_other_bytes(tmp_path):
     """What a shard gaining tasks is computed from is the image its tar holds: the decode reads it from the store
     (by its record's byte range), and the writer refuses a pass whose image is not that one, never replacing it."""
-    from pipeline.extract.compute import assemble_shard
     from pipeline.extract.decode import decode_batch
     from pipeline.llava import Record
 
