@@ -60,6 +60,16 @@ def kill_trainer_after(argv: list[str], out: Path, step: int) -> None:
     p.wait()
 
 
+def export_on_a_full_disk(run_dir, fmt: str, out, limit: int) -> subprocess.CompletedProcess:
+    """`python -m trainer.export RUN --format FMT --out OUT` whose process may write files of at most `limit` bytes
+    (RLIMIT_FSIZE, SIGXFSZ ignored): the disk refuses the write as a full one would (ENOSPC's failure)."""
+    code = ("import resource, signal, runpy, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "n = int(sys.argv.pop(1)); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+            "sys.argv = ['trainer.export'] + sys.argv[1:]; runpy.run_module('trainer.export', run_name='__main__')")
+    return subprocess.run([sys.executable, "-B", "-c", code, str(limit), str(run_dir), "--format", fmt, "--out",
+                           str(out)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+
+
 def env(**extra) -> dict[str, str]:
     """This process's environment for a child: no torchrun variables, no RAY_ADDRESS, and this process's torch
     threads (a run continued here after a child's gives the same numbers)."""

@@ -485,3 +485,19 @@ def test_a_damaged_teachers_yaml_is_named_by_verify_and_repaired_from_the_manife
     (tmp_path / "s" / layout.TEACHERS).write_text("format: olaf.teachers/1\nteachers: {}\n")  # parses, but lies
     assert inspect.main([url, "verify"]) == 1 and "differs from the identity the manifest records" in \
         capsys.readouterr().out
+
+
+def test_probing_a_teacher_free_store_is_one_line_before_any_model_loads(tmp_path, trained, tiny_teachers):
+    """It loaded the model, then failed with 'optimizer got an empty parameter list'."""
+    from helpers import one_error_line
+
+    import store
+    from trainer.probe import run as probe
+
+    m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=4, shard_size=4,
+                          formats=["wds"], tasks={})
+    store.StoreWriter.create(str(tmp_path / "free"), m, SYNTHETIC_TEACHERS)
+    rc, log = call(probe, ["--store", tmp_path / "free", "--eval-store", tmp_path / "free", "--model",
+                           trained / "export", "--teachers-manifest", tiny_teachers, "--output-dir", tmp_path / "out"])
+    assert rc == 2 and "holds no teacher target" in one_error_line(log) and "--tasks gen,depth,seg" in log, log
+    assert " probes (" not in log and not (tmp_path / "out" / "checkpoints").exists()  # no model was built

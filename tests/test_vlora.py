@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, call, kill_trainer_after, trainer_args
+from helpers import REPO, call, export_on_a_full_disk, kill_trainer_after, one_error_line, trainer_args
 
 from trainer.pt import run as trainer
 
@@ -358,6 +358,9 @@ def test_vlora_trains_resumes_after_kill_9_and_exports_their_folder(tmp_path, tr
     assert a[-1]["loss"] < a[0]["loss"] or any(r["loss"] != a[0]["loss"] for r in a)
     # --format vlora, read back by a loader written from the spec (section 4)
     folder = tmp_path / "export"
+    p = export_on_a_full_disk(out, "vlora", folder, 1024)  # a disk that refuses the write: one line, nothing left
+    assert p.returncode == 2 and "nothing of it was left" in one_error_line(p.stderr), p.stderr
+    assert not folder.exists()
     assert export([str(out), "--format", "vlora", "--out", str(folder)]) == 0
     cfg = json.loads((folder / "config.json").read_text())
     assert (cfg["model_type"], cfg["mm_projector_type"]) == ("llava_vlora", "vlora")

@@ -355,6 +355,11 @@ def main(argv=None) -> int:
         print(f"wrote {plot(a.runs, a.out or a.runs[0] / 'probe_plot.png')}")
         return 0
     a, cfg = parse_args(argv)
+    if not cfg.tasks:  # before any model loads: nothing to probe for
+        raise TrainerError(f"{cfg.store} holds no teacher target (a store of images, captions and ids, made with "
+                           f"--tasks none): probes learn targets; add the teachers to it (python -m "
+                           f"pipeline.extract_teachers ... --output {cfg.store} --tasks gen,depth,seg), or probe a "
+                           f"store that has them")
     rank, world, device, dtype, log = start(cfg)
     out = Path(cfg.output_dir)
     eval_store, eval_expected = open_store(cfg, a.eval_store, a.eval_teachers_manifest)  # before any model loads

@@ -41,6 +41,18 @@ def write_export(write, run_dir: Path, out: Path, ckpt: Path | None = None) -> P
                           f"space (or choose another --out) and export again") from None
 
 
+def save_bin(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A LLaVA-style .bin (torch.save) through a file of ours: a refused write (a full disk, a quota) is the
+    OSError it is, which `write_export` says in one line; torch's own writer would raise a RuntimeError."""
+    with open(path, "wb") as f:
+        try:
+            torch.save(tensors, f)
+        except RuntimeError as e:  # torch's zip writer, closing after our file refused a write, hides the OSError
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+
 def model_info(run) -> dict:
     """What a PT run's exports say about its model (`run`: trainer.build.PTRun); every checkpoint carries it, so
     that any checkpoint can be exported on its own."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from recipes.manifest import TASKS
@@ -32,6 +31,7 @@ from trainer.formats.common import (
     load_module,
     mm_projector_tensors,
     read_bin,
+    save_bin,
 )
 from trainer.sequence import TaskTokens
 from trainer.templates import PLAIN, TEMPLATES
@@ -47,7 +47,7 @@ def export_llava(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
     with atomic_path(out) as tmp:
         exp = Path(tmp)
         exp.mkdir()
-        torch.save(mm_projector_tensors(trained), exp / "mm_projector.bin")
+        save_bin(mm_projector_tensors(trained), exp / "mm_projector.bin")
         save_file({f"special_{k.split('.', 1)[1]}_tokens": v for k, v in trained.items()
                    if k.startswith("special_tokens.")}, exp / "task_tokens.safetensors")
         save_file({k: v.reshape(1) if k.startswith("logit_scales.") else v for k, v in trained.items()

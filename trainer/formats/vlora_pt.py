@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from store import atomic_path
-from trainer.formats.common import ExportError, from_checkpoint, mm_projector_tensors
+from trainer.formats.common import ExportError, from_checkpoint, mm_projector_tensors, save_bin
 from trainer.formats.ola_vlm import authors_llm_config
 
 VLORA_FIELDS = ("vlora_dim", "vlora_depth", "vlora_visual_dim", "vlora_pos_num", "vlora_llm_dim", "vlora_llm_depth",
@@ -43,6 +42,6 @@ def export_vlora(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
                        "checkpoint": info.get("checkpoint"), "store": info.get("store")}}
     with atomic_path(out) as tmp:
         Path(tmp).mkdir()
-        torch.save(mm_projector_tensors(trained), Path(tmp) / "mm_projector.bin")
+        save_bin(mm_projector_tensors(trained), Path(tmp) / "mm_projector.bin")
         (Path(tmp) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return Path(out)
