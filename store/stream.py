@@ -145,15 +145,23 @@ class TargetStream(tud.IterableDataset):
                 r = rows[k]
                 a = int(t.offset[r]) - base
                 where = f"{self.store.loc.url_of(name)}@{t.offset[r]}"
-                raw = tar.sample_in(data[a:a + int(t.size[r])], where)
+                raw = tar.exact_sample(data[a:a + int(t.size[r])], where)
                 meta = meta_of(raw) if raw is not None else {}
                 want_id = t.ids[r] if t.ids is not None else meta.get("id")
-                if meta.get("index") != int(t.index[r]) or meta.get("id") != want_id:
-                    raise StoreError(f"{where}: expected sample {int(t.index[r])} ({want_id}), found "
-                                     f"{meta.get('index')} ({meta.get('id')}): the tar does not match its record; "
-                                     f"run `python -m pipeline.inspect {self.store.url} verify`")
+                if raw is None or meta.get("index") != int(t.index[r]) or meta.get("id") != want_id:
+                    raise StoreError(f"{where}: expected sample {int(t.index[r])} ({want_id}), "
+                                     + (f"found {meta.get('index')} ({meta.get('id')})" if raw is not None else
+                                        "found bytes that are not exactly one sample") + f": {self._which()}")
                 out[k] = raw
         return out
+
+    def _which(self) -> str:
+        """What names a sample's bytes, and how to mend it."""
+        if self.store.index is not None:
+            return (f"the store's sample index says where each sample lies ({layout.INDEX}/offset.npy, "
+                    f"{layout.INDEX}/size.npy), and one of them is damaged: rebuild it with `python -m "
+                    f"pipeline.inspect {self.store.url} index` (`verify` names the damaged file)")
+        return f"the tar does not match its record; run `python -m pipeline.inspect {self.store.url} verify`"
 
     def batch_at(self, step: int, part: int) -> dict:
         """Micro-batch `part` of global batch `step`, read, decoded, mapped and collated."""

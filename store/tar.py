@@ -93,6 +93,20 @@ def sample_in(data: bytes, where: str) -> dict | None:
     return next(samples_of(io.BytesIO(data), where), None)
 
 
+def exact_sample(data: bytes, where: str) -> dict | None:
+    """The raw sample in `data` when these bytes are exactly one sample's members (headers, data and padding, to
+    the last byte, one key); None for anything else: another sample's bytes, a range cut short or running on."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            members = tf.getmembers()
+        end = max((m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for m in members), default=0)
+        if not members or end != len(data) or len({m.name.partition(".")[0] for m in members}) != 1:
+            return None
+        return sample_in(data, where)
+    except Exception:  # noqa: BLE001  (whatever these bytes make a tar reader raise, they are not the sample)
+        return None
+
+
 def member_sizes(raw: dict) -> dict[str, int]:
     """A raw sample's members and their sizes (what `inspect show` lists)."""
     return {k: len(v) for k, v in sorted(raw.items()) if not k.startswith("__")}

@@ -501,3 +501,37 @@ def test_probing_a_teacher_free_store_is_one_line_before_any_model_loads(tmp_pat
                            trained / "export", "--teachers-manifest", tiny_teachers, "--output-dir", tmp_path / "out"])
     assert rc == 2 and "holds no teacher target" in one_error_line(log) and "--tasks gen,depth,seg" in log, log
     assert " probes (" not in log and not (tmp_path / "out" / "checkpoints").exists()  # no model was built
+
+
+@pytest.mark.parametrize("damage", ["a flipped bit in offset.npy", "a size 1 kB short"])
+def test_a_damaged_sample_index_is_one_line_in_the_trainer_never_a_wrong_sample(tmp_path, trainer_store, tiny_models,
+                                                                                tiny_teachers, damage):
+    """A flipped bit in index/offset.npy, or one sample's size 1 kB short, crashed the trainer with tarfile's
+    ReadError from a DataLoader worker. The bytes read are checked to be exactly the expected sample: one line
+    naming the index and how to rebuild it."""
+    import shutil
+
+    import numpy as np
+    from helpers import one_error_line, trainer_args
+
+    import store
+    from trainer.pt import run as trainer
+
+    st = tmp_path / "store"
+    shutil.copytree(trainer_store, st)
+    store.StoreWriter.open(str(st)).build_index()
+    index, _ = store.load_index(store.Location(str(st)))
+    name = "offset" if "offset" in damage else "size"
+    path = st / "index" / f"{name}.npy"
+    arr = np.load(path)
+    k = len(arr) // 2
+    arr[k] = arr[k] ^ 0x200 if name == "offset" else arr[k] - 1024  # a bit of the offset (a block), or 1 kB less
+    raw = bytearray(path.read_bytes())
+    body = arr.tobytes()
+    raw[len(raw) - len(body):] = body  # the same header, one entry changed: the file keeps its size
+    path.write_bytes(bytes(raw))
+    steps = -(-index.meta["usable"] // 4)  # one epoch: every sample is read
+    rc, log = call(trainer, trainer_args(st, tiny_models, tiny_teachers, tmp_path / "run", "--max-steps", str(steps)))
+    line = one_error_line(log)
+    assert rc == 2 and "index/offset.npy" in line and "inspect" in line and f"{st} index" in line, log
+    assert store.load_index(store.Location(str(st)))[0] is not None  # the damage was not caught by its size
