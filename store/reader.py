@@ -180,6 +180,11 @@ class Store:
         for i, want in zip(shards["shard"].tolist(), shards["tar_bytes"].tolist(), strict=True):
             name = layout.tar_name(i)
             if held.get(name) != want:
+                rec = self.records.get(i)
+                if rec is not None and name in held and (rec.files.get(name) or {}).get("bytes") == held[name]:
+                    raise StoreError(f"the store's sample index is stale: it says {name} has {want} bytes, the tar "
+                                     f"has {held[name]}, as its record says (the shard is sound); rebuild the index "
+                                     f"with `python -m pipeline.inspect {self.url} index`")
                 what = "missing" if name not in held else f"{held[name]} bytes, recorded {want}"
                 raise StoreError(f"shard {i} is damaged: {name}: {what}; run `python -m pipeline.inspect {self.url} "
                                  f"verify` and re-run the extraction to redo it")

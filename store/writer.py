@@ -250,7 +250,8 @@ class StoreWriter:
         stored = self.teachers()
         if stored is not None:
             problems += teacher_mismatches(stored, identity, [t for t in layouts if t in m.tasks])[0]
-            if stored.get("fidelity") != identity.get("fidelity"):  # one store, one fidelity, whatever the tasks
+            # one store, one fidelity, whatever the tasks: once it holds a target (a teacher-free store has none)
+            if m.tasks and stored.get("fidelity") != identity.get("fidelity"):
                 problems.append(f"the store was extracted with fidelity {stored.get('fidelity')}, this run uses "
                                 f"{identity.get('fidelity')}")
         return problems

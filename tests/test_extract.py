@@ -297,3 +297,30 @@ def test_a_store_gaining_tasks_computes_from_its_committed_images(tmp_path, extr
     same_data(out, reference)
     st = store.Store(out)
     assert st.decode(st.find(good[0]["id"])[1], [])["image"] == (images / good[0]["image"]).read_bytes()
+
+
+def test_a_teacher_free_store_is_told_what_is_true(tmp_path, extract_dataset, tiny_teachers):
+    """A store of images, captions and ids holds no target: teachers of either fidelity may join it; its runs start
+    no teacher actor, so a one-CPU cluster is no reason to refuse them."""
+    from pipeline.extract.cli import parse_args
+    from pipeline.extract.plan import make_plan
+    from pipeline.extract.resources import plan_resources
+
+    json_path, images = extract_dataset
+    plan = make_plan(json_path, images, 5)
+    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=5,
+                          formats=["zarr", "wds"], tasks={})
+    store.StoreWriter.create(str(tmp_path / "free"), m, load_manifest(tiny_teachers).identity([]))
+    argv = extraction_args(extract_dataset, tmp_path / "free", tiny_teachers, "--plan-only")
+    rc, log = call(extraction_main, [*argv, "--tasks", "gen,depth,seg", "--fidelity", "corrected"])
+    assert rc == 0 and "plan OK" in log and "fidelity" not in log, log
+    res = plan_resources({"CPU": 1.0}, parse_args([*argv, "--tasks", "none", "--num-cpus", "1"]),
+                         load_manifest(tiny_teachers))
+    assert res.actors == 0 and res.gpus_per_actor == 0 and res.max_writers >= 1
+    # a store that holds targets keeps its one fidelity
+    made = tmp_path / "made"
+    m.tasks = {"gen": store.TaskLayout((1, 16), "fp16")}
+    store.StoreWriter.create(str(made), m, load_manifest(tiny_teachers).identity(["gen"]))
+    rc, log = call(extraction_main, [*extraction_args(extract_dataset, made, tiny_teachers, "--plan-only"),
+                                     "--tasks", "gen", "--fidelity", "corrected"])
+    assert rc == 2 and "fidelity original" in log, log

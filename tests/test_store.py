@@ -510,3 +510,25 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8 + seed, 8), (seed * 30 % 256, 0, 0)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_a_stale_index_is_called_stale_and_a_sound_shard_sound(tmp_path):
+    """A shard rewritten under its record by a writer that did not know the index (the listing unchanged): the
+    refusal called the sound shard damaged."""
+    from test_order import make_store
+
+    url = make_store(str(tmp_path / "store"))
+    w = store.StoreWriter.open(url)
+    w.build_index()
+    old = w.record(0)
+    samples = [store.SampleResult(j, f"s{j:05d}", {"id": f"s{j:05d}"}, f"{j}.jpg", b"\xff\xd8" * 300)
+               for j in range(old.start, old.stop)]
+    rec = w.write(store.ShardResult(0, ("gen",), samples, {"gen": np.zeros((len(samples), 1, 16), np.float16)},
+                                    {"gen": None}, {"gen": np.ones(len(samples), bool)}))
+    w.loc.write_bytes(store.layout.record_name(0), json.dumps(rec.to_dict()).encode())  # under the index's nose
+    assert store.load_index(w.loc)[0] is not None  # the listing of shards/ did not change
+    with pytest.raises(store.StoreError) as e:
+        store.Store(url, use_index=True).tar_urls(["gen"])
+    assert "sample index is stale" in str(e.value) and "the shard is sound" in str(e.value), e.value
+    w.build_index()
+    assert len(store.Store(url, use_index=True).tar_urls(["gen"])) == w.manifest.num_shards

@@ -46,6 +46,8 @@ def plan_resources(cluster: dict, s: Settings, manifest: TeacherManifest) -> Res
     gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
     gpa = s.gpus_per_actor if s.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     n_actors = s.actors or (max(1, int(gpus // gpa)) if gpa > 0 else 1)
+    if not s.tasks:  # images, captions and ids only: no teacher actor starts, none takes a CPU or a GPU
+        n_actors, gpa = 0, 0.0
     device = "cuda" if gpa > 0 else "cpu"
     spare = cpus - n_actors * s.cpus_per_actor
     if gpa > 0 and gpus < n_actors * gpa:
@@ -66,5 +68,5 @@ def plan_resources(cluster: dict, s: Settings, manifest: TeacherManifest) -> Res
         actors=n_actors, gpus_per_actor=gpa, device=device,
         dtype=compute_dtypes(manifest, list(manifest.teachers), device, s.dtype),
         batch=s.batch_size or (64 if device == "cuda" else 8), threads=s.torch_threads or max(1, int(s.cpus_per_actor)),
-        prefetch=s.prefetch or max(2, int(spare // s.decode_cpus // n_actors)),
-        max_writers=s.max_writers or 2 * n_actors + 1, resize_on=resize_on)
+        prefetch=s.prefetch or max(2, int(spare // s.decode_cpus // max(n_actors, 1))),
+        max_writers=s.max_writers or 2 * max(n_actors, 1) + 1, resize_on=resize_on)
