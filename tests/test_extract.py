@@ -324,3 +324,24 @@ def test_a_teacher_free_store_is_told_what_is_true(tmp_path, extract_dataset, ti
     rc, log = call(extraction_main, [*extraction_args(extract_dataset, made, tiny_teachers, "--plan-only"),
                                      "--tasks", "gen", "--fidelity", "corrected"])
     assert rc == 2 and "fidelity original" in log, log
+
+
+def test_a_first_run_that_commits_no_shard_ends_with_its_summary_and_exit_1(tmp_path, extract_dataset, capsys):
+    """Its output on a disk that fills: every shard failed, and the run ended in KeyError: 'id_length' while building
+    the sample index. It ends as any run with failed shards does: the summary names them, exit status 1."""
+    import time
+    from types import SimpleNamespace
+
+    from pipeline.extract.plan import make_plan
+    from pipeline.extract.run import finish
+
+    plan = make_plan(extract_dataset[0], extract_dataset[1], 5)
+    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=5,
+                          formats=["zarr", "wds"], tasks={}, runs=[{"started": "now", "tasks": []}])
+    w = store.StoreWriter.create(str(tmp_path / "store"), m, {"format": 1, "name": "none", "teachers": {}})
+    failed = {i: "OSError: [Errno 28] No space left on device" for i in range(plan.num_shards)}
+    sched = SimpleNamespace(done={}, failed=failed, by_others=set())
+    rc = finish(w, plan, dict.fromkeys(range(plan.num_shards), ()), sched, [], time.time(), 1.0)
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAILED shards: 0: OSError" in out and "0 of 4 done in the store" in out, out
+    assert store.load_index(w.loc)[0] is not None and not w.manifest.finished
