@@ -124,9 +124,14 @@ def start_up(url: str, ranks: int, workers: int, resume_at: int, work: Path) -> 
             "rank_rss": max(m["rss"] for m in mains), "worker_rss": max((m["rss"] for m in kids), default=0)}
 
 
+# a process's own peak resident memory in bytes, as Python code it runs: VmHWM of /proc/self/status
+OWN_PEAK = "int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')).split()[1]) * 1024"
+
+
 def plan_row(n: int, work: Path, kind: str) -> dict:
-    """make_plan of a LLaVA JSON (`kind` json) or a JSONL listing (jsonl) of n records, in a process of its own
-    (its peak memory is its own)."""
+    """make_plan of a LLaVA JSON (`kind` json) or a JSONL listing (jsonl) of n records, in a process of its own,
+    whose peak memory is its own: VmHWM, which exec resets (ru_maxrss is carried across exec from the forked image:
+    with this process holding gigabytes at 30M, a child's ru_maxrss said 3,679 MB for a 530 MB plan)."""
     data = work / f"plan.{kind}"
     conv = [{"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
             {"from": "gpt", "value": "a photograph of something"}]
@@ -136,9 +141,9 @@ def plan_row(n: int, work: Path, kind: str) -> dict:
             line = json.dumps({"id": f"{j:09d}", "image": f"{j // 10000:05d}/{j:09d}.jpg", "conversations": conv})
             f.write(("," if j else "") + line if kind == "json" else line + "\n")
         f.write("]" if kind == "json" else "")
-    code = ("import resource, sys, time; from pipeline.extract.plan import make_plan; t = time.perf_counter(); "
+    code = ("import time; from pipeline.extract.plan import make_plan; t = time.perf_counter(); "
             f"p = make_plan({str(data)!r}, {str(work)!r}, {SHARD}); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, p.num_samples)")
+            f"print(time.perf_counter() - t, {OWN_PEAK}, p.num_samples)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     secs, peak, got = out.stdout.split()
     data.unlink()

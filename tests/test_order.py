@@ -311,3 +311,15 @@ def test_a_flipped_bit_in_the_order_cache_is_found_and_the_arrays_computed_again
         assert again.epoch(0).tolist() == epoch, name
         assert f"{path} does not match its checksum" in capfd.readouterr().err
         assert store.cache.valid(path)  # rewritten whole
+
+
+def test_the_scale_benchmark_measures_a_plans_own_peak_memory(tmp_path, monkeypatch):
+    """benchmarks/scale.py's plan row ran make_plan in a child and read its ru_maxrss, which Linux carries across
+    exec from the forked image: with the benchmark holding 600 MB, a plan of a few MB said 660 MB. The child's own
+    peak (VmHWM) does not see the parent's memory."""
+    from benchmarks.scale import plan_row
+
+    monkeypatch.setenv("OLAF_CACHE", str(tmp_path / "cache"))
+    held = np.ones(600 * 2**20 // 8)  # 600 MB resident here
+    row = plan_row(2000, tmp_path, "jsonl")
+    assert held[-1] == 1 and 0 < row["plan_jsonl_peak"] < 300 * 2**20, row
