@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.pt_step import teacher_targets, tiny_setup
+from benchmarks.timing import median_seconds
 from recipes.manifest import TASKS
 from trainer.loop import to_device, train_step
 from trainer.probe import build_probe
@@ -39,19 +38,17 @@ def setup(work: Path, samples: int):
 def timed(run, batches: int, device, teachers=None, raw: dict | None = None) -> tuple[float, int]:
     """(median seconds per step, MLLM forwards) over `batches` steps after one warm-up."""
     it = iter(run.stream)
-    times = []
     before = run.model.forwards
-    for k in range(batches + 1):
-        batch = next(it)
-        t0 = time.perf_counter()
+
+    def step(batch):
         b = to_device(batch, device)
         if teachers is not None:  # the authors' way: the teacher per image, inside the step
             with torch.no_grad():
                 b["targets"] = teacher_targets(teachers, batch["ids"], raw, device)
         train_step(run, [b])
-        if k:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * batches, run.model.forwards - before - 1
+
+    seconds = median_seconds(step, device, min_calls=batches, max_calls=batches, prepare=lambda: next(it))
+    return seconds * batches, run.model.forwards - before - 1
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,6 @@ ViT-L/14-336 and the three full-size teachers with random weights, on a store of
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 import store
-from benchmarks.timing import sync
+from benchmarks.timing import median_seconds
 from pipeline.sample import generate
 from recipes.imageops import decode_rgb
 from recipes.manifest import TASKS, load_manifest
@@ -130,20 +129,18 @@ def timed_steps(run, loader, steps, teachers=None, raw_images=None):
     """Median samples/s of the trainer's step (trainer.loop.train_step: forward with the loss inside, backward,
     AdamW) over `steps`; with `teachers`, their targets computed inside the step first (the original's way)."""
     it = iter(loader)
-    times = []
-    for k in range(steps + 2):  # two warm-up steps
-        batch = next(it)
-        sync(run.device)
-        t0 = time.perf_counter()
+    last = {}
+
+    def step(batch):
+        last["batch"] = batch
         on_device = to_device(batch, run.device)
         if teachers is not None:
             with torch.no_grad():
                 on_device["targets"] = teacher_targets(teachers, batch["ids"], raw_images, run.device)
         train_step(run, [on_device])
-        sync(run.device)
-        if k >= 2:
-            times.append(time.perf_counter() - t0)
-    return batch["pixels"].shape[0] / statistics.median(times)
+
+    seconds = median_seconds(step, run.device, min_calls=steps, max_calls=steps, warmup=2, prepare=lambda: next(it))
+    return last["batch"]["pixels"].shape[0] / seconds
 
 
 def depth_head_cost(device, dtype, batch: int, repeats: int = 3) -> list[tuple[str, int, float]]:
@@ -160,17 +157,9 @@ def depth_head_cost(device, dtype, batch: int, repeats: int = 3) -> list[tuple[s
         keys = torch.randn(batch, keys_len, H, device=device, dtype=dtype, requires_grad=True)
         latents = torch.randn(batch, 576, H, device=device, dtype=dtype)
         mask = torch.ones(batch, keys_len, dtype=torch.bool, device=device)
-        times = []
-        for k in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            head(keys, mask, latents).float().square().mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if k:
-                times.append(time.perf_counter() - t0)
-        out.append((name, sum(p.numel() for p in head.parameters()), 1000 * statistics.median(times)))
+        seconds = median_seconds(lambda h=head, k=keys, m=mask, z=latents: h(k, m, z).float().square().mean().backward(),
+                                 device, min_calls=repeats, max_calls=repeats)
+        out.append((name, sum(p.numel() for p in head.parameters()), 1000 * seconds))
     return out
 
 

@@ -324,6 +324,28 @@ class StoreWriter:
         self.commit(record)
         return record
 
+    # ---- sparse fixtures (benchmarks and tests at scale; never real data) --------------------------------------------
+    def commit_sparse(self, record: ShardRecord) -> None:
+        """A local shard committed without its data: its tar a sparse file of the size the record gives (no byte of
+        a sample written: `fill_sparse` writes those a reader will read), the record written plainly (a fixture of a
+        million shards does not fsync each). What `verify` would call damaged; what the trainer's start-up, the
+        index and the order read as they are, at 30M samples in a few GB."""
+        name = layout.tar_name(record.shard)
+        os.makedirs(os.path.dirname(self.loc.path(name)), exist_ok=True)
+        os.makedirs(os.path.dirname(self.loc.path(layout.record_name(record.shard))), exist_ok=True)
+        with open(self.loc.path(name), "wb") as f:
+            f.truncate(record.files[name]["bytes"])
+        with open(self.loc.path(layout.record_name(record.shard)), "w") as f:
+            f.write(json.dumps(record.to_dict()))
+
+    def fill_sparse(self, shard: int, offset: int, data: bytes) -> None:
+        """Write `data` at `offset` of a sparse shard's tar (`commit_sparse`)."""
+        fd = os.open(self.loc.path(layout.tar_name(shard)), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+
     # ---- the whole store ------------------------------------------------------------------------------------------
     def recover(self) -> list[str]:
         return recovery.recover(self.loc)

@@ -1,12 +1,10 @@
 """Synthetic stores at any size, made without data: the run manifest, a record per shard (ids, byte ranges, a few bad
 images), and each shard's tar as a sparse file of its recorded size in which only the samples asked for are
-written. What the trainer reads at start (records or the index, the order, a first batch) is then real, at 30M
+written, through the writer's low-level entry for such fixtures (StoreWriter.commit_sparse, fill_sparse). What the trainer reads at start (records or the index, the order, a first batch) is then real, at 30M
 samples, in a few GB of disk. For the scale benchmark and tests; the targets are one gen token of 16 values."""
 
 from __future__ import annotations
 
-import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -43,9 +41,7 @@ def synthetic_store(path: Path, num_samples: int, shard_size: int = 256) -> Path
     m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=num_samples,
                           shard_size=shard_size, formats=["wds"],
                           tasks={TASK: store.TaskLayout(SHAPE, "fp16")})
-    store.StoreWriter.create(str(path), m, TEACHERS)
-    (path / layout.SHARDS).mkdir(exist_ok=True)
-    (path / layout.WDS).mkdir(exist_ok=True)
+    w = store.StoreWriter.create(str(path), m, TEACHERS)
     for i in range(m.num_shards):
         a, b = m.shard_range(i)
         n = b - a
@@ -57,20 +53,14 @@ def synthetic_store(path: Path, num_samples: int, shard_size: int = 256) -> Path
                                         "samples": [[k * SAMPLE_BYTES, SAMPLE_BYTES] for k in range(n)]}},
             errors=[{"id": sample_id(j), "index": j, "shard": i, "image": f"{j}.jpg", "task": None,
                      "reason": "synthetic"} for j in bad],
-            ids=[sample_id(j) for j in range(a, b)])
-        # plain writes: a fixture of a million files does not fsync each one
-        (path / layout.record_name(i)).write_text(json.dumps(rec.to_dict()))
-        with open(path / layout.tar_name(i), "wb") as f:
-            f.truncate(tar_bytes)
+            ids=[sample_id(j) for j in range(a, b)], store_id=m.store_id)
+        w.commit_sparse(rec)
     return path
 
 
 def materialize(path: Path, indices, shard_size: int = 256) -> None:
     """Write the samples of global `indices` into their shards' sparse tars, at their recorded offsets."""
+    w = store.StoreWriter.open(str(path))
     for j in sorted(int(x) for x in indices):
         shard, pos = divmod(j, shard_size)
-        fd = os.open(Path(path) / layout.tar_name(shard), os.O_WRONLY)
-        try:
-            os.pwrite(fd, sample_bytes(j, shard), pos * SAMPLE_BYTES)
-        finally:
-            os.close(fd)
+        w.fill_sparse(shard, pos * SAMPLE_BYTES, sample_bytes(j, shard))

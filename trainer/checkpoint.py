@@ -25,11 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from store import atomic_path
+from trainer.errors import TrainerError
 
 PREFIX = "step-"
 
 
-class CheckpointError(Exception):
+class CheckpointError(TrainerError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 

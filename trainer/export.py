@@ -18,9 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from store import StoreError
-from trainer import checkpoint
-from trainer.errors import TrainerError
+from trainer.errors import USER_ERRORS
 from trainer.formats.common import check_out, write_export
 from trainer.formats.ola_vlm import AuthorsWarning, export_ola_vlm
 from trainer.formats.run_export import export_llava
@@ -51,7 +49,7 @@ def main(argv=None) -> int:
                 print(f"warning: {w.message}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    except (TrainerError, StoreError, checkpoint.CheckpointError, OSError, ValueError, KeyError) as e:
+    except (*USER_ERRORS, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

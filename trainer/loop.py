@@ -21,7 +21,7 @@ from store import loader, refuse_inside_store
 from trainer.build import PTRun, Trainable
 from trainer.checkpoint import Checkpointer, CheckpointError, PlainRNG, TorchRNG, latest
 from trainer.data import die_with_parent, worker_init
-from trainer.errors import TrainerError
+from trainer.errors import USER_ERRORS, TrainerError
 from trainer.runlog import RunLog
 
 
@@ -179,11 +179,8 @@ def _one_line(e: Exception) -> str:
 
 def run_cli(main, argv=None) -> int:
     """`main(argv)`, with the errors a user can fix printed as one line (exit status 2)."""
-    from recipes.manifest import ManifestError
-    from store import StoreError
-
     try:
         return main(argv)
-    except (StoreError, ManifestError, TrainerError, CheckpointError) as e:
+    except USER_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

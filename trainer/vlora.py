@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.errors import TrainerError
 from trainer.fields import is_kind
 
 TYPES = "qkvom"  # the delta sites, in their order
@@ -84,7 +85,7 @@ def _type_problem(key: str, value, kind: str) -> str | None:
     return None if is_kind(value, t) else f"vlora.{key} must be {want}, got {value!r}"
 
 
-class VLoRAError(ValueError):
+class VLoRAError(TrainerError, ValueError):
     """A VLoRA setting that cannot work; the message says which and why."""
 
 
