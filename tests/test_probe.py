@@ -224,7 +224,7 @@ def test_an_export_is_probed_with_the_sequence_pt_trained(trained, tmp_path):
 
     from trainer.build import build
     from trainer.config import load_config
-    from trainer.probe import load_probed
+    from trainer.formats import read
 
     saved = json.loads((trained / "config.json").read_text())
     cfg = load_config([], {k: v for k, v in saved.items() if k != "resume"})
@@ -232,7 +232,7 @@ def test_an_export_is_probed_with_the_sequence_pt_trained(trained, tmp_path):
     weights = load_file(sorted((trained / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors")
     missing, _ = run.model.load_state_dict(weights, strict=False)
     assert not [k for k in missing if k.startswith(("projector.", "special_tokens."))]
-    probed = load_probed(cfg, str(trained / "export"), None, torch.float32).mllm()
+    probed = read(cfg, str(trained / "export"), None, torch.float32).mllm()
     batch = next(iter(run.stream))
     with torch.no_grad():
         want, want_mask = run.model.inputs(batch)
@@ -242,7 +242,7 @@ def test_an_export_is_probed_with_the_sequence_pt_trained(trained, tmp_path):
     from trainer.export import main as export
 
     assert export([str(trained), "--format", "ola-vlm", "--out", str(tmp_path / "ola")]) == 0
-    authors = load_probed(cfg, str(tmp_path / "ola"), None, torch.float32)
+    authors = read(cfg, str(tmp_path / "ola"), None, torch.float32)
     assert authors.what.startswith("ola_llama folder")
     with torch.no_grad():
         got, _ = authors.mllm().inputs(batch)
@@ -292,14 +292,14 @@ def test_an_authors_ola_llama_folder_is_probed_end_to_end(tmp_path, probe_setup,
     config names, their projector, `pad` aspect; the probes train with the task tokens and are evaluated without
     them (their probe_mode) unless --task-tokens keep."""
     from trainer.config import load_config
-    from trainer.probe import load_probed
+    from trainer.formats import read
 
     train, val, _ = probe_setup
     folder = tmp_path / "OLA-VLM-CLIP-ViT-Llama3-tiny"
     extra = _authors_ola_llama_folder(folder, tiny_models)
     cfg = load_config([Path(__file__).parents[1] / "trainer" / "configs" / "probe.yaml"],
                       {"store": str(train), "output_dir": str(tmp_path / "x"), "llm": str(folder)})
-    probed = load_probed(cfg, str(folder), None, torch.float32)
+    probed = read(cfg, str(folder), None, torch.float32)
     assert probed.token_order == ("depth", "seg", "gen") and probed.image.aspect == "pad"
     assert probed.template == "llama_3" and probed.decoder.config.rope_parameters["rope_theta"] == 500000.0
     mllm, bare = probed.mllm(), probed.mllm(with_task_tokens=False)

@@ -81,12 +81,12 @@ AUTHORS_EDITS = {  # how the folder's config.json was edited -> what the one lin
 
 @pytest.mark.parametrize("case", list(AUTHORS_EDITS))
 def test_an_edited_authors_folder_is_one_line_naming_the_file_and_field(tmp_path, authors_folder, trainer_store, case):
-    from trainer.probe import load_probed
+    from trainer.formats import read
 
     edit, said = AUTHORS_EDITS[case]
     folder = _edited(authors_folder, tmp_path / "ola", edit)
     with pytest.raises(TrainerError) as e:
-        load_probed(_cfg(trainer_store, tmp_path), str(folder), None, torch.float32)
+        read(_cfg(trainer_store, tmp_path), str(folder), None, torch.float32)
     assert said in str(e.value) and (case in ("hidden_size of other weights",) or "config.json" in str(e.value)), e.value
 
 
@@ -115,12 +115,12 @@ EXPORT_EDITS = {
 
 @pytest.mark.parametrize("case", list(EXPORT_EDITS))
 def test_an_edited_olaf_export_is_one_line_naming_the_file_and_field(tmp_path, trained, trainer_store, case):
-    from trainer.probe import load_probed
+    from trainer.formats import read
 
     edit, said = EXPORT_EDITS[case]
     folder = _edited(trained / "export", tmp_path / "export", edit)
     with pytest.raises(TrainerError) as e:
-        load_probed(_cfg(trainer_store, tmp_path), str(folder), None, torch.float32)
+        read(_cfg(trainer_store, tmp_path), str(folder), None, torch.float32)
     assert said in str(e.value) and "config.json" in str(e.value), e.value
 
 
@@ -155,13 +155,13 @@ def _llm_folder(tmp_path: Path, tiny_models: Path, hidden: int, weights: str = "
 
 
 def test_a_vlora_export_with_bad_weights_or_settings_is_one_line(tmp_path, vlora_export, trainer_store, tiny_models):
-    from trainer.probe import load_probed
+    from trainer.formats import read
 
     cfg = _cfg(trainer_store, tmp_path)
 
     def refused(folder, said):
         with pytest.raises(TrainerError) as e:
-            load_probed(cfg, str(folder), None, torch.float32)
+            read(cfg, str(folder), None, torch.float32)
         assert said in str(e.value), e.value
 
     garbage = _edited(vlora_export, tmp_path / "garbage", lambda d: None)

@@ -38,20 +38,15 @@ import torch.nn.functional as F
 
 from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, TASKS
 from store import Location, Store, read_manifest, refuse_inside_store, weights_mismatches
-from trainer.build import assemble, load_or_explain, open_store
+from trainer.build import assemble, open_store
 from trainer.config import PTConfig, load_config
 from trainer.data import ImageRecipe, PTSample, collate
 from trainer.errors import TrainerError
-from trainer.fields import JsonFile
-from trainer.formats.common import Probed, choice, llm_tower_projector, template_of
-from trainer.formats.llava_hf import read_llava_hf
-from trainer.formats.ola_vlm import AUTHORS_MODEL_TYPES, read_authors_folder
-from trainer.formats.run_export import FILES as EXPORT_FILES
-from trainer.formats.run_export import read_export
+from trainer.formats import read as read_model
 from trainer.heads import Predictor
 from trainer.loop import run_cli, start, teardown, to_device, train
 from trainer.loss import masked_smooth_l1
-from trainer.sequence import MLLM, Layout, TaskTokens
+from trainer.sequence import MLLM, Layout
 from trainer.templates import PromptBuilder
 
 PROBE_DEFAULTS = Path(__file__).parent / "configs" / "probe.yaml"
@@ -112,47 +107,6 @@ class ProbeSet(nn.Module):
 # ---- the probed model, in the forms users hold it ---------------------------------------------------------------
 
 
-def local_folder(model: str) -> Path:
-    """A model folder on this machine: `model` itself, or its Hub snapshot (the cache, or downloaded)."""
-    if Path(model).is_dir():
-        return Path(model)
-    from huggingface_hub import snapshot_download
-
-    return Path(load_or_explain("model", snapshot_download, model,
-                                allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
-
-
-def load_probed(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> Probed:
-    """The four forms: (a) an olaf PT export/ folder, (c) a LlavaForConditionalGeneration, (d) a folder in the
-    authors' format, (b) an LLM with --vision-tower and --mm-projector."""
-    from transformers import AutoConfig
-
-    folder = Path(model)
-    present = [f for f in EXPORT_FILES[1:] if (folder / f).is_file()]
-    if present:  # an olaf export, whole or not
-        missing = [f for f in EXPORT_FILES if not (folder / f).is_file()]
-        if missing:
-            raise TrainerError(f"{folder} is an incomplete PT export: {', '.join(missing)} missing (trainer.export "
-                               f"writes all of {', '.join(EXPORT_FILES)})")
-        return read_export(cfg, folder, dtype)
-    folder = local_folder(model)
-    raw = JsonFile(folder / "config.json") if (folder / "config.json").is_file() else None
-    if raw is not None and raw.data.get("model_type") in AUTHORS_MODEL_TYPES:
-        return read_authors_folder(cfg, folder, raw, dtype)
-    config = load_or_explain("model", AutoConfig.from_pretrained, model)
-    if getattr(config, "model_type", None) == "llava":
-        return read_llava_hf(cfg, model, config, dtype)
-    if not mm_projector or cfg.vision_tower == "model":
-        raise TrainerError(f"{model} is an LLM: give --vision-tower and --mm-projector (LLaVA's mm_projector.bin), "
-                           f"or pass a PT export folder, a folder in the authors' format or a "
-                           f"LlavaForConditionalGeneration checkpoint")
-    tokenizer, llm, tower, proj, image = llm_tower_projector(cfg, model, cfg.vision_tower, cfg.vision_select_layer,
-                                                              Path(mm_projector), dtype, "square")
-    return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, TaskTokens({}, {}), tokenizer,
-                  choice(cfg.chat_template, template_of(config.model_type)), image,
-                  f"LLM + tower + mm_projector.bin: {model}, {cfg.vision_tower}")
-
-
 @dataclass
 class ProbeRun:
     """A probing run's parts: the run (trainer.build.PTRun, its model the ProbeSet) and what evaluation uses: the
@@ -174,7 +128,7 @@ def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: lis
     store, expected = open_store(cfg)
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
     torch.manual_seed(cfg.seed)
-    probed = load_probed(cfg, model, mm_projector, dtype)
+    probed = read_model(cfg, model, mm_projector, dtype)
     mllm = probed.mllm()
     n_layers = mllm.config.num_hidden_layers
     layers = layers or list(range(1, n_layers + 1))

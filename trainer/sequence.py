@@ -28,16 +28,6 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
 
 
-def mm_projector_state(weights: dict) -> dict:
-    """LLaVA's get_w: the tensors under `mm_projector.`, under the projector's own names."""
-    return {k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector." in k}
-
-
-def load_mm_projector(path, module: nn.Module) -> None:
-    """What LLaVA's --pretrain_mm_mlp_adapter does with mm_projector.bin."""
-    module.load_state_dict(mm_projector_state(torch.load(path, map_location="cpu", weights_only=True)))
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where things sit in the LLM sequence."""

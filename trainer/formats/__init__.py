@@ -9,4 +9,13 @@ folder from a PT checkpoint and, where olaf probes it, reading it back into a mo
                 read: their released folders (ola_llama, ola_phi3, llava_llama, llava_phi3, probe checkpoints)
     vlora_pt    --format vlora: VLoRA's PT output folder (their finetune reads it; olaf does not)
     llava_hf    read: a transformers LlavaForConditionalGeneration (e.g. llava-hf/llava-1.5-7b-hf)
+    detect      which format a folder is, and `read`: any folder olaf writes or probes as a model to probe (the
+                one entry: nothing else works out a folder's format)
 """
+
+
+def read(cfg, model: str, mm_projector: str | None, dtype):
+    """trainer.formats.detect.read: any model folder olaf writes or probes, as a model to probe."""
+    from trainer.formats.detect import read as read_folder
+
+    return read_folder(cfg, model, mm_projector, dtype)

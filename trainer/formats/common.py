@@ -19,7 +19,7 @@ from trainer.build import load_or_explain
 from trainer.config import PTConfig, load_config
 from trainer.data import ImageRecipe
 from trainer.errors import TrainerError
-from trainer.sequence import MLLM, Layout, Projector, TaskTokens, mm_projector_state
+from trainer.sequence import MLLM, Layout, Projector, TaskTokens
 from trainer.templates import prefix_shape, prompt_builder
 from trainer.towers import load_tower
 
@@ -163,6 +163,11 @@ PROJECTOR = ("an mlp2x_gelu projector from the tower's width {tower} to the LLM'
 
 
 GENERATOR = "the generator its config.json describes"
+
+
+def mm_projector_state(weights: dict) -> dict:
+    """LLaVA's get_w: the tensors under `mm_projector.`, under the projector's own names."""
+    return {k.split("mm_projector.")[1]: v for k, v in weights.items() if "mm_projector." in k}
 
 
 def read_bin(path: Path, what: str) -> dict:
