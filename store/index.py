@@ -73,26 +73,47 @@ def build_index(loc: Location, manifest: RunManifest) -> dict:
     """Write index/ from the shard records (read in batches: nothing but the arrays grows with the store) and
     return index.json's content. index.json is written last: until then a reader sees no index."""
     loc.remove(layout.INDEX_META)
-    arrays, blob, listed, made_by = index_arrays(loc, manifest)
+    arrays, blob, listed, made_by, ids_recorded = index_arrays(loc, manifest)
     files = {_npy(name): _write_npy(loc, _npy(name), arr) for name, arr in arrays.items()}
     files[layout.INDEX_IDS] = _write_bytes(loc, layout.INDEX_IDS, blob)
-    evidence, mixed = recorded_teachers(made_by)
-    meta = {"format": FORMAT, "built": now(), "store_id": manifest.store_id,
-            "dataset_sha256": manifest.dataset.get("sha256"), "num_samples": manifest.num_samples,
-            "shard_size": manifest.shard_size,
-            "tasks": list(manifest.tasks), "shards": listed, "usable": int(len(arrays["index"])),
-            "teachers": evidence, "teachers_problems": mixed, "files": files}
+    meta = _meta(manifest, arrays, listed, made_by, ids_recorded, files)
     loc.write_bytes(layout.INDEX_META, (json.dumps(meta, indent=1) + "\n").encode())
     return meta
 
 
-def index_arrays(loc: Location, manifest: RunManifest) -> tuple[dict[str, np.ndarray], bytes, list[int], dict]:
-    """(the arrays, ids.bin, the shards listed, each shard's `teachers`) from the records, read in batches."""
+def index_in_memory(loc: Location, manifest: RunManifest, records: dict[int, ShardRecord] | None = None) -> StoreIndex:
+    """The index `build_index` would write, built by the same function and held in memory (a store without a fresh
+    index on disk: every reader reads the same catalog, whichever way it came)."""
+    arrays, blob, listed, made_by, ids_recorded = index_arrays(loc, manifest, records)
+    meta = _meta(manifest, arrays, listed, made_by, ids_recorded, files={})
+    return StoreIndex(meta, arrays["shards"], {k: arrays[k] for k in COLUMNS},
+                      IdList(arrays["id_offsets"], np.frombuffer(blob, dtype=np.uint8)))
+
+
+def _meta(manifest: RunManifest, arrays: dict, listed: list[int], made_by: dict, ids_recorded: bool,
+          files: dict) -> dict:
+    evidence, mixed = recorded_teachers(made_by)
+    return {"format": FORMAT, "built": now(), "store_id": manifest.store_id,
+            "dataset_sha256": manifest.dataset.get("sha256"), "num_samples": manifest.num_samples,
+            "shard_size": manifest.shard_size, "tasks": list(manifest.tasks), "shards": listed,
+            "usable": int(len(arrays["index"])), "ids_recorded": ids_recorded, "teachers": evidence,
+            "teachers_problems": mixed, "files": files}
+
+
+def index_arrays(loc: Location, manifest: RunManifest, records: dict[int, ShardRecord] | None = None
+                 ) -> tuple[dict[str, np.ndarray], bytes, list[int], dict, bool]:
+    """(the arrays, ids.bin, the shards listed, each shard's `teachers`, whether every record lists its ids) from
+    the records: `records` when the caller holds them, else read in batches."""
     task_bit = {t: k for k, t in enumerate(manifest.tasks)}
-    names = sorted(n for n in loc.list(layout.SHARDS) if layout.shard_of_record(n) is not None)
+    if records is None:
+        names = sorted(n for n in loc.list(layout.SHARDS) if layout.shard_of_record(n) is not None)
+        batches = (read_records(loc, names=names[a:a + BATCH]) for a in range(0, len(names), BATCH))
+    else:
+        batches = iter([records])
     shards, cols, blobs, made_by, listed = [], {k: [] for k in (*COLUMNS, "id_length") if k != "id_offsets"}, [], {}, []
-    for a in range(0, len(names), BATCH):
-        for i, rec in sorted(read_records(loc, names=names[a:a + BATCH]).items()):
+    ids_recorded = True
+    for batch in batches:
+        for i, rec in sorted(batch.items()):
             row, c, ids = _shard_rows(rec, layout.tar_name(i), task_bit)
             shards.append(row)
             for k, v in c.items():
@@ -100,12 +121,13 @@ def index_arrays(loc: Location, manifest: RunManifest) -> tuple[dict[str, np.nda
             blobs.append(ids)
             listed.append(i)
             made_by[i] = rec.teachers
+            ids_recorded = ids_recorded and rec.ids is not None
     lengths = cols.pop("id_length")
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     arrays = {k: np.concatenate(v).astype(COLUMNS[k]) if v else np.zeros(0, COLUMNS[k]) for k, v in cols.items()}
     arrays["id_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     arrays["shards"] = np.array(shards, dtype=SHARD_DTYPE)
-    return arrays, b"".join(blobs), listed, made_by
+    return arrays, b"".join(blobs), listed, made_by, ids_recorded
 
 
 def index_problems(loc: Location, manifest: RunManifest) -> tuple[list[str], list[str]]:
@@ -117,7 +139,7 @@ def index_problems(loc: Location, manifest: RunManifest) -> tuple[list[str], lis
     problems = [f"{name}: sha256 differs from index.json (damaged)" for name, info in index.meta["files"].items()
                 if loc.sha256(name) != info["sha256"]]
     if not problems:
-        arrays, blob, listed, _ = index_arrays(loc, manifest)
+        arrays, blob, listed, _, _ = index_arrays(loc, manifest)
         held = {**index.columns, "shards": index.shards}
         problems += [f"{_npy(k)} does not hold what the records say" for k, v in arrays.items()
                      if not np.array_equal(np.asarray(held[k]), v)]

@@ -61,33 +61,6 @@ class SampleTable:
     def __len__(self) -> int:
         return len(self.index)
 
-    @classmethod
-    def from_records(cls, records: dict, shards: list[int], tar_name) -> SampleTable:
-        """From the shard records (no data object is read): the tar's per-sample ranges, minus the samples
-        whose image was bad (errors with no task)."""
-        index, shard, offset, size, ids = [], [], [], [], []
-        with_ids = True
-        for i in shards:
-            rec = records[i]
-            ranges = rec.files.get(tar_name(i), {}).get("samples")
-            if ranges is None or len(ranges) != rec.count:
-                raise StoreError(f"shard {i}'s record gives no byte range for each sample (written by an older "
-                                 f"olaf): re-extract the store to train from it with a global order")
-            bad = rec.bad_indices()
-            with_ids = with_ids and rec.ids is not None
-            for pos, (a, n) in enumerate(ranges):
-                j = rec.start + pos
-                if j in bad:
-                    continue
-                index.append(j)
-                shard.append(i)
-                offset.append(a)
-                size.append(n)
-                if with_ids:
-                    ids.append(rec.ids[pos])
-        as64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-        return cls(as64(index), as64(shard), as64(offset), as64(size), tuple(ids) if with_ids else None)
-
     def fingerprint(self) -> str:
         """sha256 of the usable indices (as int64): a resumed run must see the same set of samples."""
         return hashlib.sha256(memoryview(np.ascontiguousarray(self.index, dtype=np.int64))).hexdigest()

@@ -10,8 +10,8 @@ import numpy as np
 from store import encodings, layout, tar, zarr_io
 from store.codec import decode_sample, meta_of
 from store.fs import Location, StoreError
-from store.identity import evidence_mismatches, read_teachers, recorded_teachers, teacher_mismatches
-from store.index import load_index
+from store.identity import evidence_mismatches, read_teachers, teacher_mismatches
+from store.index import StoreIndex, index_in_memory, load_index
 from store.manifest import RunManifest, ShardRecord, read_manifest, read_records
 from store.order import SampleTable
 
@@ -22,18 +22,22 @@ class Store:
     With `expected_teachers` (a `TeacherManifest.identity()` dict) the check happens on open, for `tasks`
     (default: all the store has), so random access (`get`) refuses a mismatch exactly as the stream does.
 
-    `use_index`: what the trainer needs (done shards, usable samples, their byte ranges and ids, the teachers
-    the records name) comes from the store's sample index (store.index) when it is fresh, without reading a
-    record; the records are read when something asks for them (`records`)."""
+    What is there (done shards, usable samples, their byte ranges and ids, the teachers the records name) is always
+    read through the store's sample index (store.index), its one catalog: with `use_index`, the index files when
+    they are fresh (not one record read); otherwise, or when they are absent or stale, the index built in memory
+    by the same function that writes them (`indexed` says which; `no_index` why not the files). The records
+    themselves are read when something asks for them (`records`)."""
 
     def __init__(self, path, expected_teachers: dict | None = None, tasks=None, use_index: bool = False):
         self.loc = path if isinstance(path, Location) else Location(path)
         self.manifest: RunManifest = read_manifest(self.loc)
         self.damaged_records: dict[int, str] = {}
         self._records: dict[int, ShardRecord] | None = None
-        self.index, self.no_index = load_index(self.loc) if use_index else (None, "not asked for")
+        self.use_index = use_index
+        self._catalog: StoreIndex | None = None
+        self.indexed, self.no_index = False, "not asked for"
         self.notes: list[str] = []
-        self._index = None
+        self._key_index = None
         self._zarr = None
         self._zarr_checked: set[tuple[int, str]] = set()
         self.bytes_read = 0  # bytes fetched by read_sample
@@ -43,6 +47,15 @@ class Store:
     @property
     def url(self) -> str:
         return self.loc.url
+
+    @property
+    def index(self) -> StoreIndex:
+        """The store's catalog: its index files when fresh (`use_index`), else the same index built in memory."""
+        if self._catalog is None:
+            found, self.no_index = load_index(self.loc) if self.use_index else (None, self.no_index)
+            self.indexed = found is not None
+            self._catalog = found or index_in_memory(self.loc, self.manifest, self.records)
+        return self._catalog
 
     @property
     def records(self) -> dict[int, ShardRecord]:
@@ -76,32 +89,24 @@ class Store:
 
     def done_shards(self, tasks: Iterable[str] | None = None) -> list[int]:
         tasks = list(tasks) if tasks is not None else self.tasks
-        if self.index is not None:
-            return self.index.shards["shard"][self.index.done_mask(tasks)].astype(int).tolist()
-        return [i for i, r in sorted(self.records.items()) if r.status == "done" and set(tasks) <= set(r.tasks)]
+        return self.index.shards["shard"][self.index.done_mask(tasks)].astype(int).tolist()
 
     def pending_shards(self, tasks: Iterable[str] | None = None) -> list[int]:
         done = set(self.done_shards(tasks))
         return [i for i in range(self.num_shards) if i not in done]
 
     def samples_done(self, tasks: Iterable[str] | None = None) -> int:
-        if self.index is not None:
-            return int(self.index.shards["count"][self.index.done_mask(self.tasks if tasks is None else list(tasks))].sum())
-        return sum(self.records[i].count for i in self.done_shards(tasks))
+        return int(self.index.shards["count"][self.index.done_mask(self.tasks if tasks is None else list(tasks))].sum())
 
     def usable_samples(self, tasks: Iterable[str]) -> int:
         """Samples of the done shards whose image was usable (what an epoch trains on)."""
-        if self.index is not None:
-            return int(self.index.shards["usable"][self.index.done_mask(list(tasks))].sum())
-        return sum(self.records[i].usable_count() for i in self.done_shards(tasks))
+        return int(self.index.shards["usable"][self.index.done_mask(list(tasks))].sum())
 
     def sample_table(self, tasks: Iterable[str]) -> SampleTable:
-        """The usable samples of the shards done for `tasks`, with their tar byte ranges and ids: mmapped arrays
-        from the index, or built from the records."""
+        """The usable samples of the shards done for `tasks`, with their tar byte ranges and ids: a view of the
+        catalog's arrays (mmapped from the index files, or held in memory)."""
         tasks = list(tasks)
         shards = self.done_shards(tasks)
-        if self.index is None:
-            return SampleTable.from_records(self.records, shards, layout.tar_name)
         cols, ix = self.index.columns, self.index
         if len(shards) == len(ix.shards):  # every shard: the mmapped arrays themselves
             rows, ids = None, ix.ids
@@ -112,6 +117,8 @@ class Store:
         if len(shards) and int(np.min(pick(cols["size"]), initial=0)) < 0:
             raise StoreError(f"{self.url}: its records give no byte range for each sample (no tars, or written by "
                              f"an older olaf): re-extract the store to train from it with a global order")
+        if not ix.meta.get("ids_recorded", True):  # records of an older olaf name no ids: the tars' own are used
+            ids = None
         return SampleTable(pick(cols["index"]), pick(cols["shard"]), pick(cols["offset"]), pick(cols["size"]), ids)
 
     def bytes_used(self) -> dict:
@@ -139,10 +146,7 @@ class Store:
         if expected_teachers is not None and not missing:
             mismatches, notes = teacher_mismatches(self.teachers(), expected_teachers, tasks)
             # teachers.yaml is a claim; each shard's record says what computed it: both must be the expected ones
-            if self.index is not None:
-                evidence, mixed = self.index.meta["teachers"], self.index.meta["teachers_problems"]
-            else:
-                evidence, mixed = recorded_teachers({i: self.records[i].teachers for i in self.done_shards(tasks)})
+            evidence, mixed = self.index.meta["teachers"], self.index.meta["teachers_problems"]
             mismatches += [m for m in mixed if m.split(":", 1)[0] in tasks]
             mismatches += [f"{m} (by the shards' records)" for m in evidence_mismatches(evidence, expected_teachers,
                                                                                           tasks)]
@@ -158,7 +162,7 @@ class Store:
             raise StoreError(f"{self.url} has no WebDataset shards (formats: {self.manifest.formats})")
         from store.verify import check_files
 
-        if self.index is not None and check == "size":  # one listing of wds/, not a request per tar
+        if check == "size":  # one listing of wds/, not a request per tar
             return self._tar_urls_by_listing(tasks)
         out = []
         for i in self.done_shards(tasks):
@@ -185,7 +189,7 @@ class Store:
                     raise StoreError(f"the store's sample index is stale: it says {name} has {want} bytes, the tar "
                                      f"has {held[name]}, as its record says (the shard is sound); rebuild the index "
                                      f"with `python -m pipeline.inspect {self.url} index`")
-                what = "missing" if name not in held else f"{held[name]} bytes, recorded {want}"
+                what = "missing" if name not in held else f"{held[name]} bytes, recorded {want} (truncated or rewritten)"
                 raise StoreError(f"shard {i} is damaged: {name}: {what}; run `python -m pipeline.inspect {self.url} "
                                  f"verify` and re-run the extraction to redo it")
             out.append(self.loc.url_of(name))
@@ -236,14 +240,14 @@ class Store:
         return [meta_of(raw)["id"] for raw in self.iter_raw(shard)]
 
     def index_of(self, key: str) -> int:
-        if self._index is None:
-            self._index = {}
+        if self._key_index is None:
+            self._key_index = {}
             for i in self.done_shards([]):
                 a, _ = self.manifest.shard_range(i)
-                self._index.update({k: a + j for j, k in enumerate(self.keys(i))})
-        if key not in self._index:
+                self._key_index.update({k: a + j for j, k in enumerate(self.keys(i))})
+        if key not in self._key_index:
             raise KeyError(f"sample {key!r} is not in a done shard of {self.url}")
-        return self._index[key]
+        return self._key_index[key]
 
     def shard_of_key(self, key: str) -> int:
         return self.manifest.shard_of(self.index_of(key))

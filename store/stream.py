@@ -41,18 +41,26 @@ class TargetStream(tud.IterableDataset):
     {"rows": rows}) plus {"step", "part", "positions": (start, stop), "row_offset" (start within the global batch),
     "resume_at"}; each row is `map_fn(sample)`
     (or the sample) and each sample is `decode_sample`'s dict plus its global "position". `stop_step` ends the
-    stream after that global batch (None: forever)."""
+    stream after that global batch (None: forever).
+
+    A path is opened here and checked once (`Store.require`: tasks, done shards, `expected_teachers`); a `Store`
+    is one its caller has checked so (the trainer's open_store), and is not checked again."""
 
     def __init__(self, store_or_path, tasks, *, global_batch: int, micro_batch: int, seed: int = 0, chunk: int = 4,
                  mix: int = 32, rank: int | None = None, world_size: int | None = None,
                  expected_teachers: dict | None = None, allow_partial: bool = False, compact: bool = True,
                  check: str = "size", map_fn=None, collate_fn=None, stop_step: int | None = None):
-        s = store_or_path if isinstance(store_or_path, Store) else Store(store_or_path, use_index=True)
         self.tasks = list(tasks)
-        s.require(self.tasks, expected_teachers=expected_teachers, allow_partial=allow_partial, formats=["wds"])
+        if isinstance(store_or_path, Store):
+            if expected_teachers is not None:
+                raise TypeError("a Store given to TargetStream has passed Store.require: check its teachers there")
+            s = store_or_path
+        else:
+            s = Store(store_or_path, use_index=True)
+            s.require(self.tasks, expected_teachers=expected_teachers, allow_partial=allow_partial, formats=["wds"])
         s.tar_urls(self.tasks, check=check)  # every tar there and of its recorded size, before any training
         self.store, self.notes, self.manifest = s, list(s.notes), s.manifest
-        if s.index is None and s.num_samples >= INDEX_ADVISED:
+        if not s.indexed and s.num_samples >= INDEX_ADVISED:
             self.notes.append(f"the store's sample index is not used ({s.no_index}): the shard records were read "
                               f"instead, which costs memory and time per sample; build it with `python -m "
                               f"pipeline.inspect {s.url} index`")
@@ -157,7 +165,7 @@ class TargetStream(tud.IterableDataset):
 
     def _which(self) -> str:
         """What names a sample's bytes, and how to mend it."""
-        if self.store.index is not None:
+        if self.store.indexed:
             return (f"the store's sample index says where each sample lies ({layout.INDEX}/offset.npy, "
                     f"{layout.INDEX}/size.npy), and one of them is damaged: rebuild it with `python -m "
                     f"pipeline.inspect {self.store.url} index` (`verify` names the damaged file)")

@@ -161,7 +161,7 @@ class PTRun(Trainable):
 
 
 def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> PTRun:
-    store, expected = open_store(cfg)
+    store, _ = open_store(cfg)
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
 
     if "model" in (cfg.image_aspect, cfg.vision_tower, cfg.chat_template):
@@ -174,7 +174,7 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     layout, builder = sequence_layout(cfg, tokenizer, vision)
     image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
-    return assemble(cfg, device, dtype, store, expected, tokenizer, model, builder, image, rank, world, attn)
+    return assemble(cfg, device, dtype, store, tokenizer, model, builder, image, rank, world, attn)
 
 
 def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
@@ -188,16 +188,15 @@ def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
     return layout, prompt_builder(tokenizer, cfg.chat_template, cfg.max_length - layout.text_start, keep, **original)
 
 
-def assemble(cfg: PTConfig, device, dtype, store: Store, expected: dict, tokenizer, model, builder: PromptBuilder,
+def assemble(cfg: PTConfig, device, dtype, store: Store, tokenizer, model, builder: PromptBuilder,
              image: ImageRecipe, rank: int, world: int, attn: str) -> PTRun:
-    """A run from its model: the stream of the store's targets for `cfg.tasks` to the run's last step, AdamW
-    over what trains, the cosine schedule (PT and probing alike)."""
+    """A run from its model: the stream of the store's targets for `cfg.tasks` (`store` has passed open_store's
+    checks) to the run's last step, AdamW over what trains, the cosine schedule (PT and probing alike)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * usable_samples(store, cfg.tasks)
                                                     / cfg.global_batch_size))
     stream = TargetStream(store, cfg.tasks, global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
                           seed=cfg.seed, chunk=cfg.order_chunk, mix=cfg.order_mix, rank=rank, world_size=world,
-                          expected_teachers=expected, allow_partial=cfg.allow_partial_store,
                           map_fn=PTSample(builder, image, cfg.tasks, store.manifest.tasks),
                           collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
     step = trainable(cfg, model, device, dtype, total_steps)

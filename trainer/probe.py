@@ -138,7 +138,7 @@ def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: lis
     probes = ProbeSet(mllm, target_shapes, layers, cfg.predictor).to(device)
     answer = None if cfg.probe_answer == "record" else cfg.probe_answer
     builder = probed.builder(cfg.max_length, mllm.layout, answer=answer)
-    run = assemble(cfg, device, dtype, store, expected, probed.tokenizer, probes, builder, probed.image, rank, world,
+    run = assemble(cfg, device, dtype, store, probed.tokenizer, probes, builder, probed.image, rank, world,
                    "sdpa")
     eval_mllm = probed.mllm(with_task_tokens=cfg.probe_task_tokens == "keep").to(device)
     eval_builder = probed.builder(cfg.max_length, eval_mllm.layout, with_answer=False)
