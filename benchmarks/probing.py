@@ -12,7 +12,6 @@ trainer never does.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from benchmarks.pt_step import teacher_targets, tiny_setup
 from benchmarks.timing import median_seconds
 from recipes.manifest import TASKS
+from trainer.config import with_values
 from trainer.loop import to_device, train_step
 from trainer.probe import build_probe
 
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="olaf-bench-probe-"))
     cfg, teachers, proj = setup(work, a.samples)
     device, dtype = torch.device("cpu"), torch.float32
-    base = dataclasses.replace(cfg, global_batch_size=a.micro_batch, micro_batch_size=a.micro_batch)
-    store = cfg.store
+    base = with_values(cfg, global_batch_size=a.micro_batch, micro_batch_size=a.micro_batch)
+    store = cfg.data.store
     raw = {}
     from store import Store
 
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     rows = [("olaf: stored targets, all tasks, one pass", secs, forwards, n_probes)]
     total, total_fwd = 0.0, 0
     for t in TASKS:
-        cfg = dataclasses.replace(base, tasks=[t])
-        run = build_probe(cfg, cfg.llm, str(proj), None, device, dtype, 0, 1).run
+        cfg = with_values(base, tasks=[t])
+        run = build_probe(cfg, cfg.model.llm, str(proj), None, device, dtype, 0, 1).run
         secs_t, fwd_t = timed(run, a.batches, device, teachers={t: teachers[t]}, raw=raw)
         rows.append((f"authors: job '{t}', teacher online", secs_t, fwd_t, len(run.model.probes)))
         total, total_fwd = total + secs_t, total_fwd + fwd_t

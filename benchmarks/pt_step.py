@@ -20,7 +20,6 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from store import encodings
 from teachers import depth, gen, seg
 from teachers.registry import ADAPTERS, load_teachers
 from trainer.build import build
-from trainer.config import load_config
+from trainer.config import load_config, with_values
 from trainer.loop import to_device, train_step
 
 
@@ -53,7 +52,7 @@ def tiny_setup(work: Path, samples: int):
                            teachers_yaml=True)
     cfg = load_config([models_cfg], {"store": str(path), "output_dir": str(work / "out"),
                                      "teachers_manifest": str(teachers_yaml)})
-    teachers = load_teachers(load_manifest(teachers_yaml), cfg.tasks)
+    teachers = load_teachers(load_manifest(teachers_yaml), cfg.tasks.names)
     return cfg, teachers
 
 
@@ -188,10 +187,10 @@ def main(argv=None):
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="olaf-bench-pt-"))
     samples = a.samples or (256 if a.size == "full" else 96)
     cfg, teachers = tiny_setup(work, samples) if a.size == "tiny" else full_setup(work, samples, device, dtype)
-    cfg = replace(cfg, micro_batch_size=batch, global_batch_size=batch)
+    cfg = with_values(cfg, micro_batch_size=batch, global_batch_size=batch)
     run = build(cfg, device, dtype)
     raw = {}
-    s = store.Store(cfg.store)
+    s = store.Store(cfg.data.store)
     for shard in s.done_shards():
         for d in s.iter_decoded(shard, []):
             if d["image"] is not None:

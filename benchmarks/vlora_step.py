@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch
 from benchmarks.timing import median_seconds
 from recipes.manifest import TASKS
 from trainer.build import sequence_layout, trainable
-from trainer.config import load_config
+from trainer.config import load_config, with_values
 from trainer.loop import train_step
 from trainer.model import OLAPT
 from trainer.towers import CLIPTower
@@ -126,7 +125,7 @@ def pt_model(mode: str, tok, llm, tower, shapes: dict, over: dict, device, **set
     connector, template, tasks = MODES[mode]
     cfg = load_config([], {"store": "unused", "output_dir": "unused", "connector": connector, "chat_template": template,
                            "tasks": ",".join(tasks) or "[]"})
-    cfg = replace(cfg, **over, **settings)
+    cfg = with_values(cfg, **over, **settings)
     layout, _ = sequence_layout(cfg, tok, tower)
     torch.manual_seed(0)
     model = OLAPT(cfg, llm, tower, {t: shapes[t] for t in tasks}, layout, (0.5,) * 3, (0.25,) * 3).to(device)

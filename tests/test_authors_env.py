@@ -61,7 +61,7 @@ def test_the_ola_vlm_export_reads_as_meant_under_their_pinned_transformers(train
     out = tmp_path / "ola"
     assert export([str(trained), "--format", "ola-vlm", "--out", str(out)]) == 0
     run = json.loads((trained / "config.json").read_text())
-    source = AutoConfig.from_pretrained(run["llm"])
+    source = AutoConfig.from_pretrained(run["model"]["llm"])
     theta = source.rope_parameters["rope_theta"]
     assert theta == 500000.0  # trainer.tiny's LLM has Llama-3's RoPE base
     control = tmp_path / "v5-config"
@@ -75,14 +75,14 @@ def test_the_ola_vlm_export_reads_as_meant_under_their_pinned_transformers(train
     got = read["items"]["export"]
     assert "error" not in got, got
     assert got["rope_theta"] == theta and got["rope_scaling"] is None and got["missing"] == []
-    assert_logits_match(got["logits"], source_logits(run["llm"], ids))
+    assert_logits_match(got["logits"], source_logits(run["model"]["llm"], ids))
     tokenizer = AutoTokenizer.from_pretrained(out)
     for fast in (False, True):
         t = got[f"tokenizer_fast_{fast}"]
         assert t["encodings"] == [tokenizer(x).input_ids for x in TEXTS]
         assert (t["pad_token_id"], t["bos_token_id"], t["eos_token_id"]) == (
             tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
-        assert t["chat_template"] == AutoTokenizer.from_pretrained(run["llm"]).chat_template and t["chat_template"]
+        assert t["chat_template"] == AutoTokenizer.from_pretrained(run["model"]["llm"]).chat_template and t["chat_template"]
         assert t["len"] == len(tokenizer)
     tower = got["tower"]
     assert tower["missing"] == [] and tower["unexpected"] == [] and tower["loaded"] > 0
@@ -90,7 +90,7 @@ def test_the_ola_vlm_export_reads_as_meant_under_their_pinned_transformers(train
     bad = read["items"]["control"]
     assert bad["rope_theta"] == 10000.0
     with pytest.raises(AssertionError):
-        assert_logits_match(bad["logits"], source_logits(run["llm"], ids[:1]))
+        assert_logits_match(bad["logits"], source_logits(run["model"]["llm"], ids[:1]))
 
 
 def tiny_llama3_scaled(folder: Path, tokenizer_from: str):

@@ -217,7 +217,7 @@ def test_bad_trainer_settings_are_one_message(tmp_path, trainer_store, tiny_mode
 def test_tasks_given_as_a_word_are_a_list():
     from trainer.config import load_config
 
-    assert load_config([], {"store": "s", "output_dir": "o"}, ["tasks=gen"]).tasks == ["gen"]
+    assert load_config([], {"store": "s", "output_dir": "o"}, ["tasks=gen"]).tasks.names == ["gen"]
 
 
 @pytest.mark.parametrize("which", ["missing path", "uncached id"])

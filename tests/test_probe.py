@@ -223,11 +223,10 @@ def test_an_export_is_probed_with_the_sequence_pt_trained(trained, tmp_path):
     from safetensors.torch import load_file
 
     from trainer.build import build
-    from trainer.config import load_config
+    from trainer.config import load_config, without_resume
     from trainer.formats import read
 
-    saved = json.loads((trained / "config.json").read_text())
-    cfg = load_config([], {k: v for k, v in saved.items() if k != "resume"})
+    cfg = load_config(recorded=without_resume(json.loads((trained / "config.json").read_text())))
     run = build(cfg, torch.device("cpu"), torch.float32)
     weights = load_file(sorted((trained / "checkpoints").glob("step-*"))[-1] / "trainable.safetensors")
     missing, _ = run.model.load_state_dict(weights, strict=False)
@@ -360,7 +359,7 @@ def test_probe_prompts_carry_no_answer_text_by_default(tmp_path, probe_setup, ti
         assert eval_text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n"), eval_text
         assert question in eval_text
     # the switch: each record's own answer, for whoever wants the leak on purpose
-    cfg.probe_answer = "record"
+    cfg.probe.answer = "record"
     pr = build_probe(cfg, str(root / "llm"), str(proj), [1], torch.device("cpu"), torch.float32, 0, 1)
     assert caption in tok.decode(pr.run.stream.map_fn.builder(record).text_ids)
 
@@ -425,7 +424,7 @@ def test_an_authors_convnext_folder_s_tower_is_reloaded_from_the_folder(tmp_path
     name = build_convnext_tower(tmp_path / "convnext")
     held = {PREFIX["tower"] + k: v + 1.0 for k, v in load_tower(name, -2, torch.float32).export_state().items()}
     (tmp_path / "config.json").write_text(json.dumps({"mm_vision_tower": name}))
-    tower, used = _authors_tower(SimpleNamespace(vision_tower="model"), JsonFile(tmp_path / "config.json"), held,
+    tower, used = _authors_tower(SimpleNamespace(model=SimpleNamespace(vision_tower="model")), JsonFile(tmp_path / "config.json"), held,
                                  torch.float32)
     assert used == name
     got = tower.export_state()

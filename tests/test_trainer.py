@@ -335,12 +335,52 @@ def test_config_values_follow_the_field_types(tmp_path):
     cfg = load_config([tmp_path / "c.yaml"], {"store": "s", "output_dir": "o"},
                       ["micro_batch_size=2", "global_batch_size=4", "gradient_checkpointing=false", "max_grad_norm=null",
                        "layers={gen: [1], depth: [2], seg: [3]}"])
-    assert cfg.learning_rate == 0.003 and cfg.max_steps == 10 and cfg.micro_batch_size == 2
-    assert cfg.gradient_checkpointing is False and cfg.max_grad_norm is None and cfg.layers["seg"] == [3]
-    for bad, msg in (("micro_batch_size=two", "expected int"), ("nope=1", "expected key=value"),
-                     ("global_batch_size=30", "not a multiple")):
+    assert cfg.optim.learning_rate == 0.003 and cfg.optim.max_steps == 10 and cfg.optim.micro_batch_size == 2
+    assert cfg.model.gradient_checkpointing is False and cfg.optim.max_grad_norm is None and cfg.tasks.layers["seg"] == [3]
+    for bad, msg in (("micro_batch_size=two", "expected int"), ("nope", "expected section.key=value"),
+                     ("nope=1", "unknown config key 'nope'"), ("global_batch_size=30", "not a multiple"),
+                     ("optim.learning_rat=1", "did you mean 'optim.learning_rate'")):
         with pytest.raises(ValueError, match=msg):
             load_config([], {"store": "s", "output_dir": "o"}, [bad])
+
+
+def test_config_sections_load_every_flat_key_of_before(tmp_path):
+    """The config is typed sections (model, data, tasks, optim, run, vlora, probe); YAMLs and saved configs of olaf
+    before them, flat, load to the same values, mapped by one table; `--set section.key=value`."""
+    import dataclasses
+
+    import yaml
+
+    from trainer.config import FLAT, PTConfig, load_config, saved
+
+    flat = {"llm": "x/llm", "store": "s", "output_dir": "o", "tasks": ["gen", "seg"], "layers": {"gen": [3], "seg": [4]},
+            "task_tokens": {"gen": 2, "seg": 4}, "special_tokens": {"gen": 2, "seg": 8}, "learning_rate": 2e-3,
+            "global_batch_size": 8, "micro_batch_size": 2, "order_mix": 8, "save_every": 3, "probe_answer": "record",
+            "probe_eval_resize": None, "probe_task_tokens": "keep", "precision": "fp32", "resume": True}
+    (tmp_path / "flat.yaml").write_text(yaml.safe_dump(flat))
+    nested = {"model": {"llm": "x/llm", "precision": "fp32"}, "data": {"store": "s", "order_mix": 8},
+              "tasks": {"names": ["gen", "seg"], "layers": {"gen": [3], "seg": [4]}, "task_tokens": {"gen": 2, "seg": 4},
+                        "special_tokens": {"gen": 2, "seg": 8}},
+              "optim": {"learning_rate": 2e-3, "global_batch_size": 8, "micro_batch_size": 2},
+              "run": {"output_dir": "o", "save_every": 3, "resume": True},
+              "probe": {"answer": "record", "eval_resize": None, "task_tokens": "keep"}}
+    (tmp_path / "nested.yaml").write_text(yaml.safe_dump(nested))
+    a, b = load_config([tmp_path / "flat.yaml"]), load_config([tmp_path / "nested.yaml"])
+    assert a == b and a.tasks.names == ["gen", "seg"] and a.probe.task_tokens == "keep" and a.tasks.task_tokens["seg"] == 4
+    assert a.optim.learning_rate == 2e-3 and a.run.resume is True and a.probe.eval_resize is None
+    # a checkpoint's config of before (flat, every field) and of now (sections) build the same config
+    old = {k: getattr(getattr(a, s), n) for k, (s, n) in FLAT.items()}
+    assert load_config(recorded=old) == a == load_config(recorded=saved(a))
+    # one flat key for each field of each section: the 50 fields of the flat PTConfig of before, with vlora
+    every = {(s, f.name) for s in ("model", "data", "tasks", "optim", "run", "probe")
+             for f in dataclasses.fields(getattr(PTConfig(), s))}
+    assert sorted(FLAT.values()) == sorted(every) and len(FLAT) + 1 == 50
+    dotted = load_config([tmp_path / "flat.yaml"], sets=["optim.learning_rate=5e-4", "model.precision=bf16",
+                                                           "vlora.vlora_rank=8"])
+    assert dotted.optim.learning_rate == 5e-4 and dotted.model.precision == "bf16" and dotted.vlora == {"vlora_rank": 8}
+    # each section checks its own values, and names them by their section
+    with pytest.raises(ValueError, match="optim.warmup_ratio must be in"):
+        load_config([tmp_path / "nested.yaml"], sets=["optim.warmup_ratio=2"])
 
 
 def test_trains_from_a_store_in_a_bucket(tmp_path, trained, trainer_store, tiny_models, tiny_teachers, seaweedfs):
@@ -454,10 +494,10 @@ def test_gradients_are_not_clipped_by_default(tmp_path):
     from trainer.loop import clip_gradients
 
     cfg = load_config([], {"store": "s", "output_dir": "o"})
-    assert cfg.max_grad_norm is None  # the released runs: no clipping
+    assert cfg.optim.max_grad_norm is None  # the released runs: no clipping
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([3e6, 4e6, 0.0])  # a huge gradient
-    norm = clip_gradients([p], cfg.max_grad_norm)
+    norm = clip_gradients([p], cfg.optim.max_grad_norm)
     assert norm.item() == pytest.approx(5e6) and p.grad.tolist() == [3e6, 4e6, 0.0]  # reported, left alone
     norm = clip_gradients([p], 1.0)  # the option still works
     assert norm.item() == pytest.approx(5e6) and torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-5)
@@ -491,14 +531,14 @@ def test_the_ola_vlm_export_has_their_names_shapes_and_config(trained, tmp_path)
     assert export([str(trained), "--format", "ola-vlm", "--out", str(out)]) == 0
     run = json.loads((trained / "config.json").read_text())
     info = json.loads((trained / "export" / "config.json").read_text())
-    llm_cfg = LlamaConfig.from_pretrained(run["llm"])
-    H, shapes, p = llm_cfg.hidden_size, info["target_shapes"], run["predictor"]
+    llm_cfg = LlamaConfig.from_pretrained(run["model"]["llm"])
+    H, shapes, p = llm_cfg.hidden_size, info["target_shapes"], run["tasks"]["predictor"]
     # what the folder must hold, derived here from the configs
     want = {}
     with torch.device("meta"):
         want |= {k: tuple(v.shape) for k, v in LlamaForCausalLM(llm_cfg).state_dict().items()}
         want |= {f"model.vision_tower.vision_tower.vision_model.{k}": tuple(v.shape)  # CLIPVisionModel 4.x names
-                 for k, v in CLIPVisionModel(CLIPVisionConfig.from_pretrained(run["vision_tower"])).state_dict().items()}
+                 for k, v in CLIPVisionModel(CLIPVisionConfig.from_pretrained(run["model"]["vision_tower"])).state_dict().items()}
     mm = info["mm_hidden_size"]
     want |= {"model.mm_projector.0.weight": (H, mm), "model.mm_projector.0.bias": (H,),
              "model.mm_projector.2.weight": (H, H), "model.mm_projector.2.bias": (H,)}
@@ -508,7 +548,7 @@ def test_the_ola_vlm_export_has_their_names_shapes_and_config(trained, tmp_path)
         want[f"{t}_logit_scale"] = ()
         out_dim = shapes[t][1]
         dim = H if t == "depth" else out_dim  # the released depth head runs at the LLM's width
-        for i, _ in enumerate(run["layers"][t]):
+        for i, _ in enumerate(run["tasks"]["layers"][t]):
             want |= _resampler_keys(f"image_{t}_heads.{i}.projector", H, dim, out_dim, p["heads"], p["dim_head"],
                                     p["ff_mult"], p["depth"])
     got = {}
@@ -532,7 +572,7 @@ def test_the_ola_vlm_export_has_their_names_shapes_and_config(trained, tmp_path)
     assert cfg["image_depth"]["depth_layer_indices"] == "8-20" and cfg["image_seg"]["seg_layer_indices"] == "10-18"
     assert cfg["image_gen"]["img_layer_indices"] == "12-20" and cfg["image_depth"]["num_tokens"] == 576
     assert cfg["image_depth"]["use_intermediate_depth"] is False and cfg["image_seg"]["output_dim"] == shapes["seg"][1]
-    assert cfg["mm_vision_tower"] == run["vision_tower"] and cfg["mm_projector_type"] == "mlp2x_gelu"
+    assert cfg["mm_vision_tower"] == run["model"]["vision_tower"] and cfg["mm_projector_type"] == "mlp2x_gelu"
     assert cfg["mm_vision_select_layer"] == -2 and cfg["mm_hidden_size"] == mm
     # the LLM part loads with plain transformers, nothing missing (their loader would make it up)
     _, loading = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -578,8 +618,8 @@ def test_the_original_ntp_labels_are_a_switch(tiny_models, tmp_path):
     assert diff == [first_caption - 1]  # just before the caption
     assert t.assistant_start.endswith(tok.decode([original.text_labels[diff[0]]]))
     cfg = load_config([], {"store": "s", "output_dir": "o"})
-    assert cfg.ntp_labels == "corrected"
-    assert load_config([], {"store": "s", "output_dir": "o"}, ["ntp_labels=original"]).ntp_labels == "original"
+    assert cfg.model.ntp_labels == "corrected"
+    assert load_config([], {"store": "s", "output_dir": "o"}, ["ntp_labels=original"]).model.ntp_labels == "original"
     with pytest.raises(ValueError, match="preprocess_llama_3"):
         load_config([], {"store": "s", "output_dir": "o"}, ["ntp_labels=original", "chat_template=phi_3"])
 
@@ -766,7 +806,7 @@ def test_the_ntp_only_baseline_trains_exports_and_its_loss_is_the_llm_s_own(tmp_
         n_fixed = batch["prefix_ids"].shape[1] + m.layout.image
         labels = torch.cat([torch.full((embeds.shape[0], n_fixed), -100), batch["text_labels"]], 1)
         mask = torch.cat([torch.ones(embeds.shape[0], n_fixed, dtype=torch.long), batch["text_mask"]], 1)
-        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=torch.float32)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.model.llm, dtype=torch.float32)
         want = llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     assert set(terms) == {"ntp", "loss"}

@@ -46,8 +46,8 @@ def load_or_explain(what: str, load, name: str, **kw):
 
 
 def attention_implementation(cfg: PTConfig, device: torch.device) -> str:
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -63,12 +63,12 @@ def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     attn = attention_implementation(cfg, device)
-    tokenizer = load_or_explain("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.llm)
-    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, cfg.llm, dtype=dtype,
+    tokenizer = load_or_explain("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.model.llm)
+    llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, cfg.model.llm, dtype=dtype,
                           attn_implementation=attn).to(device)
-    vision = load_or_explain("vision tower", load_tower, cfg.vision_tower, select_layer=cfg.vision_select_layer,
+    vision = load_or_explain("vision tower", load_tower, cfg.model.vision_tower, select_layer=cfg.model.vision_select_layer,
                              dtype=dtype).to(device)
-    if cfg.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing:
         enable_checkpointing(llm)
     llm.train()  # no dropout in these LMs; train mode is what switches checkpointing on
     return tokenizer, llm, vision, attn
@@ -100,18 +100,18 @@ def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
 def expected_teachers(cfg: PTConfig, manifest_path: str | None = None) -> dict:
     """The teacher identity the store's targets must have: the trainer's manifest (or `manifest_path`), with the
     content of the weight files it names where they are on this machine (it never loads a teacher)."""
-    manifest = load_manifest(manifest_path or cfg.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.fidelity)
-    return manifest.identity(cfg.tasks, files_sha256=manifest_files_sha256(manifest, cfg.tasks))
+    manifest = load_manifest(manifest_path or cfg.tasks.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.tasks.fidelity)
+    return manifest.identity(cfg.tasks.names, files_sha256=manifest_files_sha256(manifest, cfg.tasks.names))
 
 
 def open_store(cfg: PTConfig, url: str | None = None, manifest_path: str | None = None) -> tuple[Store, dict]:
     """The store (`url`, default the config's) and the teacher identity it must have (`manifest_path`, default
     the config's manifest), checked (tasks, done shards, teachers, at least one usable sample)."""
     expected = expected_teachers(cfg, manifest_path)
-    store = Store(url or cfg.store, use_index=True)
-    store.require(cfg.tasks, expected_teachers=expected, allow_partial=cfg.allow_partial_store, formats=["wds"])
-    if usable_samples(store, cfg.tasks) == 0:
-        raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks)} samples in done shards has "
+    store = Store(url or cfg.data.store, use_index=True)
+    store.require(cfg.tasks.names, expected_teachers=expected, allow_partial=cfg.data.allow_partial_store, formats=["wds"])
+    if usable_samples(store, cfg.tasks.names) == 0:
+        raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks.names)} samples in done shards has "
                          f"a usable image (errors.jsonl says why): nothing to train on")
     return store, expected
 
@@ -143,8 +143,8 @@ def trainable(cfg: PTConfig, model: torch.nn.Module, device, dtype, total_steps:
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.optim.warmup_ratio * total_steps), total_steps)
     return Trainable(cfg, device, dtype, model, optimizer, scheduler)
 
 
@@ -162,17 +162,17 @@ class PTRun(Trainable):
 
 def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> PTRun:
     store, _ = open_store(cfg)
-    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
+    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks.names}
 
-    if "model" in (cfg.image_aspect, cfg.vision_tower, cfg.chat_template):
+    if "model" in (cfg.model.image_aspect, cfg.model.vision_tower, cfg.model.chat_template):
         raise TrainerError("image_aspect, vision_tower and chat_template: `model` (the probed model's) applies to "
                            "trainer.probe; PT needs square or pad, a tower and a template")
-    torch.manual_seed(cfg.seed)  # the same initialisation on every rank
+    torch.manual_seed(cfg.optim.seed)  # the same initialisation on every rank
     tokenizer, llm, vision, attn = load_frozen(cfg, device, dtype)
-    if cfg.ntp_labels == "original":  # the original's PT adds <pad> to Llama-3 before training: V + 1 logits
+    if cfg.model.ntp_labels == "original":  # the original's PT adds <pad> to Llama-3 before training: V + 1 logits
         add_pad_token(tokenizer, llm)
     layout, builder = sequence_layout(cfg, tokenizer, vision)
-    image = ImageRecipe.from_pretrained(cfg.vision_tower, cfg.image_aspect)
+    image = ImageRecipe.from_pretrained(cfg.model.vision_tower, cfg.model.image_aspect)
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
     return assemble(cfg, device, dtype, store, tokenizer, model, builder, image, rank, world, attn)
 
@@ -181,23 +181,23 @@ def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
     """The layout of [prefix | image | task tokens | text] and the prompt builder that fills it: a chat template
     with the image tokens, or VLoRA's plain text with its masked placeholder and no image tokens."""
     keep = cfg.vlora.get("placeholder", "keep") == "keep"
-    prefix, masked = prefix_shape(tokenizer, cfg.chat_template, keep)
-    image = 0 if cfg.chat_template == PLAIN else vision.num_tokens
-    layout = Layout.of(prefix, image, {t: cfg.task_tokens[t] for t in cfg.tasks}, masked=masked)
-    original = {"label_header_end": True} if cfg.ntp_labels == "original" else {}  # llama_3 only (config)
-    return layout, prompt_builder(tokenizer, cfg.chat_template, cfg.max_length - layout.text_start, keep, **original)
+    prefix, masked = prefix_shape(tokenizer, cfg.model.chat_template, keep)
+    image = 0 if cfg.model.chat_template == PLAIN else vision.num_tokens
+    layout = Layout.of(prefix, image, {t: cfg.tasks.task_tokens[t] for t in cfg.tasks.names}, masked=masked)
+    original = {"label_header_end": True} if cfg.model.ntp_labels == "original" else {}  # llama_3 only (config)
+    return layout, prompt_builder(tokenizer, cfg.model.chat_template, cfg.model.max_length - layout.text_start, keep, **original)
 
 
 def assemble(cfg: PTConfig, device, dtype, store: Store, tokenizer, model, builder: PromptBuilder,
              image: ImageRecipe, rank: int, world: int, attn: str) -> PTRun:
-    """A run from its model: the stream of the store's targets for `cfg.tasks` (`store` has passed open_store's
+    """A run from its model: the stream of the store's targets for `cfg.tasks.names` (`store` has passed open_store's
     checks) to the run's last step, AdamW over what trains, the cosine schedule (PT and probing alike)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * usable_samples(store, cfg.tasks)
-                                                    / cfg.global_batch_size))
-    stream = TargetStream(store, cfg.tasks, global_batch=cfg.global_batch_size, micro_batch=cfg.micro_batch_size,
-                          seed=cfg.seed, chunk=cfg.order_chunk, mix=cfg.order_mix, rank=rank, world_size=world,
-                          map_fn=PTSample(builder, image, cfg.tasks, store.manifest.tasks),
+    total_steps = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * usable_samples(store, cfg.tasks.names)
+                                                    / cfg.optim.global_batch_size))
+    stream = TargetStream(store, cfg.tasks.names, global_batch=cfg.optim.global_batch_size, micro_batch=cfg.optim.micro_batch_size,
+                          seed=cfg.optim.seed, chunk=cfg.data.order_chunk, mix=cfg.data.order_mix, rank=rank, world_size=world,
+                          map_fn=PTSample(builder, image, cfg.tasks.names, store.manifest.tasks),
                           collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
     step = trainable(cfg, model, device, dtype, total_steps)
     return PTRun(**vars(step), store=store,

@@ -1,9 +1,24 @@
-"""The PT trainer's configuration: one dataclass, loaded from YAML (defaults: configs/ola_vlm_pt.yaml), then
-other YAML files, then `--set key=value` and the named CLI flags, in that order."""
+"""The PT trainer's configuration: typed sections, loaded from YAML (defaults: configs/ola_vlm_pt.yaml), then other
+YAML files, then `--set section.key=value` and the named CLI flags, in that order.
+
+    model   the frozen LLM and tower, the connector, the conversation, precision and memory
+    data    the store, its global order, the loader
+    tasks   the distilled tasks (their names, layers, tokens, predictors) and their losses
+    optim   AdamW, the schedule, the batch, the seed
+    run     where the run writes, how often it logs and saves, resuming
+    vlora   VLoRA's generator settings, under their names (trainer/vlora.py: VLoRASettings)
+    probe   trainer.probe's protocol (docs/probing.md)
+
+Each section checks its own values where it loads; PTConfig checks what ties sections together. Every flat key of
+the YAMLs and checkpoints of olaf before the sections (`learning_rate`, `probe_answer`, `tasks: [gen]`, ...) loads
+as it did: `FLAT` maps each to its section, in one table. An unknown key is one line naming the closest known one.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,38 +28,109 @@ from recipes.manifest import TASKS
 
 DEFAULTS = Path(__file__).parent / "configs" / "ola_vlm_pt.yaml"
 REMOVED = {  # keys of earlier olaf configs: what took their place
-    "shuffle_buffer": "the global order shuffles the whole store (order_chunk, order_mix)",
+    "shuffle_buffer": "the global order shuffles the whole store (data.order_chunk, data.order_mix)",
     "skip_bad_images": "samples whose image failed at extraction are never in the order; one that fails in the "
                        "trainer is masked out",
 }
 
 
 @dataclass
-class PTConfig:
-    store: str = ""
-    output_dir: str = ""
+class ModelSection:
     llm: str = "meta-llama/Meta-Llama-3-8B-Instruct"
     vision_tower: str = "openai/clip-vit-large-patch14-336"
     vision_select_layer: int = -2
     image_aspect: str = "square"
     chat_template: str = "llama_3"  # llama_3 | phi_3 | vicuna_v1 | plain (VLoRA's PT: [BOS, <image>] caption "\n")
     connector: str = "mlp2x_gelu"  # mlp2x_gelu: image tokens (LLaVA, OLA-VLM) | vlora: per-sample deltas (VLoRA)
-    vlora: dict = field(default_factory=dict)  # the generator's settings under their names (trainer/vlora.py)
+    ntp_labels: str = "corrected"
+    max_length: int = 4096
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "auto"
+    precision: str = "auto"
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, "model", {"max_length": 1})
+        out += _choice(self, "model", "ntp_labels", ("corrected", "original"))
+        out += _choice(self, "model", "image_aspect", ("square", "pad", "model"),
+                       " (trainer.probe: model, the probed model's)")
+        out += _choice(self, "model", "connector", ("mlp2x_gelu", "vlora"))
+        out += _choice(self, "model", "precision", ("auto", "bf16", "fp32"))
+        return out
+
+
+@dataclass
+class DataSection:
+    store: str = ""
+    allow_partial_store: bool = False
+    order_chunk: int = 4
+    order_mix: int = 32
+    num_workers: int = 4
+
+    def problems(self) -> list[str]:
+        out = [] if self.store else ["data.store is required (--store)"]
+        out += _at_least(self, "data", {"num_workers": 0, "order_chunk": 1})
+        if self.order_mix < self.order_chunk or self.order_mix % self.order_chunk:
+            out.append(f"data.order_mix ({self.order_mix}) must be a multiple of data.order_chunk "
+                       f"({self.order_chunk})")
+        return out
+
+
+@dataclass
+class TasksSection:
+    names: list = field(default_factory=lambda: list(TASKS))
     teachers_manifest: str | None = None  # None: recipes/manifests/ola_vlm.yaml
     fidelity: str | None = None
-    tasks: list = field(default_factory=lambda: list(TASKS))
     layers: dict = field(default_factory=lambda: {"gen": [12, 20], "depth": [8, 20], "seg": [10, 18]})
     task_tokens: dict = field(default_factory=lambda: {"gen": 8, "depth": 8, "seg": 8})
     special_tokens: dict = field(default_factory=lambda: {"gen": 8, "depth": 576, "seg": 576})
     predictor: dict = field(default_factory=lambda: {"heads": 4, "dim_head": 32, "ff_mult": 1, "depth": 1})
     predictor_width: dict = field(default_factory=lambda: {"gen": "out", "depth": "llm", "seg": "out"})
     use_intermediate_depth: bool = False
-    ntp_labels: str = "corrected"
     task_loss_weight: float = 0.5
     contrastive_weight: float = 0.3
     smooth_l1_beta: float = 1.0
     logit_scale_init: float = 2.0
     logit_scale_max: float = 100.0
+
+    def problems(self) -> list[str]:
+        if not isinstance(self.names, list):  # [] is LLaVA-1.5's PT: next-token prediction only, the baseline
+            return [f"tasks.names must be a list of {', '.join(TASKS)} (e.g. tasks=gen,seg; [] for NTP only), got "
+                    f"{self.names!r}"]
+        if [t for t in self.names if t not in TASKS]:
+            return [f"tasks {[t for t in self.names if t not in TASKS]} unknown; choose from {TASKS}"]
+        mappings = ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width")
+        out = [f"tasks.{n} must be a mapping (e.g. {{gen: ..., depth: ..., seg: ...}}), got {getattr(self, n)!r}"
+               for n in mappings if not isinstance(getattr(self, n), dict)]
+        if out:
+            return out
+        out += [f"tasks.{n} must be >= 0, got {getattr(self, n)}" for n in ("task_loss_weight", "contrastive_weight")
+                if getattr(self, n) < 0]
+        for t in self.names:
+            out += self._task_problems(t)
+        return out
+
+    def _task_problems(self, t: str) -> list[str]:
+        out = []
+        layers = self.layers.get(t)
+        if not layers:
+            out.append(f"tasks.layers.{t} is empty")
+        elif not isinstance(layers, list) or not all(isinstance(x, int) and x >= 1 for x in layers):
+            out.append(f"tasks.layers.{t} must be a list of 1-based layer numbers, got {layers!r}")
+        for name in ("task_tokens", "special_tokens"):
+            v = getattr(self, name).get(t)
+            if not isinstance(v, int) or v < 1:
+                out.append(f"tasks.{name}.{t} must be a positive integer, got {v!r}")
+        w = self.predictor_width.get(t)
+        if not (w in ("out", "llm") or (isinstance(w, int) and w > 0)):
+            out.append(f"tasks.predictor_width.{t} must be out, llm or a positive integer, got {w!r}")
+        if not out and t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
+            out.append(f"tasks.special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
+                       f"tasks.task_tokens.{t} ({self.task_tokens[t]})")
+        return out
+
+
+@dataclass
+class OptimSection:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -53,134 +139,125 @@ class PTConfig:
     global_batch_size: int = 256
     micro_batch_size: int = 32
     max_grad_norm: float | None = None
-    max_length: int = 4096
-    gradient_checkpointing: bool = True
-    attn_implementation: str = "auto"
-    precision: str = "auto"
     seed: int = 42
-    order_chunk: int = 4
-    order_mix: int = 32
-    num_workers: int = 4
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, "optim", {"micro_batch_size": 1, "global_batch_size": 1})
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"optim.max_steps must be >= 1 (or null: one run of `epochs`), got {self.max_steps}")
+        out += [f"optim.{n} must be > 0, got {getattr(self, n)}" for n in ("learning_rate", "epochs")
+                if not getattr(self, n) > 0]
+        if self.weight_decay < 0:
+            out.append(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            out.append(f"optim.max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
+        if not out and self.global_batch_size % self.micro_batch_size:
+            out.append(f"optim.global_batch_size {self.global_batch_size} is not a multiple of optim.micro_batch_size "
+                       f"{self.micro_batch_size}")
+        return out
+
+
+@dataclass
+class RunSection:
+    output_dir: str = ""
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
     tensorboard: bool = True
-    allow_partial_store: bool = False
     resume: bool = False
     note: str = ""
-    # trainer.probe only: the authors' probing protocol (docs/probing.md); every deviation is a switch
-    probe_answer: str = "n"  # every training prompt's answer, their fixed one token ("record": each record's own)
-    probe_eval_resize: int | None = 640  # evaluation images are resized to N x N first, as theirs (null: as they are)
-    probe_task_tokens: str = "drop"  # evaluate without the model's task tokens, as their probe_mode (or keep)
+
+    def problems(self) -> list[str]:
+        out = [] if self.output_dir else ["run.output_dir is required (--output-dir)"]
+        return out + _at_least(self, "run", {"log_every": 1, "save_every": 1, "keep_checkpoints": 0})
+
+
+@dataclass
+class ProbeSection:
+    """trainer.probe only: the authors' probing protocol (docs/probing.md); every deviation is a switch."""
+
+    answer: str = "n"  # every training prompt's answer, their fixed one token ("record": each record's own)
+    eval_resize: int | None = 640  # evaluation images are resized to N x N first, as theirs (null: as they are)
+    task_tokens: str = "drop"  # evaluate without the model's task tokens, as their probe_mode (or keep)
+
+    def problems(self) -> list[str]:
+        out = _choice(self, "probe", "task_tokens", ("keep", "drop"))
+        if self.eval_resize is not None and self.eval_resize < 1:
+            out.append(f"probe.eval_resize must be >= 1 or null (no resize), got {self.eval_resize}")
+        return out
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "tasks": TasksSection, "optim": OptimSection,
+            "run": RunSection, "probe": ProbeSection}
+# every flat key of olaf before the sections -> (its section, its name there); `vlora` is a section of its own
+FLAT = {f.name: (s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+FLAT.update({"tasks": ("tasks", "names"), "probe_answer": ("probe", "answer"),
+             "probe_eval_resize": ("probe", "eval_resize"), "probe_task_tokens": ("probe", "task_tokens")})
+for _ambiguous in ("answer", "eval_resize", "names"):  # only under their section's name
+    FLAT.pop(_ambiguous)
+FLAT["task_tokens"] = ("tasks", "task_tokens")  # the flat key always meant the tasks' (probe_task_tokens: probe's)
+
+
+@dataclass
+class PTConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tasks: TasksSection = field(default_factory=TasksSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    vlora: dict = field(default_factory=dict)  # the generator's settings under their names (trainer/vlora.py)
+    probe: ProbeSection = field(default_factory=ProbeSection)
 
     def validate(self) -> None:
-        """Every problem of the config in one ValueError, in stages: a later stage reads what an earlier one
-        checked."""
-        for stage in (self._structure_problems, self._task_problems, self._value_problems, self._choice_problems):
-            problems = stage()
-            if problems:
-                raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
+        """Every problem of the config in one ValueError: each section's, then what ties sections together."""
+        problems = [p for name in SECTIONS for p in getattr(self, name).problems()]
+        if not isinstance(self.vlora, dict):
+            problems.append(f"vlora must be a mapping of VLoRA's settings, got {self.vlora!r}")
+        if not problems:
+            problems = self._between_sections()
+        if problems:
+            raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
 
-    def _structure_problems(self) -> list[str]:
-        problems = []
-        if not self.store:
-            problems.append("store is required (--store)")
-        if not self.output_dir:
-            problems.append("output_dir is required (--output-dir)")
-        if not isinstance(self.tasks, list):  # [] is LLaVA-1.5's PT: next-token prediction only, the baseline
-            problems.append(f"tasks must be a list of {', '.join(TASKS)} (e.g. tasks=gen,seg; [] for NTP only), "
-                            f"got {self.tasks!r}")
-        elif [t for t in self.tasks if t not in TASKS]:
-            problems.append(f"tasks {[t for t in self.tasks if t not in TASKS]} unknown; choose from {TASKS}")
-        for name in ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width", "vlora"):
-            if not isinstance(getattr(self, name), dict):
-                problems.append(f"{name} must be a mapping (e.g. {{gen: ..., depth: ..., seg: ...}}), "
-                                f"got {getattr(self, name)!r}")
-        return problems
-
-    def _task_problems(self) -> list[str]:
-        problems = []
-        for t in self.tasks:
-            layers = self.layers.get(t)
-            if not layers:
-                problems.append(f"layers.{t} is empty")
-            elif not isinstance(layers, list) or not all(isinstance(x, int) and x >= 1 for x in layers):
-                problems.append(f"layers.{t} must be a list of 1-based layer numbers, got {layers!r}")
-            for name in ("task_tokens", "special_tokens"):
-                v = getattr(self, name).get(t)
-                if not isinstance(v, int) or v < 1:
-                    problems.append(f"{name}.{t} must be a positive integer, got {v!r}")
-            w = self.predictor_width.get(t)
-            if not (w in ("out", "llm") or (isinstance(w, int) and w > 0)):
-                problems.append(f"predictor_width.{t} must be out, llm or a positive integer, got {w!r}")
-            if not problems and t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
-                problems.append(f"special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
-                                f"task_tokens.{t} ({self.task_tokens[t]})")
-        return problems
-
-    def _value_problems(self) -> list[str]:
-        at_least = {"micro_batch_size": 1, "global_batch_size": 1, "max_length": 1, "log_every": 1,
-                    "save_every": 1, "num_workers": 0, "keep_checkpoints": 0, "order_chunk": 1}
-        problems = [f"{name} must be >= {low}, got {getattr(self, name)}" for name, low in at_least.items()
-                    if getattr(self, name) < low]
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"max_steps must be >= 1 (or null: one run of `epochs`), got {self.max_steps}")
-        problems += [f"{name} must be > 0, got {getattr(self, name)}" for name in ("learning_rate", "epochs")
-                     if not getattr(self, name) > 0]
-        problems += [f"{name} must be >= 0, got {getattr(self, name)}"
-                     for name in ("weight_decay", "task_loss_weight", "contrastive_weight") if getattr(self, name) < 0]
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            problems.append(f"max_grad_norm must be > 0 or null (no clipping), got {self.max_grad_norm}")
-        return problems
-
-    def _choice_problems(self) -> list[str]:
-        problems = []
-        if self.global_batch_size % self.micro_batch_size:
-            problems.append(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
-                            f"{self.micro_batch_size}")
-        if self.order_mix < self.order_chunk or self.order_mix % self.order_chunk:
-            problems.append(f"order_mix ({self.order_mix}) must be a multiple of order_chunk ({self.order_chunk})")
-        if self.ntp_labels not in ("corrected", "original"):
-            problems.append(f"ntp_labels must be corrected or original, got {self.ntp_labels!r}")
-        elif self.ntp_labels == "original" and self.chat_template != "llama_3":
-            problems.append("ntp_labels: original reproduces an off-by-one of the original's preprocess_llama_3; "
-                            f"with chat_template {self.chat_template} use corrected")
-        if self.image_aspect not in ("square", "pad", "model"):
-            problems.append(f"image_aspect must be square, pad or model (trainer.probe: the probed model's), got "
-                            f"{self.image_aspect!r}")
-        if self.probe_task_tokens not in ("keep", "drop"):
-            problems.append(f"probe_task_tokens must be keep or drop, got {self.probe_task_tokens!r}")
-        if self.probe_eval_resize is not None and self.probe_eval_resize < 1:
-            problems.append(f"probe_eval_resize must be >= 1 or null (no resize), got {self.probe_eval_resize}")
-        if self.connector not in ("mlp2x_gelu", "vlora"):
-            problems.append(f"connector must be mlp2x_gelu or vlora, got {self.connector!r}")
-        elif self.connector == "vlora":  # its typed section, checked before any model loads
+    def _between_sections(self) -> list[str]:
+        m, out = self.model, []
+        if m.ntp_labels == "original" and m.chat_template != "llama_3":
+            out.append("model.ntp_labels: original reproduces an off-by-one of the original's preprocess_llama_3; "
+                       f"with chat_template {m.chat_template} use corrected")
+        if m.connector == "vlora":  # its typed section, checked before any model loads
             from trainer.vlora import VLoRAError, VLoRASettings
 
             try:
                 VLoRASettings.of(self.vlora)
             except VLoRAError as e:
-                problems.append(str(e))
-        if (self.chat_template == "plain") != (self.connector == "vlora"):
-            problems.append(f"chat_template plain is VLoRA's PT conversation and goes with connector vlora (got "
-                            f"chat_template {self.chat_template}, connector {self.connector})")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            problems.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        return problems
+                out.append(str(e))
+        if (m.chat_template == "plain") != (m.connector == "vlora"):
+            out.append(f"chat_template plain is VLoRA's PT conversation and goes with connector vlora (got "
+                       f"chat_template {m.chat_template}, connector {m.connector})")
+        return out
 
 
-_TYPES = {f.name: str(f.type) for f in dataclasses.fields(PTConfig)}
+def _at_least(section, name: str, lows: dict) -> list[str]:
+    return [f"{name}.{k} must be >= {low}, got {getattr(section, k)}" for k, low in lows.items()
+            if getattr(section, k) < low]
 
 
-def _coerce(name: str, value):
-    """A value for field `name`, by the field's declared type: YAML 1.1 reads `3e-3` as a string, and a
-    `--set` value arrives as text."""
-    kind = _TYPES[name]
+def _choice(section, name: str, key: str, allowed: tuple, hint: str = "") -> list[str]:
+    v = getattr(section, key)
+    return [] if v in allowed else [f"{name}.{key} must be {' or '.join(allowed)}{hint}, got {v!r}"]
+
+
+def _field_type(section: str, key: str) -> str:
+    return next(str(f.type) for f in dataclasses.fields(SECTIONS[section]) if f.name == key)
+
+
+def _coerce(where: str, kind: str, value):
+    """A value for a field of declared type `kind`: YAML 1.1 reads `3e-3` as a string, and a `--set` value arrives as
+    text."""
     if value is None:
         if "None" not in kind:
-            raise ValueError(f"{name} cannot be null")
+            raise ValueError(f"{where} cannot be null")
         return None
     try:
         if kind.startswith("bool"):
@@ -198,33 +275,98 @@ def _coerce(name: str, value):
         if kind.startswith("str"):
             return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
+        raise ValueError(f"{where}: expected {kind}, got {value!r}") from None
     if kind.startswith("list") and isinstance(value, str):
         parsed = yaml.safe_load(value)  # "[gen, seg]", or a comma list: tasks=gen,seg / tasks=gen
         return parsed if isinstance(parsed, list) else [x.strip() for x in value.split(",") if x.strip()]
     return yaml.safe_load(value) if isinstance(value, str) else value  # dicts
 
 
-def load_config(paths: list[str | Path] = (), overrides: dict | None = None, sets: list[str] = ()) -> PTConfig:
-    names = {f.name for f in dataclasses.fields(PTConfig)}
-    data: dict = {}
-    for p in [DEFAULTS, *paths]:
+def _known() -> list[str]:
+    return sorted({*FLAT, "vlora", *(f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c))})
+
+
+def _unknown(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, _known(), n=1, cutoff=0.6)
+    return ValueError(f"{where}: unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                                "; see trainer/config.py for the keys"))
+
+
+def _place(key: str, value, where: str) -> list[tuple[str, str, object]]:
+    """(section, name, value) for one key of a YAML, `--set` or saved config: `section.name`, a section's mapping
+    (`optim: {learning_rate: ...}`), or a flat key of olaf before the sections (FLAT)."""
+    if key == "vlora" or key == "tasks" and isinstance(value, list):
+        return [("vlora", "", value)] if key == "vlora" else [("tasks", "names", value)]
+    if key in SECTIONS and isinstance(value, dict):
+        return [p for k, v in value.items() for p in _place(f"{key}.{k}", v, where)]
+    section, dot, name = key.partition(".")
+    if section == "vlora" and dot:  # one of VLoRA's settings (their names: trainer/vlora.py checks them)
+        return [("vlora", name, value)]
+    if dot and section in SECTIONS and name in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        return [(section, name, value)]
+    if key in REMOVED:
+        raise ValueError(f"{where}: {key} is no longer used, remove it: {REMOVED[key]}")
+    if key in FLAT:
+        return [(*FLAT[key], value)]
+    raise _unknown(key, where)
+
+
+def _apply(cfg: PTConfig, placed: list[tuple[str, str, object]], text: bool = False) -> None:
+    for section, name, value in placed:
+        if section == "vlora":
+            value = yaml.safe_load(value) if text and isinstance(value, str) else value
+            cfg.vlora = {**cfg.vlora, name: value} if name else value
+            continue
+        if text and isinstance(value, str) and value.lower() in ("null", "none", "~"):
+            value = None
+        setattr(getattr(cfg, section), name, _coerce(f"{section}.{name}", _field_type(section, name), value))
+
+
+def load_config(paths: list[str | Path] = (), overrides: dict | None = None, sets: list[str] = (),
+                recorded: dict | None = None) -> PTConfig:
+    """The defaults (or `recorded`, a saved config: its sections, or the flat keys of olaf before them, nulls
+    included), then each YAML of `paths`, then `--set` items, then `overrides` (the CLI's flags: None is a flag not
+    given), checked."""
+    cfg = PTConfig()
+    if recorded is not None:
+        paths = list(paths)
+        for key, value in recorded.items():
+            _apply(cfg, _place(key, value, "the recorded config"))
+    for p in ([] if recorded is not None else [DEFAULTS]) + list(paths):
         loaded = yaml.safe_load(Path(p).read_text()) or {}
-        removed = [f"{k}: {REMOVED[k]}" for k in loaded if k in REMOVED]
-        if removed:
-            raise ValueError(f"{p}: keys no longer used, remove them:\n  " + "\n  ".join(removed))
-        unknown = set(loaded) - names
-        if unknown:
-            raise ValueError(f"{p}: unknown config keys {sorted(unknown)}")
-        data.update({k: _coerce(k, v) for k, v in loaded.items()})
-    cfg = PTConfig(**data)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{p}: a config is a mapping of keys, got {type(loaded).__name__}")
+        for key, value in loaded.items():
+            _apply(cfg, _place(key, value, str(p)))
     for item in sets:
         key, sep, value = item.partition("=")
-        if not sep or key not in names:
-            raise ValueError(f"--set {item!r}: expected key=value with a key of PTConfig ({', '.join(sorted(names))})")
-        setattr(cfg, key, _coerce(key, value if value.lower() not in ("null", "none", "~") else None))
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            setattr(cfg, k, _coerce(k, v))
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected section.key=value (or a key of olaf's flat configs)")
+        _apply(cfg, _place(key, value, f"--set {item!r}"), text=True)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _apply(cfg, _place(key, value, "the config"))
     cfg.validate()
     return cfg
+
+
+def with_values(cfg: PTConfig, **values) -> PTConfig:
+    """A copy of `cfg` with `values` (keys as in a YAML: flat, or a section's mapping) applied, checked."""
+    out = copy.deepcopy(cfg)
+    for key, value in values.items():
+        _apply(out, _place(key, value, "the values"))
+    out.validate()
+    return out
+
+
+def saved(cfg: PTConfig) -> dict:
+    """The config as checkpoints and config.json record it: its sections."""
+    return dataclasses.asdict(cfg)
+
+
+def without_resume(recorded: dict) -> dict:
+    """A saved config (sections, or the flat keys of olaf before them) to build a run from again, not to resume."""
+    out = {k: v for k, v in recorded.items() if k != "resume"}
+    if isinstance(out.get("run"), dict):
+        out["run"] = {k: v for k, v in out["run"].items() if k != "resume"}
+    return out

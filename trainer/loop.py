@@ -7,7 +7,6 @@ the run's parts come from `trainer.build`; checkpoints (trainer.checkpoint) hold
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import sys
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from store import loader, refuse_inside_store
 from trainer.build import PTRun, Trainable
 from trainer.checkpoint import Checkpointer, CheckpointError, PlainRNG, TorchRNG, latest
+from trainer.config import saved
 from trainer.data import die_with_parent, worker_init
 from trainer.errors import USER_ERRORS, TrainerError
 from trainer.runlog import RunLog
@@ -30,11 +30,11 @@ def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None =
     carries beside the config (PT: its model's description, for exports)."""
     cfg, model, stream, cuda = run.cfg, run.model, run.stream, run.device.type == "cuda"
     ckpt = Checkpointer(out, model, {"optimizer": run.optimizer, "scheduler": run.scheduler, "rng": TorchRNG()},
-                        {"data": stream, "rng": PlainRNG()}, cfg.keep_checkpoints,
-                        {"config": dataclasses.asdict(cfg), **(meta or {})})
-    step = resume(ckpt, out, log) if cfg.resume else 0
+                        {"data": stream, "rng": PlainRNG()}, cfg.run.keep_checkpoints,
+                        {"config": saved(cfg), **(meta or {})})
+    step = resume(ckpt, out, log) if cfg.run.resume else 0
     runlog = RunLog(out, run, step, rank, world, log)
-    data = loader(stream, num_workers=cfg.num_workers, pin_memory=cuda, prefetch_factor=4,
+    data = loader(stream, num_workers=cfg.data.num_workers, pin_memory=cuda, prefetch_factor=4,
                   worker_init_fn=functools.partial(worker_init, os.getpid()))
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None) \
         if world > 1 else model
@@ -46,7 +46,7 @@ def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None =
             done = train_step(run, [to_device(b, run.device) for b in micro], net)
             step += 1
             runlog.step(step, done.terms, done.grad_norm, done.lr)
-            if rank == 0 and (step % cfg.save_every == 0 or step == run.total_steps):
+            if rank == 0 and (step % cfg.run.save_every == 0 or step == run.total_steps):
                 ckpt.save(step)
     return step
 
@@ -74,7 +74,7 @@ def train_step(run: Trainable, micro: list[dict], net: torch.nn.Module | None = 
                 loss, parts = net(batch, context)
             (loss / len(micro)).backward()
         terms = {k: terms.get(k, 0.0) + v / len(micro) for k, v in parts.items()}
-    grad_norm = clip_gradients(run.trainable, run.cfg.max_grad_norm)
+    grad_norm = clip_gradients(run.trainable, run.cfg.optim.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -150,13 +150,13 @@ def start(cfg) -> tuple[int, int, torch.device, torch.dtype, object]:
     """(rank, world size, device, compute dtype, log) of this process; refuses to overwrite a run unasked."""
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    bf16 = cfg.model.precision == "bf16" or (cfg.model.precision == "auto" and cuda)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    refuse_inside_store(cfg.output_dir, "--output-dir")
-    if not cfg.resume and latest(Path(cfg.output_dir)) is not None:
-        raise TrainerError(f"{cfg.output_dir} already has checkpoints: pass --resume to continue, or use a new "
+    refuse_inside_store(cfg.run.output_dir, "--output-dir")
+    if not cfg.run.resume and latest(Path(cfg.run.output_dir)) is not None:
+        raise TrainerError(f"{cfg.run.output_dir} already has checkpoints: pass --resume to continue, or use a new "
                            f"--output-dir")
     log = print if rank == 0 else (lambda *a, **k: None)
     return rank, world, device, torch.bfloat16 if bf16 else torch.float32, log

@@ -93,12 +93,12 @@ def pt_loss(ntp: torch.Tensor, preds: dict, targets: dict, valid: dict, negative
     for task, by_layer in preds.items():
         task_sum = 0.0
         for layer, p in by_layer.items():
-            sl1 = masked_smooth_l1(p, targets[task], valid[task], cfg.smooth_l1_beta)
-            nce = infonce(p, valid[task], negatives[task], row_offset, logit_scales[task], cfg.logit_scale_max)
-            task_sum = task_sum + sl1 + cfg.contrastive_weight * nce
+            sl1 = masked_smooth_l1(p, targets[task], valid[task], cfg.tasks.smooth_l1_beta)
+            nce = infonce(p, valid[task], negatives[task], row_offset, logit_scales[task], cfg.tasks.logit_scale_max)
+            task_sum = task_sum + sl1 + cfg.tasks.contrastive_weight * nce
             terms[f"{task}/{layer}/sl1"] = sl1.detach()
             terms[f"{task}/{layer}/nce"] = nce.detach()
-        task_loss = cfg.task_loss_weight * task_sum
+        task_loss = cfg.tasks.task_loss_weight * task_sum
         terms[task] = task_loss.detach()
         total = total + task_loss
     terms["loss"] = total.detach()

@@ -29,7 +29,7 @@ from trainer.sequence import MLLM, Layout, Projector, TaskTokens
 def connector(cfg: PTConfig, llm, vision) -> nn.Module:
     """What turns the tower's features into the LLM's input: LLaVA's mlp2x_gelu projector (image tokens), or
     VLoRA's weights generator (per-sample deltas in the LLM's layers, no image tokens)."""
-    if cfg.connector == "vlora":
+    if cfg.model.connector == "vlora":
         from trainer import vlora
         from trainer.errors import TrainerError
 
@@ -47,29 +47,29 @@ class OLAPT(MLLM):
     def __init__(self, cfg: PTConfig, llm, vision, target_shapes: dict[str, tuple[int, int]], layout: Layout,
                  image_mean, image_std):
         width = llm.config.hidden_size
-        tasks = [t for t in TASKS if t in cfg.tasks]
+        tasks = [t for t in TASKS if t in cfg.tasks.names]
         projector = connector(cfg, llm, vision)
-        tokens = TaskTokens.random({t: cfg.special_tokens[t] for t in tasks}, cfg.task_tokens, width)
+        tokens = TaskTokens.random({t: cfg.tasks.special_tokens[t] for t in tasks}, cfg.tasks.task_tokens, width)
         super().__init__(llm.get_input_embeddings(), llm.get_decoder(), llm.get_output_embeddings(), vision,
                          projector, tokens, layout, image_mean, image_std)
         self.cfg, self.tasks = cfg, tasks
         n_layers = llm.config.num_hidden_layers
         for t in tasks:
-            bad = [layer for layer in cfg.layers[t] if not 1 <= layer <= n_layers]
+            bad = [layer for layer in cfg.tasks.layers[t] if not 1 <= layer <= n_layers]
             if bad:
                 raise ValueError(f"layers.{t} {bad}: the LLM has decoder layers 1..{n_layers}")
-        p = cfg.predictor
+        p = cfg.tasks.predictor
         self.predictors = nn.ModuleDict()
         for t in tasks:
             tokens_out, out_dim = target_shapes[t]
-            queries = 1 if t == "gen" else cfg.special_tokens[t]
+            queries = 1 if t == "gen" else cfg.tasks.special_tokens[t]
             if queries != tokens_out:
                 raise ValueError(f"{t}: the predictor makes {queries} tokens, the store's targets have {tokens_out}")
-            inner = {"out": out_dim, "llm": width}.get(cfg.predictor_width[t], cfg.predictor_width[t])
-            for layer in cfg.layers[t]:
+            inner = {"out": out_dim, "llm": width}.get(cfg.tasks.predictor_width[t], cfg.tasks.predictor_width[t])
+            for layer in cfg.tasks.layers[t]:
                 self.predictors[f"{t}_{layer}"] = Predictor(width, out_dim, p["heads"], p["dim_head"], p["ff_mult"],
-                                                            p["depth"], inner, t == "depth" and cfg.use_intermediate_depth)
-        self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(float(cfg.logit_scale_init))) for t in tasks})
+                                                            p["depth"], inner, t == "depth" and cfg.tasks.use_intermediate_depth)
+        self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(float(cfg.tasks.logit_scale_init))) for t in tasks})
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the trained parameters, and the predictors whole (their frozen parts too)."""
@@ -101,7 +101,7 @@ class OLAPT(MLLM):
         preds: dict[str, dict[int, torch.Tensor]] = {}
         for t in self.tasks:
             preds[t] = {}
-            for layer in self.cfg.layers[t]:
+            for layer in self.cfg.tasks.layers[t]:
                 hidden = hidden_states[layer]  # output of decoder layer `layer` (index 0 = embeddings)
                 keys, mask = self.layout.keys(hidden, batch["text_mask"], t)
                 if t == "gen":

@@ -126,8 +126,8 @@ def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: lis
     import dataclasses
 
     store, expected = open_store(cfg)
-    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks}
-    torch.manual_seed(cfg.seed)
+    target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks.names}
+    torch.manual_seed(cfg.optim.seed)
     probed = read_model(cfg, model, mm_projector, dtype)
     mllm = probed.mllm()
     n_layers = mllm.config.num_hidden_layers
@@ -135,14 +135,14 @@ def build_probe(cfg: PTConfig, model: str, mm_projector: str | None, layers: lis
     bad = [x for x in layers if not 1 <= x <= n_layers]
     if bad:
         raise TrainerError(f"--layers {bad}: the LLM has layers 1..{n_layers}")
-    probes = ProbeSet(mllm, target_shapes, layers, cfg.predictor).to(device)
-    answer = None if cfg.probe_answer == "record" else cfg.probe_answer
-    builder = probed.builder(cfg.max_length, mllm.layout, answer=answer)
+    probes = ProbeSet(mllm, target_shapes, layers, cfg.tasks.predictor).to(device)
+    answer = None if cfg.probe.answer == "record" else cfg.probe.answer
+    builder = probed.builder(cfg.model.max_length, mllm.layout, answer=answer)
     run = assemble(cfg, device, dtype, store, probed.tokenizer, probes, builder, probed.image, rank, world,
                    "sdpa")
-    eval_mllm = probed.mllm(with_task_tokens=cfg.probe_task_tokens == "keep").to(device)
-    eval_builder = probed.builder(cfg.max_length, eval_mllm.layout, with_answer=False)
-    eval_image = dataclasses.replace(probed.image, pre_resize=cfg.probe_eval_resize)
+    eval_mllm = probed.mllm(with_task_tokens=cfg.probe.task_tokens == "keep").to(device)
+    eval_builder = probed.builder(cfg.model.max_length, eval_mllm.layout, with_answer=False)
+    eval_image = dataclasses.replace(probed.image, pre_resize=cfg.probe.eval_resize)
     return ProbeRun(run, eval_mllm, eval_builder, eval_image, probed.what, expected)
 
 
@@ -191,9 +191,9 @@ def evaluate(probes: ProbeSet, eval_store: Store, pr: ProbeRun, pad_id: int, bat
 
 def protocol(cfg: PTConfig, pr: ProbeRun) -> dict:
     """How the scores were made, beside them: what the probes read at training and at evaluation."""
-    return {"train_answer": cfg.probe_answer, "eval_answer": None, "eval_resize": cfg.probe_eval_resize,
+    return {"train_answer": cfg.probe.answer, "eval_answer": None, "eval_resize": cfg.probe.eval_resize,
             "eval_task_tokens": list(pr.eval_mllm.layout.task_slots), "image_aspect": pr.eval_image.aspect,
-            "teachers_manifest": cfg.teachers_manifest}
+            "teachers_manifest": cfg.tasks.teachers_manifest}
 
 
 def write_scores(out: Path, scores: dict, counts: dict, info: dict) -> None:
@@ -309,23 +309,23 @@ def main(argv=None) -> int:
         print(f"wrote {plot(a.runs, a.out or a.runs[0] / 'probe_plot.png')}")
         return 0
     a, cfg = parse_args(argv)
-    if not cfg.tasks:  # before any model loads: nothing to probe for
-        raise TrainerError(f"{cfg.store} holds no teacher target (a store of images, captions and ids, made with "
+    if not cfg.tasks.names:  # before any model loads: nothing to probe for
+        raise TrainerError(f"{cfg.data.store} holds no teacher target (a store of images, captions and ids, made with "
                            f"--tasks none): probes learn targets; add the teachers to it (python -m "
-                           f"pipeline.extract_teachers ... --output {cfg.store} --tasks gen,depth,seg), or probe a "
+                           f"pipeline.extract_teachers ... --output {cfg.data.store} --tasks gen,depth,seg), or probe a "
                            f"store that has them")
     rank, world, device, dtype, log = start(cfg)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.run.output_dir)
     eval_store, eval_expected = open_store(cfg, a.eval_store, a.eval_teachers_manifest)  # before any model loads
     pr = build_probe(cfg, a.model, a.mm_projector, a.layers, device, dtype, rank, world)
-    other = weights_mismatches(pr.expected, eval_expected, cfg.tasks)
+    other = weights_mismatches(pr.expected, eval_expected, cfg.tasks.names)
     if other:
         raise TrainerError("the training and eval stores' manifests name other teacher weights (probes would be "
                            "scored against other teachers' targets): " + "; ".join(other))
     run, probes = pr.run, pr.run.model
     log(f"probing {pr.what}: {len(probes.layers)} layers x {len(probes.tasks)} tasks = {len(probes.probes)} probes "
         f"({sum(p.numel() for p in run.trainable):,} parameters); {run.stream.num_samples:,} training samples, "
-        f"{run.total_steps} steps of {cfg.global_batch_size}")
+        f"{run.total_steps} steps of {cfg.optim.global_batch_size}")
     step = train(run, out, rank, world, log)
     if rank == 0:
         from safetensors.torch import save_file
@@ -335,8 +335,8 @@ def main(argv=None) -> int:
             save_file({k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()},
                       out / "probes" / f"{name}.safetensors")
         probes.eval()
-        scores, counts = evaluate(probes, eval_store, pr, run.pad_id, cfg.micro_batch_size, device)
-        write_scores(out, scores, counts, {"model": a.model, "store": cfg.store, "eval_store": a.eval_store,
+        scores, counts = evaluate(probes, eval_store, pr, run.pad_id, cfg.optim.micro_batch_size, device)
+        write_scores(out, scores, counts, {"model": a.model, "store": cfg.data.store, "eval_store": a.eval_store,
                                            "steps": step, "layers": probes.layers, "tasks": probes.tasks,
                                            "mllm_forwards": probes.forwards, "protocol": protocol(cfg, pr)})
         log(f"wrote {out / 'probe_scores.json'} and {plot([out], out / 'probe_plot.png')}")

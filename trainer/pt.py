@@ -62,13 +62,13 @@ def main(argv=None) -> int:
     model, stream = run.model, run.stream
     for note in stream.notes:
         log(f"note: {note}")
-    log(f"model: {cfg.llm} ({model.config.num_hidden_layers} layers, width {model.config.hidden_size}, {run.attn}), "
-        f"{cfg.vision_tower}; image offset {model.layout.prefix}; "
+    log(f"model: {cfg.model.llm} ({model.config.num_hidden_layers} layers, width {model.config.hidden_size}, {run.attn}), "
+        f"{cfg.model.vision_tower}; image offset {model.layout.prefix}; "
         f"{sum(p.numel() for p in run.trainable):,} trainable parameters; {dtype} on {device}"
         + (f" x {world}" if world > 1 else ""))
-    log(f"data: {stream.num_samples:,} usable samples per epoch, global batch {cfg.global_batch_size} = "
-        f"{stream.accum} x {cfg.micro_batch_size} x {world} processes, {run.total_steps} steps")
-    out = Path(cfg.output_dir)
+    log(f"data: {stream.num_samples:,} usable samples per epoch, global batch {cfg.optim.global_batch_size} = "
+        f"{stream.accum} x {cfg.optim.micro_batch_size} x {world} processes, {run.total_steps} steps")
+    out = Path(cfg.run.output_dir)
     train(run, out, rank, world, log, meta={"model": model_info(run)})
     if rank == 0:  # the last checkpoint, exported as every later `trainer.export` of it would be
         log(f"exported to {write_export(export_llava, out, out / 'export')}")

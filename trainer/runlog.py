@@ -5,7 +5,6 @@ device."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from trainer.config import saved
 
 
 class RunLog:
@@ -31,12 +32,12 @@ class RunLog:
     def _open(self, out: Path, step: int, log) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         for name in ("train.jsonl", "samples.jsonl"):  # drop what a killed run logged after its last checkpoint
-            if self.cfg.resume and (self.logs / name).exists():
+            if self.cfg.run.resume and (self.logs / name).exists():
                 kept = [ln for ln in (self.logs / name).read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
                 (self.logs / name).write_text("".join(ln + "\n" for ln in kept))
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
+        (out / "config.json").write_text(json.dumps(saved(self.cfg), indent=1))
         self.samples_file = open(self.logs / "samples.jsonl", "a")  # noqa: SIM115  (closed in close())
-        if self.cfg.tensorboard:
+        if self.cfg.run.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -46,7 +47,7 @@ class RunLog:
 
     def _reset(self) -> None:
         self.t0 = time.perf_counter()
-        self.counts = {"samples": 0, "tokens": 0, **{f"valid/{t}": 0 for t in self.cfg.tasks}}
+        self.counts = {"samples": 0, "tokens": 0, **{f"valid/{t}": 0 for t in self.cfg.tasks.names}}
 
     def count(self, step: int, micro: list[dict]) -> None:
         """A step's micro-batches, counted on the host from the CPU batches (no device sync); samples the trainer
@@ -54,7 +55,7 @@ class RunLog:
         for b in micro:
             self.counts["samples"] += len(b["ids"])
             self.counts["tokens"] += int(b["text_mask"].sum()) + self.fixed_tokens * len(b["ids"])
-            for t in self.cfg.tasks:
+            for t in self.cfg.tasks.names:
                 self.counts[f"valid/{t}"] += int(b["valid"][t].sum())
             for sample_id, problem in b["problems"].items():
                 print(f"warning: step {step + 1}: sample {sample_id}: {problem} (masked out)", file=sys.stderr)
@@ -62,12 +63,12 @@ class RunLog:
     def step(self, step: int, terms: dict, grad_norm: torch.Tensor, lr: float) -> None:
         """After optimizer step `step`: its sample ids; on log steps the losses and rates."""
         if self.main:
-            start = (step - 1) * self.cfg.global_batch_size
-            ids = self.stream.ids_of(start, start + self.cfg.global_batch_size)
+            start = (step - 1) * self.cfg.optim.global_batch_size
+            ids = self.stream.ids_of(start, start + self.cfg.optim.global_batch_size)
             self.samples_file.write(json.dumps({"step": step, "position": start, "ids": ids}) + "\n")
             self.samples_file.flush()
             self.bar.update(1)
-        if step % self.cfg.log_every == 0 or step == self.bar.total:
+        if step % self.cfg.run.log_every == 0 or step == self.bar.total:
             self._write(step, self._reduce(step, terms, grad_norm, lr))
             self._reset()
 
@@ -80,12 +81,12 @@ class RunLog:
             losses /= self.world  # the mean over ranks; the grad norm is the same on every rank
             dist.all_reduce(totals)  # counts: summed
         secs = time.perf_counter() - self.t0
-        steps = (step - 1) % self.cfg.log_every + 1  # steps since the last log
+        steps = (step - 1) % self.cfg.run.log_every + 1  # steps since the last log
         total = dict(zip(self.counts, totals.tolist(), strict=True))
         return {"step": step, "lr": lr, "grad_norm": grad_norm.item(), **dict(zip(keys, losses.tolist(), strict=True)),
                 "samples": total["samples"] / steps, "samples_per_s": total["samples"] / secs,
                 "tokens_per_s": total["tokens"] / secs,
-                **{f"valid/{t}": total[f"valid/{t}"] / steps for t in self.cfg.tasks}}
+                **{f"valid/{t}": total[f"valid/{t}"] / steps for t in self.cfg.tasks.names}}
 
     def _write(self, step: int, record: dict) -> None:
         if not self.main:

@@ -149,15 +149,11 @@ def build(out_dir: str | Path, captions_json: str | Path | None = None, lm_steps
     build_llm(out / "llm", tokenizer, captions, lm_steps, seed)
     build_vision_tower(out / "clip_vision_tower", seed)
     cfg = {
-        "llm": str((out / "llm").resolve()),
-        "vision_tower": str((out / "clip_vision_tower").resolve()),
-        "chat_template": "llama_3",
-        "micro_batch_size": 4,
-        "global_batch_size": 8,
-        "num_workers": 1,
-        "log_every": 1,
-        "save_every": 10,
-        "note": "tiny random-weight stand-ins built by trainer.tiny",
+        "model": {"llm": str((out / "llm").resolve()), "vision_tower": str((out / "clip_vision_tower").resolve()),
+                  "chat_template": "llama_3"},
+        "optim": {"micro_batch_size": 4, "global_batch_size": 8},
+        "data": {"num_workers": 1},
+        "run": {"log_every": 1, "save_every": 10, "note": "tiny random-weight stand-ins built by trainer.tiny"},
     }
     path = out / "pt_tiny.yaml"
     path.write_text("# Overrides for the tiny stand-ins; defaults come from trainer/configs/ola_vlm_pt.yaml\n"

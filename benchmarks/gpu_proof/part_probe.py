@@ -42,7 +42,7 @@ def random_probed(s: Setup, tok, llm, tower):
     from trainer.towers import OPENAI_MEAN, OPENAI_STD
 
     cfg = config([])
-    tokens = TaskTokens.random(cfg.special_tokens, cfg.task_tokens, llm.config.hidden_size).requires_grad_(False)
+    tokens = TaskTokens.random(cfg.tasks.special_tokens, cfg.tasks.task_tokens, llm.config.hidden_size).requires_grad_(False)
     image = ImageRecipe(336, 336, "bicubic", OPENAI_MEAN, OPENAI_STD)  # CLIP-L/336's processor
     proj = Projector(tower.hidden_size, llm.config.hidden_size)
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj.to(s.device, s.dtype),
@@ -57,7 +57,7 @@ def probe_row(s: Setup, probed, shapes: dict, tasks: list[str], teachers: dict |
     cfg = config([PROBE_DEFAULTS])
     mllm = probed.mllm()
     layers = list(range(1, mllm.config.num_hidden_layers + 1))
-    probes = ProbeSet(mllm, {t: shapes[t] for t in tasks}, layers, cfg.predictor).to(s.device)
+    probes = ProbeSet(mllm, {t: shapes[t] for t in tasks}, layers, cfg.tasks.predictor).to(s.device)
     run = trainable(cfg, probes, s.device, s.dtype, total_steps=1000)
     batch = vlora_step.batch_for(mllm.layout, s.probe_batch, 32, shapes, tasks, s.device)
     raw = jpegs(s.probe_batch) if teachers else None

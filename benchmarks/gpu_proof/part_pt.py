@@ -63,12 +63,12 @@ def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None) ->
     from trainer.loop import train_step
 
     model, layout, cfg = vlora_step.pt_model(mode, tok, llm, tower, shapes, over, s.device)
-    if cfg.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing:
         enable_checkpointing(llm)
         llm.train()
     else:
         llm.gradient_checkpointing_disable()
-    batch = vlora_step.batch_for(layout, s.pt_batch, 32, shapes, cfg.tasks, s.device)
+    batch = vlora_step.batch_for(layout, s.pt_batch, 32, shapes, cfg.tasks.names, s.device)
     raw = jpegs(s.pt_batch) if teachers else None
     run = trainable(cfg, model, s.device, s.dtype, total_steps=1000)
 
@@ -78,7 +78,7 @@ def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None) ->
                 batch["targets"] = in_step_targets(teachers, raw, s)
         train_step(run, [batch])
 
-    row = {"batch": s.pt_batch, "llm_tokens": layout.text_start + 32, "gradient_checkpointing": cfg.gradient_checkpointing,
+    row = {"batch": s.pt_batch, "llm_tokens": layout.text_start + 32, "gradient_checkpointing": cfg.model.gradient_checkpointing,
            "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     s.reset_memory()
     try:

@@ -16,7 +16,7 @@ from recipes.manifest import TASKS
 from store import TOKEN_ORDER, refuse_inside_store
 from trainer import checkpoint
 from trainer.build import load_or_explain
-from trainer.config import PTConfig, load_config
+from trainer.config import PTConfig, load_config, without_resume
 from trainer.data import ImageRecipe
 from trainer.errors import TrainerError
 from trainer.sequence import MLLM, Layout, Projector, TaskTokens
@@ -57,15 +57,15 @@ def model_info(run) -> dict:
     """What a PT run's exports say about its model (`run`: trainer.build.PTRun); every checkpoint carries it, so
     that any checkpoint can be exported on its own."""
     cfg, model = run.cfg, run.model
-    return {"llm": cfg.llm, "vision_tower": cfg.vision_tower, "mm_projector_type": "mlp2x_gelu",
-            "mm_vision_select_layer": cfg.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
-            "hidden_size": model.config.hidden_size, "chat_template": cfg.chat_template, "image_aspect": cfg.image_aspect,
-            "image_offset": model.layout.prefix, "num_image_tokens": model.layout.image, "tasks": cfg.tasks,
-            "token_order": list(TASKS), "layers": cfg.layers, "task_tokens": cfg.task_tokens,
-            "special_tokens": cfg.special_tokens, "predictor": cfg.predictor,
-            "target_shapes": {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks},
+    return {"llm": cfg.model.llm, "vision_tower": cfg.model.vision_tower, "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_select_layer": cfg.model.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
+            "hidden_size": model.config.hidden_size, "chat_template": cfg.model.chat_template, "image_aspect": cfg.model.image_aspect,
+            "image_offset": model.layout.prefix, "num_image_tokens": model.layout.image, "tasks": cfg.tasks.names,
+            "token_order": list(TASKS), "layers": cfg.tasks.layers, "task_tokens": cfg.tasks.task_tokens,
+            "special_tokens": cfg.tasks.special_tokens, "predictor": cfg.tasks.predictor,
+            "target_shapes": {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks.names},
             "target_token_order": TOKEN_ORDER, "teachers": run.store.teachers(), "store": run.store.url,
-            "global_batch_size": cfg.global_batch_size, "connector": cfg.connector,
+            "global_batch_size": cfg.optim.global_batch_size, "connector": cfg.model.connector,
             "vlora": getattr(model.projector, "s", None)}
 
 
@@ -84,7 +84,7 @@ def from_checkpoint(run_dir: Path, ckpt: Path | None = None) -> tuple[Path, dict
     if info is None:
         raise ExportError(f"{ckpt} does not describe its model (written by an older olaf): export it with that olaf")
     info = {**info, "steps": state["step"], "checkpoint": ckpt.name}
-    cfg = load_config([], {k: v for k, v in state["config"].items() if k != "resume"})
+    cfg = load_config(recorded=without_resume(state["config"]))
     return ckpt, info, cfg
 
 
@@ -211,5 +211,5 @@ def llm_tower_projector(cfg: PTConfig, llm_name: str, tower_name: str, select: i
                          aspect: str):
     tokenizer, llm, tower = frozen_parts(llm_name, tower_name, select, dtype)
     proj = load_projector(Path(projector), tower.hidden_size, llm.config.hidden_size, str(projector), dtype)
-    image = ImageRecipe.from_pretrained(tower_name, choice(cfg.image_aspect, aspect))
+    image = ImageRecipe.from_pretrained(tower_name, choice(cfg.model.image_aspect, aspect))
     return tokenizer, llm, tower, proj, image

@@ -67,12 +67,12 @@ def read(cfg: PTConfig, model: str, mm_projector: str | None, dtype) -> Probed:
     config = load_or_explain("model", AutoConfig.from_pretrained, model)
     if what == "llava_hf":
         return read_llava_hf(cfg, model, config, dtype)
-    if not mm_projector or cfg.vision_tower == "model":
+    if not mm_projector or cfg.model.vision_tower == "model":
         raise TrainerError(f"{model} is an LLM: give --vision-tower and --mm-projector (LLaVA's mm_projector.bin), "
                            f"or pass a PT export folder, a folder in the authors' format or a "
                            f"LlavaForConditionalGeneration checkpoint")
-    tokenizer, llm, tower, proj, image = llm_tower_projector(cfg, model, cfg.vision_tower, cfg.vision_select_layer,
+    tokenizer, llm, tower, proj, image = llm_tower_projector(cfg, model, cfg.model.vision_tower, cfg.model.vision_select_layer,
                                                               Path(mm_projector), dtype, "square")
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, TaskTokens({}, {}), tokenizer,
-                  choice(cfg.chat_template, template_of(config.model_type)), image,
-                  f"LLM + tower + mm_projector.bin: {model}, {cfg.vision_tower}")
+                  choice(cfg.model.chat_template, template_of(config.model_type)), image,
+                  f"LLM + tower + mm_projector.bin: {model}, {cfg.model.vision_tower}")

@@ -20,7 +20,7 @@ def read_llava_hf(cfg: PTConfig, model: str, config, dtype) -> Probed:
     tokenizer = load_or_explain("tokenizer", AutoTokenizer.from_pretrained, model)
     tower = CLIPTower(m.model.vision_tower, config.vision_feature_layer)
     pads = bool(getattr(CLIPImageProcessorPil.from_pretrained(model), "do_pad", False))
-    image = ImageRecipe.from_pretrained(model, choice(cfg.image_aspect, "pad" if pads else "square"))
+    image = ImageRecipe.from_pretrained(model, choice(cfg.model.image_aspect, "pad" if pads else "square"))
     return Probed(m.get_input_embeddings(), m.model.language_model, tower, m.model.multi_modal_projector,
-                  TaskTokens({}, {}), tokenizer, choice(cfg.chat_template, "vicuna_v1"), image,
+                  TaskTokens({}, {}), tokenizer, choice(cfg.model.chat_template, "vicuna_v1"), image,
                   f"LlavaForConditionalGeneration {model}")

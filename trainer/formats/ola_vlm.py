@@ -73,39 +73,39 @@ def head_key(name: str) -> str:
 def ola_vlm_config(cfg: PTConfig, llm_config: dict, info: dict, vocab: int, pad_id: int) -> dict:
     """config.json: the LLM's config, LLaVA's fields, and OLA-VLM's when the run has tasks (a run without is
     LLaVA-1.5's PT: their LlavaLlamaForCausalLM / LlavaPhi3ForCausalLM)."""
-    kind = "ola" if cfg.tasks else "llava"
+    kind = "ola" if cfg.tasks.names else "llava"
     model_type, arch = ARCH.get(llm_config.get("model_type"), {}).get(kind, (None, None))
     if arch is None:
         raise ExportError(f"OLA-VLM releases Llama-3 and Phi-3 models; this run's LLM is {llm_config.get('model_type')!r}")
     out = {**llm_config, "model_type": model_type, "architectures": [arch], "vocab_size": vocab,
            "pad_token_id": pad_id,
-           "mm_vision_tower": cfg.vision_tower, "mm_vision_select_layer": cfg.vision_select_layer,
+           "mm_vision_tower": cfg.model.vision_tower, "mm_vision_select_layer": cfg.model.vision_select_layer,
            "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
            "mm_hidden_size": info["mm_hidden_size"], "mm_patch_merge_type": "flat", "use_mm_proj": True,
            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": True,
-           "image_aspect_ratio": cfg.image_aspect, "tokenizer_padding_side": "right",
-           "tokenizer_model_max_length": cfg.max_length,
+           "image_aspect_ratio": cfg.model.image_aspect, "tokenizer_padding_side": "right",
+           "tokenizer_model_max_length": cfg.model.max_length,
            "olaf": {"run": info.get("store"), "steps": info.get("steps"), "checkpoint": info.get("checkpoint"),
                     "teachers": info.get("teachers")}}
-    return {**out, **ola_fields(cfg, info)} if cfg.tasks else out
+    return {**out, **ola_fields(cfg, info)} if cfg.tasks.names else out
 
 
 def ola_fields(cfg: PTConfig, info: dict) -> dict:
     """OLA-VLM's own config fields: task tokens, heads, teachers."""
-    if len({cfg.task_tokens[t] for t in cfg.tasks}) != 1:
-        raise ExportError(f"OLA-VLM has one num_task_tokens for every task; this run has {cfg.task_tokens}")
-    p, shapes = cfg.predictor, info["target_shapes"]
-    out = {"aux_mode": "-".join(t for t in TASKS if t in cfg.tasks), "num_task_tokens": cfg.task_tokens[cfg.tasks[0]],
-           "task_token_format": "expand_emb", "contrastive_loss_weight": cfg.contrastive_weight,
+    if len({cfg.tasks.task_tokens[t] for t in cfg.tasks.names}) != 1:
+        raise ExportError(f"OLA-VLM has one num_task_tokens for every task; this run has {cfg.tasks.task_tokens}")
+    p, shapes = cfg.tasks.predictor, info["target_shapes"]
+    out = {"aux_mode": "-".join(t for t in TASKS if t in cfg.tasks.names), "num_task_tokens": cfg.tasks.task_tokens[cfg.tasks.names[0]],
+           "task_token_format": "expand_emb", "contrastive_loss_weight": cfg.tasks.contrastive_weight,
            "pass_text_to_aux": True, "use_contrastive": True, "use_ce": False, "sample_tokens": False,
            "image_generator": "stabilityai/stable-diffusion-2-1-unclip",
            "image_segmentor": "shi-labs/oneformer_coco_swin_large", "depth_estimator": "depth_anything_v2_vitl.pth"}
-    for t in cfg.tasks:
+    for t in cfg.tasks.names:
         d = {"depth": p["depth"], "dim_head": p["dim_head"], "num_heads": p["heads"],
              "num_tokens": shapes[t][0], "output_dim": shapes[t][1], "ff_mult": p["ff_mult"],
-             LAYER_KEY[t]: "-".join(str(x) for x in cfg.layers[t]), WEIGHT_KEY[t]: cfg.task_loss_weight}
+             LAYER_KEY[t]: "-".join(str(x) for x in cfg.tasks.layers[t]), WEIGHT_KEY[t]: cfg.tasks.task_loss_weight}
         if t == "depth":
-            d["use_intermediate_depth"] = cfg.use_intermediate_depth
+            d["use_intermediate_depth"] = cfg.tasks.use_intermediate_depth
         if t == "seg":
             d["seg_teacher"] = "oneformer"
         out[{"gen": "image_gen", "depth": "image_depth", "seg": "image_seg"}[t]] = d
@@ -211,7 +211,7 @@ def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: 
     from trainer.towers import is_convnext
 
     out = dict(llm_state)
-    convnext = is_convnext(cfg.vision_tower)
+    convnext = is_convnext(cfg.model.vision_tower)
     out.update({f"model.vision_tower.vision_tower.{authors_tower_key(k, convnext)}": v for k, v in vision_state.items()})
     for name, v in trained.items():
         if name.startswith("projector."):
@@ -223,7 +223,7 @@ def ola_vlm_tensors(cfg: PTConfig, trained: dict[str, torch.Tensor], llm_state: 
         elif name.startswith("predictors."):
             which, rest = name[len("predictors."):].split(".", 1)
             task, layer = which.split("_")
-            out[f"{HEADS[task]}.{cfg.layers[task].index(int(layer))}.{head_key(rest)}"] = v
+            out[f"{HEADS[task]}.{cfg.tasks.layers[task].index(int(layer))}.{head_key(rest)}"] = v
         else:
             raise ExportError(f"no OLA-VLM name for the trained tensor {name!r}")
     return out
@@ -250,9 +250,9 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     if info.get("connector", "mlp2x_gelu") != "mlp2x_gelu":
         raise ExportError(f"OLA-VLM's IFT has no {info['connector']} connector: export this run with --format vlora")
     trained = load_file(ckpt / "trainable.safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
-    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype="auto")
-    vision = load_tower(cfg.vision_tower, cfg.vision_select_layer, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.llm)
+    llm = AutoModelForCausalLM.from_pretrained(cfg.model.llm, dtype="auto")
+    vision = load_tower(cfg.model.vision_tower, cfg.model.vision_select_layer, dtype=torch.float32)
     pad_id = add_pad_token(tokenizer, llm)
     llm_state = llm.state_dict()
     if llm.config.tie_word_embeddings:
@@ -261,7 +261,7 @@ def export_ola_vlm(run_dir: Path, out: Path, ckpt: Path | None = None, max_shard
     tensors = ola_vlm_tensors(cfg, {k: v.to(dtype) for k, v in trained.items()}, llm_state,
                               {k: v.to(dtype) for k, v in vision.export_state().items()})
     config = ola_vlm_config(cfg, authors_llm_config(llm.config.to_dict()), info, len(tokenizer), pad_id)
-    for problem in (authors_rope_warning(config), authors_tower_warning(cfg.vision_tower)):
+    for problem in (authors_rope_warning(config), authors_tower_warning(cfg.model.vision_tower)):
         if problem:
             warnings.warn(problem, AuthorsWarning, stacklevel=2)
     with atomic_path(out) as tmp:
@@ -331,7 +331,7 @@ def authors_tower(cfg: PTConfig, config: JsonFile, tensors: dict, dtype):
     weights then reloaded from the folder, as their load_pretrained_model's reload_from_ckpt does."""
     from trainer.towers import TRUNK, account_convnext, is_convnext
 
-    name = cfg.vision_tower if cfg.vision_tower != "model" else config.get("mm_vision_tower", str)
+    name = cfg.model.vision_tower if cfg.model.vision_tower != "model" else config.get("mm_vision_tower", str)
     tower = load_or_explain("vision tower", load_tower, name,
                             select_layer=config.get("mm_vision_select_layer", int, -2), dtype=dtype)
     held = {TRUNK + k[len(PREFIX["tower"]):]: v for k, v in tensors.items() if k.startswith(PREFIX["tower"])}
@@ -368,7 +368,7 @@ def read_authors_folder(cfg: PTConfig, folder: Path, config: JsonFile, dtype) ->
     tower, tower_name = authors_tower(cfg, config, tensors, dtype)
     proj = load_projector(tensors, tower.hidden_size, llm.config.hidden_size, str(folder), dtype)
     tokens, order = authors_task_tokens(config, tensors, folder)
-    image = ImageRecipe.from_pretrained(tower_name, choice(cfg.image_aspect, aspect))
+    image = ImageRecipe.from_pretrained(tower_name, choice(cfg.model.image_aspect, aspect))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, tokens, tokenizer,
-                  choice(cfg.chat_template, template_of(base)), image,
+                  choice(cfg.model.chat_template, template_of(base)), image,
                   f"{config.get('model_type', str)} folder {folder} ({tower_name})", token_order=order)

@@ -85,7 +85,7 @@ def read_export(cfg: PTConfig, folder: Path, dtype) -> Probed:
         cfg, llm_name, tower_name, info.get("mm_vision_select_layer", int), folder / "mm_projector.bin", dtype,
         info.get("image_aspect", str, "square", choices=ASPECTS))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj, export_task_tokens(folder, info), tokenizer,
-                  choice(cfg.chat_template, info.get("chat_template", str, choices=list(TEMPLATES))), image,
+                  choice(cfg.model.chat_template, info.get("chat_template", str, choices=list(TEMPLATES))), image,
                   f"olaf PT export: {llm_name}, {tower_name}")
 
 
@@ -103,7 +103,7 @@ def read_vlora_export(cfg: PTConfig, folder: Path, info: JsonFile, dtype) -> Pro
         raise TrainerError(f"{info.path}: {e}") from None
     connector = load_module(VLoRAConnector(s, llm.get_decoder()), read_bin(folder / "mm_projector.bin", GENERATOR),
                              str(folder / "mm_projector.bin"), GENERATOR)
-    image = ImageRecipe.from_pretrained(tower_name, choice(cfg.image_aspect,
+    image = ImageRecipe.from_pretrained(tower_name, choice(cfg.model.image_aspect,
                                                             info.get("image_aspect", str, "square", choices=ASPECTS)))
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, connector.to(dtype),
                   export_task_tokens(folder, info), tokenizer, PLAIN,

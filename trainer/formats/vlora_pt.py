@@ -30,15 +30,15 @@ def export_vlora(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
                           f"{info.get('connector', 'mlp2x_gelu')}: use --format ola-vlm or llava")
     settings = info["vlora"]
     trained = load_file(ckpt / "trainable.safetensors")
-    llm = authors_llm_config(AutoConfig.from_pretrained(cfg.llm).to_dict())
+    llm = authors_llm_config(AutoConfig.from_pretrained(cfg.model.llm).to_dict())
     config = {**llm, "model_type": "llava_vlora", "architectures": ["LlavaLlamaVLoRAForCausalLM"],
-              "mm_projector_type": "vlora", "mm_vision_tower": cfg.vision_tower, "mm_hidden_size": info["mm_hidden_size"],
-              "mm_vision_select_layer": cfg.vision_select_layer, "mm_vision_select_feature": "patch",
+              "mm_projector_type": "vlora", "mm_vision_tower": cfg.model.vision_tower, "mm_hidden_size": info["mm_hidden_size"],
+              "mm_vision_select_layer": cfg.model.vision_select_layer, "mm_vision_select_feature": "patch",
               "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": True,
-              "image_aspect_ratio": cfg.image_aspect, "tokenizer_model_max_length": cfg.max_length,
+              "image_aspect_ratio": cfg.model.image_aspect, "tokenizer_model_max_length": cfg.model.max_length,
               **{k: settings[k] for k in VLORA_FIELDS},
               "olaf": {"kv_deltas": settings["kv_deltas"], "queries_init": settings["queries_init"],
-                       "placeholder": settings["placeholder"], "tasks": cfg.tasks, "steps": info.get("steps"),
+                       "placeholder": settings["placeholder"], "tasks": cfg.tasks.names, "steps": info.get("steps"),
                        "checkpoint": info.get("checkpoint"), "store": info.get("store")}}
     with atomic_path(out) as tmp:
         Path(tmp).mkdir()
