@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.llava import load_records
+from pipeline.inputs import load_records
 from pipeline.localray import LOOPBACK_ENV
 from pipeline.sample import generate
 from recipes.imageops import decode_rgb, read_image_bytes
@@ -156,10 +156,10 @@ def shape_true(args, work: Path) -> int:
     manifest_path = build(work / "teachers", shape_true=True)
     manifest = load_manifest(manifest_path)
     specs = [manifest.teachers[t] for t in TASKS]
-    records, _ = load_records(json_path)
+    records, _ = load_records(json_path, image_folder=images)
     rows = cpu_stages(specs, [read_image_bytes(images, r.image) for r in records])
     teachers = TeacherSet.load(manifest, list(TASKS))
-    decoded = {mode: [decode_batch(chunk, str(images), specs, resize_on=mode) for chunk in batches_of(records, batch)]
+    decoded = {mode: [decode_batch(chunk, specs, resize_on=mode) for chunk in batches_of(records, batch)]
                for mode in (CPU, DEV)}
     with Clock(n) as teacher:
         outs = [teachers.run(d.pixels)[0] for d in decoded[CPU]]
@@ -261,7 +261,7 @@ def write_stages(work: Path, json_path, images, manifest, teachers, shard_size: 
 
     plan = make_plan(json_path, images, shard_size)
     specs = [manifest.teachers[t] for t in TASKS]
-    results = [compute_shard(plan.shard_records(i), str(images), specs, teachers, dict.fromkeys(TASKS, "fp16"), batch)
+    results = [compute_shard(plan.shard_records(i), specs, teachers, dict.fromkeys(TASKS, "fp16"), batch)
                for i in range(plan.num_shards)]
     rows, bytes_per = [], {}
     for fmt in ("zarr", "wds"):

@@ -38,13 +38,13 @@ def build_stores(work: Path, json_path: Path, images: Path, manifest_path: Path,
     manifest = load_manifest(manifest_path)
     teachers = TeacherSet.load(manifest, TASKS)
     specs = [manifest.teachers[t] for t in TASKS]
-    decoded = {i: [decode_batch(c, str(images), specs) for c in batches_of(plan.shard_records(i), 8)]
+    decoded = {i: [decode_batch(c, specs) for c in batches_of(plan.shard_records(i), 8)]
                for i in range(plan.num_shards)}
     outs = {i: [teachers.run(d.pixels) for d in ds] for i, ds in decoded.items()}
     paths = {}
     for enc in encodings:
         loc = store.Location(work / f"store-{enc}")
-        m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=16, formats=["wds"],
+        m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=16, formats=["wds"],
                               tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, enc) for t in TASKS})
         w = store.StoreWriter.create(loc, m, manifest.identity(list(TASKS), teachers.weights_sha256()))
         for i, ds in decoded.items():

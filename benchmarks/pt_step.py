@@ -85,7 +85,7 @@ def full_setup(work: Path, samples: int, device, dtype):
     manifest = load_manifest()
     shapes = {t: manifest.teachers[t].output_shape for t in TASKS}
     layouts = {t: store.TaskLayout.for_shape(s, "fp16") for t, s in shapes.items()}
-    from pipeline.llava import load_records
+    from pipeline.inputs import load_records
 
     records, _ = load_records(json_path)
     m = store.RunManifest(dataset={"json": str(json_path)}, num_samples=len(records), shard_size=16,

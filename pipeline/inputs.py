@@ -9,7 +9,8 @@ records in memory at once:
 
 A source gives the records of a range of global indices, the identity the store keeps (`dataset_info`, whose
 "sha256" a resume must match: the file's sha256, or that of the listing of the input tars' sizes and sha256s),
-and how a decode task reads a record's image (`Record.blob`: a byte range of an input tar; else the image folder).
+and where each record's image is (`Record.at`, the one channel a decode task reads: a file of the image folder, a
+byte range of an input tar, or the sample of a committed shard of the store).
 Samples a source cannot use (a tar member that cannot be read, a sample without an image or caption) stay in the
 order as bad records, with their reason: never fatal, never dropped.
 """
@@ -21,11 +22,11 @@ import json
 import re
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from pipeline.llava import IMAGE_TOKEN, DatasetError, Record, load_records, record_of
 from recipes.imageops import BadImage
 from store import Location, cache, is_url
 
@@ -36,19 +37,170 @@ CAPTION_MAX = 1 << 20  # bytes a caption member may have
 LISTING_VERSION = 2  # what a cached tar listing holds (2: its compression, member names escaped)
 
 
+DATASET_JSON = "blip_laion_cc_sbu_558k.json"  # LLaVA-Pretrain-558K's listing (SPEC section 1)
+IMAGE_TOKEN = "<image>"
+
+
+# ---- a record, and the LLaVA format every kind gives (SPEC section 1) ------------------------------------------------
+# A JSON list of records {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [{"from": "human",
+# "value": "...\\n<image>"}, {"from": "gpt", "value": "<caption>"}]}, the images under an image folder at the
+# record's relative `image` path. The record's `id` is the sample key everywhere in olaf.
+
+class DatasetError(ValueError):
+    """The dataset file is structurally unusable; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One dataset record, as the pipeline carries it (the raw JSON object is kept verbatim)."""
+
+    index: int  # position in the dataset file
+    id: str
+    image: str | None  # the record's name for its image (a relative path; TAR/member), or None: text-only
+    raw: dict
+    problem: str | None = None  # why the record cannot be a training sample (it is stored as a bad sample)
+    # where its image's bytes are, the one channel a decode reads (None: nowhere, a text-only record):
+    #   ("folder", root, relative path)                 a LLaVA JSON's or a JSONL listing's image folder
+    #   ("tar", url, offset, size, compression)         a member of an input tar (compression None, gz, bz2, xz)
+    #   ("store", store url, shard, offset, size)       its sample in a committed shard of the store: what a shard
+    #                                                   gaining tasks computes from (never the input again)
+    at: tuple | None = None
+
+    def caption(self) -> str:
+        turns = self.raw.get("conversations") or []
+        gpt = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
+        return gpt[0] if gpt else ""
+
+
+def conversation_problem(conv) -> str | None:
+    """Why a record's conversations cannot be tokenised (each turn an object with string 'from' and 'value'),
+    or None. Such a record is kept and stored as a bad sample, not a stop of the whole dataset."""
+    for k, turn in enumerate(conv or []):
+        if not isinstance(turn, dict):
+            return f"conversations[{k}] is not an object ({type(turn).__name__})"
+        for key in ("from", "value"):
+            if not isinstance(turn.get(key), str):
+                return f"conversations[{k}].{key} is not a string ({type(turn.get(key)).__name__})"
+    return None
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {path} (expected a LLaVA JSON such as {DATASET_JSON})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text: {e}") from None
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    return data
+
+
+def id_problem(rid) -> str | None:
+    if not isinstance(rid, str) or not rid.strip():
+        return "missing or empty 'id'"
+    if rid != rid.strip() or any(c in rid for c in "\n\r\t\0"):
+        return f"id {rid!r} has surrounding whitespace or control characters"
+    try:  # every store writes ids as UTF-8 (Zarr keys, tar names, JSON): a lone surrogate cannot be
+        rid.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"id {rid!r} is not valid Unicode text (a lone surrogate): it cannot be stored"
+    return None
+
+
+def _record(i: int, rec, first_seen: dict[str, int], image_folder: Path | None = None
+            ) -> tuple[Record | None, str | None]:
+    """(the record, None) or (None, the structural problem of record `i`)."""
+    if not isinstance(rec, dict):
+        return None, f"record {i}: not a JSON object ({type(rec).__name__})"
+    rid = rec.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        rid = str(rid)
+    problem = id_problem(rid)
+    if problem:
+        return None, f"record {i}: {problem}"
+    if rid in first_seen:
+        return None, f"record {i}: duplicate id {rid!r} (first at record {first_seen[rid]})"
+    first_seen[rid] = i
+    conv = rec.get("conversations")
+    if conv is not None and not isinstance(conv, list):
+        return None, f"record {i} (id {rid}): 'conversations' is not a list"
+    image = rec.get("image")
+    image = image if isinstance(image, str) and image else None
+    at = ("folder", str(image_folder), image) if image is not None and image_folder is not None else None
+    return Record(index=i, id=rid, image=image, raw=rec, problem=conversation_problem(conv), at=at), None
+
+
+def record_of(i: int, rec, image_folder: Path | None = None) -> tuple[Record | None, str | None]:
+    """One record of a listing read line by line: (the record, None) or (None, its structural problem);
+    duplicate ids are the caller's to find."""
+    record, problem = _record(i, rec, {}, image_folder)
+    return record, problem.removeprefix(f"record {i}: ") if problem else None
+
+
+def load_records(path: str | Path, limit: int | None = None, max_problems: int = 50,
+                 image_folder: str | Path | None = None) -> tuple[list[Record], int]:
+    """Read and structurally validate a LLaVA JSON file.
+
+    Structural problems (not a JSON list, a record that is not an object, a record without a usable id,
+    duplicate ids, conversations that are not a list) make the whole dataset unusable: they are all collected
+    and raised together as one DatasetError, before any work starts. Per-sample problems (missing or bad images,
+    text-only records) are not checked here; the pipeline records them as bad samples.
+
+    `limit` (>= 1: open_source checks it) keeps a prefix of the records (smoke runs); validation covers only that
+    prefix. With `image_folder`,
+    each record says its image is there (`Record.at`).
+    Returns (records, number of records in the file).
+    """
+    path = Path(path)
+    data = _read_json(path)
+    in_file = len(data)
+    if limit is not None:
+        data = data[:limit]
+    problems: list[str] = []
+    records: list[Record] = []
+    first_seen: dict[str, int] = {}
+    folder = Path(image_folder) if image_folder is not None else None
+    for i, rec in enumerate(data):
+        record, problem = _record(i, rec, first_seen, folder)
+        if problem:
+            problems.append(problem)
+        else:
+            records.append(record)
+    if problems:
+        shown = problems[:max_problems]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise DatasetError(f"{path}: {len(problems)} structural problem(s); fix the file before extracting:\n  "
+                           + "\n  ".join(shown) + more)
+    if not records:
+        raise DatasetError(f"{path}: the dataset has no records")
+    return records, in_file
+
+
+# ---- what every kind gives the plan -----------------------------------------------------------------------------
+
 class Source:
     """What every kind gives the plan."""
 
     kind = ""
     num_samples: int
     records_in_input: int
-    image_folder: Path | None = None
 
     def records(self, start: int, stop: int) -> list[Record]:
         raise NotImplementedError
 
-    def dataset_info(self) -> dict:
+    def identity(self) -> dict:
         raise NotImplementedError
+
+    def dataset_info(self) -> dict:
+        """What the store records of its input: the kind, and the identity a resume must match ("sha256")."""
+        return {"kind": self.kind, **self.identity()}
+
+    def describe(self) -> str:
+        return f"{self.num_samples} samples ({self.records_in_input} in the {self.kind} input)"
 
     def warnings(self) -> list[str]:
         """What the planning found that is not fatal (a tar that cannot be read to its end)."""
@@ -62,14 +214,14 @@ class LlavaJson(Source):
 
     def __init__(self, path: Path, image_folder: Path, limit: int | None):
         self.path, self.image_folder, self.limit = path, image_folder, limit
-        self._records, self.records_in_input = load_records(path, limit=limit)
+        self._records, self.records_in_input = load_records(path, limit=limit, image_folder=image_folder)
         self.num_samples = len(self._records)
         self.sha256 = Location(path.parent).sha256(path.name)
 
     def records(self, start: int, stop: int) -> list[Record]:
         return self._records[start:stop]
 
-    def dataset_info(self) -> dict:
+    def identity(self) -> dict:
         return {"json": str(self.path), "sha256": self.sha256, "image_folder": str(self.image_folder),
                 "records_in_file": self.records_in_input, "limit": self.limit}
 
@@ -130,16 +282,16 @@ it was made from (`cached_input`)."""
                 if n >= stop:
                     break
                 if n >= start:
-                    out.append(_listing_record(n, line)[0])
+                    out.append(_listing_record(n, line, self.image_folder)[0])
                 n += 1
         return out
 
-    def dataset_info(self) -> dict:
+    def identity(self) -> dict:
         return {"jsonl": str(self.path), "sha256": self.sha256, "image_folder": str(self.image_folder),
                 "records_in_file": self.records_in_input, "limit": self.limit}
 
 
-def _listing_record(n: int, line: bytes) -> tuple[Record | None, str | None]:
+def _listing_record(n: int, line: bytes, image_folder: Path | None = None) -> tuple[Record | None, str | None]:
     """A listing line as a record: a LLaVA record, or {"id", "image", "caption"} (given the LLaVA form)."""
     try:
         obj = json.loads(line)
@@ -147,7 +299,7 @@ def _listing_record(n: int, line: bytes) -> tuple[Record | None, str | None]:
         return None, f"not JSON ({str(e)[:80]})"
     if isinstance(obj, dict) and "caption" in obj and "conversations" not in obj:
         obj = llava_record(str(obj.get("id", "")), obj.get("image"), obj["caption"])
-    return record_of(n, obj)
+    return record_of(n, obj, image_folder)
 
 
 def equal_hashes(hashes: np.ndarray) -> list[tuple[int, int]]:
@@ -311,7 +463,7 @@ class TarShards(Source):
                  if x.get("compression")][:1]
         return said + [f"warning: {x['url']} holds no sample" for x in self.listings if not x["samples"]]
 
-    def dataset_info(self) -> dict:
+    def identity(self) -> dict:
         shards = [{"url": x["url"], "bytes": x["bytes"], "sha256": x["sha256"], "samples": len(x["samples"]),
                    "problem": x.get("problem")} for x in self.listings]
         digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode())
@@ -359,8 +511,8 @@ def _tar_record(j: int, listing: dict, pos: int, caption_key: str, image_keys=IM
         problem = f"no image member ({key}.{{{'/'.join(image_keys)}}})"
     if problem is None and caption is None:
         problem = f"no caption ({key}.{caption_key})"
-    blob = (listing["url"], offset, size, listing.get("compression")) if member else None
-    return Record(j, sample_id, image, raw, problem, blob=blob)
+    at = ("tar", listing["url"], offset, size, listing.get("compression")) if member else None
+    return Record(j, sample_id, image, raw, problem, at=at)
 
 
 class _Hashing:
@@ -455,24 +607,25 @@ def _sample(g: dict, image_keys, text_suffix: str, field: str | None) -> list:
             problem]
 
 
-def read_blob(blob: tuple) -> bytes:
-    """An image's bytes from an input tar: one range read (a compressed tar: decompressed from its start);
-    BadImage when they cannot be read (the sample is recorded as bad, its neighbours are not)."""
-    got = read_blobs([blob])[0]
+def read_blob(at: tuple) -> bytes:
+    """An image's bytes from an input tar (`at`: a record's ("tar", url, offset, size, compression)): one range read
+    (a compressed tar: decompressed from its start); BadImage when they cannot be read (the sample is recorded as
+    bad, its neighbours are not)."""
+    got = read_blobs([at])[0]
     if isinstance(got, BadImage):
         raise got
     return got
 
 
-def read_blobs(blobs: list[tuple]) -> list[bytes]:
-    """Several images' bytes from input tars, in order: a range read each, and one decompressing pass per
-    compressed tar for all of its images (in offset order). One that cannot be read is a BadImage (returned, not
-    raised: it is that sample's problem)."""
-    out: list = [None] * len(blobs)
+def read_blobs(ats: list[tuple]) -> list[bytes]:
+    """Several images' bytes from input tars (records' ("tar", url, offset, size, compression)), in order: a range
+    read each, and one decompressing pass per compressed tar for all of its images (in offset order). One that
+    cannot be read is a BadImage (returned, not raised: it is that sample's problem)."""
+    out: list = [None] * len(ats)
     compressed: dict[tuple[str, str], list[int]] = {}
-    for k, (url, offset, size, *comp) in enumerate(blobs):
-        if comp and comp[0]:
-            compressed.setdefault((url, comp[0]), []).append(k)
+    for k, (_, url, offset, size, comp) in enumerate(ats):
+        if comp:
+            compressed.setdefault((url, comp), []).append(k)
             continue
         try:
             loc, name = _location_of(url)
@@ -480,15 +633,15 @@ def read_blobs(blobs: list[tuple]) -> list[bytes]:
         except Exception as e:  # a tar gone or cut short since its listing, a bucket that refuses
             out[k] = BadImage(f"image unreadable at {url}@{offset}: {type(e).__name__}: {str(e)[:200]}")
     for (url, comp), ks in compressed.items():
-        _read_compressed(url, comp, sorted(ks, key=lambda k: blobs[k][1]), blobs, out)
-    for k, (url, offset, size, *_) in enumerate(blobs):
+        _read_compressed(url, comp, sorted(ks, key=lambda k: ats[k][2]), ats, out)
+    for k, (_, url, offset, size, _) in enumerate(ats):
         if isinstance(out[k], bytes) and len(out[k]) != size:
             out[k] = BadImage(f"image at {url}@{offset}: {len(out[k])} of its {size} bytes could be read (the tar is "
                               f"cut short, or changed since its listing)")
     return out
 
 
-def _read_compressed(url: str, comp: str, ks: list[int], blobs: list[tuple], out: list) -> None:
+def _read_compressed(url: str, comp: str, ks: list[int], ats: list[tuple], out: list) -> None:
     import bz2
     import gzip
     import lzma
@@ -498,8 +651,8 @@ def _read_compressed(url: str, comp: str, ks: list[int], blobs: list[tuple], out
         loc, name = _location_of(url)
         with loc.open(name) as raw, opener(fileobj=raw) if comp == "gz" else opener(raw) as f:
             for k in ks:
-                f.seek(blobs[k][1])  # forward only: decompresses what lies between
-                out[k] = f.read(blobs[k][2])
+                f.seek(ats[k][2])  # forward only: decompresses what lies between
+                out[k] = f.read(ats[k][3])
     except Exception as e:
         for k in ks:
             if out[k] is None:

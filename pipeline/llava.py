@@ -1,20 +1,17 @@
-"""The LLaVA-Pretrain-558K dataset format (SPEC section 1), in one place.
-
-A JSON list of records
-    {"id": "004539375", "image": "00453/004539375.jpg",
-     "conversations": [{"from": "human", "value": "...\\n<image>"}, {"from": "gpt", "value": "<caption>"}]}
-with images under an image folder at the record's relative `image` path.
-The record's `id` is the sample key everywhere in olaf.
+"""LLaVA-format datasets made from what users have: LLaVA-Pretrain-558K's image layout (`bucket_of`,
+`image_relpath`), and `from-images`: any image folder (or a COCO caption file) as a LLaVA JSON. Reading a LLaVA
+JSON into records is an input kind of pipeline.inputs (`load_records`), where the format's rules live.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-DATASET_JSON = "blip_laion_cc_sbu_558k.json"
-IMAGE_TOKEN = "<image>"
+from pipeline.inputs import DATASET_JSON, IMAGE_TOKEN, DatasetError, id_problem
+
+__all__ = ["DATASET_JSON", "IMAGE_TOKEN", "bucket_of", "image_relpath", "records_from_images", "main"]  # the
+# format's constants are pipeline.inputs'; sample.py and the tests name them from there or here
 
 
 def bucket_of(sample_id: str) -> str:
@@ -24,135 +21,6 @@ def bucket_of(sample_id: str) -> str:
 
 def image_relpath(sample_id: str, ext: str = "jpg") -> str:
     return f"{bucket_of(sample_id)}/{sample_id}.{ext}"
-
-
-class DatasetError(ValueError):
-    """The dataset file is structurally unusable; the message lists every problem found."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One dataset record, as the pipeline carries it (the raw JSON object is kept verbatim)."""
-
-    index: int  # position in the dataset file
-    id: str
-    image: str | None  # relative path, or None for a text-only record
-    raw: dict
-    problem: str | None = None  # why the record cannot be a training sample (it is stored as a bad sample)
-    blob: tuple | None = None  # (url, offset, size, compression) of its image's bytes in an input tar
-    # (store url, shard, offset, size): its sample in a committed shard of the store, whose image a shard gaining
-    # tasks computes from (never the input again)
-    stored: tuple[str, int, int, int] | None = None
-
-    def caption(self) -> str:
-        turns = self.raw.get("conversations") or []
-        gpt = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
-        return gpt[0] if gpt else ""
-
-
-def conversation_problem(conv) -> str | None:
-    """Why a record's conversations cannot be tokenised (each turn an object with string 'from' and 'value'),
-    or None. Such a record is kept and stored as a bad sample, not a stop of the whole dataset."""
-    for k, turn in enumerate(conv or []):
-        if not isinstance(turn, dict):
-            return f"conversations[{k}] is not an object ({type(turn).__name__})"
-        for key in ("from", "value"):
-            if not isinstance(turn.get(key), str):
-                return f"conversations[{k}].{key} is not a string ({type(turn.get(key)).__name__})"
-    return None
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path} (expected a LLaVA JSON such as {DATASET_JSON})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path} is not valid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path} is not UTF-8 text: {e}") from None
-    if not isinstance(data, list):
-        raise DatasetError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
-    return data
-
-
-def _id_problem(rid) -> str | None:
-    if not isinstance(rid, str) or not rid.strip():
-        return "missing or empty 'id'"
-    if rid != rid.strip() or any(c in rid for c in "\n\r\t\0"):
-        return f"id {rid!r} has surrounding whitespace or control characters"
-    try:  # every store writes ids as UTF-8 (Zarr keys, tar names, JSON): a lone surrogate cannot be
-        rid.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"id {rid!r} is not valid Unicode text (a lone surrogate): it cannot be stored"
-    return None
-
-
-def _record(i: int, rec, first_seen: dict[str, int]) -> tuple[Record | None, str | None]:
-    """(the record, None) or (None, the structural problem of record `i`)."""
-    if not isinstance(rec, dict):
-        return None, f"record {i}: not a JSON object ({type(rec).__name__})"
-    rid = rec.get("id")
-    if isinstance(rid, int) and not isinstance(rid, bool):
-        rid = str(rid)
-    problem = _id_problem(rid)
-    if problem:
-        return None, f"record {i}: {problem}"
-    if rid in first_seen:
-        return None, f"record {i}: duplicate id {rid!r} (first at record {first_seen[rid]})"
-    first_seen[rid] = i
-    conv = rec.get("conversations")
-    if conv is not None and not isinstance(conv, list):
-        return None, f"record {i} (id {rid}): 'conversations' is not a list"
-    image = rec.get("image")
-    return Record(index=i, id=rid, image=image if isinstance(image, str) and image else None, raw=rec,
-                  problem=conversation_problem(conv)), None
-
-
-def record_of(i: int, rec) -> tuple[Record | None, str | None]:
-    """One record of a listing read line by line: (the record, None) or (None, its structural problem);
-    duplicate ids are the caller's to find."""
-    record, problem = _record(i, rec, {})
-    return record, problem.removeprefix(f"record {i}: ") if problem else None
-
-
-def load_records(path: str | Path, limit: int | None = None, max_problems: int = 50) -> tuple[list[Record], int]:
-    """Read and structurally validate a LLaVA JSON file.
-
-    Structural problems (not a JSON list, a record that is not an object, a record without a usable id,
-    duplicate ids, conversations that are not a list) make the whole dataset unusable: they are all collected
-    and raised together as one DatasetError, before any work starts. Per-sample problems (missing or bad images,
-    text-only records) are not checked here; the pipeline records them as bad samples.
-
-    `limit` keeps a prefix of the records (smoke runs); validation covers only that prefix.
-    Returns (records, number of records in the file).
-    """
-    path = Path(path)
-    data = _read_json(path)
-    in_file = len(data)
-    if limit is not None:
-        if limit < 1:
-            raise DatasetError(f"--limit must be >= 1, got {limit}")
-        data = data[:limit]
-    problems: list[str] = []
-    records: list[Record] = []
-    first_seen: dict[str, int] = {}
-    for i, rec in enumerate(data):
-        record, problem = _record(i, rec, first_seen)
-        if problem:
-            problems.append(problem)
-        else:
-            records.append(record)
-    if problems:
-        shown = problems[:max_problems]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise DatasetError(f"{path}: {len(problems)} structural problem(s); fix the file before extracting:\n  "
-                           + "\n  ".join(shown) + more)
-    if not records:
-        raise DatasetError(f"{path}: the dataset has no records")
-    return records, in_file
-
 
 
 # ---- any image folder (or a COCO caption file) as a LLaVA-format dataset -----------------------------------------
@@ -188,7 +56,7 @@ def _image_files(root: Path) -> tuple[list[tuple[str, Path]], list[dict]]:
             skipped.append({"path": _printable(rel), "reason": "a link that leaves the image folder"})
         elif not resolved.is_file():
             skipped.append({"path": _printable(rel), "reason": "not a regular file (a device, a FIFO, a broken link)"})
-        elif problem := _id_problem(rel) or _id_problem(rel[: -len(path.suffix)]):
+        elif problem := id_problem(rel) or id_problem(rel[: -len(path.suffix)]):
             skipped.append({"path": _printable(rel), "reason": f"its name cannot be stored: {problem}"})
         else:
             files.append((rel, path))
@@ -235,7 +103,7 @@ def _from_coco(files: list[tuple[str, Path]], coco: Path, query: str) -> tuple[l
         reason = None
         if not isinstance(img, dict):
             reason = f"not an object ({type(img).__name__})"
-        elif isinstance(iid, bool) or not isinstance(iid, int | str) or _id_problem(str(iid)):
+        elif isinstance(iid, bool) or not isinstance(iid, int | str) or id_problem(str(iid)):
             reason = f"no usable 'id' ({iid!r})"
         elif str(iid) in seen:
             reason = f"id {iid!r} repeats an earlier image's"

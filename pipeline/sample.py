@@ -26,7 +26,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from pipeline.llava import DATASET_JSON, IMAGE_TOKEN, image_relpath
+from pipeline.inputs import DATASET_JSON, IMAGE_TOKEN
+from pipeline.llava import image_relpath
 from store import StoreError, refuse_inside_store
 
 # Saturated, well-separated colours: the nearest palette entry to a drawn pixel is unambiguous after JPEG.

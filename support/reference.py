@@ -30,7 +30,7 @@ def reference_store(path: Path, dataset, manifest_path: Path, tasks=TASKS, shard
         manifest = load_manifest(manifest_path)
         teachers = TeacherSet.load(manifest, tasks)
         layouts = {t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, "fp16") for t in tasks}
-        m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
+        m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=shard,
                               formats=["zarr", "wds"], tasks=layouts)
         # teachers.yaml as the Ray job records it; the extraction tests compare data files only
         identity = manifest.identity(list(tasks), teachers.weights_sha256(),
@@ -38,7 +38,7 @@ def reference_store(path: Path, dataset, manifest_path: Path, tasks=TASKS, shard
         w = store.StoreWriter.create(path, m, identity)
         specs = [manifest.teachers[t] for t in tasks]
         for i in range(plan.num_shards):
-            metas, targets = compute_shard(plan.shard_records(i), str(images), specs, teachers,
+            metas, targets = compute_shard(plan.shard_records(i), specs, teachers,
                                            dict.fromkeys(tasks, "fp16"), BATCH)
             w.commit_shard(assemble_shard(m, i, tuple(tasks), metas, targets))
         return path

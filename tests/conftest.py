@@ -57,8 +57,10 @@ def tiny_models(tmp_path_factory, trainer_dataset):
 
     cfg = build(tmp_path_factory.mktemp("tiny_models"), trainer_dataset[0], lm_steps=0)
     data = yaml.safe_load(cfg.read_text())
-    data.update(micro_batch_size=4, global_batch_size=4, num_workers=2, save_every=2, learning_rate=3e-3,
-                gradient_checkpointing=False, tensorboard=False)
+    data["optim"].update(micro_batch_size=4, global_batch_size=4, learning_rate=3e-3)
+    data["data"].update(num_workers=2)
+    data["run"].update(save_every=2, tensorboard=False)
+    data["model"].update(gradient_checkpointing=False)
     cfg.write_text(yaml.safe_dump(data))
     return cfg
 

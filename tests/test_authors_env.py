@@ -117,7 +117,7 @@ def test_llama3_rope_scaling_is_kept_and_needs_transformers_4_43(tiny_models, tm
 
     from trainer.formats.ola_vlm import authors_llm_config, authors_rope_warning, write_authors_folder
 
-    llm = yaml.safe_load(tiny_models.read_text())["llm"]
+    llm = yaml.safe_load(tiny_models.read_text())["model"]["llm"]
     model, tokenizer = tiny_llama3_scaled(tmp_path, llm)
     config = authors_llm_config(model.config.to_dict())
     assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_theta"] == 500000.0

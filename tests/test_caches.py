@@ -16,8 +16,7 @@ from test_inputs import write_tars
 
 import store
 from pipeline.extract.plan import make_plan
-from pipeline.inputs import read_blob
-from pipeline.llava import load_records
+from pipeline.inputs import load_records, read_blob
 from store import cache
 
 
@@ -34,15 +33,15 @@ def test_a_tar_rewritten_under_the_same_size_and_mtime_is_listed_again(tmp_path,
     paths, _ = write_tars(sample_dataset, tmp_path / "wds")
     pattern = str(tmp_path / "wds" / f"{{00000..{len(paths) - 1:05d}}}.tar")
     before = make_plan(pattern, None, 5)
-    assert make_plan(pattern, None, 5).dataset_sha256 == before.dataset_sha256  # the cache answers
+    assert make_plan(pattern, None, 5).source.dataset_info()["sha256"] == before.source.dataset_info()["sha256"]  # the cache answers
     with tarfile.open(paths[0]) as tf:
         jpg = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
     _rewrite_keeping_size_and_mtime(paths[0], jpg.offset_data + 100, b"\x5a" * 16)
     after = make_plan(pattern, None, 5)
-    assert after.dataset_sha256 != before.dataset_sha256
-    assert after.dataset_info()["shards"][0]["sha256"] == store.Location(paths[0].parent).sha256(paths[0].name)
-    rec = next(r for r in after.shard_records(0) if r.blob and r.blob[1] == jpg.offset_data)
-    assert read_blob(rec.blob) == paths[0].read_bytes()[jpg.offset_data:jpg.offset_data + jpg.size]
+    assert after.source.dataset_info()["sha256"] != before.source.dataset_info()["sha256"]
+    assert after.source.dataset_info()["shards"][0]["sha256"] == store.Location(paths[0].parent).sha256(paths[0].name)
+    rec = next(r for r in after.shard_records(0) if r.at and r.at[2] == jpg.offset_data)
+    assert read_blob(rec.at) == paths[0].read_bytes()[jpg.offset_data:jpg.offset_data + jpg.size]
 
 
 def test_a_jsonl_listing_rewritten_under_the_same_size_and_mtime_is_planned_again(tmp_path, sample_dataset):
@@ -55,7 +54,7 @@ def test_a_jsonl_listing_rewritten_under_the_same_size_and_mtime_is_planned_agai
     at = text.index(b'"id": "') + len(b'"id": "')
     _rewrite_keeping_size_and_mtime(listing, at, b"Z")  # another id, same length
     after = make_plan(str(listing), images, 6)
-    assert after.dataset_sha256 != before.dataset_sha256
+    assert after.source.dataset_info()["sha256"] != before.source.dataset_info()["sha256"]
     assert after.shard_records(0)[0].id.startswith("Z")
 
 

@@ -308,7 +308,7 @@ def test_a_teacher_free_store_is_told_what_is_true(tmp_path, extract_dataset, ti
 
     json_path, images = extract_dataset
     plan = make_plan(json_path, images, 5)
-    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=5,
+    m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=5,
                           formats=["zarr", "wds"], tasks={})
     store.StoreWriter.create(str(tmp_path / "free"), m, load_manifest(tiny_teachers).identity([]))
     argv = extraction_args(extract_dataset, tmp_path / "free", tiny_teachers, "--plan-only")
@@ -336,7 +336,7 @@ def test_a_first_run_that_commits_no_shard_ends_with_its_summary_and_exit_1(tmp_
     from pipeline.extract.run import finish
 
     plan = make_plan(extract_dataset[0], extract_dataset[1], 5)
-    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=5,
+    m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=5,
                           formats=["zarr", "wds"], tasks={}, runs=[{"started": "now", "tasks": []}])
     w = store.StoreWriter.create(str(tmp_path / "store"), m, {"format": 1, "name": "none", "teachers": {}})
     failed = {i: "OSError: [Errno 28] No space left on device" for i in range(plan.num_shards)}

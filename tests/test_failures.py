@@ -233,7 +233,7 @@ def test_a_model_that_is_not_there_is_one_message(tmp_path, trainer_store, tiny_
 
 def test_conversations_that_cannot_be_tokenised_are_bad_samples(tmp_path, tiny_teachers, extract_dataset, tiny_models):
     from pipeline.extract.decode import decode_batch
-    from pipeline.llava import load_records
+    from pipeline.inputs import load_records
 
     recs = json.loads(extract_dataset[0].read_text())
     good = [r for r in recs if r.get("image") and (extract_dataset[1] / r["image"]).is_file()][:3]
@@ -241,9 +241,9 @@ def test_conversations_that_cannot_be_tokenised_are_bad_samples(tmp_path, tiny_t
            dict(good[1], id="value-not-string", conversations=[{"from": "gpt", "value": 7}])]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(good[2:] + odd))
-    records_, _ = load_records(path)
+    records_, _ = load_records(path, image_folder=extract_dataset[1])
     spec = load_manifest(tiny_teachers).teachers["gen"]
-    b = decode_batch(records_, str(extract_dataset[1]), [spec])
+    b = decode_batch(records_, [spec])
     errors = {s.id: s.error for s in b.samples}
     assert errors[good[2]["id"]] is None and b.ids == [good[2]["id"]]  # the good neighbour keeps its target
     assert "conversations[0] is not an object" in errors["turn-not-object"]
@@ -255,7 +255,7 @@ def test_conversations_that_cannot_be_tokenised_are_bad_samples(tmp_path, tiny_t
     from trainer.templates import PromptBuilder, get_template
 
     cfg = yaml.safe_load(tiny_models.read_text())
-    pb = PromptBuilder(AutoTokenizer.from_pretrained(cfg["llm"]), get_template(cfg["chat_template"]), max_text_tokens=64)
+    pb = PromptBuilder(AutoTokenizer.from_pretrained(cfg["model"]["llm"]), get_template(cfg["model"]["chat_template"]), max_text_tokens=64)
     assert pb(odd[0]).text_labels and pb(odd[1]).text_ids
 
 
@@ -266,7 +266,7 @@ def test_a_huge_caption_is_cut_before_tokenising(tiny_models):
     from trainer.templates import MAX_CHARS_PER_TOKEN, PromptBuilder, get_template
 
     cfg = yaml.safe_load(tiny_models.read_text())
-    tok = AutoTokenizer.from_pretrained(cfg["llm"])
+    tok = AutoTokenizer.from_pretrained(cfg["model"]["llm"])
     seen = []
 
     class Spy:  # the real tokenizer, recording how much text it is handed
@@ -276,7 +276,7 @@ def test_a_huge_caption_is_cut_before_tokenising(tiny_models):
             seen.append(len(text))
             return tok(text, **kw)
 
-    pb = PromptBuilder(Spy(), get_template(cfg["chat_template"]), max_text_tokens=100)
+    pb = PromptBuilder(Spy(), get_template(cfg["model"]["chat_template"]), max_text_tokens=100)
     caption = "a red square above a blue circle " * (50_000_000 // 33)  # 50 MB
     out = pb({"conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": caption}]})
     assert len(out.text_ids) == len(out.text_labels) == 100

@@ -111,7 +111,7 @@ def test_pt_and_probe_figures(tiny_proof):
     pt = parts["pt"]
     assert list(pt["modes"]) == MODES
     rows = pt["modes"]
-    task_tokens = sum(yaml.safe_load(PT_YAML.read_text())["task_tokens"].values())
+    task_tokens = sum(yaml.safe_load(PT_YAML.read_text())["tasks"]["task_tokens"].values())
     # OLA-VLM's sequence is LLaVA's plus its task tokens; VLoRA's has no image tokens (24 x 24 patches)
     assert rows["OLA-VLM PT"]["llm_tokens"] == rows["LLaVA-1.5 PT (projector, NTP)"]["llm_tokens"] + task_tokens
     assert rows["VLoRA PT"]["llm_tokens"] < rows["LLaVA-1.5 PT (projector, NTP)"]["llm_tokens"] - 576 + 8

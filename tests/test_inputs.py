@@ -15,8 +15,7 @@ from helpers import call, one_error_line
 
 import store
 from pipeline.extract.plan import make_plan
-from pipeline.inputs import list_tar, read_blob
-from pipeline.llava import DatasetError, load_records
+from pipeline.inputs import DatasetError, list_tar, load_records, read_blob
 from recipes.manifest import load_manifest
 
 
@@ -60,10 +59,10 @@ def test_webdataset_tars_are_listed_into_records_with_their_image_bytes(tmp_path
         assert r.raw["conversations"][-1]["value"] == want["conversations"][-1]["value"]
         path = images / want["image"] if want.get("image") else None
         if path is not None and path.is_file():
-            assert r.problem is None and read_blob(r.blob) == path.read_bytes(), r.id
+            assert r.problem is None and read_blob(r.at) == path.read_bytes(), r.id
         else:
-            assert r.blob is None and "no image member" in r.problem, r.id
-    info = plan.dataset_info()
+            assert r.at is None and "no image member" in r.problem, r.id
+    info = plan.source.dataset_info()
     assert info["kind"] == "webdataset" and len(info["shards"]) == len(paths)
     assert all(s["bytes"] == p.stat().st_size for s, p in zip(info["shards"], paths, strict=True))
     # a caption inside the json member
@@ -93,11 +92,11 @@ def test_a_damaged_tar_keeps_its_readable_samples_and_says_why(tmp_path, sample_
     (warning,) = plan.source.warnings()
     assert paths[0].name in warning and ("cut short" in warning or "cannot be read past" in warning), warning
     assert plan.num_samples == len(records) - 8 + len(listing["samples"])
-    for r in (r for i in range(plan.num_shards) for r in plan.shard_records(i) if r.blob is not None):
+    for r in (r for i in range(plan.num_shards) for r in plan.shard_records(i) if r.at is not None):
         try:
-            assert len(read_blob(r.blob)) == r.blob[2]
+            assert len(read_blob(r.at)) == r.at[3]
         except BadImage as e:
-            assert "could be read" in str(e) and r.blob[0] == str(paths[0])
+            assert "could be read" in str(e) and r.at[1] == str(paths[0])
 
 
 def test_a_changed_input_tar_is_refused_on_resume_in_one_line(tmp_path, sample_dataset, tiny_teachers):
@@ -108,7 +107,7 @@ def test_a_changed_input_tar_is_refused_on_resume_in_one_line(tmp_path, sample_d
     paths, _ = write_tars(sample_dataset, tmp_path / "wds")
     pattern = str(tmp_path / "wds" / f"{{00000..{len(paths) - 1:05d}}}.tar")
     plan = make_plan(pattern, None, 5)
-    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=5,
+    m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=5,
                           formats=["zarr", "wds"], tasks={})
     store.StoreWriter.create(str(tmp_path / "store"), m, load_manifest(tiny_teachers).identity([]))
     argv = extraction_args(("unused", "unused"), tmp_path / "store", tiny_teachers, "--tasks", "none",
@@ -135,10 +134,10 @@ def test_webdataset_tars_on_s3(tmp_path, sample_dataset, seaweedfs):
     s3, here = plan.shard_records(1), local.shard_records(1)
     assert [r.id for r in s3] == [r.id for r in here]
     for a, b in zip(s3, here, strict=True):
-        assert (a.blob is None) == (b.blob is None)
-        if a.blob is not None:
-            assert read_blob(a.blob) == read_blob(b.blob)
-    assert [s["sha256"] for s in plan.dataset_info()["shards"]] == [s["sha256"] for s in local.dataset_info()["shards"]]
+        assert (a.at is None) == (b.at is None)
+        if a.at is not None:
+            assert read_blob(a.at) == read_blob(b.at)
+    assert [s["sha256"] for s in plan.source.dataset_info()["shards"]] == [s["sha256"] for s in local.source.dataset_info()["shards"]]
 
 
 def test_a_jsonl_listing_is_read_shard_by_shard(tmp_path, sample_dataset):
@@ -249,7 +248,7 @@ def test_duplicate_keys_across_tars_are_refused_and_id_prefix_makes_them_unique(
     got = [r for i in range(plan.num_shards) for r in plan.shard_records(i)]
     assert [r.id for r in got] == [f"{d}/00000/{j:09d}" for d in ("cc", "laion") for j in range(4)]
     assert [r.caption() for r in got] == [f"{d} {j}" for d in ("cc", "laion") for j in range(4)]
-    assert plan.dataset_sha256 != make_plan(str(tmp_path / "cc" / "00000.tar"), None, 4).dataset_sha256
+    assert plan.source.dataset_info()["sha256"] != make_plan(str(tmp_path / "cc" / "00000.tar"), None, 4).source.dataset_info()["sha256"]
     # the command: one line, and the refusal names the way out
     argv = extraction_args((pattern, tmp_path), tmp_path / "out", tiny_teachers, "--tasks", "none", "--plan-only")
     del argv[argv.index("--image-folder"):argv.index("--image-folder") + 2]
@@ -271,11 +270,11 @@ def test_member_suffixes_match_whatever_their_case(tmp_path):
                                       ("IMG_001.Jpg", img[1]), ("IMG_001.Txt", b"mixed"),
                                       ("IMG_002.jpeg", img[2]), ("IMG_002.txt", b"lower")])
     got = make_plan(str(txt), None, 8).shard_records(0)
-    assert [(r.problem, r.caption(), read_blob(r.blob)) for r in got] == \
+    assert [(r.problem, r.caption(), read_blob(r.at)) for r in got] == \
         [(None, c, i) for c, i in zip(("upper", "mixed", "lower"), img, strict=True)]
     js = _tar(tmp_path / "json.tar", [("IMG_000.PNG", img[0]), ("IMG_000.JSON", json.dumps({"caption": "c0"}).encode())])
     (r,) = make_plan(str(js), None, 8, caption_key="json:caption").shard_records(0)
-    assert r.problem is None and r.caption() == "c0" and read_blob(r.blob) == img[0]
+    assert r.problem is None and r.caption() == "c0" and read_blob(r.at) == img[0]
     (r,) = make_plan(str(js), None, 8, caption_key="JSON:caption", image_keys=("PNG",)).shard_records(0)
     assert r.problem is None and r.caption() == "c0"
 
@@ -295,7 +294,7 @@ def test_compressed_tars_are_read_and_a_tar_with_nothing_readable_is_an_error(tm
     assert [r.problem for r in got] == [None] * 16
     from pipeline.inputs import read_blobs
 
-    assert read_blobs([r.blob for r in reversed(got)]) == [images[r.id] for r in reversed(got)]
+    assert read_blobs([r.at for r in reversed(got)]) == [images[r.id] for r in reversed(got)]
     # a tar cut short keeps its readable samples (as before); a file with nothing readable is refused, named
     (tmp_path / "in" / "00002.tar.gz").write_bytes(gzip.compress(b"not a tar at all" * 100))
     with pytest.raises(DatasetError) as e:
@@ -316,9 +315,9 @@ def test_a_member_name_that_is_not_utf8_is_one_bad_sample_and_its_neighbours_are
     records = plan.shard_records(0)
     assert [r.id for r in records] == ["a", "caf\\xe9", "c"]
     assert records[1].problem and "not UTF-8" in records[1].problem and "caf\\\\xe9" in records[1].problem
-    decoded = decode_batch(records, None, [])
+    decoded = decode_batch(records, [])
     assert [s.error is None for s in decoded.samples] == [True, False, True]
-    m = store.RunManifest(dataset=plan.dataset_info(), num_samples=3, shard_size=8, formats=["zarr", "wds"], tasks={})
+    m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=3, shard_size=8, formats=["zarr", "wds"], tasks={})
     w = store.StoreWriter.create(str(tmp_path / "store"), m, {"format": 1, "name": "none", "teachers": {}})
     from pipeline.extract.compute import assemble_shard
 

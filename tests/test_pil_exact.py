@@ -100,7 +100,7 @@ def test_device_recipes_give_the_targets_of_the_cpu_recipes(sample_dataset, tiny
     path, also for an image the decode worker keeps resizing itself because it is too large."""
     from pipeline.extract import decode
     from pipeline.extract.compute import compute_batch
-    from pipeline.llava import load_records
+    from pipeline.inputs import load_records
     from teachers.registry import TeacherSet
 
     json_path, images = sample_dataset
@@ -108,16 +108,16 @@ def test_device_recipes_give_the_targets_of_the_cpu_recipes(sample_dataset, tiny
     tasks = ["gen", "depth", "seg"]
     teachers = TeacherSet.load(m, tasks)
     specs = [m.teachers[t] for t in tasks]
-    records, _ = load_records(json_path)
+    records, _ = load_records(json_path, image_folder=images)
     batch = records[:6]
     enc = dict.fromkeys(tasks, "fp16")
-    on_cpu = compute_batch(teachers, decode.decode_batch(batch, str(images), specs), enc)
-    d = decode.decode_batch(batch, str(images), specs, resize_on="device")
+    on_cpu = compute_batch(teachers, decode.decode_batch(batch, specs), enc)
+    d = decode.decode_batch(batch, specs, resize_on="device")
     assert d.pixels == {} and len(d.images) == len(d.ids) and all(isinstance(x, np.ndarray) for x in d.images)
     on_device = compute_batch(teachers, d, enc)
     sizes = sorted(int(x.shape[0] * x.shape[1]) for x in d.images)
     monkeypatch.setattr(decode, "DEVICE_RESIZE_MAX_PIXELS", sizes[len(sizes) // 2])  # half of them too large
-    mixed_batch = decode.decode_batch(batch, str(images), specs, resize_on="device")
+    mixed_batch = decode.decode_batch(batch, specs, resize_on="device")
     assert any(isinstance(x, dict) for x in mixed_batch.images) and any(isinstance(x, np.ndarray)
                                                                          for x in mixed_batch.images)
     mixed = compute_batch(teachers, mixed_batch, enc)

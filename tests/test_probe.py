@@ -8,7 +8,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline.llava import load_records
+from pipeline.inputs import load_records
 from pipeline.llava import main as llava_main
 
 
@@ -71,7 +71,7 @@ def _learnable_store(path: Path, tiny_models: Path, tiny_teachers: Path, n: int,
     """A store whose targets are a fixed random projection of the tiny CLIP tower's features of each image, so a
     probe reading the MLLM's layers has something to learn."""
     import store
-    from pipeline.llava import load_records
+    from pipeline.inputs import load_records
     from pipeline.sample import generate
     from recipes.manifest import load_manifest
     from store import encodings

@@ -45,7 +45,7 @@ def test_an_image_the_recipes_would_blow_up_is_a_bad_sample_with_its_reason(tmp_
     from PIL import Image
 
     from pipeline.extract.decode import decode_batch
-    from pipeline.llava import load_records
+    from pipeline.inputs import load_records
     from recipes import pil_exact
     from recipes.imageops import MAX_RESIZE_PIXELS, BadImage, resize_shortest_edge
     from recipes.manifest import load_manifest
@@ -58,10 +58,10 @@ def test_an_image_the_recipes_would_blow_up_is_a_bad_sample_with_its_reason(tmp_
     conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
     (tmp_path / "d.json").write_text(json.dumps([{"id": "sliver", "image": "sliver.png", "conversations": conv},
                                                  {"id": "fine", "image": "fine.png", "conversations": conv}]))
-    records, _ = load_records(tmp_path / "d.json")
+    records, _ = load_records(tmp_path / "d.json", image_folder=images)
     specs = list(load_manifest(tiny_teachers).teachers.values())
     for resize_on in ("cpu", "device"):
-        b = decode_batch(records, str(images), specs, resize_on=resize_on)
+        b = decode_batch(records, specs, resize_on=resize_on)
         errors = {s.id: s.error for s in b.samples}
         assert errors["fine"] is None and b.ids == ["fine"], resize_on
         assert "aspect ratio 4000:1" in errors["sliver"], errors
@@ -293,7 +293,7 @@ def test_from_images_skips_and_lists_what_no_store_can_hold(tmp_path):
 
     from PIL import Image
 
-    from pipeline.llava import load_records
+    from pipeline.inputs import load_records
     from pipeline.llava import main as llava
 
     root = tmp_path / "imgs"
@@ -448,8 +448,8 @@ def test_a_micro_batch_of_a_bf16_store_stays_bf16_with_an_invalid_target(tiny_mo
     from trainer.templates import PromptBuilder, get_template
 
     cfg = yaml.safe_load(tiny_models.read_text())
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(cfg["llm"]), get_template("llama_3"), max_text_tokens=32)
-    image = ImageRecipe.from_pretrained(cfg["vision_tower"], "square")
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(cfg["model"]["llm"]), get_template("llama_3"), max_text_tokens=32)
+    image = ImageRecipe.from_pretrained(cfg["model"]["vision_tower"], "square")
     buf = io.BytesIO()
     Image.new("RGB", (40, 30)).save(buf, format="PNG")
     rec = {"conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}

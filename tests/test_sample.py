@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline import sample
-from pipeline.llava import DATASET_JSON, IMAGE_TOKEN
+from pipeline.inputs import DATASET_JSON, IMAGE_TOKEN
 
 # Parse captions with a grammar written here, independent of the generator's own phrase builder.
 SHAPE_RE = re.compile(

@@ -476,7 +476,7 @@ def test_a_shard_gaining_tasks_keeps_its_committed_images_and_refuses_other_byte
     """What a shard gaining tasks is computed from is the image its tar holds: the decode reads it from the store
     (by its record's byte range), and the writer refuses a pass whose image is not that one, never replacing it."""
     from pipeline.extract.decode import decode_batch
-    from pipeline.llava import Record
+    from pipeline.inputs import Record
 
     m = store.RunManifest(dataset={"json": "synthetic", "sha256": "0" * 64}, num_samples=3, shard_size=3,
                           formats=["wds"], tasks={})
@@ -484,9 +484,9 @@ def test_a_shard_gaining_tasks_keeps_its_committed_images_and_refuses_other_byte
     images = [_png(k) for k in range(3)]
     first = [store.SampleResult(j, f"s{j}", {"id": f"s{j}"}, f"{j}.png", images[j]) for j in range(3)]
     rec = w.commit_shard(store.ShardResult(0, (), first, {}, {}, {}))
-    records = [Record(j, f"s{j}", f"{j}.png", {"id": f"s{j}"}, stored=(w.loc.url, 0, *rec.sample_ranges()[j]))
+    records = [Record(j, f"s{j}", f"{j}.png", {"id": f"s{j}"}, at=("store", w.loc.url, 0, *rec.sample_ranges()[j]))
                for j in range(3)]
-    decoded = decode_batch(records, str(tmp_path / "no such folder"), [])
+    decoded = decode_batch(records, [])
     assert [s.image_bytes for s in decoded.samples] == images and not any(s.error for s in decoded.samples)
     w.manifest.tasks["gen"] = store.TaskLayout((1, 4), "fp16")
     result = store.ShardResult(0, ("gen",), [dataclasses.replace(s, image_bytes=_png(9) if s.index == 1 else
@@ -500,8 +500,8 @@ def test_a_shard_gaining_tasks_keeps_its_committed_images_and_refuses_other_byte
     st = store.Store(str(tmp_path / "store"))
     assert [st.decode(st.find(f"s{j}")[1], [])["image"] for j in range(3)] == images
     # ranges that are not the sample's (another sample's; the tar rewritten since): found by the sample's id
-    lying = [dataclasses.replace(records[0], stored=(w.loc.url, 0, *rec.sample_ranges()[1]))]
-    assert decode_batch(lying, None, []).samples[0].image_bytes == images[0]
+    lying = [dataclasses.replace(records[0], at=("store", w.loc.url, 0, *rec.sample_ranges()[1]))]
+    assert decode_batch(lying, []).samples[0].image_bytes == images[0]
 
 
 def _png(seed: int) -> bytes:

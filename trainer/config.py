@@ -336,8 +336,11 @@ def load_config(paths: list[str | Path] = (), overrides: dict | None = None, set
         loaded = yaml.safe_load(Path(p).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{p}: a config is a mapping of keys, got {type(loaded).__name__}")
-        for key, value in loaded.items():
-            _apply(cfg, _place(key, value, str(p)))
+        placed = [x for key, value in loaded.items() for x in _place(key, value, str(p))]
+        twice = sorted({f"{s}.{n}" for s, n, _ in placed if n and sum((s, n) == x[:2] for x in placed) > 1})
+        if twice:
+            raise ValueError(f"{p}: {', '.join(twice)} given twice (a flat key and its section's): keep one")
+        _apply(cfg, placed)
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:

@@ -70,8 +70,8 @@ class TeacherActor:
         return {"busy_s": self.busy, "span_s": span, "busy_fraction": self.busy / span if span else None}
 
 
-def decode_task(records, image_folder, specs, max_pixels, resize_on):
-    b = decode_batch(records, image_folder, specs, max_pixels, resize_on)
+def decode_task(records, specs, max_pixels, resize_on):
+    b = decode_batch(records, specs, max_pixels, resize_on)
     return b.pixel_payload(), b.without_pixels()  # pixels (keyed by id) go to the actor, the rest to the writer
 
 

@@ -38,8 +38,7 @@ import sys
 import store
 from pipeline.extract.run import run
 from pipeline.extract.settings import SIGNALS_RECEIVED, Settings, Terminated, UsageError, on_sigterm
-from pipeline.inputs import ID_PREFIXES, IMAGE_KEYS
-from pipeline.llava import DatasetError
+from pipeline.inputs import ID_PREFIXES, IMAGE_KEYS, DatasetError
 from recipes.imageops import DEFAULT_MAX_PIXELS
 from recipes.manifest import DEFAULT_MANIFEST, TASKS, ManifestError
 from teachers.weights import WeightsNotFound
@@ -118,7 +117,7 @@ def parse_args(argv=None) -> Settings:
         p.error(f"--tasks: unknown {bad or a.tasks!r}; choose from {','.join(TASKS)}, or none")
     if [f for f in formats if f not in store.FORMATS] or not formats:
         p.error(f"--formats: choose from {','.join(store.FORMATS)}")
-    for name in ("shard_size", "batch_size", "actors", "limit", "prefetch", "max_writers"):
+    for name in ("batch_size", "actors", "prefetch", "max_writers"):  # --shard-size and --limit: the input's (plan)
         v = getattr(a, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -107,13 +107,13 @@ def batches_of(records: list, batch_size: int) -> list[list]:
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
 
 
-def compute_shard(records: list, image_folder: str, specs: list, teacher_set, encoding_by_task: dict[str, str],
-                  batch_size: int, resize_on: str = "cpu") -> tuple[list[DecodedBatch], list[BatchTargets]]:
+def compute_shard(records: list, specs: list, teacher_set, encoding_by_task: dict[str, str], batch_size: int,
+                  resize_on: str = "cpu") -> tuple[list[DecodedBatch], list[BatchTargets]]:
     """One shard in one process, batch after batch: what the Ray job distributes (decode tasks, actors), as
     the single-process reference, the tests and the benchmarks run it. Join with `assemble_shard`."""
     metas, targets = [], []
     for chunk in batches_of(records, batch_size):
-        d = decode_batch(chunk, image_folder, specs, resize_on=resize_on)
+        d = decode_batch(chunk, specs, resize_on=resize_on)
         metas.append(d)
         targets.append(compute_batch(teacher_set, d, encoding_by_task))
     return metas, targets

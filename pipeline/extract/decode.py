@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.inputs import read_blobs
-from pipeline.llava import Record
+from pipeline.inputs import Record, read_blobs
 from recipes.imageops import DEFAULT_MAX_PIXELS, BadImage, check_ops, decode_rgb, read_image_bytes
 from recipes.manifest import TeacherSpec
 from recipes.preprocess import preprocess
@@ -51,23 +50,29 @@ class DecodedBatch:
 
 
 def _fetch(records: list[Record]) -> dict[int, bytes | BadImage]:
-    """The batch's images that are not files of an image folder, by position: a committed shard's from the store
-    (one range read each), an input tar's by range (a compressed tar's in one decompressing pass)."""
+    """The batch's images, by position, from where each record says (`Record.at`): a committed shard's from the
+    store (one range read each), an input tar's by range (a compressed tar's in one decompressing pass), a folder's
+    file. A record with a problem or no image is not read."""
     out: dict[int, bytes | BadImage] = {}
-    usable = [k for k, r in enumerate(records) if r.problem is None and r.image is not None]
-    stored = [k for k in usable if records[k].stored is not None]
-    for shard in sorted({records[k].stored[:2] for k in stored}):
-        ks = [k for k in stored if records[k].stored[:2] == shard]
-        got = committed_images(shard[0], shard[1], [records[k].stored[2:] for k in ks], [records[k].id for k in ks])
+    usable = [k for k, r in enumerate(records) if r.problem is None and r.image is not None and r.at is not None]
+    by_kind = {kind: [k for k in usable if records[k].at[0] == kind] for kind in ("store", "tar", "folder")}
+    for shard in sorted({records[k].at[1:3] for k in by_kind["store"]}):
+        ks = [k for k in by_kind["store"] if records[k].at[1:3] == shard]
+        got = committed_images(shard[0], shard[1], [records[k].at[3:] for k in ks], [records[k].id for k in ks])
         out.update({k: BadImage("the committed shard holds no image for it (it was a bad sample)") if data is None
                     else data for k, data in zip(ks, got, strict=True)})
-    blobs = [k for k in usable if records[k].stored is None and records[k].blob is not None]
-    out.update(zip(blobs, read_blobs([records[k].blob for k in blobs]), strict=True))
+    out.update(zip(by_kind["tar"], read_blobs([records[k].at for k in by_kind["tar"]]), strict=True))
+    for k in by_kind["folder"]:
+        _, root, rel = records[k].at
+        try:
+            out[k] = read_image_bytes(root, rel)
+        except BadImage as e:
+            out[k] = e
     return out
 
 
-def decode_batch(records: list[Record], image_folder: str | None, specs: list[TeacherSpec],
-                 max_pixels: int = DEFAULT_MAX_PIXELS, resize_on: str = "cpu") -> DecodedBatch:
+def decode_batch(records: list[Record], specs: list[TeacherSpec], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 resize_on: str = "cpu") -> DecodedBatch:
     if resize_on not in RESIZE_ON:
         raise ValueError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
     t0 = time.process_time()
@@ -82,7 +87,9 @@ def decode_batch(records: list[Record], image_folder: str | None, specs: list[Te
                 raise BadImage(f"unusable record: {rec.problem}")
             if rec.image is None:
                 raise BadImage("text-only record (no 'image' field): no targets to compute")
-            data = fetched[k] if k in fetched else read_image_bytes(image_folder, rec.image)
+            if k not in fetched:
+                raise BadImage("the input says nowhere where its image is")
+            data = fetched[k]
             if isinstance(data, BadImage):
                 bad, data = data, None
                 raise bad

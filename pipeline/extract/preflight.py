@@ -33,7 +33,7 @@ def existing_store(s: Settings, plan: Plan, manifest: TeacherManifest) -> StoreW
     # the weight files' content where this machine has them: a store made with other weights is refused here,
     # before Ray starts, not after the teachers are loaded
     identity = manifest.identity(shared, files_sha256=manifest_files_sha256(manifest, shared))
-    problems = w.resume_problems(dataset_sha256=plan.dataset_sha256, dataset=plan.dataset_info(),
+    problems = w.resume_problems(dataset_sha256=plan.source.dataset_info()["sha256"], dataset=plan.source.dataset_info(),
                                  num_samples=plan.num_samples,
                                  shard_size=s.shard_size, formats=s.formats, compression=s.zarr_compression,
                                  layouts=layouts_for(manifest, s.tasks, s.encoding), identity=identity)

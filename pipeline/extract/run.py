@@ -33,7 +33,7 @@ def run(s: Settings) -> int:
     existing = preflight.existing_store(s, plan, manifest)
     for w in image_library_warnings(existing and existing.manifest, image_libraries(), "the driver"):
         print(w, flush=True)
-    print(f"plan: {plan.describe()}, {plan.num_shards} "
+    print(f"plan: {plan.source.describe()}, {plan.num_shards} "
           f"shards of {s.shard_size}; tasks {','.join(s.tasks) or 'none (images, captions and ids only)'}; teachers {manifest.name} ({manifest.fidelity}); "
           f"output {Location(s.output)} ({'resuming' if existing else 'new'})", flush=True)
     # what a real run refuses before it starts, a plan refuses too: a plan that says OK means the run will start
@@ -169,7 +169,7 @@ def open_store(s: Settings, plan: Plan, manifest: TeacherManifest, existing: Sto
                   "resize_on": res.resize_on, **versions(), **worker_libs}
     run = {"started": now(), "tasks": s.tasks, **extraction}
     if existing is None:
-        m = RunManifest(dataset=plan.dataset_info(), num_samples=plan.num_samples, shard_size=s.shard_size,
+        m = RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=s.shard_size,
                         formats=s.formats, tasks=preflight.layouts_for(manifest, s.tasks, s.encoding),
                         zarr_compression=s.zarr_compression, extraction=extraction, runs=[run], code=code_version())
         try:

@@ -122,8 +122,7 @@ class ShardScheduler:
             return
         tasks, metas, targets = self.work[i], [], []
         for chunk in batches_of(self._records(i), self.res.batch):
-            pix, meta = self.decode.remote(chunk, self.plan.image_folder, [self.specs[t] for t in tasks],
-                                           self.max_pixels, self.res.resize_on)
+            pix, meta = self.decode.remote(chunk, [self.specs[t] for t in tasks], self.max_pixels, self.res.resize_on)
             metas.append(meta)
             if not tasks:  # images, captions and ids only: no teacher, the decoded batch goes to the writer
                 continue
@@ -147,7 +146,7 @@ class ShardScheduler:
         if ranges is None or rec.ids is None or len(ranges) != len(records):
             return records
         url = self.writer.loc.url
-        return [replace(r, stored=(url, i, *ranges[p])) for p, r in enumerate(records)]
+        return [replace(r, at=("store", url, i, *ranges[p])) for p, r in enumerate(records)]
 
     def _collect(self) -> None:
         ready, _ = self.ray.wait(list(self.inflight) + list(self.writers), num_returns=1, timeout=1.0,
