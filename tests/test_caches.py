@@ -5,18 +5,17 @@ by its content, so neither a flipped bit nor an input rewritten under the same s
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 import uuid
 from pathlib import Path
 
 import numpy as np
-from test_inputs import write_tars
+from test_inputs import write_listing, write_tars
 
 import store
 from pipeline.extract.plan import make_plan
-from pipeline.inputs import load_records, read_blob
+from pipeline.inputs import read_blob
 from store import cache
 
 
@@ -45,10 +44,8 @@ def test_a_tar_rewritten_under_the_same_size_and_mtime_is_listed_again(tmp_path,
 
 
 def test_a_jsonl_listing_rewritten_under_the_same_size_and_mtime_is_planned_again(tmp_path, sample_dataset):
-    json_path, images = sample_dataset
-    records, _ = load_records(json_path)
-    listing = tmp_path / "listing.jsonl"
-    listing.write_text("".join(json.dumps(r.raw) + "\n" for r in records))
+    images = sample_dataset[1]
+    listing, _ = write_listing(sample_dataset, tmp_path / "listing.jsonl")
     before = make_plan(str(listing), images, 6)
     text = listing.read_bytes()
     at = text.index(b'"id": "') + len(b'"id": "')

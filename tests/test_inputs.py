@@ -140,11 +140,16 @@ def test_webdataset_tars_on_s3(tmp_path, sample_dataset, seaweedfs):
     assert [s["sha256"] for s in plan.source.dataset_info()["shards"]] == [s["sha256"] for s in local.source.dataset_info()["shards"]]
 
 
+def write_listing(dataset, path: Path) -> tuple[Path, list]:
+    """The sample dataset as a JSONL listing (a LLaVA record per line); (its path, the records)."""
+    records, _ = load_records(dataset[0])
+    path.write_text("".join(json.dumps(r.raw) + "\n" for r in records))
+    return path, records
+
+
 def test_a_jsonl_listing_is_read_shard_by_shard(tmp_path, sample_dataset):
-    json_path, images = sample_dataset
-    records, _ = load_records(json_path)
-    listing = tmp_path / "listing.jsonl"
-    listing.write_text("".join(json.dumps(r.raw) + "\n" for r in records))
+    images = sample_dataset[1]
+    listing, records = write_listing(sample_dataset, tmp_path / "listing.jsonl")
     plan = make_plan(str(listing), images, 6)
     assert not hasattr(plan.source, "_records")  # nothing but shard offsets is held
     got = [r for i in range(plan.num_shards) for r in plan.shard_records(i)]

@@ -94,9 +94,9 @@ def check_weights_locally(manifest: TeacherManifest, tasks: list[str]) -> None:
         load_config(adapter_for(spec).config_class, spec.weights, spec.task)
 
 
-def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged: dict[int, list[str]],
+def shard_work(plan: Plan, tasks: list[str], records: dict[int, ShardRecord], damaged: dict[int, list[str]],
                store_tasks=()) -> dict[int, tuple[str, ...]]:
-    """shard -> tasks to compute. A done shard whose files verify needs only the tasks it lacks; a damaged one
+    """shard -> tasks to compute (`tasks`: the run's). A done shard whose files verify needs only the tasks it lacks; a damaged one
     is redone for everything it had and everything asked; one without a (readable) record for every task the
     store holds and everything asked. A shard without a record, or a damaged one, is written even with no task
     (a store of images, captions and ids only)."""
@@ -104,11 +104,11 @@ def shard_work(plan: Plan, s: Settings, records: dict[int, ShardRecord], damaged
     for i in range(plan.num_shards):
         rec = records.get(i)
         if rec is None:
-            need = [t for t in TASKS if t in s.tasks or t in store_tasks]
+            need = [t for t in TASKS if t in tasks or t in store_tasks]
         elif i in damaged:
-            need = [t for t in TASKS if t in s.tasks or t in rec.tasks]
+            need = [t for t in TASKS if t in tasks or t in rec.tasks]
         else:
-            need = [t for t in s.tasks if t not in rec.tasks]
+            need = [t for t in tasks if t not in rec.tasks]
         if need or rec is None or i in damaged:
             work[i] = tuple(need)
     return work

@@ -59,8 +59,8 @@ def run(s: Settings) -> int:
 def _on_ray(ray, s: Settings, plan: Plan, manifest: TeacherManifest, existing: StoreWriter | None,
             t_start: float) -> int:
     res = plan_resources(ray.cluster_resources(), s, manifest)
-    records, damaged = verify_done(ray, existing, s) if existing else ({}, {})
-    work = preflight.shard_work(plan, s, records, damaged, existing.manifest.tasks if existing else ())
+    records, damaged = verify_done(ray, existing, full=not s.trust_done, progress=s.progress) if existing else ({}, {})
+    work = preflight.shard_work(plan, s.tasks, records, damaged, existing.manifest.tasks if existing else ())
     load_tasks = [t for t in TASKS if any(t in need for need in work.values())]
     if not work:
         print("every shard is already done for the tasks asked: nothing to do", flush=True)
@@ -84,16 +84,16 @@ def _on_ray(ray, s: Settings, plan: Plan, manifest: TeacherManifest, existing: S
     return finish(writer, plan, work, sched, utilisation, t_run, time.time() - t_start)
 
 
-def verify_done(ray, existing: StoreWriter, s: Settings) -> tuple[dict, dict]:
+def verify_done(ray, existing: StoreWriter, full: bool, progress: bool) -> tuple[dict, dict]:
     """Remove what an interrupted write left, then check every done shard's files (in parallel): (records,
     {shard: problems} of the damaged ones, which are redone)."""
     for action in existing.recover():
         print(f"recover: {action}", flush=True)
     records = existing.records()
     verify = ray.remote(num_cpus=1)(verify_task)
-    refs = {i: verify.remote(existing.loc, rec, not s.trust_done) for i, rec in records.items()}
+    refs = {i: verify.remote(existing.loc, rec, full) for i, rec in records.items()}
     damaged = {}
-    for i, ref in tqdm(refs.items(), desc="verify done shards", disable=not s.progress, leave=False):
+    for i, ref in tqdm(refs.items(), desc="verify done shards", disable=not progress, leave=False):
         problems = ray.get(ref)
         if problems:
             damaged[i] = problems
