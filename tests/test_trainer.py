@@ -375,6 +375,13 @@ def test_config_sections_load_every_flat_key_of_before(tmp_path):
     every = {(s, f.name) for s in ("model", "data", "tasks", "optim", "run", "probe")
              for f in dataclasses.fields(getattr(PTConfig(), s))}
     assert sorted(FLAT.values()) == sorted(every) and len(FLAT) + 1 == 50
+    # the config.json of a run of olaf before the sections (written by that code: tests/data), every field kept
+    before = json.loads((Path(__file__).parent / "data" / "config_before_sections.json").read_text())
+    got = load_config(recorded=before)
+    assert (got.data.store, got.run.output_dir, got.model.llm, got.optim.learning_rate, got.tasks.names) == \
+        ("/stores/ola558k", "runs/pt", "x/llm", 2e-4, ["gen", "seg"])
+    assert (got.probe.eval_resize, got.optim.max_grad_norm, got.data.order_mix, got.run.note) == \
+        (None, 1.0, 64, "before the sections")
     dotted = load_config([tmp_path / "flat.yaml"], sets=["optim.learning_rate=5e-4", "model.precision=bf16",
                                                            "vlora.vlora_rank=8"])
     assert dotted.optim.learning_rate == 5e-4 and dotted.model.precision == "bf16" and dotted.vlora == {"vlora_rank": 8}
