@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             if d["image"] is not None:
                 raw[d["id"]] = d["image"]
 
-    ours = build_probe(base, base.llm, str(proj), None, device, dtype, 0, 1).run
+    ours = build_probe(base, base.model.llm, str(proj), None, device, dtype, 0, 1).run
     n_probes = len(ours.model.probes)
     secs, forwards = timed(ours, a.batches, device)
     rows = [("olaf: stored targets, all tasks, one pass", secs, forwards, n_probes)]
