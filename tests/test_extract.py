@@ -195,11 +195,12 @@ def test_a_division_of_the_cluster_that_cannot_work_is_refused(extract_dataset, 
     manifest = load_manifest(tiny_teachers)
     s = parse_args(extraction_args(extract_dataset, "/nowhere", tiny_teachers, "--actors", "2"))
     with pytest.raises(UsageError, match=r"2 actors x 1 CPUs leave 0 of the cluster's 2 CPUs.*--cpus-per-actor"):
-        plan_resources({"CPU": 2.0}, s, manifest)
+        plan_resources({"CPU": 2.0}, s.cluster_ask, manifest)
     s = parse_args(extraction_args(extract_dataset, "/nowhere", tiny_teachers, "--actors", "3", "--gpus-per-actor", "1"))
     with pytest.raises(UsageError, match="3 actors x 1.0 GPUs need 3 GPUs; the cluster has 2"):
-        plan_resources({"CPU": 16.0, "GPU": 2.0}, s, manifest)
-    res = plan_resources({"CPU": 16.0, "GPU": 2.0}, parse_args(extraction_args(extract_dataset, "/nowhere", tiny_teachers)),
+        plan_resources({"CPU": 16.0, "GPU": 2.0}, s.cluster_ask, manifest)
+    res = plan_resources({"CPU": 16.0, "GPU": 2.0},
+                         parse_args(extraction_args(extract_dataset, "/nowhere", tiny_teachers)).cluster_ask,
                          manifest)  # the defaults on a 2-GPU node: an actor per GPU, recipes on the GPU, its dtypes
     assert (res.actors, res.device, res.resize_on, res.batch, res.max_writers) == (2, "cuda", "device", 4, 5)
     assert res.dtype == {t: manifest.teachers[t].compute_dtype for t in manifest.teachers}
@@ -314,7 +315,7 @@ def test_a_teacher_free_store_is_told_what_is_true(tmp_path, extract_dataset, ti
     argv = extraction_args(extract_dataset, tmp_path / "free", tiny_teachers, "--plan-only")
     rc, log = call(extraction_main, [*argv, "--tasks", "gen,depth,seg", "--fidelity", "corrected"])
     assert rc == 0 and "plan OK" in log and "fidelity" not in log, log
-    res = plan_resources({"CPU": 1.0}, parse_args([*argv, "--tasks", "none", "--num-cpus", "1"]),
+    res = plan_resources({"CPU": 1.0}, parse_args([*argv, "--tasks", "none", "--num-cpus", "1"]).cluster_ask,
                          load_manifest(tiny_teachers))
     assert res.actors == 0 and res.gpus_per_actor == 0 and res.max_writers >= 1
     # a store that holds targets keeps its one fidelity

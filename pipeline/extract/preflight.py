@@ -9,7 +9,7 @@ from pathlib import Path
 
 import store
 from pipeline.extract.plan import Plan
-from pipeline.extract.settings import Settings, UsageError
+from pipeline.extract.settings import StoreShape, UsageError
 from recipes.manifest import TASKS, TeacherManifest
 from recipes.weights_files import manifest_files_sha256
 from store import ShardRecord, StoreWriter, TaskLayout
@@ -20,7 +20,7 @@ def layouts_for(manifest: TeacherManifest, tasks: list[str], encoding: str | Non
     return {t: TaskLayout.for_shape(manifest.teachers[t].output_shape, enc) for t in tasks}
 
 
-def existing_store(s: Settings, plan: Plan, manifest: TeacherManifest) -> StoreWriter | None:
+def existing_store(s: StoreShape, plan: Plan, manifest: TeacherManifest) -> StoreWriter | None:
     """The store at --output if it is one this run may continue, None if --output is new. Every incompatibility
     is listed in one UsageError."""
     try:
@@ -35,7 +35,7 @@ def existing_store(s: Settings, plan: Plan, manifest: TeacherManifest) -> StoreW
     identity = manifest.identity(shared, files_sha256=manifest_files_sha256(manifest, shared))
     problems = w.resume_problems(dataset_sha256=plan.source.dataset_info()["sha256"], dataset=plan.source.dataset_info(),
                                  num_samples=plan.num_samples,
-                                 shard_size=s.shard_size, formats=s.formats, compression=s.zarr_compression,
+                                 shard_size=s.shard_size, formats=list(s.formats), compression=s.zarr_compression,
                                  layouts=layouts_for(manifest, s.tasks, s.encoding), identity=identity)
     if problems:
         raise UsageError(f"{w.loc} is a store this run cannot continue:\n  " + "\n  ".join(problems)

@@ -6,24 +6,24 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline.extract.settings import Settings, UsageError
+from pipeline.extract.settings import ClusterAsk, UsageError
 from pipeline.localray import LOOPBACK_ENV
 from recipes.manifest import TeacherManifest, compute_dtypes
 
 
-def init_ray(s: Settings):
+def init_ray(address: str | None, num_cpus: int | None):
     """Join the cluster given (--address, or RAY_ADDRESS as `ray job submit` sets it), else start a local Ray on
-    loopback that this process owns and stops. Returns (ray, whether this process started it)."""
-    if s.address or os.environ.get("RAY_ADDRESS"):
+    loopback (of `num_cpus`) that this process owns and stops. Returns (ray, whether this process started it)."""
+    if address or os.environ.get("RAY_ADDRESS"):
         import ray
 
-        ray.init(address=s.address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return ray, False
     for k, v in LOOPBACK_ENV.items():  # read by Ray at import time, and inherited by its workers
         os.environ.setdefault(k, v)
     import ray
 
-    ray.init(address="local", num_cpus=s.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=True)
     return ray, True
 
@@ -41,8 +41,9 @@ class Resources:
     resize_on: str  # "cpu" or "device"
 
 
-def plan_resources(cluster: dict, s: Settings, manifest: TeacherManifest) -> Resources:
-    """`cluster`: Ray's cluster_resources(). Refuses a division that cannot work, in one line."""
+def plan_resources(cluster: dict, s: ClusterAsk, manifest: TeacherManifest) -> Resources:
+    """`cluster`: Ray's cluster_resources(); `s`: what the run asks. Refuses a division that cannot work, in one
+    line."""
     gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
     gpa = s.gpus_per_actor if s.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     n_actors = s.actors or (max(1, int(gpus // gpa)) if gpa > 0 else 1)

@@ -30,7 +30,7 @@ def run(s: Settings) -> int:
         print(w, flush=True)
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)
     manifest.select(s.tasks)
-    existing = preflight.existing_store(s, plan, manifest)
+    existing = preflight.existing_store(s.store_shape, plan, manifest)
     for w in image_library_warnings(existing and existing.manifest, image_libraries(), "the driver"):
         print(w, flush=True)
     print(f"plan: {plan.source.describe()}, {plan.num_shards} "
@@ -44,7 +44,7 @@ def run(s: Settings) -> int:
         print("plan OK: the output can be written, the teachers' weights are where the manifest says"
               + ("" if existing is None else ", the store can be continued with them"), flush=True)
         return 0
-    ray, started_local = init_ray(s)
+    ray, started_local = init_ray(s.address, s.num_cpus)
     signal.signal(signal.SIGTERM, on_sigterm)  # ray.init installs its own handler (a native abort): ours wins
     try:
         return _on_ray(ray, s, plan, manifest, existing, t_start)
@@ -58,7 +58,7 @@ def run(s: Settings) -> int:
 
 def _on_ray(ray, s: Settings, plan: Plan, manifest: TeacherManifest, existing: StoreWriter | None,
             t_start: float) -> int:
-    res = plan_resources(ray.cluster_resources(), s, manifest)
+    res = plan_resources(ray.cluster_resources(), s.cluster_ask, manifest)
     records, damaged = verify_done(ray, existing, full=not s.trust_done, progress=s.progress) if existing else ({}, {})
     work = preflight.shard_work(plan, s.tasks, records, damaged, existing.manifest.tasks if existing else ())
     load_tasks = [t for t in TASKS if any(t in need for need in work.values())]
@@ -176,7 +176,7 @@ def open_store(s: Settings, plan: Plan, manifest: TeacherManifest, existing: Sto
             return StoreWriter.create(s.output, m, identity)
         except StoreExists:  # another job on the same new output made it first: continue it, if it fits
             print("another job created the store meanwhile: continuing it", flush=True)
-            existing = preflight.existing_store(s, plan, manifest)
+            existing = preflight.existing_store(s.store_shape, plan, manifest)
             identity = teacher_identity(manifest, existing, tasks, res, info.get("weights_sha256", {}),
                                         info.get("files_sha256", {}))
     existing.start_run(run, extraction, code_version(), identity, preflight.layouts_for(manifest, tasks, s.encoding),

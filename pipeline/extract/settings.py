@@ -49,6 +49,47 @@ class Settings:
     id_prefix: str = "none"  # WebDataset input: a sample's id is its key (none) or its tar's path / its key (tar)
 
 
+    @property
+    def store_shape(self) -> StoreShape:
+        return StoreShape(self.output, tuple(self.tasks), self.shard_size, tuple(self.formats), self.encoding,
+                          self.zarr_compression)
+
+    @property
+    def cluster_ask(self) -> ClusterAsk:
+        return ClusterAsk(tuple(self.tasks), self.actors, self.gpus_per_actor, self.cpus_per_actor, self.decode_cpus,
+                          self.dtype, self.torch_threads, self.batch_size, self.prefetch, self.max_writers,
+                          self.resize_on)
+
+
+@dataclass(frozen=True)
+class StoreShape:
+    """The store this run writes or continues: where, the run's tasks, and the layout a resume must match."""
+
+    output: str
+    tasks: tuple[str, ...]
+    shard_size: int
+    formats: tuple[str, ...]
+    encoding: str | None
+    zarr_compression: str
+
+
+@dataclass(frozen=True)
+class ClusterAsk:
+    """How the run asks to divide the cluster (resources.plan_resources makes it the run's Resources)."""
+
+    tasks: tuple[str, ...]
+    actors: int | None
+    gpus_per_actor: float | None
+    cpus_per_actor: float
+    decode_cpus: float
+    dtype: str
+    torch_threads: int | None
+    batch_size: int | None
+    prefetch: int | None
+    max_writers: int | None
+    resize_on: str
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what SLURM and Kubernetes send on preemption): stop as on Ctrl-C."""
 
