@@ -44,7 +44,8 @@ def build_stores(work: Path, json_path: Path, images: Path, manifest_path: Path,
     paths = {}
     for enc in encodings:
         loc = store.Location(work / f"store-{enc}")
-        m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=16, formats=["wds"],
+        m = store.RunManifest(dataset=plan.source.dataset_info(), num_samples=plan.num_samples, shard_size=16,
+                              formats=["wds"],
                               tasks={t: store.TaskLayout.for_shape(manifest.teachers[t].output_shape, enc) for t in TASKS})
         w = store.StoreWriter.create(loc, m, manifest.identity(list(TASKS), teachers.weights_sha256()))
         for i, ds in decoded.items():

@@ -391,7 +391,8 @@ class TarShards(Source):
             self.listings = list(pool.map(self._listing, urls))
         unreadable = [x for x in self.listings if not x["samples"] and x.get("problem")]
         if unreadable:
-            raise DatasetError(f"input tar {unreadable[0]['url']}: nothing in it can be read ({unreadable[0]['problem']})"
+            first = unreadable[0]
+            raise DatasetError(f"input tar {first['url']}: nothing in it can be read ({first['problem']})"
                                + (f"; and {len(unreadable) - 1} more such tar(s)" if len(unreadable) > 1 else "")
                                + ": repair or remove it from --data-path")
         self.prefixes = tar_prefixes(pattern, urls) if id_prefix == "tar" else [""] * len(urls)

@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.inputs import DATASET_JSON, IMAGE_TOKEN, DatasetError, id_problem
-
-__all__ = ["DATASET_JSON", "IMAGE_TOKEN", "bucket_of", "image_relpath", "records_from_images", "main"]  # the
-# format's constants are pipeline.inputs'; sample.py and the tests name them from there or here
+from pipeline.inputs import IMAGE_TOKEN, DatasetError, id_problem
 
 
 def bucket_of(sample_id: str) -> str:

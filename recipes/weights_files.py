@@ -13,6 +13,7 @@ from pathlib import Path
 
 from recipes.manifest import WeightsRef
 from store import cache
+from store.fs import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -39,15 +40,7 @@ def _file_sha256(path: Path) -> str:
     times: a rewrite that restores the mtime still changes the ctime) was hashed before."""
     st = path.stat()
     key = (path.resolve(), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return cache.cached_bytes(cache.entry("weights_files", *key), lambda: _hash(path).encode()).decode()
-
-
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(8 << 20):
-            h.update(b)
-    return h.hexdigest()
+    return cache.cached_bytes(cache.entry("weights_files", *key), lambda: file_sha256(path).encode()).decode()
 
 
 def files_sha256(ref: WeightsRef) -> str | None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from store.fs import CHUNK, atomic_write, cache_root
+from store.fs import atomic_write, cache_root, file_sha256
 
 SUFFIX = ".sha256"
 _said: set[str] = set()  # the lines already printed by this process (one per kind of problem and folder)
@@ -37,45 +36,48 @@ def _say(line: str, once: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(CHUNK):
-            h.update(b)
-    return h.hexdigest()
+def _checksum(path: Path) -> str | None:
+    try:
+        return path.with_name(path.name + SUFFIX).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _matches(path: Path, got: str, want: str | None, expect: str | None) -> bool:
+    if got == want and (expect is None or got == expect):
+        return True
+    _say(f"warning: the cache entry {path} does not match its checksum (damaged): computed again", str(path))
+    return False
 
 
 def valid(path: Path, expect: str | None = None) -> bool:
     """Whether the entry is there and its bytes hash to the checksum written with it (and to `expect`, when the
-    caller knows what they must be); hashed as a stream, never whole in memory. A damaged entry is named in one
-    line."""
+    caller knows what they must be); hashed as a stream, never whole in memory (an entry to map, not to read). A
+    damaged entry is named in one line."""
+    want = _checksum(path)
     try:
-        want = path.with_name(path.name + SUFFIX).read_text().strip()
-        got = _sha256(path)
-    except (OSError, UnicodeDecodeError):
+        return want is not None and _matches(path, file_sha256(path), want, expect)
+    except OSError:
         return False
-    if got != want or (expect is not None and got != expect):
-        _say(f"warning: the cache entry {path} does not match its checksum (damaged): computed again", str(path))
-        return False
-    return True
 
 
 def read(path: Path) -> bytes | None:
-    """The entry's bytes when they are there and match their checksum; None otherwise (absent, unreadable,
-    damaged)."""
-    if not valid(path):
-        return None
+    """The entry's bytes (read once) when they are there and match their checksum; None otherwise (absent,
+    unreadable, damaged)."""
+    want = _checksum(path)
     try:
-        return path.read_bytes()
+        data = path.read_bytes() if want is not None else None
     except OSError:
         return None
+    return data if data is not None and _matches(path, hashlib.sha256(data).hexdigest(), want, None) else None
 
 
-def write(path: Path, data: bytes) -> bool:
-    """Write the entry (the data, then its checksum; each atomically). False when the cache cannot be written."""
+def write(path: Path, data: bytes, sha256: str | None = None) -> bool:
+    """Write the entry (the data, then its checksum, `sha256` when the caller has it; each atomically). False when
+    the cache cannot be written."""
     try:
         atomic_write(path, data)
-        atomic_write(path.with_name(path.name + SUFFIX), hashlib.sha256(data).hexdigest().encode())
+        atomic_write(path.with_name(path.name + SUFFIX), (sha256 or hashlib.sha256(data).hexdigest()).encode())
         return True
     except OSError as e:
         _say(f"warning: the cache {path.parent} cannot be written ({e.strerror or type(e).__name__}): results are "
@@ -90,19 +92,6 @@ def cached_bytes(path: Path, compute: Callable[[], bytes]) -> bytes:
         data = compute()
         write(path, data)
     return data
-
-
-def cached_json(path: Path, compute: Callable[[], object]):
-    """A JSON value from the cache, or `compute()` (then kept)."""
-    data = read(path)
-    if data is not None:
-        try:
-            return json.loads(data)
-        except ValueError:
-            pass
-    value = compute()
-    write(path, json.dumps(value).encode())
-    return value
 
 
 def cached_array(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:

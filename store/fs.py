@@ -65,6 +65,15 @@ def atomic_path(final) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def file_sha256(path) -> str:
+    """sha256 of a local file, streamed in CHUNK reads (never whole in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(CHUNK):
+            h.update(b)
+    return h.hexdigest()
+
+
 def atomic_write(path, data: bytes) -> None:
     """`data` under `path`, whole or not at all (`atomic_path`)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -260,7 +269,8 @@ class Location:
         return self.fs.open(self.path(rel), mode)
 
     def sha256(self, rel: str, on_bytes=None) -> str:
-        """sha256 of a file, streamed in CHUNK reads (never the whole object in memory)."""
+        """sha256 of a file on this location's filesystem, streamed in CHUNK reads (never the whole object in
+        memory)."""
         h = hashlib.sha256()
         with self.open(rel) as f:
             while b := f.read(CHUNK):

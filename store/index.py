@@ -217,7 +217,7 @@ def _local_files(loc: Location, meta: dict, meta_bytes: bytes) -> Path:
         data = loc.read_bytes(name)
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise StoreError(f"{loc.url_of(name)} does not match index.json (sha256)")
-        if not cache.write(folder / name, data):
+        if not cache.write(folder / name, data, sha256=info["sha256"]):
             raise StoreError(f"the index of a remote store is read from a copy on this machine, and {folder} cannot "
                              f"be written: set OLAF_CACHE to a writable folder")
     return folder

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 
 from store import layout
-from store.fs import Location
+from store.fs import Location, StoreError
 
 LEASE_TTL = 120.0  # seconds a lease holds without renewal; holders renew every TTL / 4
 
@@ -51,6 +51,35 @@ def _parse(data: bytes) -> dict | None:
     return lease if 0 <= lease["expires"] < 1e11 else None  # a time no clock reaches (year 5138 on) is damage
 
 
+def _holder(loc: Location, name: str, now: float) -> dict | None:
+    """The live lease object `name` ({"owner", "expires"}), or None: absent, damaged, lapsed, or its owner a dead
+    process on this host."""
+    try:
+        d = _parse(loc.read_bytes(name))
+    except FileNotFoundError:
+        return None
+    return None if d is None or d["expires"] <= now or _owner_is_dead(d["owner"]) else d
+
+
+def _take(loc: Location, name: str, owner: str, body: bytes, now: float) -> bool:
+    """Create the lease object `name` exclusively; one that holds nothing (`_holder`) is broken first and raced for
+    like anyone else. True when `owner` holds it."""
+    if loc.create_exclusive(name, body):
+        return True
+    held = _holder(loc, name, now)
+    if held is not None:
+        return held["owner"] == owner
+    loc.remove(name)
+    return loc.create_exclusive(name, body)
+
+
+def _release(loc: Location, name: str, owner: str, now: float) -> None:
+    """Remove the lease object `name` unless another owner's live one holds it."""
+    held = _holder(loc, name, now)
+    if held is None or held["owner"] == owner:
+        loc.remove(name)
+
+
 class Leases:
     """One job's leases on one store. `held` are the shards this job holds."""
 
@@ -79,8 +108,6 @@ class Leases:
     def break_lease(self, shard: int, force: bool = False) -> dict:
         """Remove another job's lease on `shard` (what it was); a live one only with `force` (StoreError
         otherwise: that job may still be writing the shard)."""
-        from store.fs import StoreError
-
         held = self.all().get(shard)
         if held is None:
             raise StoreError(f"shard {shard} has no lease")
@@ -93,13 +120,7 @@ class Leases:
     def holder(self, shard: int) -> dict | None:
         """The live lease on a shard ({"owner", "expires"}), or None when there is none, it expired, or its owner
         is a dead process on this host."""
-        try:
-            d = _parse(self.loc.read_bytes(layout.lease_name(shard)))
-        except FileNotFoundError:
-            return None
-        if d is None or d["expires"] <= self.clock() or _owner_is_dead(d["owner"]):
-            return None  # damaged, lapsed, or its owner is gone
-        return d
+        return _holder(self.loc, layout.lease_name(shard), self.clock())
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "expires": self.clock() + self.ttl}).encode()
@@ -107,15 +128,7 @@ class Leases:
     def take(self, shard: int) -> bool:
         """Claim a shard: a lease object created exclusively. An expired or damaged lease is broken first. False
         when another job holds it."""
-        name = layout.lease_name(shard)
-        got = self.loc.create_exclusive(name, self._body())
-        if not got:
-            held = self.holder(shard)
-            if held is not None:
-                got = held.get("owner") == self.owner
-            else:
-                self.loc.remove(name)  # expired: break it, then race for it like anyone else
-                got = self.loc.create_exclusive(name, self._body())
+        got = _take(self.loc, layout.lease_name(shard), self.owner, self._body(), self.clock())
         if got:
             self.held.add(shard)
         return got
@@ -133,9 +146,7 @@ class Leases:
             self._renewed = self.clock()
 
     def release(self, shard: int) -> None:
-        held = self.holder(shard)
-        if held is None or held.get("owner") == self.owner:
-            self.loc.remove(layout.lease_name(shard))
+        _release(self.loc, layout.lease_name(shard), self.owner, self.clock())
         self.held.discard(shard)
 
     def release_all(self) -> None:
@@ -154,28 +165,15 @@ class ManifestLock:
         self.owner = lease_owner()
 
     def __enter__(self) -> ManifestLock:
-        from store.fs import StoreError
-
         give_up = self.clock() + self.wait
         body = json.dumps({"owner": self.owner, "expires": self.clock() + self.ttl}).encode()
-        while not self.loc.create_exclusive(layout.MANIFEST_LOCK, body):
-            try:
-                held = _parse(self.loc.read_bytes(layout.MANIFEST_LOCK))
-            except FileNotFoundError:
-                continue  # released meanwhile
-            if held is None or held["expires"] <= self.clock() or _owner_is_dead(held["owner"]):
-                self.loc.remove(layout.MANIFEST_LOCK)  # lapsed, damaged or its holder gone: break it, race again
-                continue
+        while not _take(self.loc, layout.MANIFEST_LOCK, self.owner, body, self.clock()):
             if self.clock() > give_up:
+                held = _holder(self.loc, layout.MANIFEST_LOCK, self.clock()) or {"owner": "another job"}
                 raise StoreError(f"{self.loc.url_of(layout.MANIFEST_LOCK)} has been held by {held['owner']} for over "
                                  f"{self.wait:.0f} s: if that job is gone, remove the file")
             self.sleep(0.02)
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            held = _parse(self.loc.read_bytes(layout.MANIFEST_LOCK))
-        except FileNotFoundError:
-            return
-        if held is None or held["owner"] == self.owner:
-            self.loc.remove(layout.MANIFEST_LOCK)
+        _release(self.loc, layout.MANIFEST_LOCK, self.owner, self.clock())

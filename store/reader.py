@@ -291,7 +291,7 @@ class Store:
     def sample_range(self, shard: int, position: int) -> tuple[int, int] | None:
         """(offset, size) of the `position`-th sample of a shard's tar, from its record; None for a store
         written before sample ranges were recorded."""
-        ranges = self.records[shard].files.get(layout.tar_name(shard), {}).get("samples")
+        ranges = self.records[shard].sample_ranges()
         return tuple(ranges[position]) if ranges else None
 
     def read_sample(self, shard: int, position: int) -> dict:

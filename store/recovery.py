@@ -1,5 +1,6 @@
 """After a crash: what an interrupted write left behind (objects no record accounts for, temporary files), and
-removing it; a damaged manifest restored from its backup, reconciled with the shard records. A shard another job holds the lease of is that job's write in progress, never an orphan."""
+removing it (a shard another job holds the lease of is that job's write in progress, never an orphan); a damaged
+manifest restored from its backup, reconciled with the shard records."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import json
 import os
 import re
 
-from store import layout
+from store import encodings, layout, tar, zarr_io
+from store.codec import npy_load
 from store.fs import Location, StoreError, final_name
 from store.identity import read_teachers
 from store.lease import Leases, ManifestLock
@@ -172,9 +174,6 @@ def _reconcile(loc: Location, m: RunManifest, records: dict[int, ShardRecord]) -
 def _stored_layout(loc: Location, m: RunManifest, task: str, records: dict[int, ShardRecord]) -> TaskLayout:
     """A task's layout as the store's files hold it: its Zarr array's shape and attributes, else the target member
     of a tar sample (npy header; a scale member means a scaled encoding)."""
-    from store import encodings, tar, zarr_io
-    from store.codec import npy_load
-
     if "zarr" in m.formats:
         try:
             arr = zarr_io.open_group(loc, "r")[task]

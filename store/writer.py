@@ -225,15 +225,14 @@ class StoreWriter:
     def record(self, shard: int) -> ShardRecord | None:
         return read_record(self.loc, shard)
 
-    def resume_problems(self, *, dataset_sha256: str, num_samples: int, shard_size: int, formats: list[str],
-                        dataset: dict | None = None,
+    def resume_problems(self, *, dataset: dict, num_samples: int, shard_size: int, formats: list[str],
                         compression: str, layouts: dict[str, TaskLayout], identity: dict) -> list[str]:
-        """Why this store cannot be continued with these settings (empty: it can). `identity` is the run's
-        teacher identity."""
+        """Why this store cannot be continued with these settings (empty: it can). `dataset` is the input's
+        identity now (its "sha256" must be the store's), `identity` the run's teacher identity."""
         m, problems = self.manifest, []
-        if m.dataset.get("sha256") != dataset_sha256:
+        if m.dataset.get("sha256") != dataset["sha256"]:
             problems.append(f"the dataset differs (sha256 {str(m.dataset.get('sha256'))[:12]}... in the store, "
-                            f"{dataset_sha256[:12]}... now){_changed_shards(m.dataset, dataset)}")
+                            f"{dataset['sha256'][:12]}... now){_changed_shards(m.dataset, dataset)}")
         if m.num_samples != num_samples:
             problems.append(f"the store holds {m.num_samples} samples, this run plans {num_samples} (--limit?)")
         if m.shard_size != shard_size:
@@ -364,9 +363,9 @@ class StoreWriter:
         return len(lines)
 
 
-def _changed_shards(before: dict, now: dict | None) -> str:
+def _changed_shards(before: dict, now: dict) -> str:
     """For an input of several files (`shards`: [{url, bytes, sha256, ...}]): which of them changed."""
-    if not now or "shards" not in before or "shards" not in now:
+    if "shards" not in before or "shards" not in now:
         return ""
     was = {s["url"]: s for s in before["shards"]}
     changed = [s["url"] for s in now["shards"] if was.get(s["url"]) != s]

@@ -66,8 +66,8 @@ def load_frozen(cfg: PTConfig, device: torch.device, dtype: torch.dtype):
     tokenizer = load_or_explain("LLM tokenizer", AutoTokenizer.from_pretrained, cfg.model.llm)
     llm = load_or_explain("LLM", AutoModelForCausalLM.from_pretrained, cfg.model.llm, dtype=dtype,
                           attn_implementation=attn).to(device)
-    vision = load_or_explain("vision tower", load_tower, cfg.model.vision_tower, select_layer=cfg.model.vision_select_layer,
-                             dtype=dtype).to(device)
+    vision = load_or_explain("vision tower", load_tower, cfg.model.vision_tower,
+                             select_layer=cfg.model.vision_select_layer, dtype=dtype).to(device)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(llm)
     llm.train()  # no dropout in these LMs; train mode is what switches checkpointing on
@@ -100,8 +100,9 @@ def add_pad_token(tokenizer, llm, token: str = "<pad>") -> int:
 def expected_teachers(cfg: PTConfig, manifest_path: str | None = None) -> dict:
     """The teacher identity the store's targets must have: the trainer's manifest (or `manifest_path`), with the
     content of the weight files it names where they are on this machine (it never loads a teacher)."""
-    manifest = load_manifest(manifest_path or cfg.tasks.teachers_manifest or DEFAULT_MANIFEST, fidelity=cfg.tasks.fidelity)
-    return manifest.identity(cfg.tasks.names, files_sha256=manifest_files_sha256(manifest, cfg.tasks.names))
+    tasks = cfg.tasks
+    manifest = load_manifest(manifest_path or tasks.teachers_manifest or DEFAULT_MANIFEST, fidelity=tasks.fidelity)
+    return manifest.identity(tasks.names, files_sha256=manifest_files_sha256(manifest, tasks.names))
 
 
 def open_store(cfg: PTConfig, url: str | None = None, manifest_path: str | None = None) -> tuple[Store, dict]:
@@ -109,9 +110,10 @@ def open_store(cfg: PTConfig, url: str | None = None, manifest_path: str | None 
     the config's manifest), checked (tasks, done shards, teachers, at least one usable sample)."""
     expected = expected_teachers(cfg, manifest_path)
     store = Store(url or cfg.data.store, use_index=True)
-    store.require(cfg.tasks.names, expected_teachers=expected, allow_partial=cfg.data.allow_partial_store, formats=["wds"])
-    if usable_samples(store, cfg.tasks.names) == 0:
-        raise StoreError(f"store {store.url}: none of its {store.samples_done(cfg.tasks.names)} samples in done shards has "
+    tasks = cfg.tasks.names
+    store.require(tasks, expected_teachers=expected, allow_partial=cfg.data.allow_partial_store, formats=["wds"])
+    if usable_samples(store, tasks) == 0:
+        raise StoreError(f"store {store.url}: none of its {store.samples_done(tasks)} samples in done shards has "
                          f"a usable image (errors.jsonl says why): nothing to train on")
     return store, expected
 
@@ -185,7 +187,8 @@ def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
     image = 0 if cfg.model.chat_template == PLAIN else vision.num_tokens
     layout = Layout.of(prefix, image, {t: cfg.tasks.task_tokens[t] for t in cfg.tasks.names}, masked=masked)
     original = {"label_header_end": True} if cfg.model.ntp_labels == "original" else {}  # llama_3 only (config)
-    return layout, prompt_builder(tokenizer, cfg.model.chat_template, cfg.model.max_length - layout.text_start, keep, **original)
+    return layout, prompt_builder(tokenizer, cfg.model.chat_template, cfg.model.max_length - layout.text_start, keep,
+                                  **original)
 
 
 def assemble(cfg: PTConfig, device, dtype, store: Store, tokenizer, model, builder: PromptBuilder,
@@ -193,11 +196,11 @@ def assemble(cfg: PTConfig, device, dtype, store: Store, tokenizer, model, build
     """A run from its model: the stream of the store's targets for `cfg.tasks.names` (`store` has passed open_store's
     checks) to the run's last step, AdamW over what trains, the cosine schedule (PT and probing alike)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    total_steps = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * usable_samples(store, cfg.tasks.names)
-                                                    / cfg.optim.global_batch_size))
-    stream = TargetStream(store, cfg.tasks.names, global_batch=cfg.optim.global_batch_size, micro_batch=cfg.optim.micro_batch_size,
-                          seed=cfg.optim.seed, chunk=cfg.data.order_chunk, mix=cfg.data.order_mix, rank=rank, world_size=world,
-                          map_fn=PTSample(builder, image, cfg.tasks.names, store.manifest.tasks),
+    opt, tasks = cfg.optim, cfg.tasks.names
+    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * usable_samples(store, tasks) / opt.global_batch_size))
+    stream = TargetStream(store, tasks, global_batch=opt.global_batch_size, micro_batch=opt.micro_batch_size,
+                          seed=opt.seed, chunk=cfg.data.order_chunk, mix=cfg.data.order_mix, rank=rank, world_size=world,
+                          map_fn=PTSample(builder, image, tasks, store.manifest.tasks),
                           collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
     step = trainable(cfg, model, device, dtype, total_steps)
     return PTRun(**vars(step), store=store,

@@ -191,13 +191,12 @@ class ProbeSection:
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "tasks": TasksSection, "optim": OptimSection,
             "run": RunSection, "probe": ProbeSection}
-# every flat key of olaf before the sections -> (its section, its name there); `vlora` is a section of its own
-FLAT = {f.name: (s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-FLAT.update({"tasks": ("tasks", "names"), "probe_answer": ("probe", "answer"),
-             "probe_eval_resize": ("probe", "eval_resize"), "probe_task_tokens": ("probe", "task_tokens")})
-for _ambiguous in ("answer", "eval_resize", "names"):  # only under their section's name
-    FLAT.pop(_ambiguous)
-FLAT["task_tokens"] = ("tasks", "task_tokens")  # the flat key always meant the tasks' (probe_task_tokens: probe's)
+# every flat key of olaf before the sections -> (its section, its name there): a field's own name, but for the
+# four that were named otherwise; `vlora` is a section of its own
+RENAMED = {"tasks": ("tasks", "names"), "probe_answer": ("probe", "answer"),
+           "probe_eval_resize": ("probe", "eval_resize"), "probe_task_tokens": ("probe", "task_tokens")}
+FLAT = {f.name: (s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+        if (s, f.name) not in RENAMED.values()} | RENAMED
 
 
 @dataclass
@@ -328,10 +327,8 @@ def load_config(paths: list[str | Path] = (), overrides: dict | None = None, set
     included), then each YAML of `paths`, then `--set` items, then `overrides` (the CLI's flags: None is a flag not
     given), checked."""
     cfg = PTConfig()
-    if recorded is not None:
-        paths = list(paths)
-        for key, value in recorded.items():
-            _apply(cfg, _place(key, value, "the recorded config"))
+    for key, value in (recorded or {}).items():
+        _apply(cfg, _place(key, value, "the recorded config"))
     for p in ([] if recorded is not None else [DEFAULTS]) + list(paths):
         loaded = yaml.safe_load(Path(p).read_text()) or {}
         if not isinstance(loaded, dict):

@@ -69,7 +69,8 @@ class OLAPT(MLLM):
             for layer in cfg.tasks.layers[t]:
                 self.predictors[f"{t}_{layer}"] = Predictor(width, out_dim, p["heads"], p["dim_head"], p["ff_mult"],
                                                             p["depth"], inner, t == "depth" and cfg.tasks.use_intermediate_depth)
-        self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(float(cfg.tasks.logit_scale_init))) for t in tasks})
+        scale = float(cfg.tasks.logit_scale_init)
+        self.logit_scales = nn.ParameterDict({t: nn.Parameter(torch.tensor(scale)) for t in tasks})
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint holds: the trained parameters, and the predictors whole (their frozen parts too)."""

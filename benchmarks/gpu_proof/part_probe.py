@@ -42,7 +42,8 @@ def random_probed(s: Setup, tok, llm, tower):
     from trainer.towers import OPENAI_MEAN, OPENAI_STD
 
     cfg = config([])
-    tokens = TaskTokens.random(cfg.tasks.special_tokens, cfg.tasks.task_tokens, llm.config.hidden_size).requires_grad_(False)
+    tokens = TaskTokens.random(cfg.tasks.special_tokens, cfg.tasks.task_tokens,
+                               llm.config.hidden_size).requires_grad_(False)
     image = ImageRecipe(336, 336, "bicubic", OPENAI_MEAN, OPENAI_STD)  # CLIP-L/336's processor
     proj = Projector(tower.hidden_size, llm.config.hidden_size)
     return Probed(llm.get_input_embeddings(), llm.get_decoder(), tower, proj.to(s.device, s.dtype),

@@ -78,7 +78,8 @@ def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None) ->
                 batch["targets"] = in_step_targets(teachers, raw, s)
         train_step(run, [batch])
 
-    row = {"batch": s.pt_batch, "llm_tokens": layout.text_start + 32, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+    row = {"batch": s.pt_batch, "llm_tokens": layout.text_start + 32,
+           "gradient_checkpointing": cfg.model.gradient_checkpointing,
            "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     s.reset_memory()
     try:

@@ -33,8 +33,7 @@ def existing_store(s: StoreShape, plan: Plan, manifest: TeacherManifest) -> Stor
     # the weight files' content where this machine has them: a store made with other weights is refused here,
     # before Ray starts, not after the teachers are loaded
     identity = manifest.identity(shared, files_sha256=manifest_files_sha256(manifest, shared))
-    problems = w.resume_problems(dataset_sha256=plan.source.dataset_info()["sha256"], dataset=plan.source.dataset_info(),
-                                 num_samples=plan.num_samples,
+    problems = w.resume_problems(dataset=plan.source.dataset_info(), num_samples=plan.num_samples,
                                  shard_size=s.shard_size, formats=list(s.formats), compression=s.zarr_compression,
                                  layouts=layouts_for(manifest, s.tasks, s.encoding), identity=identity)
     if problems:
@@ -96,9 +95,9 @@ def check_weights_locally(manifest: TeacherManifest, tasks: list[str]) -> None:
 
 def shard_work(plan: Plan, tasks: list[str], records: dict[int, ShardRecord], damaged: dict[int, list[str]],
                store_tasks=()) -> dict[int, tuple[str, ...]]:
-    """shard -> tasks to compute (`tasks`: the run's). A done shard whose files verify needs only the tasks it lacks; a damaged one
-    is redone for everything it had and everything asked; one without a (readable) record for every task the
-    store holds and everything asked. A shard without a record, or a damaged one, is written even with no task
+    """shard -> tasks to compute (`tasks`: the run's). A done shard whose files verify needs only the tasks it
+    lacks; a damaged one is redone for everything it had and everything asked; one without a (readable) record for
+    every task the store holds and everything asked. A shard without a record, or a damaged one, is written even with no task
     (a store of images, captions and ids only)."""
     work = {}
     for i in range(plan.num_shards):

@@ -13,9 +13,6 @@ folder from a PT checkpoint and, where olaf probes it, reading it back into a mo
                 one entry: nothing else works out a folder's format)
 """
 
+from trainer.formats.detect import read
 
-def read(cfg, model: str, mm_projector: str | None, dtype):
-    """trainer.formats.detect.read: any model folder olaf writes or probes, as a model to probe."""
-    from trainer.formats.detect import read as read_folder
-
-    return read_folder(cfg, model, mm_projector, dtype)
+__all__ = ["read"]

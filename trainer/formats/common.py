@@ -59,7 +59,8 @@ def model_info(run) -> dict:
     cfg, model = run.cfg, run.model
     return {"llm": cfg.model.llm, "vision_tower": cfg.model.vision_tower, "mm_projector_type": "mlp2x_gelu",
             "mm_vision_select_layer": cfg.model.vision_select_layer, "mm_hidden_size": model.vision.hidden_size,
-            "hidden_size": model.config.hidden_size, "chat_template": cfg.model.chat_template, "image_aspect": cfg.model.image_aspect,
+            "hidden_size": model.config.hidden_size, "chat_template": cfg.model.chat_template,
+            "image_aspect": cfg.model.image_aspect,
             "image_offset": model.layout.prefix, "num_image_tokens": model.layout.image, "tasks": cfg.tasks.names,
             "token_order": list(TASKS), "layers": cfg.tasks.layers, "task_tokens": cfg.tasks.task_tokens,
             "special_tokens": cfg.tasks.special_tokens, "predictor": cfg.tasks.predictor,

@@ -95,7 +95,8 @@ def ola_fields(cfg: PTConfig, info: dict) -> dict:
     if len({cfg.tasks.task_tokens[t] for t in cfg.tasks.names}) != 1:
         raise ExportError(f"OLA-VLM has one num_task_tokens for every task; this run has {cfg.tasks.task_tokens}")
     p, shapes = cfg.tasks.predictor, info["target_shapes"]
-    out = {"aux_mode": "-".join(t for t in TASKS if t in cfg.tasks.names), "num_task_tokens": cfg.tasks.task_tokens[cfg.tasks.names[0]],
+    names = cfg.tasks.names
+    out = {"aux_mode": "-".join(t for t in TASKS if t in names), "num_task_tokens": cfg.tasks.task_tokens[names[0]],
            "task_token_format": "expand_emb", "contrastive_loss_weight": cfg.tasks.contrastive_weight,
            "pass_text_to_aux": True, "use_contrastive": True, "use_ce": False, "sample_tokens": False,
            "image_generator": "stabilityai/stable-diffusion-2-1-unclip",

@@ -32,7 +32,8 @@ def export_vlora(run_dir: Path, out: Path, ckpt: Path | None = None) -> Path:
     trained = load_file(ckpt / "trainable.safetensors")
     llm = authors_llm_config(AutoConfig.from_pretrained(cfg.model.llm).to_dict())
     config = {**llm, "model_type": "llava_vlora", "architectures": ["LlavaLlamaVLoRAForCausalLM"],
-              "mm_projector_type": "vlora", "mm_vision_tower": cfg.model.vision_tower, "mm_hidden_size": info["mm_hidden_size"],
+              "mm_projector_type": "vlora", "mm_vision_tower": cfg.model.vision_tower,
+              "mm_hidden_size": info["mm_hidden_size"],
               "mm_vision_select_layer": cfg.model.vision_select_layer, "mm_vision_select_feature": "patch",
               "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": True,
               "image_aspect_ratio": cfg.model.image_aspect, "tokenizer_model_max_length": cfg.model.max_length,
