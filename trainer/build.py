@@ -20,6 +20,7 @@ from trainer.data import ImageRecipe, PTSample, collate
 from trainer.errors import TrainerError
 from trainer.model import OLAPT
 from trainer.sequence import Layout
+from trainer.sharding import Sharded, shard_trained
 from trainer.templates import PLAIN, PromptBuilder, prefix_shape, prompt_builder
 from trainer.towers import load_tower
 
@@ -160,6 +161,7 @@ class PTRun(Trainable):
     total_steps: int = 0
     pad_id: int = 0
     attn: str = "sdpa"
+    sharded: Sharded | None = None  # the trained state split over the ranks (trainer.sharding)
 
 
 def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> PTRun:
@@ -176,7 +178,8 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     layout, builder = sequence_layout(cfg, tokenizer, vision)
     image = ImageRecipe.from_pretrained(cfg.model.vision_tower, cfg.model.image_aspect)
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
-    return assemble(cfg, device, dtype, store, tokenizer, model, builder, image, rank, world, attn)
+    sharded = shard_trained(model, world, device) if cfg.model.sharding == "fsdp" else None  # before AdamW
+    return assemble(cfg, device, dtype, store, tokenizer, model, builder, image, rank, world, attn, sharded)
 
 
 def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
@@ -192,7 +195,7 @@ def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
 
 
 def assemble(cfg: PTConfig, device, dtype, store: Store, tokenizer, model, builder: PromptBuilder,
-             image: ImageRecipe, rank: int, world: int, attn: str) -> PTRun:
+             image: ImageRecipe, rank: int, world: int, attn: str, sharded: Sharded | None = None) -> PTRun:
     """A run from its model: the stream of the store's targets for `cfg.tasks.names` (`store` has passed open_store's
     checks) to the run's last step, AdamW over what trains, the cosine schedule (PT and probing alike)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -203,5 +206,5 @@ def assemble(cfg: PTConfig, device, dtype, store: Store, tokenizer, model, build
                           map_fn=PTSample(builder, image, tasks, store.manifest.tasks),
                           collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
     step = trainable(cfg, model, device, dtype, total_steps)
-    return PTRun(**vars(step), store=store,
-                 tokenizer=tokenizer, stream=stream, total_steps=total_steps, pad_id=pad_id, attn=attn)
+    return PTRun(**vars(step), store=store, tokenizer=tokenizer, stream=stream, total_steps=total_steps,
+                 pad_id=pad_id, attn=attn, sharded=sharded)

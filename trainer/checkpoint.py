@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from store import atomic_path
 from trainer.errors import TrainerError
+from trainer.sharding import full, shard_as
 
 PREFIX = "step-"
 
@@ -75,20 +76,25 @@ class Checkpointer:
     """`model` (its `trainable_state_dict()`), `torch_parts` ({name: stateful} -> optimizer.pt) and `json_parts`
     ({name: stateful} -> state.json); `meta`: JSON saved beside them and not restored (the config)."""
 
-    def __init__(self, out_dir: Path, model, torch_parts: dict, json_parts: dict, keep: int, meta: dict | None = None):
+    def __init__(self, out_dir: Path, model, torch_parts: dict, json_parts: dict, keep: int, meta: dict | None = None,
+                 writer: bool = True):
         self.root = Path(out_dir) / "checkpoints"
         self.model, self.torch_parts, self.json_parts, self.keep = model, torch_parts, json_parts, keep
-        self.meta = meta or {}
+        self.meta, self.writer = meta or {}, writer
 
     def save(self, step: int) -> Path:
-        """Rank 0 only."""
+        """Rank 0, or every rank of a sharded run (trainer.sharding): each gathers the whole tensors, the `writer`
+        (rank 0) writes them, so a checkpoint is the same files whatever the sharding."""
         final = self.root / f"{PREFIX}{step:06d}"
+        tensors = {k: full(v).contiguous().cpu() for k, v in self.model.trainable_state_dict().items()}
+        torch_state = {k: p.state_dict() for k, p in self.torch_parts.items()}
+        if not self.writer:
+            return final
         with atomic_path(final) as tmp:
             tmp = Path(tmp)
             tmp.mkdir()
-            tensors = {k: v.contiguous().cpu() for k, v in self.model.trainable_state_dict().items()}
             save_file(tensors, tmp / "trainable.safetensors")
-            torch.save({k: p.state_dict() for k, p in self.torch_parts.items()}, tmp / "optimizer.pt")
+            torch.save(torch_state, tmp / "optimizer.pt")
             state = {"step": step, **{k: p.state_dict() for k, p in self.json_parts.items()}, **self.meta}
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
         for old in sorted(self.root.glob(f"{PREFIX}*"))[:-self.keep] if self.keep > 0 else []:
@@ -131,4 +137,4 @@ class Checkpointer:
                                   f"{unexpected[:4]}")
         with torch.no_grad():
             for k, v in params.items():
-                own[k].copy_(v)
+                own[k].copy_(shard_as(v, own[k]))  # a sharded run's part of it

@@ -47,9 +47,11 @@ class ModelSection:
     gradient_checkpointing: bool = True
     attn_implementation: str = "auto"
     precision: str = "auto"
+    sharding: str = "none"  # none: DDP (every rank holds the trained state) | fsdp: FSDP2 shards it (trainer/sharding.py)
 
     def problems(self) -> list[str]:
         out = _at_least(self, "model", {"max_length": 1})
+        out += _choice(self, "model", "sharding", ("none", "fsdp"))
         out += _choice(self, "model", "ntp_labels", ("corrected", "original"))
         out += _choice(self, "model", "image_aspect", ("square", "pad", "model"),
                        " (trainer.probe: model, the probed model's)")
@@ -316,9 +318,10 @@ def _apply(cfg: PTConfig, placed: list[tuple[str, str, object]], text: bool = Fa
             value = yaml.safe_load(value) if text and isinstance(value, str) else value
             cfg.vlora = {**cfg.vlora, name: value} if name else value
             continue
-        if text and isinstance(value, str) and value.lower() in ("null", "none", "~"):
-            value = None
-        setattr(getattr(cfg, section), name, _coerce(f"{section}.{name}", _field_type(section, name), value))
+        kind = _field_type(section, name)
+        if text and isinstance(value, str) and value.lower() in ("null", "none", "~") and "None" in kind:
+            value = None  # `--set max_steps=null`; a text field keeps the word (`sharding=none`)
+        setattr(getattr(cfg, section), name, _coerce(f"{section}.{name}", kind, value))
 
 
 def load_config(paths: list[str | Path] = (), overrides: dict | None = None, sets: list[str] = (),

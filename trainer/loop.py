@@ -23,21 +23,24 @@ from trainer.config import saved
 from trainer.data import die_with_parent, worker_init
 from trainer.errors import USER_ERRORS, TrainerError
 from trainer.runlog import RunLog
+from trainer.sharding import OptimizerState, clip_sharded
 
 
 def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None = None) -> int:
     """Resume if asked, then train `run` to its last step; returns that step. `meta`: what every checkpoint
     carries beside the config (PT: its model's description, for exports)."""
     cfg, model, stream, cuda = run.cfg, run.model, run.stream, run.device.type == "cuda"
-    ckpt = Checkpointer(out, model, {"optimizer": run.optimizer, "scheduler": run.scheduler, "rng": TorchRNG()},
+    sharded = getattr(run, "sharded", None)
+    ckpt = Checkpointer(out, model, {"optimizer": OptimizerState(run.optimizer), "scheduler": run.scheduler,
+                                     "rng": TorchRNG()},
                         {"data": stream, "rng": PlainRNG()}, cfg.run.keep_checkpoints,
-                        {"config": saved(cfg), **(meta or {})})
+                        {"config": saved(cfg), **(meta or {})}, writer=rank == 0)
     step = resume(ckpt, out, log) if cfg.run.resume else 0
     runlog = RunLog(out, run, step, rank, world, log)
     data = loader(stream, num_workers=cfg.data.num_workers, pin_memory=cuda, prefetch_factor=4,
                   worker_init_fn=functools.partial(worker_init, os.getpid()))
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device.index] if cuda else None) \
-        if world > 1 else model
+        if world > 1 and not sharded else model  # an FSDP model reduces its own gradients
     with contextlib.closing(runlog):  # the bar closes whatever happens, so an error starts on its own line
         while step < run.total_steps:
             micro = [next(data) for _ in range(stream.accum)]  # this rank's part of global batch `step`
@@ -46,8 +49,8 @@ def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None =
             done = train_step(run, [to_device(b, run.device) for b in micro], net)
             step += 1
             runlog.step(step, done.terms, done.grad_norm, done.lr)
-            if rank == 0 and (step % cfg.run.save_every == 0 or step == run.total_steps):
-                ckpt.save(step)
+            if (rank == 0 or sharded) and (step % cfg.run.save_every == 0 or step == run.total_steps):
+                ckpt.save(step)  # sharded: every rank gathers, rank 0 writes
     return step
 
 
@@ -61,7 +64,8 @@ def train_step(run: Trainable, micro: list[dict], net: torch.nn.Module | None = 
     """One optimizer step over this rank's micro-batches of a global batch (on the device): what the step shares
     (`model.step_context`), then per micro-batch the forward (bf16 autocast on CUDA), which returns the loss, and
     its backward (under DDP, gradients sync on the last one only); clipping when set, AdamW, the schedule. The
-    loop and every benchmark that times a step call this. `net`: the model wrapped for DDP, if it is."""
+    loop and every benchmark that times a step call this. `net`: the model wrapped for DDP, if it is; an FSDP model
+    (trainer.sharding) reduce-scatters its gradients after the last micro-batch only, as DDP all-reduces them."""
     model, net = run.model, net or run.model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.dtype == torch.bfloat16 and \
         run.device.type == "cuda" else contextlib.nullcontext()
@@ -69,12 +73,20 @@ def train_step(run: Trainable, micro: list[dict], net: torch.nn.Module | None = 
     context = model.step_context(micro)
     terms = {}
     for j, batch in enumerate(micro):
-        with net.no_sync() if ddp and j < len(micro) - 1 else contextlib.nullcontext():
+        last = j == len(micro) - 1
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(last)
+        with net.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast:
                 loss, parts = net(batch, context)
             (loss / len(micro)).backward()
         terms = {k: terms.get(k, 0.0) + v / len(micro) for k, v in parts.items()}
-    grad_norm = clip_gradients(run.trainable, run.cfg.optim.max_grad_norm)
+    sharded = getattr(run, "sharded", None)
+    if sharded:
+        sharded.reduce_replicated()
+        grad_norm = clip_sharded(run.trainable, run.cfg.optim.max_grad_norm)
+    else:
+        grad_norm = clip_gradients(run.trainable, run.cfg.optim.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()

@@ -27,6 +27,7 @@ from trainer.config import PTConfig, load_config
 from trainer.formats.common import model_info, write_export
 from trainer.formats.run_export import export_llava
 from trainer.loop import run_cli, start, teardown, train
+from trainer.sharding import trained_state_bytes
 
 
 def parse_args(argv=None) -> PTConfig:
@@ -66,6 +67,10 @@ def main(argv=None) -> int:
         f"{cfg.model.vision_tower}; image offset {model.layout.prefix}; "
         f"{sum(p.numel() for p in run.trainable):,} trainable parameters; {dtype} on {device}"
         + (f" x {world}" if world > 1 else ""))
+    state = trained_state_bytes(model)
+    log(f"trained state per rank: {state['total']:,} bytes (parameters {state['parameters']:,} + gradients "
+        f"{state['gradients']:,} + AdamW {state['optimizer']:,}), sharding {cfg.model.sharding}"
+        + (f" over {world} ranks" if run.sharded else " (whole on every rank)" if world > 1 else ""))
     log(f"data: {stream.num_samples:,} usable samples per epoch, global batch {cfg.optim.global_batch_size} = "
         f"{stream.accum} x {cfg.optim.micro_batch_size} x {world} processes, {run.total_steps} steps")
     out = Path(cfg.run.output_dir)
