@@ -57,13 +57,68 @@ class SampleTable:
     offset: np.ndarray  # int64 (N,)
     size: np.ndarray  # int (N,)
     ids: Sequence[str] | None  # per row (a tuple, or the index's ids), when every record lists its ids
+    source: np.ndarray | None = None  # int16 (N,): which store of a mix (`mix_tables`); None: one store
 
     def __len__(self) -> int:
         return len(self.index)
 
     def fingerprint(self) -> str:
-        """sha256 of the usable indices (as int64): a resumed run must see the same set of samples."""
-        return hashlib.sha256(memoryview(np.ascontiguousarray(self.index, dtype=np.int64))).hexdigest()
+        """sha256 of the usable indices (as int64), and of each row's store in a mix: a resumed run must see the
+        same samples."""
+        h = hashlib.sha256(memoryview(np.ascontiguousarray(self.index, dtype=np.int64)))
+        if self.source is not None:
+            h.update(memoryview(np.ascontiguousarray(self.source)))
+        return h.hexdigest()
+
+    def id_of(self, row: int) -> str:
+        """Row `row`'s sample id (its global index as text where the records list no ids)."""
+        return self.ids[row] if self.ids is not None else str(int(self.index[row]))
+
+
+class MixedIds(Sequence):
+    """The ids of a mix's rows, looked up in their stores' tables (no copy of the strings)."""
+
+    def __init__(self, tables: list[SampleTable], source: np.ndarray, local: np.ndarray):
+        self.tables, self.source, self.local = tables, source, local
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, row):
+        return self.tables[int(self.source[row])].id_of(int(self.local[row]))
+
+
+def mix_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
+    """Samples each store gives one epoch: its size (the concatenation) without weights; with weights, the
+    epoch keeps the stores' total and store i's share is w_i / sum(w), rounded by largest remainder. A count
+    above a store's size repeats its samples, below it takes a subset (MosaicML Streaming's proportion)."""
+    if weights is None:
+        return list(sizes)
+    total, w = sum(sizes), np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - counts), kind="stable")[:total - int(counts.sum())]:
+        counts[i] += 1
+    return [int(c) for c in counts]
+
+
+def mix_tables(tables: list[SampleTable], weights: list[float] | None, seed: int) -> SampleTable:
+    """One table of several stores' samples, for one global order: store i's rows `count_i // size_i` times
+    whole, then a subset of `count_i % size_i` of them chosen by the seed (the same every epoch), kept in dataset
+    order so chunks stay contiguous byte ranges (`mix_counts`). A pure function of the tables, weights and seed."""
+    parts = []
+    for i, (t, count) in enumerate(zip(tables, mix_counts([len(t) for t in tables], weights), strict=True)):
+        whole, rest = divmod(count, len(t))
+        chosen = np.sort(np.argsort(_draws(len(t), seed, i, 3), kind="stable")[:rest]) if rest else []
+        parts.append((i, np.concatenate([np.tile(np.arange(len(t)), whole), np.asarray(chosen, dtype=np.int64)])))
+    source = np.concatenate([np.full(len(rows), i, dtype=np.int16) for i, rows in parts])
+    local = np.concatenate([rows for _, rows in parts]).astype(np.int64)
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(tables[i], name))[rows] for i, rows in parts])
+
+    return SampleTable(column("index"), column("shard"), column("offset"), column("size"),
+                       MixedIds(tables, source, local), source)
 
 
 def _draws(n: int, seed: int, epoch: int, stream: int, start: int = 0) -> np.ndarray:
@@ -103,11 +158,16 @@ class GlobalOrder:
         """What the cached arrays depend on: the usable samples and where the shards break them into chunks."""
         h = hashlib.sha256(self.describe()["fingerprint"].encode())
         h.update(memoryview(np.ascontiguousarray(self.table.shard)))
+        if self.table.source is not None:
+            h.update(memoryview(np.ascontiguousarray(self.table.source)))
         return h.hexdigest()[:32]
 
     def _chunk_starts(self) -> np.ndarray:
-        n, shard = len(self.table), self.table.shard
-        begin = np.flatnonzero(np.r_[True, shard[1:] != shard[:-1]])  # first row of each shard
+        n, shard, source = len(self.table), self.table.shard, self.table.source
+        change = shard[1:] != shard[:-1]
+        if source is not None:  # a mix: a chunk never spans two stores
+            change |= source[1:] != source[:-1]
+        begin = np.flatnonzero(np.r_[True, change])  # first row of each shard
         per_shard = -(-np.diff(np.r_[begin, n]) // self.chunk)  # chunks of each shard
         first = np.repeat(np.cumsum(per_shard) - per_shard, per_shard)
         return np.repeat(begin, per_shard) + (np.arange(len(first), dtype=np.int64) - first) * self.chunk

@@ -24,7 +24,7 @@ import torch.utils.data as tud
 from store import layout, tar
 from store.codec import decode_sample, meta_of
 from store.fs import StoreError, cache_root
-from store.order import GlobalOrder
+from store.order import GlobalOrder, mix_counts, mix_tables
 from store.reader import Store
 
 INDEX_ADVISED = 100_000  # samples above which a store without its index is worth a note (the records take seconds)
@@ -49,22 +49,25 @@ class TargetStream(tud.IterableDataset):
     def __init__(self, store_or_path, tasks, *, global_batch: int, micro_batch: int, seed: int = 0, chunk: int = 4,
                  mix: int = 32, rank: int | None = None, world_size: int | None = None,
                  expected_teachers: dict | None = None, allow_partial: bool = False, compact: bool = True,
-                 check: str = "size", map_fn=None, collate_fn=None, stop_step: int | None = None):
+                 check: str = "size", map_fn=None, collate_fn=None, stop_step: int | None = None,
+                 weights: list[float] | None = None):
         self.tasks = list(tasks)
-        if isinstance(store_or_path, Store):
-            if expected_teachers is not None:
-                raise TypeError("a Store given to TargetStream has passed Store.require: check its teachers there")
-            s = store_or_path
-        else:
-            s = Store(store_or_path, use_index=True)
-            s.require(self.tasks, expected_teachers=expected_teachers, allow_partial=allow_partial, formats=["wds"])
-        s.tar_urls(self.tasks, check=check)  # every tar there and of its recorded size, before any training
-        self.store, self.notes, self.manifest = s, list(s.notes), s.manifest
-        if not s.indexed and s.num_samples >= INDEX_ADVISED:
-            self.notes.append(f"the store's sample index is not used ({s.no_index}): the shard records were read "
-                              f"instead, which costs memory and time per sample; build it with `python -m "
-                              f"pipeline.inspect {s.url} index`")
-        self.table = s.sample_table(self.tasks)
+        weights = None if weights is None else [float(w) for w in weights]
+        given = list(store_or_path) if isinstance(store_or_path, list | tuple) else [store_or_path]
+        self.stores = [self._open(s, expected_teachers, allow_partial, check) for s in given]
+        self.store, self.manifest = self.stores[0], self.stores[0].manifest
+        self.notes = [n for s in self.stores for n in s.notes]
+        for s in self.stores:
+            if not s.indexed and s.num_samples >= INDEX_ADVISED:
+                self.notes.append(f"the store's sample index is not used ({s.no_index}): the shard records were "
+                                  f"read instead, which costs memory and time per sample; build it with `python -m "
+                                  f"pipeline.inspect {s.url} index`")
+        tables = [s.sample_table(self.tasks) for s in self.stores]
+        self.mixed = len(self.stores) > 1
+        self.table = mix_tables(tables, weights, seed) if self.mixed else tables[0]
+        self.mix_info = [{"store": s.manifest.store_id or s.url, "url": s.url, "weight": w, "samples": n}
+                         for s, w, n in zip(self.stores, weights or [None] * len(tables),
+                                            mix_counts([len(t) for t in tables], weights), strict=True)]
         self.order = GlobalOrder(self.table, seed, chunk, mix, cache=cache_root() / "order")
         rank, world = _rank_world(rank, world_size)
         if global_batch % (micro_batch * world):
@@ -76,21 +79,42 @@ class TargetStream(tud.IterableDataset):
         self.position = 0
         self.bytes_read = 0  # tar bytes this process fetched (each DataLoader worker counts its own)
 
+    def _open(self, given, expected_teachers, allow_partial: bool, check: str) -> Store:
+        if isinstance(given, Store):
+            if expected_teachers is not None:
+                raise TypeError("a Store given to TargetStream has passed Store.require: check its teachers there")
+            s = given
+        else:
+            s = Store(given, use_index=True)
+            s.require(self.tasks, expected_teachers=expected_teachers, allow_partial=allow_partial, formats=["wds"])
+        s.tar_urls(self.tasks, check=check)  # every tar there and of its recorded size, before any training
+        return s
+
     @property
     def num_samples(self) -> int:
         """Usable samples per epoch."""
         return len(self.order)
 
     # -- the data position
+    def describe(self) -> dict:
+        """The order's description, and for a mix each store's identity, weight and samples per epoch."""
+        out = self.order.describe()
+        if self.mixed:
+            out["stores"] = [{k: m[k] for k in ("store", "weight", "samples")} for m in self.mix_info]
+        return out
+
     def state_dict(self) -> dict:
         return {"position": self.position, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
-                "order": self.order.describe()}
+                "order": self.describe()}
 
     def load_state_dict(self, state: dict) -> list[str]:
         """Continue from a saved position; raises StoreError for another order or global batch. Returns notes
         (a different micro-batch size changes how a step's loss is averaged, not which samples it holds)."""
-        mine = self.order.describe()
+        mine = self.describe()
         theirs = state.get("order", {})
+        if mine.get("stores") != theirs.get("stores"):
+            raise StoreError(f"the saved run read {_mix_text(theirs.get('stores'))}, this one {_mix_text(mine.get('stores'))}: "
+                             f"a run keeps its stores and mix; start a new --output-dir for another")
         problems = [f"{k}: saved {theirs.get(k)!r}, now {v!r}" for k, v in mine.items() if theirs.get(k) != v]
         if state.get("global_batch") != self.global_batch:
             problems.append(f"global batch: saved {state.get('global_batch')}, now {self.global_batch}")
@@ -122,64 +146,78 @@ class TargetStream(tud.IterableDataset):
     def ids_of(self, start: int, stop: int) -> list[str]:
         """The sample ids at positions [start, stop) (the global dataset index as text where the records do not
         list ids)."""
-        rows = self.order.rows(start, stop)
-        if self.table.ids is not None:
-            return [self.table.ids[r] for r in rows]
-        return [str(j) for j in self.table.index[rows]]
+        return [self.table.id_of(r) for r in self.order.rows(start, stop)]
+
+    def stores_of(self, start: int, stop: int) -> list[int] | None:
+        """Which store (its place in the mix) each sample at positions [start, stop) comes from; None: one store."""
+        return self.table.source[self.order.rows(start, stop)].tolist() if self.mixed else None
 
     # -- reading
+    def _source(self, r) -> int:
+        return int(self.table.source[r]) if self.mixed else 0
+
     def read_rows(self, rows: np.ndarray) -> list[dict]:
-        """Raw tar samples of table rows, in the rows' order, with one range request per contiguous run."""
+        """Raw tar samples of table rows, in the rows' order, with one range request per contiguous run (the
+        requests of each store at once)."""
         t = self.table
-        by_place = sorted(range(len(rows)), key=lambda k: (t.shard[rows[k]], t.offset[rows[k]]))
+        place = lambda k: (self._source(rows[k]), t.shard[rows[k]], t.offset[rows[k]])  # noqa: E731
         runs: list[list[int]] = []  # runs of positions in `rows` whose bytes are adjacent in one tar
-        for k in by_place:
-            r = rows[k]
+        for k in sorted(range(len(rows)), key=place):
             if runs:
-                p = rows[runs[-1][-1]]
-                if t.shard[p] == t.shard[r] and t.offset[p] + t.size[p] == t.offset[r]:
+                (src, shard, off), p = place(runs[-1][-1]), rows[runs[-1][-1]]
+                if (src, shard) == place(k)[:2] and off + t.size[p] == t.offset[rows[k]]:
                     runs[-1].append(k)
                     continue
             runs.append([k])
         ranges = []
         for run in runs:
             first, last = rows[run[0]], rows[run[-1]]
-            ranges.append((layout.tar_name(int(t.shard[first])), int(t.offset[first]), int(t.offset[last] + t.size[last])))
-        datas = self.store.loc.read_ranges(ranges)
+            ranges.append((self._source(first), layout.tar_name(int(t.shard[first])), int(t.offset[first]),
+                           int(t.offset[last] + t.size[last])))
+        datas: list[bytes | None] = [None] * len(ranges)
+        for src, store in enumerate(self.stores):
+            mine = [j for j, r in enumerate(ranges) if r[0] == src]
+            for j, data in zip(mine, store.loc.read_ranges([ranges[j][1:] for j in mine]) if mine else [], strict=True):
+                datas[j] = data
         out: list[dict | None] = [None] * len(rows)
-        for run, (name, base, _), data in zip(runs, ranges, datas, strict=True):
+        for run, (src, name, base, _), data in zip(runs, ranges, datas, strict=True):
             self.bytes_read += len(data)
             for k in run:
-                r = rows[k]
-                a = int(t.offset[r]) - base
-                where = f"{self.store.loc.url_of(name)}@{t.offset[r]}"
-                raw = tar.exact_sample(data[a:a + int(t.size[r])], where)
-                meta = meta_of(raw) if raw is not None else {}
-                want_id = t.ids[r] if t.ids is not None else meta.get("id")
-                if raw is None or meta.get("index") != int(t.index[r]) or meta.get("id") != want_id:
-                    raise StoreError(f"{where}: expected sample {int(t.index[r])} ({want_id}), "
-                                     + (f"found {meta.get('index')} ({meta.get('id')})" if raw is not None else
-                                        "found bytes that are not exactly one sample") + f": {self._which()}")
-                out[k] = raw
+                out[k] = self._one(rows[k], self.stores[src], name, data, base)
         return out
 
-    def _which(self) -> str:
+    def _one(self, r: int, store: Store, name: str, data: bytes, base: int) -> dict:
+        """Row `r`'s sample from the bytes read at `base` of tar `name`, checked to be it."""
+        t = self.table
+        a = int(t.offset[r]) - base
+        where = f"{store.loc.url_of(name)}@{t.offset[r]}"
+        raw = tar.exact_sample(data[a:a + int(t.size[r])], where)
+        meta = meta_of(raw) if raw is not None else {}
+        want_id = t.ids[r] if t.ids is not None else meta.get("id")
+        if raw is None or meta.get("index") != int(t.index[r]) or meta.get("id") != want_id:
+            raise StoreError(f"{where}: expected sample {int(t.index[r])} ({want_id}), "
+                             + (f"found {meta.get('index')} ({meta.get('id')})" if raw is not None else
+                                "found bytes that are not exactly one sample") + f": {self._which(store)}")
+        return raw
+
+    def _which(self, store: Store) -> str:
         """What names a sample's bytes, and how to mend it."""
-        if self.store.indexed:
+        if store.indexed:
             return (f"the store's sample index says where each sample lies ({layout.INDEX}/offset.npy, "
                     f"{layout.INDEX}/size.npy), and one of them is damaged: rebuild it with `python -m "
-                    f"pipeline.inspect {self.store.url} index` (`verify` names the damaged file)")
-        return f"the tar does not match its record; run `python -m pipeline.inspect {self.store.url} verify`"
+                    f"pipeline.inspect {store.url} index` (`verify` names the damaged file)")
+        return f"the tar does not match its record; run `python -m pipeline.inspect {store.url} verify`"
 
     def batch_at(self, step: int, part: int) -> dict:
         """Micro-batch `part` of global batch `step`, read, decoded, mapped and collated."""
         a, b = micro_batch_positions(step, part, global_batch=self.global_batch, micro_batch=self.micro_batch)
-        rows = []
-        for pos, raw in zip(range(a, b), self.read_rows(self.order.rows(a, b)), strict=True):
-            sample = decode_sample(raw, self.manifest, self.tasks, compact=self.compact)
-            sample["position"] = pos
-            rows.append(self.map_fn(sample) if self.map_fn is not None else sample)
-        batch = self.collate_fn(rows) if self.collate_fn is not None else {"rows": rows}
+        rows, samples = self.order.rows(a, b), []
+        for pos, r, raw in zip(range(a, b), rows, self.read_rows(rows), strict=True):
+            src = self._source(r)
+            sample = decode_sample(raw, self.stores[src].manifest, self.tasks, compact=self.compact)
+            sample["position"], sample["store"] = pos, src  # the store travels with its sample
+            samples.append(self.map_fn(sample) if self.map_fn is not None else sample)
+        batch = self.collate_fn(samples) if self.collate_fn is not None else {"rows": samples}
         last = part == (self.rank + 1) * self.accum - 1
         batch.update(step=step, part=part, positions=(a, b), row_offset=a - step * self.global_batch,
                      resume_at=(step + 1) * self.global_batch if last else step * self.global_batch)
@@ -192,6 +230,12 @@ class TargetStream(tud.IterableDataset):
         for i, (step, part) in enumerate(self.rank_micro_batches(start_step)):
             if i % workers == worker:
                 yield self.batch_at(step, part)
+
+
+def _mix_text(stores: list[dict] | None) -> str:
+    if not stores:
+        return "one store"
+    return " + ".join(f"{m['store']} (weight {m['weight']}, {m['samples']} samples an epoch)" for m in stores)
 
 
 def _rank_world(rank: int | None, world: int | None) -> tuple[int, int]:

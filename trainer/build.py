@@ -107,16 +107,29 @@ def expected_teachers(cfg: PTConfig, manifest_path: str | None = None) -> dict:
 
 
 def open_store(cfg: PTConfig, url: str | None = None, manifest_path: str | None = None) -> tuple[Store, dict]:
-    """The store (`url`, default the config's) and the teacher identity it must have (`manifest_path`, default
+    """The store (`url`, default the config's first) and the teacher identity it must have (`manifest_path`, default
     the config's manifest), checked (tasks, done shards, teachers, at least one usable sample)."""
     expected = expected_teachers(cfg, manifest_path)
-    store = Store(url or cfg.data.store, use_index=True)
+    store = Store(url or cfg.data.sources()[0][0], use_index=True)
     tasks = cfg.tasks.names
     store.require(tasks, expected_teachers=expected, allow_partial=cfg.data.allow_partial_store, formats=["wds"])
     if usable_samples(store, tasks) == 0:
         raise StoreError(f"store {store.url}: none of its {store.samples_done(tasks)} samples in done shards has "
                          f"a usable image (errors.jsonl says why): nothing to train on")
     return store, expected
+
+
+def open_stores(cfg: PTConfig) -> list[Store]:
+    """The run's stores (data.store, or data.stores to mix), each checked as `open_store` does; several must give
+    the trained tasks' targets in one shape."""
+    paths, _ = cfg.data.sources()
+    stores = [open_store(cfg, p)[0] for p in paths]
+    for t in cfg.tasks.names:
+        shapes = {s.url: tuple(s.manifest.tasks[t].shape) for s in stores}
+        if len(set(shapes.values())) > 1:
+            raise StoreError(f"the stores' {t} targets have different shapes ({shapes}): a mix trains one model, "
+                             f"so its stores must come from the same teachers")
+    return stores
 
 
 def usable_samples(store: Store, tasks) -> int:
@@ -165,7 +178,8 @@ class PTRun(Trainable):
 
 
 def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> PTRun:
-    store, _ = open_store(cfg)
+    stores = open_stores(cfg)
+    store = stores[0]
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks.names}
 
     if "model" in (cfg.model.image_aspect, cfg.model.vision_tower, cfg.model.chat_template):
@@ -179,7 +193,7 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     image = ImageRecipe.from_pretrained(cfg.model.vision_tower, cfg.model.image_aspect)
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
     sharded = shard_trained(model, world, device) if cfg.model.sharding == "fsdp" else None  # before AdamW
-    return assemble(cfg, device, dtype, store, tokenizer, model, builder, image, rank, world, attn, sharded)
+    return assemble(cfg, device, dtype, stores, tokenizer, model, builder, image, rank, world, attn, sharded)
 
 
 def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
@@ -194,17 +208,22 @@ def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:
                                   **original)
 
 
-def assemble(cfg: PTConfig, device, dtype, store: Store, tokenizer, model, builder: PromptBuilder,
+def assemble(cfg: PTConfig, device, dtype, stores: Store | list[Store], tokenizer, model, builder: PromptBuilder,
              image: ImageRecipe, rank: int, world: int, attn: str, sharded: Sharded | None = None) -> PTRun:
-    """A run from its model: the stream of the store's targets for `cfg.tasks.names` (`store` has passed open_store's
-    checks) to the run's last step, AdamW over what trains, the cosine schedule (PT and probing alike)."""
+    """A run from its model: the stream of the stores' targets for `cfg.tasks.names` (each has passed open_store's
+    checks; several are mixed by data.mix) to the run's last step, AdamW over what trains, the cosine schedule (PT
+    and probing alike)."""
+    stores = stores if isinstance(stores, list) else [stores]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     opt, tasks = cfg.optim, cfg.tasks.names
-    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * usable_samples(store, tasks) / opt.global_batch_size))
-    stream = TargetStream(store, tasks, global_batch=opt.global_batch_size, micro_batch=opt.micro_batch_size,
+    per_epoch = sum(usable_samples(s, tasks) for s in stores)  # a mix keeps the stores' total
+    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * per_epoch / opt.global_batch_size))
+    store = stores[0]
+    stream = TargetStream(stores, tasks, global_batch=opt.global_batch_size, micro_batch=opt.micro_batch_size,
                           seed=opt.seed, chunk=cfg.data.order_chunk, mix=cfg.data.order_mix, rank=rank, world_size=world,
                           map_fn=PTSample(builder, image, tasks, store.manifest.tasks),
-                          collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps)
+                          collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps,
+                          weights=cfg.data.sources()[1] if len(stores) > 1 else None)
     step = trainable(cfg, model, device, dtype, total_steps)
     return PTRun(**vars(step), store=store, tokenizer=tokenizer, stream=stream, total_steps=total_steps,
                  pad_id=pad_id, attn=attn, sharded=sharded)

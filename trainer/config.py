@@ -62,14 +62,47 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    store: str = ""
+    store: str = ""  # one store (--store)
+    stores: list = field(default_factory=list)  # several, in one global order: paths, or {path, weight} mappings
+    mix: list | None = None  # each store's weight (--mix 3,1); null: proportional to size (their concatenation)
     allow_partial_store: bool = False
     order_chunk: int = 4
     order_mix: int = 32
     num_workers: int = 4
 
+    def sources(self) -> tuple[list[str], list[float] | None]:
+        """(the stores' paths, their weights or None), from `store`, or `stores` and `mix` (checked)."""
+        if not self.stores:
+            return [self.store], None
+        paths = [e["path"] if isinstance(e, dict) else str(e) for e in self.stores]
+        given = [e.get("weight") for e in self.stores if isinstance(e, dict) and e.get("weight") is not None]
+        weights = self.mix if self.mix is not None else given or None
+        return paths, None if weights is None else [float(w) for w in weights]
+
+    def _mix_problems(self) -> list[str]:
+        if self.store and self.stores:
+            return ["data.store and data.stores are both given: list every store in data.stores (or --store, "
+                    "repeated)"]
+        bad = [e for e in self.stores if not (isinstance(e, str) and e) and not (isinstance(e, dict) and
+                                                                               e.get("path") and set(e) <= {"path", "weight"})]
+        if bad:
+            return [f"data.stores: each entry is a path or {{path: ..., weight: ...}}, got {bad[0]!r}"]
+        given = [e for e in self.stores if isinstance(e, dict) and e.get("weight") is not None]
+        if given and (len(given) != len(self.stores) or self.mix is not None):
+            return ["data.stores: give every store a weight, or none (and --mix for all of them)"]
+        weights = self.mix if self.mix is not None else [e["weight"] for e in given]
+        if self.mix is not None and len(self.mix) != max(1, len(self.stores)):
+            return [f"data.mix has {len(self.mix)} weights for {max(1, len(self.stores))} stores: give one per --store"]
+        try:
+            if any(not float(w) > 0 for w in weights):
+                raise ValueError
+        except (TypeError, ValueError):
+            return [f"data.mix: weights are positive numbers (e.g. --mix 3,1), got {weights!r}"]
+        return []
+
     def problems(self) -> list[str]:
-        out = [] if self.store else ["data.store is required (--store)"]
+        out = [] if self.store or self.stores else ["data.store is required (--store)"]
+        out += self._mix_problems()
         out += _at_least(self, "data", {"num_workers": 0, "order_chunk": 1})
         if self.order_mix < self.order_chunk or self.order_mix % self.order_chunk:
             out.append(f"data.order_mix ({self.order_mix}) must be a multiple of data.order_chunk "
@@ -220,6 +253,8 @@ class PTConfig:
             problems = self._between_sections()
         if problems:
             raise ValueError("bad trainer config:\n  " + "\n  ".join(problems))
+        if self.data.mix is not None:  # `--mix 3,1` arrives as text
+            self.data.mix = [float(w) for w in self.data.mix]
 
     def _between_sections(self) -> list[str]:
         m, out = self.model, []

@@ -33,8 +33,12 @@ from trainer.sharding import trained_state_bytes
 def parse_args(argv=None) -> PTConfig:
     p = argparse.ArgumentParser(prog="python -m trainer.pt", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", help="store written by pipeline.extract_teachers: a folder or a URL (s3://bucket/prefix); "
-                                   "its WebDataset shards are read")
+    p.add_argument("--store", action="append", help="store written by pipeline.extract_teachers: a folder or a URL "
+                                                     "(s3://bucket/prefix); its WebDataset shards are read. Repeat it "
+                                                     "to mix several stores in one global order")
+    p.add_argument("--mix", help="with several --store: each one's share of the samples drawn, e.g. 3,1 (default: "
+                                 "proportional to their sizes); a share above a store's size repeats its samples, "
+                                 "below it takes a subset chosen by the seed")
     p.add_argument("--llm", help="HF id or folder of the causal LM (default: Meta-Llama-3-8B-Instruct)")
     p.add_argument("--vision-tower", help="HF id or folder of the base encoder: CLIP-ViT (default: "
                                           "openai/clip-vit-large-patch14-336) or an open_clip ConvNeXt "
@@ -48,7 +52,8 @@ def parse_args(argv=None) -> PTConfig:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     a = p.parse_args(argv)
     try:
-        return load_config(a.config, {"store": a.store, "llm": a.llm, "vision_tower": a.vision_tower,
+        stores = {"store": a.store[0]} if a.store and len(a.store) == 1 else {"stores": a.store}
+        return load_config(a.config, {**stores, "mix": a.mix, "llm": a.llm, "vision_tower": a.vision_tower,
                                       "output_dir": a.output_dir, "teachers_manifest": a.teachers_manifest,
                                       "fidelity": a.fidelity, "max_steps": a.max_steps, "resume": a.resume or None},
                            a.set)

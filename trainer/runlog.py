@@ -64,8 +64,12 @@ class RunLog:
         """After optimizer step `step`: its sample ids; on log steps the losses and rates."""
         if self.main:
             start = (step - 1) * self.cfg.optim.global_batch_size
-            ids = self.stream.ids_of(start, start + self.cfg.optim.global_batch_size)
-            self.samples_file.write(json.dumps({"step": step, "position": start, "ids": ids}) + "\n")
+            stop = start + self.cfg.optim.global_batch_size
+            record = {"step": step, "position": start, "ids": self.stream.ids_of(start, stop)}
+            stores = self.stream.stores_of(start, stop)
+            if stores is not None:  # a mix: each id's store, its place in data.stores (config.json)
+                record["stores"] = stores
+            self.samples_file.write(json.dumps(record) + "\n")
             self.samples_file.flush()
             self.bar.update(1)
         if step % self.cfg.run.log_every == 0 or step == self.bar.total:

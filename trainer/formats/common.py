@@ -66,6 +66,7 @@ def model_info(run) -> dict:
             "special_tokens": cfg.tasks.special_tokens, "predictor": cfg.tasks.predictor,
             "target_shapes": {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks.names},
             "target_token_order": TOKEN_ORDER, "teachers": run.store.teachers(), "store": run.store.url,
+            **({"stores": run.stream.mix_info} if run.stream.mixed else {}),
             "global_batch_size": cfg.optim.global_batch_size, "connector": cfg.model.connector,
             "vlora": getattr(model.projector, "s", None)}
 
