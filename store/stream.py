@@ -211,17 +211,22 @@ class TargetStream(tud.IterableDataset):
     def batch_at(self, step: int, part: int) -> dict:
         """Micro-batch `part` of global batch `step`, read, decoded, mapped and collated."""
         a, b = micro_batch_positions(step, part, global_batch=self.global_batch, micro_batch=self.micro_batch)
+        batch = self.batch_of(a, b)
+        last = part == (self.rank + 1) * self.accum - 1
+        batch.update(step=step, part=part, positions=(a, b), row_offset=a - step * self.global_batch,
+                     resume_at=(step + 1) * self.global_batch if last else step * self.global_batch)
+        return batch
+
+    def batch_of(self, a: int, b: int) -> dict:
+        """The samples at global positions [a, b), read, decoded, mapped and collated (a held-out evaluation
+        reads its fixed positions so)."""
         rows, samples = self.order.rows(a, b), []
         for pos, r, raw in zip(range(a, b), rows, self.read_rows(rows), strict=True):
             src = self._source(r)
             sample = decode_sample(raw, self.stores[src].manifest, self.tasks, compact=self.compact)
             sample["position"], sample["store"] = pos, src  # the store travels with its sample
             samples.append(self.map_fn(sample) if self.map_fn is not None else sample)
-        batch = self.collate_fn(samples) if self.collate_fn is not None else {"rows": samples}
-        last = part == (self.rank + 1) * self.accum - 1
-        batch.update(step=step, part=part, positions=(a, b), row_offset=a - step * self.global_batch,
-                     resume_at=(step + 1) * self.global_batch if last else step * self.global_batch)
-        return batch
+        return self.collate_fn(samples) if self.collate_fn is not None else {"rows": samples}
 
     def __iter__(self):
         info = tud.get_worker_info()

@@ -46,6 +46,11 @@ def same_losses(a: Path, b: Path, tol: float = 1e-5) -> None:
             if not k.endswith("_per_s"):
                 assert y[k] == pytest.approx(v, rel=tol, abs=tol), (x["step"], k, v, y[k])
     assert ids_of(a) == ids_of(b)
+    evals = [[json.loads(x) for x in (run / "logs" / "eval.jsonl").read_text().splitlines()]
+             if (run / "logs" / "eval.jsonl").exists() else [] for run in (a, b)]
+    assert len(evals[0]) == len(evals[1])
+    for x, y in zip(*evals, strict=True):  # held-out figures: the same whatever the ranks and sharding
+        assert x.keys() == y.keys() and all(y[k] == pytest.approx(v, rel=tol, abs=tol) for k, v in x.items())
 
 
 def state_line(log: str) -> int:
@@ -83,11 +88,13 @@ def test_fsdp_gives_ddp_s_losses_halves_the_state_and_resumes_across_shardings(t
     def argv(out, sharding, *extra):
         return trainer_args(trainer_store, tiny_models, tiny_teachers, out, "--max-steps", "4",
                             "--set", "global_batch_size=8", "--set", "num_workers=1", "--set", "save_every=2",
-                            "--set", "log_every=1", "--set", f"model.sharding={sharding}", *extra)
+                            "--set", "log_every=1", "--set", f"model.sharding={sharding}", "--eval-store",
+                            trainer_store, "--eval-every", "2", "--eval-samples", "10", *extra)
 
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     ddp_log, fsdp_log = torchrun(argv(ddp, "none")), torchrun(argv(fsdp, "fsdp"))
     same_losses(ddp, fsdp)
+    assert [json.loads(x)["step"] for x in (fsdp / "logs" / "eval.jsonl").read_text().splitlines()] == [2, 4]
     whole, shard = state_line(ddp_log), state_line(fsdp_log)
     assert "sharding fsdp over 2 ranks" in fsdp_log and "whole on every rank" in ddp_log
     assert whole / 2 <= shard <= whole / 2 + 4096, (whole, shard)  # halves, up to the uneven split's padding

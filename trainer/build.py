@@ -18,6 +18,7 @@ from store import Store, StoreError, TargetStream
 from trainer.config import PTConfig
 from trainer.data import ImageRecipe, PTSample, collate
 from trainer.errors import TrainerError
+from trainer.evaluate import HeldOut
 from trainer.model import OLAPT
 from trainer.sequence import Layout
 from trainer.sharding import Sharded, shard_trained
@@ -175,6 +176,7 @@ class PTRun(Trainable):
     pad_id: int = 0
     attn: str = "sdpa"
     sharded: Sharded | None = None  # the trained state split over the ranks (trainer.sharding)
+    held_out: HeldOut | None = None  # the held-out evaluation (trainer.evaluate)
 
 
 def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> PTRun:
@@ -225,5 +227,23 @@ def assemble(cfg: PTConfig, device, dtype, stores: Store | list[Store], tokenize
                           collate_fn=partial(collate, pad_id=pad_id), stop_step=total_steps,
                           weights=cfg.data.sources()[1] if len(stores) > 1 else None)
     step = trainable(cfg, model, device, dtype, total_steps)
+    held_out = held_out_of(cfg, store, PTSample(builder, image, tasks, store.manifest.tasks),
+                           partial(collate, pad_id=pad_id), rank, world) if cfg.run.eval_every else None
     return PTRun(**vars(step), store=store, tokenizer=tokenizer, stream=stream, total_steps=total_steps,
-                 pad_id=pad_id, attn=attn, sharded=sharded)
+                 pad_id=pad_id, attn=attn, sharded=sharded, held_out=held_out)
+
+
+def held_out_of(cfg: PTConfig, store: Store, map_fn, collate_fn, rank: int, world: int) -> HeldOut:
+    """The held-out evaluation of data.eval_store (checked as the training stores are, its targets in their
+    shapes), read in the run's order and micro-batches."""
+    ev = open_store(cfg, cfg.data.eval_store)[0]
+    for t in cfg.tasks.names:
+        if tuple(ev.manifest.tasks[t].shape) != tuple(store.manifest.tasks[t].shape):
+            raise StoreError(f"eval store {ev.url}: its {t} targets are {tuple(ev.manifest.tasks[t].shape)}, the "
+                             f"training store's {tuple(store.manifest.tasks[t].shape)}: evaluate on a store of the "
+                             f"same teachers")
+    mb = cfg.optim.micro_batch_size
+    stream = TargetStream(ev, cfg.tasks.names, global_batch=mb, micro_batch=mb, seed=cfg.optim.seed,
+                          chunk=cfg.data.order_chunk, mix=cfg.data.order_mix, rank=0, world_size=1,
+                          map_fn=map_fn, collate_fn=collate_fn)
+    return HeldOut(stream, cfg.run.eval_samples, mb, rank, world)

@@ -65,6 +65,7 @@ class DataSection:
     store: str = ""  # one store (--store)
     stores: list = field(default_factory=list)  # several, in one global order: paths, or {path, weight} mappings
     mix: list | None = None  # each store's weight (--mix 3,1); null: proportional to size (their concatenation)
+    eval_store: str = ""  # held-out samples (--eval-store): their losses every run.eval_every steps
     allow_partial_store: bool = False
     order_chunk: int = 4
     order_mix: int = 32
@@ -203,10 +204,13 @@ class RunSection:
     tensorboard: bool = True
     resume: bool = False
     note: str = ""
+    eval_every: int = 0  # steps between held-out evaluations of data.eval_store (0: none)
+    eval_samples: int = 256  # the held-out samples each evaluation reads: the first of the eval store's order
 
     def problems(self) -> list[str]:
         out = [] if self.output_dir else ["run.output_dir is required (--output-dir)"]
-        return out + _at_least(self, "run", {"log_every": 1, "save_every": 1, "keep_checkpoints": 0})
+        return out + _at_least(self, "run", {"log_every": 1, "save_every": 1, "keep_checkpoints": 0,
+                                             "eval_every": 0, "eval_samples": 1})
 
 
 @dataclass
@@ -268,6 +272,8 @@ class PTConfig:
                 VLoRASettings.of(self.vlora)
             except VLoRAError as e:
                 out.append(str(e))
+        if bool(self.data.eval_store) != bool(self.run.eval_every):
+            out.append("data.eval_store (--eval-store) and run.eval_every (--eval-every) go together: give both")
         if (m.chat_template == "plain") != (m.connector == "vlora"):
             out.append(f"chat_template plain is VLoRA's PT conversation and goes with connector vlora (got "
                        f"chat_template {m.chat_template}, connector {m.connector})")

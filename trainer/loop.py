@@ -49,6 +49,8 @@ def train(run: PTRun, out: Path, rank: int, world: int, log, meta: dict | None =
             done = train_step(run, [to_device(b, run.device) for b in micro], net)
             step += 1
             runlog.step(step, done.terms, done.grad_norm, done.lr)
+            if getattr(run, "held_out", None) and step % cfg.run.eval_every == 0:
+                runlog.eval(step, run.held_out(model, run.device, autocast_of(run)))
             if (rank == 0 or sharded) and (step % cfg.run.save_every == 0 or step == run.total_steps):
                 ckpt.save(step)  # sharded: every rank gathers, rank 0 writes
     return step
@@ -67,8 +69,7 @@ def train_step(run: Trainable, micro: list[dict], net: torch.nn.Module | None = 
     loop and every benchmark that times a step call this. `net`: the model wrapped for DDP, if it is; an FSDP model
     (trainer.sharding) reduce-scatters its gradients after the last micro-batch only, as DDP all-reduces them."""
     model, net = run.model, net or run.model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.dtype == torch.bfloat16 and \
-        run.device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_of(run)
     ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
     context = model.step_context(micro)
     terms = {}
@@ -92,6 +93,13 @@ def train_step(run: Trainable, micro: list[dict], net: torch.nn.Module | None = 
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(terms, grad_norm, lr)
+
+
+def autocast_of(run: Trainable):
+    """bf16 autocast on CUDA when the run computes in bf16 (the trained weights stay fp32), else nothing."""
+    if run.dtype == torch.bfloat16 and run.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def resume(ckpt: Checkpointer, out: Path, log) -> int:

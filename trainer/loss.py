@@ -51,13 +51,13 @@ class Negatives:
     valid: torch.Tensor  # (G,) bool
 
     @classmethod
-    def of(cls, targets: list[torch.Tensor], valid: list[torch.Tensor]) -> Negatives:
+    def of(cls, targets: list[torch.Tensor], valid: list[torch.Tensor], gather: bool = True) -> Negatives:
         """From this rank's micro-batches of the step (in order), gathered over the process group (rank r's
-        micro-batches come before rank r+1's, as the stream assigns them)."""
+        micro-batches come before rank r+1's, as the stream assigns them); `gather` False: this rank's only."""
         with torch.no_grad():
             t = F.normalize(torch.cat([x.float().flatten(1) for x in targets]), dim=-1)
             v = torch.cat(valid).bool()
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 ts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
                 vs = [torch.empty_like(v, dtype=torch.uint8) for _ in range(dist.get_world_size())]
                 dist.all_gather(ts, t.contiguous())
@@ -66,10 +66,10 @@ class Negatives:
         return cls(t, v)
 
 
-def step_negatives(micro_batches: list[dict], tasks) -> dict[str, Negatives]:
+def step_negatives(micro_batches: list[dict], tasks, gather: bool = True) -> dict[str, Negatives]:
     """Every task's `Negatives` for one step, from this rank's micro-batches (already on the device)."""
-    return {t: Negatives.of([b["targets"][t] for b in micro_batches], [b["valid"][t] for b in micro_batches])
-            for t in tasks}
+    return {t: Negatives.of([b["targets"][t] for b in micro_batches], [b["valid"][t] for b in micro_batches],
+                            gather) for t in tasks}
 
 
 def infonce(pred: torch.Tensor, valid: torch.Tensor, negatives: Negatives, row_offset: int,

@@ -39,6 +39,11 @@ def parse_args(argv=None) -> PTConfig:
     p.add_argument("--mix", help="with several --store: each one's share of the samples drawn, e.g. 3,1 (default: "
                                  "proportional to their sizes); a share above a store's size repeats its samples, "
                                  "below it takes a subset chosen by the seed")
+    p.add_argument("--eval-store", help="a store of held-out samples: every --eval-every steps, the NTP loss and "
+                                        "each task's embedding losses per layer on them (logs/eval.jsonl)")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (with --eval-store)")
+    p.add_argument("--eval-samples", type=int, help="held-out samples each evaluation reads (default 256), the "
+                                                    "same ones every time: the first of the eval store's order")
     p.add_argument("--llm", help="HF id or folder of the causal LM (default: Meta-Llama-3-8B-Instruct)")
     p.add_argument("--vision-tower", help="HF id or folder of the base encoder: CLIP-ViT (default: "
                                           "openai/clip-vit-large-patch14-336) or an open_clip ConvNeXt "
@@ -53,7 +58,8 @@ def parse_args(argv=None) -> PTConfig:
     a = p.parse_args(argv)
     try:
         stores = {"store": a.store[0]} if a.store and len(a.store) == 1 else {"stores": a.store}
-        return load_config(a.config, {**stores, "mix": a.mix, "llm": a.llm, "vision_tower": a.vision_tower,
+        return load_config(a.config, {**stores, "mix": a.mix, "eval_store": a.eval_store, "eval_every": a.eval_every,
+                                        "eval_samples": a.eval_samples, "llm": a.llm, "vision_tower": a.vision_tower,
                                       "output_dir": a.output_dir, "teachers_manifest": a.teachers_manifest,
                                       "fidelity": a.fidelity, "max_steps": a.max_steps, "resume": a.resume or None},
                            a.set)
@@ -78,6 +84,10 @@ def main(argv=None) -> int:
         + (f" over {world} ranks" if run.sharded else " (whole on every rank)" if world > 1 else ""))
     log(f"data: {stream.num_samples:,} usable samples per epoch, global batch {cfg.optim.global_batch_size} = "
         f"{stream.accum} x {cfg.optim.micro_batch_size} x {world} processes, {run.total_steps} steps")
+    if run.held_out:
+        note = run.held_out.note(cfg.run.eval_samples)
+        log(f"held-out: {run.held_out.samples} samples of {cfg.data.eval_store} every {cfg.run.eval_every} steps "
+            f"(logs/eval.jsonl)" + (f"; note: {note}" if note else ""))
     out = Path(cfg.run.output_dir)
     train(run, out, rank, world, log, meta={"model": model_info(run)})
     if rank == 0:  # the last checkpoint, exported as every later `trainer.export` of it would be

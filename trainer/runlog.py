@@ -21,6 +21,8 @@ class RunLog:
         self.cfg, self.stream, self.device, self.world = run.cfg, run.stream, run.device, world
         self.main, self.logs = rank == 0, Path(out) / "logs"
         self.fixed_tokens = run.model.layout.text_start  # per sample, before the text
+        held_out = getattr(run, "held_out", None)
+        self.held_out_samples = held_out.samples if held_out else 0
         self.tb, self.samples_file = None, None
         if self.main:
             self._open(Path(out), step, log)
@@ -31,7 +33,7 @@ class RunLog:
 
     def _open(self, out: Path, step: int, log) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
-        for name in ("train.jsonl", "samples.jsonl"):  # drop what a killed run logged after its last checkpoint
+        for name in ("train.jsonl", "samples.jsonl", "eval.jsonl"):  # drop what a killed run logged after its last checkpoint
             if self.cfg.run.resume and (self.logs / name).exists():
                 kept = [ln for ln in (self.logs / name).read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
                 (self.logs / name).write_text("".join(ln + "\n" for ln in kept))
@@ -91,6 +93,19 @@ class RunLog:
                 "samples": total["samples"] / steps, "samples_per_s": total["samples"] / secs,
                 "tokens_per_s": total["tokens"] / secs,
                 **{f"valid/{t}": total[f"valid/{t}"] / steps for t in self.cfg.tasks.names}}
+
+    def eval(self, step: int, figures: dict) -> None:
+        """A held-out evaluation's figures (trainer.evaluate), the same on every rank: logs/eval.jsonl and
+        TensorBoard's eval/."""
+        if not self.main:
+            return
+        record = {"step": step, "samples": self.held_out_samples, **figures}
+        with open(self.logs / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.bar.write(f"step {step}: held-out loss {figures['loss']:.4f} ({self.held_out_samples} samples)")
+        if self.tb is not None:
+            for k, v in figures.items():
+                self.tb.add_scalar(f"eval/{k}", v, step)
 
     def _write(self, step: int, record: dict) -> None:
         if not self.main:
