@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from recipes.manifest import TASKS
+from trainer.reporting import REPORTERS
 
 DEFAULTS = Path(__file__).parent / "configs" / "ola_vlm_pt.yaml"
 REMOVED = {  # keys of earlier olaf configs: what took their place
@@ -201,7 +202,9 @@ class RunSection:
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
-    tensorboard: bool = True
+    tensorboard: bool = True  # false drops tensorboard from report_to (configs before report_to)
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (trainer.reporting)
+    wandb_project: str = "olaf"
     resume: bool = False
     note: str = ""
     eval_every: int = 0  # steps between held-out evaluations of data.eval_store (0: none)
@@ -209,6 +212,11 @@ class RunSection:
 
     def problems(self) -> list[str]:
         out = [] if self.output_dir else ["run.output_dir is required (--output-dir)"]
+        unknown = [n for n in self.report_to if n not in REPORTERS] \
+            if isinstance(self.report_to, list) else [self.report_to]
+        if unknown:
+            out.append(f"run.report_to: {unknown} unknown; a list of tensorboard and wandb (e.g. "
+                       f"--set run.report_to=tensorboard,wandb)")
         return out + _at_least(self, "run", {"log_every": 1, "save_every": 1, "keep_checkpoints": 0,
                                              "eval_every": 0, "eval_samples": 1})
 

@@ -1,5 +1,6 @@
 """A run's logs, in OUT: config.json, logs/train.jsonl (every logged step, every loss term), logs/samples.jsonl
-(the sample ids of each step, from the global order, without communication), tensorboard/, the progress bar; the
+(the sample ids of each step, from the global order, without communication), logs/eval.jsonl (held-out losses),
+TensorBoard and W&B (trainer.reporting), the progress bar; the
 counts kept between logs, and their reduction over ranks at log time, the only place the host waits for the
 device."""
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import saved
+from trainer.reporting import close, open_reporters, report
 
 
 class RunLog:
@@ -23,7 +25,7 @@ class RunLog:
         self.fixed_tokens = run.model.layout.text_start  # per sample, before the text
         held_out = getattr(run, "held_out", None)
         self.held_out_samples = held_out.samples if held_out else 0
-        self.tb, self.samples_file = None, None
+        self.reporters, self.samples_file = [], None
         if self.main:
             self._open(Path(out), step, log)
         from tqdm import tqdm
@@ -39,13 +41,9 @@ class RunLog:
                 (self.logs / name).write_text("".join(ln + "\n" for ln in kept))
         (out / "config.json").write_text(json.dumps(saved(self.cfg), indent=1))
         self.samples_file = open(self.logs / "samples.jsonl", "a")  # noqa: SIM115  (closed in close())
-        if self.cfg.run.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(out / "tensorboard")
-            except ImportError:
-                log("note: tensorboard is not installed: no TensorBoard events (logs/train.jsonl has everything)")
+        names = [n for n in self.cfg.run.report_to if n != "tensorboard" or self.cfg.run.tensorboard]
+        config = {**saved(self.cfg), "stores": self.stream.mix_info}
+        self.reporters = open_reporters(names, out, self.cfg.run.wandb_project, config, step, log)
 
     def _reset(self) -> None:
         self.t0 = time.perf_counter()
@@ -103,9 +101,7 @@ class RunLog:
         with open(self.logs / "eval.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.bar.write(f"step {step}: held-out loss {figures['loss']:.4f} ({self.held_out_samples} samples)")
-        if self.tb is not None:
-            for k, v in figures.items():
-                self.tb.add_scalar(f"eval/{k}", v, step)
+        report(self.reporters, {f"eval/{k}": v for k, v in figures.items()}, step)
 
     def _write(self, step: int, record: dict) -> None:
         if not self.main:
@@ -113,14 +109,10 @@ class RunLog:
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", smp_s=f"{record['samples_per_s']:.1f}", refresh=False)
         with open(self.logs / "train.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, step)
+        report(self.reporters, {k: v for k, v in record.items() if k != "step"}, step)
 
     def close(self) -> None:
         self.bar.close()
         if self.samples_file is not None:
             self.samples_file.close()
-        if self.tb is not None:
-            self.tb.close()
+        close(self.reporters)
