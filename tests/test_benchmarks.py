@@ -87,3 +87,8 @@ def test_olaf_at_scale(tmp_path):
                    "start-up to the first batch, s", "node memory for the store, bytes per sample",
                    "resume near the end of epoch 2, s", "inspect summary (every record), s"):
         assert sum(figure in line for line in out.splitlines()) == 2, (figure, out)  # a line for each size
+
+
+def test_the_trained_state_per_rank_under_ddp_and_fsdp():
+    out = bench("sharding", "--vlora-dim", "64", "--vlora-depth", "1", "--vlora-rank", "4")
+    assert {"none (DDP)", "fsdp (FSDP2)"} <= rows(out) and "2,027,531,264 trained parameters" in out, out

@@ -110,6 +110,9 @@ def test_pt_and_probe_figures(tiny_proof):
     parts = tiny_proof[0]["parts"]
     pt = parts["pt"]
     assert list(pt["modes"]) == MODES
+    fsdp, whole = pt["vlora_fsdp"], pt["modes"]["VLoRA PT"]
+    assert fsdp["sharding"] == "fsdp" and fsdp["ms_per_sample"] > 0  # the fsdp code path ran a step
+    assert fsdp["trained_params"] == whole["trained_params"] and fsdp["trained_state_bytes"] > 0
     rows = pt["modes"]
     task_tokens = sum(yaml.safe_load(PT_YAML.read_text())["tasks"]["task_tokens"].values())
     # OLA-VLM's sequence is LLaVA's plus its task tokens; VLoRA's has no image tokens (24 x 24 patches)

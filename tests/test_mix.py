@@ -129,6 +129,7 @@ def teacher_free(tmp_path_factory, trainer_dataset, tiny_teachers):
                             teachers_yaml=True) for name in "ab"]
 
 
+@pytest.mark.slow
 def test_the_trainer_mixes_two_stores_3_to_1_and_refuses_another_mix_on_resume(tmp_path, teacher_free, tiny_models,
                                                                                 tiny_teachers):
     out = tmp_path / "out"

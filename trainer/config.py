@@ -242,8 +242,11 @@ SECTIONS = {"model": ModelSection, "data": DataSection, "tasks": TasksSection, "
 # four that were named otherwise; `vlora` is a section of its own
 RENAMED = {"tasks": ("tasks", "names"), "probe_answer": ("probe", "answer"),
            "probe_eval_resize": ("probe", "eval_resize"), "probe_task_tokens": ("probe", "task_tokens")}
+# fields added after the sections have no flat key: they are named by their section only (`model.sharding`)
+SECTION_ONLY = {("model", "sharding"), ("data", "stores"), ("data", "mix"), ("data", "eval_store"),
+                ("run", "report_to"), ("run", "wandb_project"), ("run", "eval_every"), ("run", "eval_samples")}
 FLAT = {f.name: (s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-        if (s, f.name) not in RENAMED.values()} | RENAMED
+        if (s, f.name) not in RENAMED.values() and (s, f.name) not in SECTION_ONLY} | RENAMED
 
 
 @dataclass

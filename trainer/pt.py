@@ -57,9 +57,9 @@ def parse_args(argv=None) -> PTConfig:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     a = p.parse_args(argv)
     try:
-        stores = {"store": a.store[0]} if a.store and len(a.store) == 1 else {"stores": a.store}
-        return load_config(a.config, {**stores, "mix": a.mix, "eval_store": a.eval_store, "eval_every": a.eval_every,
-                                        "eval_samples": a.eval_samples, "llm": a.llm, "vision_tower": a.vision_tower,
+        stores = {"store": a.store[0]} if a.store and len(a.store) == 1 else {"data.stores": a.store}
+        return load_config(a.config, {**stores, "data.mix": a.mix, "data.eval_store": a.eval_store,
+                                      "run.eval_every": a.eval_every, "run.eval_samples": a.eval_samples, "llm": a.llm, "vision_tower": a.vision_tower,
                                       "output_dir": a.output_dir, "teachers_manifest": a.teachers_manifest,
                                       "fidelity": a.fidelity, "max_steps": a.max_steps, "resume": a.resume or None},
                            a.set)

@@ -28,6 +28,8 @@ def part_pt(proof: Proof, s: Setup) -> None:
     ola, llava = rows["OLA-VLM PT"], rows["LLaVA-1.5 PT (projector, NTP)"]
     share = ratio(llava.get("ms_per_sample"), ola.get("ms_per_sample"), 4)
     proof.put("task_tokens_and_heads_share", round(1 - share, 3) if share else None)
+    proof.check("VLoRA PT with its trained state under FSDP2 (model.sharding: fsdp)")
+    proof.put("vlora_fsdp", pt_row(s, tok, llm, tower, shapes, over, "VLoRA PT", fsdp=True))
     proof.check("OLA-VLM's step with the teachers inside it")
     inline = pt_row(s, tok, llm, tower, shapes, over, "OLA-VLM PT", teachers)
     proof.put("teachers_in_step", {**inline, "stored_vs_in_step": ratio(inline.get("ms_per_sample"),
@@ -56,13 +58,34 @@ def config(paths: list, **over):
     return load_config(paths, {"store": "unused", "output_dir": "unused", **over})
 
 
-def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None) -> dict:
+def one_rank_group(device: torch.device) -> None:
+    """A process group of this process alone (FSDP2 needs one), unless there is one."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None, fsdp: bool = False) -> dict:
     """One of vlora_step.MODES, its gradient checkpointing as configured; with `teachers`, their targets computed
-    inside the step."""
-    from trainer.build import enable_checkpointing, trainable
+    inside the step; `fsdp`: its trained state under FSDP2 on a one-rank group (the code path of
+    `model.sharding: fsdp`, its memory and time on one GPU; the saving itself needs several)."""
+    from trainer.build import PTRun, enable_checkpointing, trainable
     from trainer.loop import train_step
+    from trainer.sharding import shard_trained, trained_state_bytes
 
     model, layout, cfg = vlora_step.pt_model(mode, tok, llm, tower, shapes, over, s.device)
+    sharded = None
+    if fsdp:
+        one_rank_group(s.device)
+        sharded = shard_trained(model, 1, s.device, always=True)
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(llm)
         llm.train()
@@ -71,6 +94,8 @@ def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None) ->
     batch = vlora_step.batch_for(layout, s.pt_batch, 32, shapes, cfg.tasks.names, s.device)
     raw = jpegs(s.pt_batch) if teachers else None
     run = trainable(cfg, model, s.device, s.dtype, total_steps=1000)
+    if sharded:
+        run = PTRun(**vars(run), sharded=sharded)
 
     def step():
         if teachers:  # the original's way: per image, the PIL recipe and a batch-1 forward, inside the step
@@ -80,7 +105,8 @@ def pt_row(s: Setup, tok, llm, tower, shapes, over, mode: str, teachers=None) ->
 
     row = {"batch": s.pt_batch, "llm_tokens": layout.text_start + 32,
            "gradient_checkpointing": cfg.model.gradient_checkpointing,
-           "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+           "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "trained_state_bytes": trained_state_bytes(model)["total"], "sharding": "fsdp" if fsdp else "none"}
     s.reset_memory()
     try:
         secs = fits(lambda: median_seconds(step, s.device, min_calls=s.steps))

@@ -51,6 +51,8 @@ HEADLINES = {
     "pt": [
         lambda p: ", ".join(f"{k} {r['ms_per_sample']} ms/smp {r['peak_mem_gib']} GiB" for k, r in p["modes"].items()),
         lambda p: f"task tokens + heads share {p['task_tokens_and_heads_share']}",
+        lambda p: (f"VLoRA under fsdp {p['vlora_fsdp'].get('ms_per_sample')} ms/smp "
+                   f"{p['vlora_fsdp'].get('peak_mem_gib')} GiB, trained state {p['vlora_fsdp']['trained_state_bytes']:,} B"),
         lambda p: f"teachers in the step x{p['teachers_in_step']['stored_vs_in_step']}",
         lambda p: f"stored targets stream {p['loader']['samples_per_s']} smp/s: x{p['loader']['headroom']} the step"],
     "probe": [
