@@ -8,11 +8,12 @@ from recipes.manifest import ManifestError, TeacherManifest, TeacherSpec
 from teachers.base import Teacher
 from teachers.depth import DepthTeacher
 from teachers.gen import GenTeacher
+from teachers.hf_vision import HFVisionTeacher
 from teachers.seg import SegTeacher
 from teachers.standin import StandInTeacher
 
 ADAPTERS: dict[str, type[Teacher]] = {cls.architecture: cls for cls in (GenTeacher, DepthTeacher, SegTeacher,
-                                                                        StandInTeacher)}
+                                                                        StandInTeacher, HFVisionTeacher)}
 
 
 def adapter_for(spec: TeacherSpec) -> type[Teacher]:

@@ -75,8 +75,9 @@ def load_config(config_cls, ref: WeightsRef, task: str):
     return config_cls.from_dict(config_dict)
 
 
-def load_model(model_cls, config, ref: WeightsRef, task: str, prefix: str = ""):
-    """`model_cls` built from `config` and filled from the checkpoint tensors under `prefix`.
+def load_model(model_cls, config, ref: WeightsRef, task: str, prefix: str = "", part: bool = False):
+    """`model_cls` built from `config` and filled from the checkpoint tensors under `prefix`; `part`: the checkpoint
+    holds more than this module (a vision-language model's vision part) even without a prefix.
 
     Returns the model in the checkpoint's own dtype (the hash is taken on that)."""
     src, kw = _source(ref, task)
@@ -97,7 +98,7 @@ def load_model(model_cls, config, ref: WeightsRef, task: str, prefix: str = ""):
     # the checkpoint's other parts (a depth head, a pixel decoder) are unexpected by design; a tensor that lands
     # in the module's own namespace but fits nothing there is not: the checkpoint is another variant
     roots = {k.split(".")[0] for k in model.state_dict()}
-    unused = sorted(k for k in info.get("unexpected_keys") or [] if not prefix or k.split(".")[0] in roots)
+    unused = sorted(k for k in info.get("unexpected_keys") or [] if not (prefix or part) or k.split(".")[0] in roots)
     if bad or unused:
         what = ", ".join(x for x in (f"{len(bad)} missing or mismatched" if bad else "",
                                      f"{len(unused)} unexpected" if unused else "") if x)
