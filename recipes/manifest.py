@@ -26,19 +26,29 @@ from typing import Any
 import yaml
 
 from recipes.imageops import Op, parse_ops
+from store.layout import task_name_problem
 
 FORMAT = "olaf.teachers/1"
-TASKS = ("gen", "depth", "seg")  # the one copy of the task names; their canonical order everywhere
+TASKS = ("gen", "depth", "seg")  # OLA-VLM's three task names, the one copy; their order leads every task order
 FIDELITIES = ("original", "corrected")
 STORED_DTYPES = ("float16", "bfloat16")
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifests" / "ola_vlm.yaml"
 # the authors' probing protocol (train/probe_dsg_train.py, eval/eval_probe_dsg.py): its training and eval targets
 PROBE_MANIFEST = DEFAULT_MANIFEST.with_name("ola_vlm_probe.yaml")
 PROBE_EVAL_MANIFEST = DEFAULT_MANIFEST.with_name("ola_vlm_probe_eval.yaml")
+# OLA-VLM's three plus DINOv2-L with registers as a fourth target (hf_vision): the worked example of a new teacher
+DINO_MANIFEST = DEFAULT_MANIFEST.with_name("ola_vlm_dino.yaml")
 
 
 class ManifestError(ValueError):
     """A teacher manifest is malformed or asks for something olaf does not know."""
+
+
+def ordered_tasks(names) -> list[str]:
+    """The canonical order of a set of task names: OLA-VLM's three in their order (their token order), then any
+    other in name order. Every list of tasks olaf keeps or writes is in it."""
+    names = list(dict.fromkeys(names))
+    return [t for t in TASKS if t in names] + sorted(t for t in names if t not in TASKS)
 
 
 @dataclass(frozen=True)
@@ -125,9 +135,9 @@ class TeacherManifest:
         if unknown:
             raise ManifestError(
                 f"unknown teacher(s) {', '.join(map(repr, unknown))}: {self.source} defines "
-                f"{', '.join(self.teachers)} (the tasks olaf knows are {', '.join(TASKS)})"
+                f"{', '.join(self.teachers)}"
             )
-        return [self.teachers[t] for t in TASKS if t in tasks]
+        return [self.teachers[t] for t in ordered_tasks(tasks)]
 
     def identity(self, tasks=None, weights_sha256: dict[str, str] | None = None,
                  compute_dtypes: dict[str, str] | None = None, files_sha256: dict[str, str] | None = None) -> dict:
@@ -135,7 +145,7 @@ class TeacherManifest:
         weights reference and, once loaded, the weights' sha256, the weight files' content sha256 where they were
         found (`files_sha256`, recipes.weights_files), and the compute dtype (the one a run used,
         `compute_dtypes`, else the declared one)."""
-        tasks = [t for t in TASKS if t in (self.teachers if tasks is None else tasks)]  # []: no teacher
+        tasks = ordered_tasks(t for t in (self.teachers if tasks is None else tasks) if t in self.teachers)  # []: none
         return {
             "format": FORMAT,
             "name": self.name,
@@ -255,23 +265,36 @@ def parse_manifest(data: dict, source: str = "<manifest>", fidelity: str | None 
     if stored not in STORED_DTYPES:
         raise ManifestError(f"{source}: stored_dtype must be one of {', '.join(STORED_DTYPES)}, got {stored!r}")
     teachers_raw = _get(data, "teachers", source, dict)
-    unknown = [t for t in teachers_raw if t not in TASKS]
-    if unknown:
-        raise ManifestError(f"{source}: unknown teacher(s) {unknown}; olaf's tasks are {', '.join(TASKS)}")
-    teachers = {
-        t: _parse_teacher(t, teachers_raw[t], fidelity, f"{source}: teachers.{t}") for t in TASKS if t in teachers_raw
-    }
+    for t in teachers_raw:  # a task's name names its targets in stores, so it must be one a store can hold
+        problem = task_name_problem(t)
+        if problem:
+            raise ManifestError(f"{source}: teachers.{t}: {problem}")
+    teachers = {t: _parse_teacher(t, teachers_raw[t], fidelity, f"{source}: teachers.{t}")
+                for t in ordered_tasks(teachers_raw)}
     return TeacherManifest(
         name=str(data.get("name", Path(source).stem)), fidelity=fidelity, stored_dtype=stored, teachers=teachers,
         source=source, description=str(data.get("description", "")),
     )
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (two teachers of one name would otherwise be
+    one, the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ManifestError(f"line {node.start_mark.line + 1}: {', '.join(twice)} given twice in one mapping "
+                                f"(two teachers or settings of one name): keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_manifest_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ManifestError(f"teacher manifest not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506  (a SafeLoader)
     except yaml.YAMLError as e:
         raise ManifestError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

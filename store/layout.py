@@ -105,6 +105,22 @@ def image_member(relpath: str | None) -> str | None:
     return ext if ext and _UNSAFE.sub("", ext) == ext else FALLBACK_IMAGE_MEMBER
 
 
+_TASK_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+RESERVED_TASKS = frozenset({KEYS, VALID, META_MEMBER, FALLBACK_IMAGE_MEMBER, "scale", "index", "id", "ids"})
+
+
+def task_name_problem(name) -> str | None:
+    """Why `name` cannot be a task of a store (it names a Zarr array, `<task>_scale`, `valid/<task>` and tar members
+    `<key>.<task>.npy`), or None: lower-case letters, digits and `_`, a letter first, at most 32, not a name the
+    format uses itself and not ending in `_scale` (another task's scale array)."""
+    if not isinstance(name, str) or not _TASK_RE.match(name):
+        return (f"task name {name!r} is not a safe identifier: lower-case letters, digits and _, a letter first, at "
+                f"most 32 characters (e.g. dino, siglip_l14)")
+    if name in RESERVED_TASKS or name.endswith("_scale"):
+        return f"task name {name!r} is taken by the store format itself; choose another (e.g. {name}_feat)"
+    return None
+
+
 def scale_array(task: str) -> str:
     return f"{task}_scale"
 

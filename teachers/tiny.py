@@ -6,7 +6,8 @@ Builds each teacher's real HF model class from a real config class (same token g
 gen, 336 px / patch 14 with 24 blocks for depth, 800 px / Swin stage-4 25x25 for seg; small widths), saves it
 with `save_pretrained` exactly as the hub checkpoints are laid out, and writes OUT_DIR/teachers.yaml: the
 default manifest's recipes with the weights pointing at these folders (and teachers_probe.yaml,
-teachers_probe_eval.yaml: the probing manifests' recipes over them). The targets they give are meaningless:
+teachers_probe_eval.yaml: the probing manifests' recipes over them; teachers_hf.yaml: the three plus two hf_vision
+teachers, `dino` and `siglip`, tiny DINOv2-with-registers and SigLIP models). The targets they give are meaningless:
 they exist so that every other part of olaf runs its real code paths without downloading anything.
 `--shape-true` writes cheap stand-ins with the real target shapes instead (teachers/standin.py), to measure the
 data path at real sizes.
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from recipes.manifest import DEFAULT_MANIFEST, PROBE_EVAL_MANIFEST, PROBE_MANIFEST, load_manifest
+from recipes.manifest import DEFAULT_MANIFEST, DINO_MANIFEST, PROBE_EVAL_MANIFEST, PROBE_MANIFEST, load_manifest
 from teachers import depth, gen, seg, standin
 
 TINY_BUILDERS = {"gen": gen.tiny_model, "depth": depth.tiny_model, "seg": seg.tiny_model}
@@ -64,6 +65,42 @@ def build(out_dir: str | Path, seed: int = 0, fidelity: str | None = None, shape
     load_manifest(path)  # what we wrote must parse
     if not shape_true:
         write_probe_manifests(out)
+        write_hf_vision(out, seed)
+    return path
+
+
+def tiny_hf_vision() -> dict:
+    """name -> (a tiny random model of a real transformers vision class, its teacher entry over ola_vlm_dino.yaml's
+    recipe): `dino`, DINOv2 with 4 registers on the 336 px / patch 14 grid (576 tokens), and `siglip`, SigLIP's
+    vision tower at 224 px / patch 16, its second-to-last layer's 196 patch tokens."""
+    from transformers import AutoModel, Dinov2WithRegistersConfig, SiglipVisionConfig
+
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    dino = yaml.safe_load(DINO_MANIFEST.read_text())["teachers"]["dino"]
+    dino.update(compute_dtype="float32", output_shape=[576, 32])
+    siglip = {"architecture": "hf_vision", "compute_dtype": "float32",
+              "preprocess": {"ops": [{"op": "resize", "height": 224, "width": 224, "resample": "bicubic"}],
+                             "input_size": [224, 224], "channel_order": "RGB", "rescale": 1 / 255,
+                             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+              "feature": {"layer": -2, "tokens": "patch"}, "output_shape": [196, 32]}
+    return {"dino": (AutoModel.from_config(Dinov2WithRegistersConfig(**small, patch_size=14, image_size=336,
+                                                                      num_register_tokens=4)), dino),
+            "siglip": (AutoModel.from_config(SiglipVisionConfig(**small, patch_size=16, image_size=224)), siglip)}
+
+
+def write_hf_vision(out: Path, seed: int) -> Path:
+    """OUT/dino, OUT/siglip (tiny_hf_vision) and OUT/teachers_hf.yaml: teachers.yaml's three plus these two, a
+    manifest to add a fourth or fifth task to a store of teachers.yaml with `--tasks dino`."""
+    torch.manual_seed(seed + 3)
+    teachers = {}
+    for name, (model, entry) in tiny_hf_vision().items():
+        model.eval().save_pretrained(out / name)
+        teachers[name] = {**entry, "weights": {"path": name}}
+    data = {"format": "olaf.teachers/1", "name": "ola_vlm_hf_tiny_random", "extends": "teachers.yaml",
+            "description": STAND_IN_NOTE, "teachers": teachers}
+    path = out / "teachers_hf.yaml"
+    path.write_text(f"# {STAND_IN_NOTE}\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
+    load_manifest(path)
     return path
 
 

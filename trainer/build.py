@@ -15,7 +15,7 @@ import torch
 from recipes.manifest import DEFAULT_MANIFEST, load_manifest
 from recipes.weights_files import manifest_files_sha256
 from store import Store, StoreError, TargetStream
-from trainer.config import PTConfig
+from trainer.config import PTConfig, with_values
 from trainer.data import ImageRecipe, PTSample, collate
 from trainer.errors import TrainerError
 from trainer.evaluate import HeldOut
@@ -183,6 +183,7 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     stores = open_stores(cfg)
     store = stores[0]
     target_shapes = {t: tuple(store.manifest.tasks[t].shape) for t in cfg.tasks.names}
+    cfg = task_settings(cfg, target_shapes)
 
     if "model" in (cfg.model.image_aspect, cfg.model.vision_tower, cfg.model.chat_template):
         raise TrainerError("image_aspect, vision_tower and chat_template: `model` (the probed model's) applies to "
@@ -196,6 +197,23 @@ def build(cfg: PTConfig, device: torch.device, dtype: torch.dtype, rank: int = 0
     model = OLAPT(cfg, llm, vision, target_shapes, layout, image.mean, image.std).to(device)
     sharded = shard_trained(model, world, device) if cfg.model.sharding == "fsdp" else None  # before AdamW
     return assemble(cfg, device, dtype, stores, tokenizer, model, builder, image, rank, world, attn, sharded)
+
+
+def task_settings(cfg: PTConfig, shapes: dict[str, tuple]) -> PTConfig:
+    """The config with every trained task's settings (a task beyond OLA-VLM's three: the defaults its target's shape
+    implies, TasksSection.with_defaults), checked against the targets: a grid's predictor makes one token per
+    special token, so their number is the target's."""
+    try:
+        cfg = with_values(cfg, tasks=cfg.tasks.with_defaults(shapes))
+    except ValueError as e:
+        raise TrainerError(str(e)) from None
+    for t in cfg.tasks.names:
+        tokens = shapes[t][0]
+        if tokens > 1 and cfg.tasks.special_tokens[t] != tokens:
+            raise TrainerError(f"tasks.special_tokens.{t}: the predictor makes {cfg.tasks.special_tokens[t]} tokens, "
+                               f"the store's {t} targets have {tokens}: leave it out (it follows the target) or "
+                               f"give {tokens}")
+    return cfg
 
 
 def sequence_layout(cfg: PTConfig, tokenizer, vision) -> tuple[Layout, object]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from recipes.manifest import TASKS
+from store.layout import task_name_problem
 from trainer.reporting import REPORTERS
 
 DEFAULTS = Path(__file__).parent / "configs" / "ola_vlm_pt.yaml"
@@ -131,10 +132,13 @@ class TasksSection:
 
     def problems(self) -> list[str]:
         if not isinstance(self.names, list):  # [] is LLaVA-1.5's PT: next-token prediction only, the baseline
-            return [f"tasks.names must be a list of {', '.join(TASKS)} (e.g. tasks=gen,seg; [] for NTP only), got "
-                    f"{self.names!r}"]
-        if [t for t in self.names if t not in TASKS]:
-            return [f"tasks {[t for t in self.names if t not in TASKS]} unknown; choose from {TASKS}"]
+            return [f"tasks.names must be a list of the store's tasks (e.g. tasks=gen,seg, {','.join(TASKS)},dino; "
+                    f"[] for NTP only), got {self.names!r}"]
+        bad = [problem for t in self.names if (problem := task_name_problem(t))]
+        if bad:
+            return [f"tasks.names: {bad[0]}"]
+        if len(set(self.names)) < len(self.names):
+            return [f"tasks.names lists a task twice: {self.names}"]
         mappings = ("layers", "task_tokens", "special_tokens", "predictor", "predictor_width")
         out = [f"tasks.{n} must be a mapping (e.g. {{gen: ..., depth: ..., seg: ...}}), got {getattr(self, n)!r}"
                for n in mappings if not isinstance(getattr(self, n), dict)]
@@ -146,23 +150,43 @@ class TasksSection:
             out += self._task_problems(t)
         return out
 
+    def with_defaults(self, shapes: dict[str, tuple]) -> dict[str, dict]:
+        """The per-task mappings with an entry for every task of `names`: a task without one (a teacher beyond
+        OLA-VLM's three) gets the defaults its target's shape implies: a 1-token target is trained as gen (8
+        task tokens, the predictor's one query their hidden states' mean, layers 12 and 20), a grid of T tokens
+        as seg (T special tokens pooled to 8 task tokens, one query per token, layers 10 and 18)."""
+        out = {n: dict(getattr(self, n)) for n in ("layers", "task_tokens", "special_tokens", "predictor_width")}
+        for t in self.names:
+            tokens = int(shapes[t][0])
+            pooled = max(k for k in range(1, 9) if tokens % k == 0) if tokens > 1 else 8
+            like = {"layers": [12, 20], "task_tokens": 8, "special_tokens": 8, "predictor_width": "out"} \
+                if tokens == 1 else {"layers": [10, 18], "task_tokens": pooled, "special_tokens": tokens,
+                                     "predictor_width": "out"}
+            for name, value in like.items():
+                out[name].setdefault(t, value)
+        return out
+
     def _task_problems(self, t: str) -> list[str]:
-        out = []
-        layers = self.layers.get(t)
-        if not layers:
-            out.append(f"tasks.layers.{t} is empty")
-        elif not isinstance(layers, list) or not all(isinstance(x, int) and x >= 1 for x in layers):
-            out.append(f"tasks.layers.{t} must be a list of 1-based layer numbers, got {layers!r}")
+        """A task's settings, checked; a task beyond OLA-VLM's three may leave any of them out (with_defaults)."""
+        out, given = [], {n: getattr(self, n).get(t) for n in ("layers", "task_tokens", "special_tokens",
+                                                                  "predictor_width")}
+        if t not in TASKS:
+            given = {n: v for n, v in given.items() if v is not None}
+        if "layers" in given:
+            layers = given["layers"]
+            if not layers:
+                out.append(f"tasks.layers.{t} is empty")
+            elif not isinstance(layers, list) or not all(isinstance(x, int) and x >= 1 for x in layers):
+                out.append(f"tasks.layers.{t} must be a list of 1-based layer numbers, got {layers!r}")
         for name in ("task_tokens", "special_tokens"):
-            v = getattr(self, name).get(t)
-            if not isinstance(v, int) or v < 1:
-                out.append(f"tasks.{name}.{t} must be a positive integer, got {v!r}")
-        w = self.predictor_width.get(t)
+            if name in given and (not isinstance(given[name], int) or given[name] < 1):
+                out.append(f"tasks.{name}.{t} must be a positive integer, got {given[name]!r}")
+        w = given.get("predictor_width", "out")
         if not (w in ("out", "llm") or (isinstance(w, int) and w > 0)):
             out.append(f"tasks.predictor_width.{t} must be out, llm or a positive integer, got {w!r}")
-        if not out and t in ("depth", "seg") and self.special_tokens[t] % self.task_tokens[t]:
-            out.append(f"tasks.special_tokens.{t} ({self.special_tokens[t]}) must be a multiple of "
-                       f"tasks.task_tokens.{t} ({self.task_tokens[t]})")
+        if not out and {"task_tokens", "special_tokens"} <= set(given) and given["special_tokens"] % given["task_tokens"]:
+            out.append(f"tasks.special_tokens.{t} ({given['special_tokens']}) must be a multiple of "
+                       f"tasks.task_tokens.{t} ({given['task_tokens']})")
         return out
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from recipes.manifest import TASKS
+from recipes.manifest import ordered_tasks
 from trainer.config import PTConfig
 from trainer.heads import Predictor
 from trainer.loss import Negatives, ntp_loss, pt_loss, step_negatives
@@ -47,12 +47,13 @@ class OLAPT(MLLM):
     def __init__(self, cfg: PTConfig, llm, vision, target_shapes: dict[str, tuple[int, int]], layout: Layout,
                  image_mean, image_std):
         width = llm.config.hidden_size
-        tasks = [t for t in TASKS if t in cfg.tasks.names]
+        tasks = ordered_tasks(cfg.tasks.names)
         projector = connector(cfg, llm, vision)
         tokens = TaskTokens.random({t: cfg.tasks.special_tokens[t] for t in tasks}, cfg.tasks.task_tokens, width)
         super().__init__(llm.get_input_embeddings(), llm.get_decoder(), llm.get_output_embeddings(), vision,
                          projector, tokens, layout, image_mean, image_std)
         self.cfg, self.tasks = cfg, tasks
+        self.pooled = {t: target_shapes[t][0] == 1 for t in tasks}  # a one-vector target: its tokens' mean queries
         n_layers = llm.config.num_hidden_layers
         for t in tasks:
             bad = [layer for layer in cfg.tasks.layers[t] if not 1 <= layer <= n_layers]
@@ -62,7 +63,7 @@ class OLAPT(MLLM):
         self.predictors = nn.ModuleDict()
         for t in tasks:
             tokens_out, out_dim = target_shapes[t]
-            queries = 1 if t == "gen" else cfg.tasks.special_tokens[t]
+            queries = 1 if tokens_out == 1 else cfg.tasks.special_tokens[t]  # one vector (gen) or a grid
             if queries != tokens_out:
                 raise ValueError(f"{t}: the predictor makes {queries} tokens, the store's targets have {tokens_out}")
             inner = {"out": out_dim, "llm": width}.get(cfg.tasks.predictor_width[t], cfg.tasks.predictor_width[t])
@@ -105,7 +106,7 @@ class OLAPT(MLLM):
             for layer in self.cfg.tasks.layers[t]:
                 hidden = hidden_states[layer]  # output of decoder layer `layer` (index 0 = embeddings)
                 keys, mask = self.layout.keys(hidden, batch["text_mask"], t)
-                if t == "gen":
+                if self.pooled[t]:
                     start, stop = self.layout.task_slots[t]
                     latents = hidden[:, start:stop].mean(dim=1, keepdim=True)
                 else:

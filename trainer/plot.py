@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from recipes.manifest import TASKS
+from recipes.manifest import ordered_tasks
 from store import StoreError, refuse_inside_store
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -71,7 +71,7 @@ def _panel(draw: ImageDraw.ImageDraw, box, series: dict[str, list[tuple[float, f
 
 
 def plot(records: list[dict], out: Path) -> Path:
-    tasks = [k for k in TASKS if any(k in r for r in records)]
+    tasks = ordered_tasks(k.split("/")[0] for r in records for k in r if k.count("/") == 2 and k.endswith("/sl1"))
     main = {k: [(r["step"], r[k]) for r in records if k in r] for k in ["loss", "ntp", *tasks]}
     terms = sorted({k for r in records for k in r if k.count("/") == 2})
     detail = {k: [(r["step"], r[k]) for r in records if k in r] for k in terms}

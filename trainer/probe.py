@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, TASKS
+from recipes.manifest import PROBE_EVAL_MANIFEST, PROBE_MANIFEST, ordered_tasks
 from store import Location, Store, read_manifest, refuse_inside_store, weights_mismatches
 from trainer.build import assemble, open_store
 from trainer.config import PTConfig, load_config
@@ -60,7 +60,7 @@ class ProbeSet(nn.Module):
     def __init__(self, mllm: MLLM, target_shapes: dict[str, tuple[int, int]], layers: list[int], head: dict):
         super().__init__()
         self.mllm = mllm.requires_grad_(False)
-        self.layers, self.tasks = list(layers), [t for t in TASKS if t in target_shapes]
+        self.layers, self.tasks = list(layers), ordered_tasks(target_shapes)
         width = mllm.config.hidden_size
         self.probes = nn.ModuleDict({
             f"{t}_{layer}": Predictor(width, target_shapes[t][1], head["heads"], head["dim_head"], head["ff_mult"],
@@ -283,7 +283,7 @@ def parse_args(argv):
     except ValueError as e:
         p.error(str(e))
     # the store's tasks from its manifest alone (the records are read once, when the run is built)
-    tasks = a.tasks or ",".join(t for t in TASKS if t in read_manifest(Location(a.store)).tasks)
+    tasks = a.tasks or ",".join(ordered_tasks(read_manifest(Location(a.store)).tasks))
     a.eval_teachers_manifest = a.eval_teachers_manifest or a.teachers_manifest or str(PROBE_EVAL_MANIFEST)
     sets = [*a.set, *(["probe_eval_resize=null"] if a.eval_resize == 0 else [])]
     try:

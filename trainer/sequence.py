@@ -4,7 +4,7 @@
     image        the frozen base encoder's tokens through the projector (mlp2x_gelu); none with VLoRA's
                  connector (trainer/vlora.py), whose per-sample deltas reach the LLM's layers instead
     task tokens  per task, its learnable vectors mean-pooled in contiguous groups to the tokens it puts in the
-                 sequence (gen 8 -> 8; depth and seg 576 -> 8), in the order of recipes.TASKS
+                 sequence (gen 8 -> 8; depth and seg 576 -> 8), in the canonical task order (recipes.ordered_tasks)
     text         question and answer, padded on the right (padding masked)
 
 The LLM's weights never train (PT trains the projector and task tokens through it; probing trains nothing of
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from recipes.manifest import TASKS
+from recipes.manifest import ordered_tasks
 
 
 class Projector(nn.Sequential):
@@ -39,11 +39,11 @@ class Layout:
     masked: tuple[int, ...] = ()  # prefix positions no token attends to (VLoRA's <image> placeholder)
 
     @classmethod
-    def of(cls, prefix: int, image: int, task_tokens: dict[str, int], order=TASKS, masked=()) -> Layout:
-        """Task tokens follow the image in `order` (olaf's: the canonical task order; a released model's: its
-        config's aux_mode), `task_tokens[t]` of each."""
+    def of(cls, prefix: int, image: int, task_tokens: dict[str, int], order=None, masked=()) -> Layout:
+        """Task tokens follow the image in `order` (olaf's, None: the canonical task order, recipes.ordered_tasks;
+        a released model's: its config's aux_mode), `task_tokens[t]` of each."""
         slots, pos = {}, prefix + image
-        for t in order:
+        for t in ordered_tasks(task_tokens) if order is None else order:
             if t in task_tokens:
                 slots[t], pos = (pos, pos + task_tokens[t]), pos + task_tokens[t]
         return cls(prefix, image, slots, pos, tuple(masked))
@@ -79,7 +79,7 @@ class TaskTokens(nn.ParameterDict):
     @classmethod
     def random(cls, counts: dict[str, int], pooled: dict[str, int], width: int) -> TaskTokens:
         """std-1 normal initialisation, as the original's torch.randn."""
-        return cls({t: torch.randn(counts[t], width) for t in TASKS if t in counts}, pooled)
+        return cls({t: torch.randn(counts[t], width) for t in ordered_tasks(counts)}, pooled)
 
     def sequence_tokens(self, task: str) -> torch.Tensor:
         vecs, k = self[task], self.pooled[task]

@@ -65,10 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--teachers-manifest", default=str(DEFAULT_MANIFEST), help="teacher manifest YAML (default: ola_vlm.yaml)")
     a("--fidelity", choices=["original", "corrected"], default=None,
       help="original recipe with its quirks (default) or corrected (e.g. RGB for depth)")
-    a("--tasks", default=",".join(TASKS), help=f"comma list of {','.join(TASKS)} (default: all three), or `none`: a "
-                                               f"store of images, captions and ids only (VLoRA's PT and the "
-                                               f"NTP-only baseline read no target); teachers join it later with "
-                                               f"--tasks on the same --output")
+    a("--tasks", default=None, help=f"comma list of the manifest's teachers (default: all of them; OLA-VLM's are "
+                                    f"{','.join(TASKS)}), or `none`: a store of images, captions and ids only "
+                                    f"(VLoRA's PT and the NTP-only baseline read no target); teachers join it later "
+                                    f"with --tasks on the same --output, a new one (e.g. dino) as the three do")
     a("--shard-size", type=int, default=256, help="samples per shard (default 256, ~0.76 GB fp16)")
     a("--limit", type=int, default=None, help="only the first N records (smoke runs)")
     a("--formats", default="zarr,wds", help="comma list of zarr,wds (default both)")
@@ -109,12 +109,13 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> Settings:
     p = _parser()
     a = p.parse_args(argv)
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    tasks = None if a.tasks is None else [t.strip() for t in a.tasks.split(",") if t.strip()]
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     tasks = [] if tasks == ["none"] else tasks
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or (not tasks and a.tasks.strip() != "none"):
-        p.error(f"--tasks: unknown {bad or a.tasks!r}; choose from {','.join(TASKS)}, or none")
+    bad = [problem for t in tasks or [] if (problem := store.layout.task_name_problem(t))]
+    if bad or (tasks == [] and a.tasks.strip() != "none"):
+        p.error(f"--tasks: {bad[0] if bad else f'no task in {a.tasks!r}'}; give the manifest's teachers (e.g. "
+                f"{','.join(TASKS)}), or none")
     if [f for f in formats if f not in store.FORMATS] or not formats:
         p.error(f"--formats: choose from {','.join(store.FORMATS)}")
     for name in ("batch_size", "actors", "prefetch", "max_writers"):  # --shard-size and --limit: the input's (plan)
@@ -125,7 +126,7 @@ def parse_args(argv=None) -> Settings:
     keys = tuple(k.strip().lower() for k in a.image_keys.split(",") if k.strip())
     if not keys:
         p.error("--image-keys: give at least one member suffix (e.g. jpg,png,webp)")
-    return Settings(**values, tasks=[t for t in TASKS if t in tasks], formats=formats, progress=not a.no_progress,
+    return Settings(**values, tasks=tasks, formats=formats, progress=not a.no_progress,
                     image_keys=keys)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import store
 from pipeline.extract.plan import Plan
 from pipeline.extract.settings import StoreShape, UsageError
-from recipes.manifest import TASKS, TeacherManifest
+from recipes.manifest import TeacherManifest, ordered_tasks
 from recipes.weights_files import manifest_files_sha256
 from store import ShardRecord, StoreWriter, TaskLayout
 
@@ -103,9 +103,9 @@ def shard_work(plan: Plan, tasks: list[str], records: dict[int, ShardRecord], da
     for i in range(plan.num_shards):
         rec = records.get(i)
         if rec is None:
-            need = [t for t in TASKS if t in tasks or t in store_tasks]
+            need = ordered_tasks([*tasks, *store_tasks])
         elif i in damaged:
-            need = [t for t in TASKS if t in tasks or t in rec.tasks]
+            need = ordered_tasks([*tasks, *rec.tasks])
         else:
             need = [t for t in tasks if t not in rec.tasks]
         if need or rec is None or i in damaged:

@@ -19,7 +19,7 @@ from pipeline.extract.scheduler import ShardScheduler
 from pipeline.extract.settings import Settings, UsageError, on_sigterm
 from pipeline.provenance import code_version, image_library_warnings, versions
 from recipes.imageops import image_libraries
-from recipes.manifest import TASKS, TeacherManifest, load_manifest
+from recipes.manifest import TeacherManifest, load_manifest, ordered_tasks
 from store import Location, RunManifest, StoreExists, StoreWriter, now
 
 
@@ -29,6 +29,7 @@ def run(s: Settings) -> int:
     for w in plan.source.warnings():
         print(w, flush=True)
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)
+    s.tasks = list(manifest.teachers) if s.tasks is None else ordered_tasks(s.tasks)
     manifest.select(s.tasks)
     existing = preflight.existing_store(s.store_shape, plan, manifest)
     for w in image_library_warnings(existing and existing.manifest, image_libraries(), "the driver"):
@@ -61,7 +62,7 @@ def _on_ray(ray, s: Settings, plan: Plan, manifest: TeacherManifest, existing: S
     res = plan_resources(ray.cluster_resources(), s.cluster_ask, manifest)
     records, damaged = verify_done(ray, existing, full=not s.trust_done, progress=s.progress) if existing else ({}, {})
     work = preflight.shard_work(plan, s.tasks, records, damaged, existing.manifest.tasks if existing else ())
-    load_tasks = [t for t in TASKS if any(t in need for need in work.values())]
+    load_tasks = ordered_tasks(t for need in work.values() for t in need)
     if not work:
         print("every shard is already done for the tasks asked: nothing to do", flush=True)
     actors, info = start_actors(ray, s, manifest, load_tasks, res, existing) if load_tasks else ([], {})
@@ -146,7 +147,7 @@ def teacher_identity(manifest: TeacherManifest, existing: StoreWriter | None, ta
                              f"{res.dtype[t]}; pass --dtype {old_dtype} (or run on the same kind of device), or "
                              f"use a new --output")
     identity = manifest.identity(tasks, weights, compute_dtypes=res.dtype, files_sha256=files)
-    every = sorted(set(tasks) | set(existing.manifest.tasks if existing else ()), key=TASKS.index)
+    every = ordered_tasks([*tasks, *(existing.manifest.tasks if existing else ())])
     merged = {t: identity["teachers"].get(t) or stored.get(t) for t in every}
     identity["teachers"] = {t: v for t, v in merged.items() if v is not None}
     return identity
@@ -180,7 +181,7 @@ def open_store(s: Settings, plan: Plan, manifest: TeacherManifest, existing: Sto
             identity = teacher_identity(manifest, existing, tasks, res, info.get("weights_sha256", {}),
                                         info.get("files_sha256", {}))
     existing.start_run(run, extraction, code_version(), identity, preflight.layouts_for(manifest, tasks, s.encoding),
-                       TASKS)
+                       ordered_tasks([*existing.manifest.tasks, *tasks]))
     return existing
 
 

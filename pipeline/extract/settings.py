@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pipeline.inputs import IMAGE_KEYS
 from recipes.imageops import DEFAULT_MAX_PIXELS
-from recipes.manifest import DEFAULT_MANIFEST, TASKS
+from recipes.manifest import DEFAULT_MANIFEST
 
 
 class UsageError(Exception):
@@ -21,7 +21,7 @@ class Settings:
     output: str
     teachers_manifest: str = str(DEFAULT_MANIFEST)
     fidelity: str | None = None
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] | None = None  # None: every teacher of the manifest (run() resolves it once it is loaded)
     shard_size: int = 256
     limit: int | None = None
     formats: list[str] = field(default_factory=lambda: ["zarr", "wds"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from recipes.manifest import TASKS
+from recipes.manifest import ordered_tasks
 from store import TOKEN_ORDER, refuse_inside_store
 from trainer import checkpoint
 from trainer.build import load_or_explain
@@ -62,7 +62,7 @@ def model_info(run) -> dict:
             "hidden_size": model.config.hidden_size, "chat_template": cfg.model.chat_template,
             "image_aspect": cfg.model.image_aspect,
             "image_offset": model.layout.prefix, "num_image_tokens": model.layout.image, "tasks": cfg.tasks.names,
-            "token_order": list(TASKS), "layers": cfg.tasks.layers, "task_tokens": cfg.tasks.task_tokens,
+            "token_order": ordered_tasks(cfg.tasks.names), "layers": cfg.tasks.layers, "task_tokens": cfg.tasks.task_tokens,
             "special_tokens": cfg.tasks.special_tokens, "predictor": cfg.tasks.predictor,
             "target_shapes": {t: list(run.store.manifest.tasks[t].shape) for t in cfg.tasks.names},
             "target_token_order": TOKEN_ORDER, "teachers": run.store.teachers(), "store": run.store.url,
@@ -123,7 +123,7 @@ class Probed:
     template: str
     image: ImageRecipe
     what: str
-    token_order: tuple = TASKS
+    token_order: tuple | None = None  # None: the canonical order (recipes.ordered_tasks); a released model's aux_mode
     placeholder: bool = True  # VLoRA's plain template: its masked <image> placeholder
 
     def layout(self, with_task_tokens: bool = True) -> Layout:

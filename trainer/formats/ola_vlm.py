@@ -92,6 +92,10 @@ def ola_vlm_config(cfg: PTConfig, llm_config: dict, info: dict, vocab: int, pad_
 
 def ola_fields(cfg: PTConfig, info: dict) -> dict:
     """OLA-VLM's own config fields: task tokens, heads, teachers."""
+    beyond = [t for t in cfg.tasks.names if t not in TASKS]
+    if beyond:
+        raise ExportError(f"OLA-VLM's code knows the tasks {', '.join(TASKS)}; this run also trained {beyond}: "
+                          f"the run's own export (RUN/export, written at its end) keeps every task")
     if len({cfg.tasks.task_tokens[t] for t in cfg.tasks.names}) != 1:
         raise ExportError(f"OLA-VLM has one num_task_tokens for every task; this run has {cfg.tasks.task_tokens}")
     p, shapes = cfg.tasks.predictor, info["target_shapes"]

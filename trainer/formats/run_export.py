@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from recipes.manifest import TASKS
+from recipes.manifest import ordered_tasks
 from store import atomic_path
 from trainer.config import PTConfig
 from trainer.data import ASPECTS, ImageRecipe
@@ -65,7 +65,8 @@ def export_task_tokens(folder: Path, info: JsonFile) -> TaskTokens:
         vectors = load_file(folder / "task_tokens.safetensors")
     except (SafetensorError, OSError) as e:
         raise TrainerError(f"{folder / 'task_tokens.safetensors'} is not a safetensors file: {first_line(e)}") from None
-    held = [t for t in TASKS if f"special_{t}_tokens" in vectors]
+    held = ordered_tasks(k[len("special_"):-len("_tokens")] for k in vectors
+                         if k.startswith("special_") and k.endswith("_tokens"))
     pooled = info.get("task_tokens", dict, {})
     for t in held:
         if not isinstance(pooled.get(t), int) or isinstance(pooled.get(t), bool) or pooled[t] < 1 or \
