@@ -62,6 +62,7 @@ class Record:
     # where its image's bytes are, the one channel a decode reads (None: nowhere, a text-only record):
     #   ("folder", root, relative path)                 a LLaVA JSON's or a JSONL listing's image folder
     #   ("tar", url, offset, size, compression)         a member of an input tar (compression None, gz, bz2, xz)
+    #   ("parquet", url, row group, row, column)        a parquet file's image column (pipeline.parquet)
     #   ("store", store url, shard, offset, size)       its sample in a committed shard of the store: what a shard
     #                                                   gaining tasks computes from (never the input again)
     at: tuple | None = None
@@ -663,13 +664,21 @@ def _read_compressed(url: str, comp: str, ks: list[int], ats: list[tuple], out: 
 # ---- which kind ------------------------------------------------------------------------------------------------------
 
 def open_source(data_path: str, image_folder: str | None, shard_size: int, limit: int | None = None,
-                image_keys=IMAGE_KEYS, caption_key: str = "txt", id_prefix: str = "none") -> Source:
-    """The source `data_path` names: tars (a brace pattern or one .tar, .tar.gz, .tgz, local or a URL), a .jsonl
-    listing or a LLaVA JSON (both with `image_folder`). DatasetError says what is wrong, in one message."""
+                image_keys=IMAGE_KEYS, caption_key: str = "txt", id_prefix: str = "none",
+                columns: tuple = (None, None, None)) -> Source:
+    """The source `data_path` names: tars (a brace pattern or one .tar, .tar.gz, .tgz, local or a URL), parquet
+    files (a pattern ending in .parquet; `columns`: the image, caption and id columns' names, None: found by name;
+    pipeline.parquet), a .jsonl listing or a LLaVA JSON (both with `image_folder`). DatasetError says what is
+    wrong, in one message."""
     if shard_size < 1:
         raise DatasetError(f"--shard-size must be >= 1, got {shard_size}")
     if limit is not None and limit < 1:
         raise DatasetError(f"--limit must be >= 1, got {limit}")
+    if data_path.endswith(".parquet"):
+        from pipeline.parquet import ParquetFiles
+
+        folder = Path(image_folder).resolve() if image_folder else None
+        return ParquetFiles(data_path, folder, shard_size, limit, columns)
     if re.search(r"\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)$|\{[^}]*\}", data_path):
         return TarShards(data_path, shard_size, limit, image_keys, caption_key, id_prefix=id_prefix)
     if id_prefix != "none":

@@ -50,9 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     a = p.add_argument
     a("--data-path", required=True, help="the input: a LLaVA JSON (blip_laion_cc_sbu_558k.json), a JSONL listing "
-                                         "(a record per line), or WebDataset tars, local or s3:// "
-                                         "('in/{00000..02999}.tar', img2dataset's output)")
-    a("--image-folder", default=None, help="folder the records' image paths are relative to (JSON and JSONL)")
+                                         "(a record per line), WebDataset tars, local or s3:// "
+                                         "('in/{00000..02999}.tar', img2dataset's output), or parquet files "
+                                         "('in/*.parquet': img2dataset's parquet output, HF datasets' exports)")
+    a("--image-folder", default=None, help="folder the records' image paths are relative to (JSON, JSONL, and "
+                                           "parquet whose images are paths)")
     a("--image-keys", default=",".join(IMAGE_KEYS), help="WebDataset input: image member suffixes, in preference "
                                                         f"order (default {','.join(IMAGE_KEYS)})")
     a("--caption-key", default="txt", help="WebDataset input: the caption member's suffix (default txt), or "
@@ -61,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
       help="WebDataset input: a sample's id is its key (none, default) or its tar's path relative to the pattern's "
            "root, then its key (tar: '{cc,laion}/00000.tar' gives cc/00000/000000001), for datasets whose keys "
            "repeat; ids must be unique, duplicates are refused")
+    a("--image-column", help="parquet input: the image column, bytes (img2dataset's jpg), an HF Image struct or a "
+                             "path under --image-folder (default: the first of jpg, image, png, webp, jpeg, img)")
+    a("--caption-column", help="parquet input: the caption column (default: the first of caption, txt, text)")
+    a("--id-column", help="parquet input: the id column (default: key or id; without one, <file stem>/<row>)")
     a("--output", required=True, help="store directory or URL (created, or resumed if it is one)")
     a("--teachers-manifest", default=str(DEFAULT_MANIFEST), help="teacher manifest YAML (default: ola_vlm.yaml)")
     a("--fidelity", choices=["original", "corrected"], default=None,

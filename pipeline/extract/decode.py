@@ -51,17 +51,21 @@ class DecodedBatch:
 
 def _fetch(records: list[Record]) -> dict[int, bytes | BadImage]:
     """The batch's images, by position, from where each record says (`Record.at`): a committed shard's from the
-    store (one range read each), an input tar's by range (a compressed tar's in one decompressing pass), a folder's
-    file. A record with a problem or no image is not read."""
+    store (one range read each), an input tar's by range (a compressed tar's in one decompressing pass), a parquet
+    file's column (one read per row group), a folder's file. A record with a problem or no image is not read."""
     out: dict[int, bytes | BadImage] = {}
     usable = [k for k, r in enumerate(records) if r.problem is None and r.image is not None and r.at is not None]
-    by_kind = {kind: [k for k in usable if records[k].at[0] == kind] for kind in ("store", "tar", "folder")}
+    by_kind = {kind: [k for k in usable if records[k].at[0] == kind] for kind in ("store", "tar", "folder", "parquet")}
     for shard in sorted({records[k].at[1:3] for k in by_kind["store"]}):
         ks = [k for k in by_kind["store"] if records[k].at[1:3] == shard]
         got = committed_images(shard[0], shard[1], [records[k].at[3:] for k in ks], [records[k].id for k in ks])
         out.update({k: BadImage("the committed shard holds no image for it (it was a bad sample)") if data is None
                     else data for k, data in zip(ks, got, strict=True)})
     out.update(zip(by_kind["tar"], read_blobs([records[k].at for k in by_kind["tar"]]), strict=True))
+    if by_kind["parquet"]:
+        from pipeline.parquet import read_images
+
+        out.update(zip(by_kind["parquet"], read_images([records[k].at for k in by_kind["parquet"]]), strict=True))
     for k in by_kind["folder"]:
         _, root, rel = records[k].at
         try:

@@ -36,7 +36,7 @@ class Plan:
 
 
 def make_plan(data_path, image_folder, shard_size: int, limit: int | None = None, image_keys=IMAGE_KEYS,
-              caption_key: str = "txt", id_prefix: str = "none") -> Plan:
+              caption_key: str = "txt", id_prefix: str = "none", columns: tuple = (None, None, None)) -> Plan:
     """Structural problems raise DatasetError (all listed at once); per-sample problems are left to decode."""
     return Plan(open_source(str(data_path), image_folder and str(image_folder), shard_size, limit, image_keys,
-                            caption_key, id_prefix), shard_size)
+                            caption_key, id_prefix, columns), shard_size)

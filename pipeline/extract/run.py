@@ -25,7 +25,8 @@ from store import Location, RunManifest, StoreExists, StoreWriter, now
 
 def run(s: Settings) -> int:
     t_start = time.time()
-    plan = make_plan(s.data_path, s.image_folder, s.shard_size, s.limit, s.image_keys, s.caption_key, s.id_prefix)
+    plan = make_plan(s.data_path, s.image_folder, s.shard_size, s.limit, s.image_keys, s.caption_key, s.id_prefix,
+                     (s.image_column, s.caption_column, s.id_column))
     for w in plan.source.warnings():
         print(w, flush=True)
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)

@@ -47,6 +47,9 @@ class Settings:
     image_keys: tuple[str, ...] = IMAGE_KEYS  # WebDataset input: the image member suffixes, in preference order
     caption_key: str = "txt"  # WebDataset input: the caption member (txt), or a json member's field (json:caption)
     id_prefix: str = "none"  # WebDataset input: a sample's id is its key (none) or its tar's path / its key (tar)
+    image_column: str | None = None  # parquet input: the columns (None: found by name, pipeline.parquet)
+    caption_column: str | None = None
+    id_column: str | None = None
 
 
     @property
