@@ -9,6 +9,8 @@ object (docs/format.md, "index/").
     index/shard.npy       its shard (int32)
     index/offset.npy      where its members start in the shard's tar (int64)
     index/size.npy        their bytes (int32)
+    index/task_at.npy     (usable, tasks) int32: where each task's members start in the sample's range (-1: unknown)
+    index/task_len.npy    their bytes (0: the sample has none), so a run reads only the tasks it trains
     index/id_offsets.npy  int64 (usable + 1): sample r's id is ids.bin[id_offsets[r]:id_offsets[r + 1]] (UTF-8)
     index/ids.bin
 
@@ -37,6 +39,10 @@ FORMAT = "olaf.index/1"
 SHARD_DTYPE = np.dtype([("shard", "<i8"), ("start", "<i8"), ("count", "<i4"), ("usable", "<i4"), ("done", "u1"),
                         ("tasks", "<u8"), ("tar_bytes", "<i8")])
 COLUMNS = {"index": "<i8", "shard": "<i4", "offset": "<i8", "size": "<i4", "id_offsets": "<i8"}
+# (usable, tasks) in index.json's `tasks` order: where each task's members lie in the sample's range (relative
+# offset, bytes; 0 bytes: none), so a run reads only the tasks it trains; -1 where the record does not say (a store
+# written before they were recorded, whose readers read whole samples). Absent from indexes built before them.
+TASK_COLUMNS = {"task_at": "<i4", "task_len": "<i4"}
 BATCH = 2048  # records read at once while building (concurrent GETs on object storage)
 
 
@@ -64,6 +70,16 @@ def _shard_rows(rec: ShardRecord, tar: str, task_bit: dict[str, int]) -> tuple[t
         cols["offset"], cols["size"] = r[:, 0], r[:, 1].astype(np.int32)
     else:  # no tar (zarr only) or an older olaf's record: the trainer's stream refuses such a store
         cols["offset"], cols["size"] = np.full(usable, -1, np.int64), np.full(usable, -1, np.int32)
+    at = np.full((usable, len(task_bit)), -1, np.int32)
+    length = np.full((usable, len(task_bit)), -1, np.int32)
+    for t, k in task_bit.items():
+        given = (info.get("tasks") or {}).get(t)
+        if given is not None and len(given) == rec.count:
+            g = np.asarray(given, dtype=np.int64).reshape(-1, 2)[keep]
+            at[:, k], length[:, k] = g[:, 0], g[:, 1]
+        elif given is None and ranges is not None and "tasks" in info:
+            at[:, k], length[:, k] = 0, 0  # the tar records where its tasks lie, and this one is not among them
+    cols["task_at"], cols["task_len"] = at, length
     ids = [(rec.ids[p] if rec.ids is not None else str(rec.start + p)).encode() for p in range(rec.count) if keep[p]]
     cols["id_length"] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     return row, cols, b"".join(ids)
@@ -86,7 +102,7 @@ def index_in_memory(loc: Location, manifest: RunManifest, records: dict[int, Sha
     index on disk: every reader reads the same catalog, whichever way it came)."""
     arrays, blob, listed, made_by, ids_recorded = index_arrays(loc, manifest, records)
     meta = _meta(manifest, arrays, listed, made_by, ids_recorded, files={})
-    return StoreIndex(meta, arrays["shards"], {k: arrays[k] for k in COLUMNS},
+    return StoreIndex(meta, arrays["shards"], {k: arrays[k] for k in (*COLUMNS, *TASK_COLUMNS)},
                       IdList(arrays["id_offsets"], np.frombuffer(blob, dtype=np.uint8)))
 
 
@@ -110,7 +126,8 @@ def index_arrays(loc: Location, manifest: RunManifest, records: dict[int, ShardR
         batches = (read_records(loc, names=names[a:a + BATCH]) for a in range(0, len(names), BATCH))
     else:
         batches = iter([records])
-    shards, cols, blobs, made_by, listed = [], {k: [] for k in (*COLUMNS, "id_length") if k != "id_offsets"}, [], {}, []
+    shards, cols, blobs, made_by, listed = [], {k: [] for k in (*COLUMNS, *TASK_COLUMNS, "id_length")
+                                                if k != "id_offsets"}, [], {}, []
     ids_recorded = True
     for batch in batches:
         for i, rec in sorted(batch.items()):
@@ -124,7 +141,9 @@ def index_arrays(loc: Location, manifest: RunManifest, records: dict[int, ShardR
             ids_recorded = ids_recorded and rec.ids is not None
     lengths = cols.pop("id_length")
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    arrays = {k: np.concatenate(v).astype(COLUMNS[k]) if v else np.zeros(0, COLUMNS[k]) for k, v in cols.items()}
+    kinds = {**COLUMNS, **TASK_COLUMNS}
+    arrays = {k: np.concatenate(v).astype(kinds[k]) if v else np.zeros((0, len(task_bit)) if k in TASK_COLUMNS else 0,
+                                                                        kinds[k]) for k, v in cols.items()}
     arrays["id_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
     arrays["shards"] = np.array(shards, dtype=SHARD_DTYPE)
     return arrays, b"".join(blobs), listed, made_by, ids_recorded
@@ -142,7 +161,7 @@ def index_problems(loc: Location, manifest: RunManifest) -> tuple[list[str], lis
         arrays, blob, listed, _, _ = index_arrays(loc, manifest)
         held = {**index.columns, "shards": index.shards}
         problems += [f"{_npy(k)} does not hold what the records say" for k, v in arrays.items()
-                     if not np.array_equal(np.asarray(held[k]), v)]
+                     if k in held and not np.array_equal(np.asarray(held[k]), v)]
         if bytes(index.ids.blob) != blob:
             problems.append(f"{layout.INDEX_IDS} does not hold the records' ids")
     fix = f"; rebuild it with `python -m pipeline.inspect {loc} index`"
@@ -244,7 +263,8 @@ def load_index(loc: Location, check_listing: bool = True) -> tuple[StoreIndex | 
         if listed != meta["shards"]:
             return None, "shards were committed or removed since the index was built"
     folder = _local_files(loc, meta, meta_bytes)
-    cols = {k: np.load(folder / _npy(k), mmap_mode="r", allow_pickle=False) for k in COLUMNS}
+    cols = {k: np.load(folder / _npy(k), mmap_mode="r", allow_pickle=False) for k in (*COLUMNS, *TASK_COLUMNS)
+            if k in COLUMNS or _npy(k) in meta["files"]}  # an index built before the task columns has none
     shards = np.load(folder / _npy("shards"), allow_pickle=False)
     blob = np.memmap(folder / layout.INDEX_IDS, dtype=np.uint8, mode="r") if meta["files"][layout.INDEX_IDS]["bytes"] \
         else np.zeros(0, np.uint8)

@@ -58,6 +58,10 @@ class SampleTable:
     size: np.ndarray  # int (N,)
     ids: Sequence[str] | None  # per row (a tuple, or the index's ids), when every record lists its ids
     source: np.ndarray | None = None  # int16 (N,): which store of a mix (`mix_tables`); None: one store
+    local: np.ndarray | None = None  # a mix's rows: each one's row in its store's table
+    tasks: tuple = ()  # the columns of task_at and task_len
+    task_at: np.ndarray | None = None  # (N, tasks) int32: where a task's members start in the row's range (-1: unknown)
+    task_len: np.ndarray | None = None  # (N, tasks) int32: their bytes (store.index)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -118,7 +122,7 @@ def mix_tables(tables: list[SampleTable], weights: list[float] | None, seed: int
         return np.concatenate([np.asarray(getattr(tables[i], name))[rows] for i, rows in parts])
 
     return SampleTable(column("index"), column("shard"), column("offset"), column("size"),
-                       MixedIds(tables, source, local), source)
+                       MixedIds(tables, source, local), source, local)
 
 
 def _draws(n: int, seed: int, epoch: int, stream: int, start: int = 0) -> np.ndarray:

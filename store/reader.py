@@ -119,7 +119,10 @@ class Store:
                              f"an older olaf): re-extract the store to train from it with a global order")
         if not ix.meta.get("ids_recorded", True):  # records of an older olaf name no ids: the tars' own are used
             ids = None
-        return SampleTable(pick(cols["index"]), pick(cols["shard"]), pick(cols["offset"]), pick(cols["size"]), ids)
+        tasks = tuple(ix.meta["tasks"]) if "task_at" in cols else ()
+        return SampleTable(pick(cols["index"]), pick(cols["shard"]), pick(cols["offset"]), pick(cols["size"]), ids,
+                           tasks=tasks, task_at=pick(cols["task_at"]) if tasks else None,
+                           task_len=pick(cols["task_len"]) if tasks else None)
 
     def bytes_used(self) -> dict:
         return {"zarr": self.loc.du(layout.ZARR), "wds": self.loc.du(layout.WDS), "total": self.loc.du()}

@@ -64,6 +64,9 @@ class TargetStream(tud.IterableDataset):
                                   f"pipeline.inspect {s.url} index`")
         tables = [s.sample_table(self.tasks) for s in self.stores]
         self.mixed = len(self.stores) > 1
+        # per store, the task columns of its index that this stream does not read (their members are left out)
+        self._tables = tables
+        self._skip = [[k for k, name in enumerate(tab.tasks) if name not in self.tasks] for tab in tables]
         self.table = mix_tables(tables, weights, seed) if self.mixed else tables[0]
         self.mix_info = [{"store": s.manifest.store_id or s.url, "url": s.url, "weight": w, "samples": n}
                          for s, w, n in zip(self.stores, weights or [None] * len(tables),
@@ -156,42 +159,53 @@ class TargetStream(tud.IterableDataset):
     def _source(self, r) -> int:
         return int(self.table.source[r]) if self.mixed else 0
 
-    def read_rows(self, rows: np.ndarray) -> list[dict]:
-        """Raw tar samples of table rows, in the rows' order, with one range request per contiguous run (the
-        requests of each store at once)."""
+    def _pieces(self, r) -> list[tuple[int, int]]:
+        """The byte ranges of row `r`'s members this stream reads: its whole range, less the members of the tasks it
+        does not read where the index says where they lie (store.index's task columns)."""
         t = self.table
-        place = lambda k: (self._source(rows[k]), t.shard[rows[k]], t.offset[rows[k]])  # noqa: E731
-        runs: list[list[int]] = []  # runs of positions in `rows` whose bytes are adjacent in one tar
-        for k in sorted(range(len(rows)), key=place):
-            if runs:
-                (src, shard, off), p = place(runs[-1][-1]), rows[runs[-1][-1]]
-                if (src, shard) == place(k)[:2] and off + t.size[p] == t.offset[rows[k]]:
-                    runs[-1].append(k)
-                    continue
-            runs.append([k])
-        ranges = []
-        for run in runs:
-            first, last = rows[run[0]], rows[run[-1]]
-            ranges.append((self._source(first), layout.tar_name(int(t.shard[first])), int(t.offset[first]),
-                           int(t.offset[last] + t.size[last])))
-        datas: list[bytes | None] = [None] * len(ranges)
-        for src, store in enumerate(self.stores):
-            mine = [j for j, r in enumerate(ranges) if r[0] == src]
-            for j, data in zip(mine, store.loc.read_ranges([ranges[j][1:] for j in mine]) if mine else [], strict=True):
-                datas[j] = data
-        out: list[dict | None] = [None] * len(rows)
-        for run, (src, name, base, _), data in zip(runs, ranges, datas, strict=True):
-            self.bytes_read += len(data)
-            for k in run:
-                out[k] = self._one(rows[k], self.stores[src], name, data, base)
-        return out
+        a = int(t.offset[r])
+        b = a + int(t.size[r])
+        tab, row = (self._tables[int(t.source[r])], int(t.local[r])) if self.mixed else (t, r)
+        skip = self._skip[int(t.source[r]) if self.mixed else 0]
+        if not skip or tab.task_at is None or (tab.task_at[row, skip] < 0).any():
+            return [(a, b)]
+        out, p = [], a
+        for lo, n in sorted((int(tab.task_at[row, k]), int(tab.task_len[row, k])) for k in skip):
+            if n > 0:
+                if a + lo > p:
+                    out.append((p, a + lo))
+                p = max(p, a + lo + n)
+        return out + ([(p, b)] if p < b else [])
 
-    def _one(self, r: int, store: Store, name: str, data: bytes, base: int) -> dict:
-        """Row `r`'s sample from the bytes read at `base` of tar `name`, checked to be it."""
+    def read_rows(self, rows: np.ndarray) -> list[dict]:
+        """Raw tar samples of table rows, in the rows' order: the members each needs (the tasks this stream reads),
+        with one range request per contiguous run of them (the requests of each store at once)."""
         t = self.table
-        a = int(t.offset[r]) - base
+        pieces = sorted((self._source(r), int(t.shard[r]), lo, hi, k) for k, r in enumerate(rows)
+                        for lo, hi in self._pieces(r))
+        requests: list[list] = []  # [source, shard, start, end, [(row position, start, end), ...]]
+        for src, shard, lo, hi, k in pieces:
+            if requests and requests[-1][:2] == [src, shard] and requests[-1][3] == lo:
+                requests[-1][3] = hi
+                requests[-1][4].append((k, lo, hi))
+            else:
+                requests.append([src, shard, lo, hi, [(k, lo, hi)]])
+        parts: list[list[bytes]] = [[] for _ in rows]
+        for src, store in enumerate(self.stores):
+            mine = [q for q in requests if q[0] == src]
+            got = store.loc.read_ranges([(layout.tar_name(q[1]), q[2], q[3]) for q in mine]) if mine else []
+            for (_, _, base, _, held), data in zip(mine, got, strict=True):
+                self.bytes_read += len(data)
+                for k, lo, hi in held:
+                    parts[k].append(data[lo - base:hi - base])
+        return [self._one(r, self.stores[self._source(r)], layout.tar_name(int(t.shard[r])), b"".join(parts[k]))
+                for k, r in enumerate(rows)]
+
+    def _one(self, r: int, store: Store, name: str, data: bytes) -> dict:
+        """Row `r`'s sample from its members' bytes read from tar `name`, checked to be exactly it."""
+        t = self.table
         where = f"{store.loc.url_of(name)}@{t.offset[r]}"
-        raw = tar.exact_sample(data[a:a + int(t.size[r])], where)
+        raw = tar.exact_sample(data, where)
         meta = meta_of(raw) if raw is not None else {}
         want_id = t.ids[r] if t.ids is not None else meta.get("id")
         if raw is None or meta.get("index") != int(t.index[r]) or meta.get("id") != want_id:

@@ -40,24 +40,34 @@ def write_tar(loc: Location, name: str, samples: Iterable[dict]) -> dict:
     tarfile's plain "w" mode rather than the "w|" stream mode webdataset's TarWriter uses: the same bytes
     (tests/test_store.py), without re-buffering every member into 10 KiB records (~15% less CPU at real target
     sizes, `benchmarks/extract.py --shape-true`), and `offset` gives each sample's range."""
-    ranges = []
+    ranges, tasks = [], {}
     with loc.open_atomic(name) as f:
         hw = _HashingWriter(f)
         with tarfile.open(fileobj=hw, mode="w") as tf:
-            for s in samples:
+            for n, s in enumerate(samples):
                 start = tf.offset
-                _add_members(tf, s)
+                for task, (a, b) in _add_members(tf, s).items():  # each task's members: where they lie in it
+                    tasks.setdefault(task, [[0, 0]] * n)
+                    tasks[task].append([a - start, b - a])
                 ranges.append([start, tf.offset - start])
-    return {"bytes": hw.n, "sha256": hw.h.hexdigest(), "samples": ranges}
+                for rows in tasks.values():
+                    rows.extend([[0, 0]] * (len(ranges) - len(rows)))
+    return {"bytes": hw.n, "sha256": hw.h.hexdigest(), "samples": ranges, "tasks": tasks}
 
 
-def _add_members(tf: tarfile.TarFile, s: dict) -> None:
-    key = s["__key__"]
+def _add_members(tf: tarfile.TarFile, s: dict) -> dict[str, tuple[int, int]]:
+    """Adds a sample's members (in suffix order); returns each task's [start, end) in the tar: its `<task>.npy` and
+    `<task>.scale.npy`, which the suffix order puts next to each other, so a reader can leave a task out."""
+    key, tasks = s["__key__"], {}
     for suffix in sorted(k for k in s if not k.startswith("_")):
-        data = s[suffix]
+        data, start = s[suffix], tf.offset
         info = tarfile.TarInfo(f"{key}.{suffix}")
         info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0.0, MEMBER_MODE, "", ""
         tf.addfile(info, io.BytesIO(data))
+        if suffix.endswith(".npy"):
+            task = suffix.split(".")[0]
+            tasks[task] = (tasks.get(task, (start, 0))[0], tf.offset)
+    return tasks
 
 
 def sample_bytes(s: dict) -> bytes:

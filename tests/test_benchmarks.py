@@ -92,3 +92,8 @@ def test_olaf_at_scale(tmp_path):
 def test_the_trained_state_per_rank_under_ddp_and_fsdp():
     out = bench("sharding", "--vlora-dim", "64", "--vlora-depth", "1", "--vlora-rank", "4")
     assert {"none (DDP)", "fsdp (FSDP2)"} <= rows(out) and "2,027,531,264 trained parameters" in out, out
+
+
+def test_per_task_reads_on_disk_and_s3():
+    out = bench("task_reads", "--samples", "16", "--shard", "8", "--micro", "4")
+    assert "local    gen " in out and "s3       gen " in out, out

@@ -205,12 +205,19 @@ def test_an_unparsable_teachers_yaml_is_one_message(tmp_path, trainer_store, tin
     (["--set", "micro_batch_size=0"], "micro_batch_size must be >= 1, got 0"),
     (["--set", "learning_rate=-1e-3"], "learning_rate must be > 0"),
     (["--set", "num_workers=-1"], "num_workers must be >= 0"),
-    (["--set", "tasks=gen,normals"], "tasks ['normals'] unknown"),
+    (["--set", "tasks=gen,Normals"], "not a safe identifier"),
     (["--max-steps", "-5"], "max_steps must be >= 1"),
 ])
 def test_bad_trainer_settings_are_one_message(tmp_path, trainer_store, tiny_models, tiny_teachers, extra, message):
     rc, log = call(trainer, trainer_args(trainer_store, tiny_models, tiny_teachers, tmp_path / "out", *extra))
     assert rc == 2 and "bad trainer config" in log and message in log, log
+    assert "Traceback" not in log and not (tmp_path / "out").exists()
+
+
+def test_a_task_no_teacher_of_the_manifest_computes_is_one_line(tmp_path, trainer_store, tiny_models, tiny_teachers):
+    rc, log = call(trainer, trainer_args(trainer_store, tiny_models, tiny_teachers, tmp_path / "out", "--set",
+                                         "tasks=gen,normals"))
+    assert rc == 2 and "unknown teacher(s) 'normals'" in log and "defines gen, depth, seg" in log, log
     assert "Traceback" not in log and not (tmp_path / "out").exists()
 
 

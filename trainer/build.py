@@ -104,6 +104,7 @@ def expected_teachers(cfg: PTConfig, manifest_path: str | None = None) -> dict:
     content of the weight files it names where they are on this machine (it never loads a teacher)."""
     tasks = cfg.tasks
     manifest = load_manifest(manifest_path or tasks.teachers_manifest or DEFAULT_MANIFEST, fidelity=tasks.fidelity)
+    manifest.select(tasks.names)  # a task no teacher of the manifest computes: one line naming its teachers
     return manifest.identity(tasks.names, files_sha256=manifest_files_sha256(manifest, tasks.names))
 
 
