@@ -1,5 +1,5 @@
-"""hf_vision: any vision model transformers has as a teacher (DINOv2 with or without registers, SigLIP and CLIP's
-vision towers, ViT, SAM's vision encoder, ...), loaded with `AutoModel`, never with `trust_remote_code`.
+"""hf_vision: any vision model transformers has as a teacher (DINOv2 with or without registers, SigLIP, SigLIP2 and
+CLIP's vision towers, ViT, SAM's vision encoder, ...), loaded with `AutoModel`, never with `trust_remote_code`.
 
 Its manifest entry is as every teacher's (weights, compute_dtype, preprocess, output_shape); its `feature` says
 which output is the target:
@@ -13,8 +13,9 @@ which output is the target:
 
 A checkpoint of a vision-language model (CLIP, SigLIP, SAM) is read for its vision part alone (its
 `vision_config`); a model whose hidden states are maps (SAM: (B, H, W, C), its neck (B, C, H, W)) gives row-major
-tokens. The class and register tokens are those before the patch tokens: the sequence's length minus the patch
-grid's (input size / patch size).
+tokens; SigLIP2's NaFlex models get the pixels as their processor's patches, at the input's own grid. The class
+and register tokens are those before the patch tokens: the sequence's length minus the patch grid's (input size /
+patch size).
 """
 
 from __future__ import annotations
@@ -116,8 +117,21 @@ class HFVisionTeacher(Teacher):
             return x.flatten(1, 2), (x.shape[1], x.shape[2])
         return x, self.grid
 
+    def _inputs(self, x: torch.Tensor) -> dict:
+        """The model's inputs for normalised pixels (B, 3, H, W): themselves, or for SigLIP2's NaFlex models the
+        patches (channels last within a patch, as its processor cuts them), their mask and their grid."""
+        if self.model.config.model_type != "siglip2_vision_model":
+            return {"pixel_values": x}
+        p = self.model.config.patch_size
+        b, c, h, w = x.shape
+        nh, nw = h // p, w // p
+        patches = x.reshape(b, c, nh, p, nw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, p * p * c)
+        return {"pixel_values": patches, "pixel_attention_mask": torch.ones(b, nh * nw, dtype=torch.long,
+                                                                            device=x.device),
+                "spatial_shapes": torch.tensor([[nh, nw]] * b, dtype=torch.long, device=x.device)}
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=x, output_hidden_states=True)
+        out = self.model(**self._inputs(x), output_hidden_states=True)
         picked = [self._tokens(out.last_hidden_state, True) if layer == "last" else
                   self._tokens(out.hidden_states[layer], False) for layer in self.feature["layers"]]
         grid = picked[0][1]

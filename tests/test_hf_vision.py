@@ -85,6 +85,30 @@ def test_each_config_class_gives_transformers_own_features(tmp_path, name):
         torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5, msg=str(feature))
 
 
+def test_siglip2_naflex_gets_its_processor_s_patches(tmp_path):
+    """SigLIP2's vision tower takes patches, cut here by transformers' own processor function, at a 4 x 4 grid."""
+    from transformers import Siglip2VisionConfig
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+    config = Siglip2VisionConfig(**SMALL, patch_size=16, num_patches=16)
+    folder = tmp_path / "siglip2"
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    x = pixels(64)
+    xn = (x.permute(0, 3, 1, 2).float() / 255.0 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    patches = torch.stack([torch.from_numpy(convert_image_to_patches(img.numpy(), 16)) for img in xn])
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        own = model(pixel_values=patches, pixel_attention_mask=torch.ones(2, 16, dtype=torch.long),
+                    spatial_shapes=torch.tensor([[4, 4], [4, 4]]), output_hidden_states=True)
+    for feature, want in [({"layer": -2, "tokens": "patch"}, own.hidden_states[-2]),
+                          ({"layer": "last", "tokens": "patch", "pool": [2, 2]},
+                           F.interpolate(own.last_hidden_state.transpose(1, 2).reshape(2, 32, 4, 4), size=(2, 2),
+                                         mode="bilinear", align_corners=False).flatten(2).transpose(1, 2))]:
+        teacher = load_teachers(manifest_for(tmp_path, folder, feature, want.shape[1:], size=64), ["gen"])["gen"]
+        torch.testing.assert_close(teacher(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_sam_s_vision_encoder_maps_become_row_major_tokens(tmp_path):
     config = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, patch_size=16,
                              image_size=64, output_channels=16, global_attn_indexes=[1], window_size=2)
