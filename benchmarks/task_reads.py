@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 from benchmarks import loader
+from recipes.manifest import TASKS
 
-ROWS = (["gen", "depth", "seg"], ["gen"], ["depth"], ["seg"], ["gen", "seg"], [])
+ROWS = (list(TASKS), ["gen"], ["depth"], ["seg"], ["gen", "seg"], [])
 
 
 def measure(url: str, tasks: list[str], micro: int, n: int) -> tuple[float, float]:

@@ -44,11 +44,8 @@ from recipes.manifest import DEFAULT_MANIFEST, TASKS, ManifestError
 from teachers.weights import WeightsNotFound
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.extract_teachers", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
-    a = p.add_argument
+def _input_args(a) -> None:
+    """The input's options: what --data-path names, and how each kind's images, captions and ids are found."""
     a("--data-path", required=True, help="the input: a LLaVA JSON (blip_laion_cc_sbu_558k.json), a JSONL listing "
                                          "(a record per line), WebDataset tars, local or s3:// "
                                          "('in/{00000..02999}.tar', img2dataset's output), or parquet files "
@@ -67,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
                              "path under --image-folder (default: the first of jpg, image, png, webp, jpeg, img)")
     a("--caption-column", help="parquet input: the caption column (default: the first of caption, txt, text)")
     a("--id-column", help="parquet input: the id column (default: key or id; without one, <file stem>/<row>)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.extract_teachers", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    a = p.add_argument
+    _input_args(a)
     a("--output", required=True, help="store directory or URL (created, or resumed if it is one)")
     a("--teachers-manifest", default=str(DEFAULT_MANIFEST), help="teacher manifest YAML (default: ola_vlm.yaml)")
     a("--fidelity", choices=["original", "corrected"], default=None,
