@@ -207,6 +207,28 @@ class Source:
         """What the planning found that is not fatal (a tar that cannot be read to its end)."""
         return []
 
+    def count(self, counts: list[int], limit: int | None, empty: str) -> None:
+        """For inputs of several files (tars, parquet): each file's first global index (`first`), the records in
+        them and the samples kept (`limit`); DatasetError(`empty`) when none is."""
+        self.first = np.r_[0, np.cumsum(np.asarray(counts, dtype=np.int64))]
+        self.records_in_input = int(self.first[-1])
+        self.num_samples = min(self.records_in_input, limit) if limit is not None else self.records_in_input
+        if self.num_samples == 0:
+            raise DatasetError(f"--data-path {self.pattern!r}: {empty}")
+
+
+def input_file(url: str, kind: str, pattern: str) -> tuple[Location, str, dict, str | None]:
+    """(its location, its name, its filesystem info, its ETag on object storage) of one input file; DatasetError
+    naming it when it is not there or cannot be reached."""
+    loc, name = _location_of(url)
+    try:
+        info = loc.fs.info(loc.path(name))
+    except FileNotFoundError:
+        raise DatasetError(f"input {kind} not found: {url} (of --data-path {pattern!r})") from None
+    except Exception as e:  # a bucket that refuses, an endpoint that does not answer
+        raise DatasetError(f"input {kind} {url} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
+    return loc, name, info, None if loc.local else (info.get("ETag") or info.get("etag"))
+
 
 # ---- a LLaVA JSON, whole -------------------------------------------------------------------------------------------
 
@@ -397,24 +419,12 @@ class TarShards(Source):
                                + (f"; and {len(unreadable) - 1} more such tar(s)" if len(unreadable) > 1 else "")
                                + ": repair or remove it from --data-path")
         self.prefixes = tar_prefixes(pattern, urls) if id_prefix == "tar" else [""] * len(urls)
-        counts = np.array([len(x["samples"]) for x in self.listings], dtype=np.int64)
-        self.first = np.r_[0, np.cumsum(counts)]  # global index of each tar's first sample
-        self.records_in_input = int(self.first[-1])
-        self.num_samples = min(self.records_in_input, limit) if limit is not None else self.records_in_input
-        if self.num_samples == 0:
-            raise DatasetError(f"--data-path {pattern!r}: the tars hold no sample")
+        self.count([len(x["samples"]) for x in self.listings], limit, "the tars hold no sample")
         self._refuse_duplicate_keys()
 
     def _listing(self, url: str) -> dict:
         """The tar's listing, from this machine's cache when the tar has not changed, else listed now."""
-        loc, name = _location_of(url)
-        try:
-            info = loc.fs.info(loc.path(name))
-        except FileNotFoundError:
-            raise DatasetError(f"input tar not found: {url} (of --data-path {self.pattern!r})") from None
-        except Exception as e:  # a bucket that refuses, an endpoint that does not answer
-            raise DatasetError(f"input tar {url} cannot be read: {type(e).__name__}: {str(e)[:200]}") from None
-        etag = None if loc.local else (info.get("ETag") or info.get("etag"))
+        loc, name, info, etag = input_file(url, "tar", self.pattern)
 
         def listed() -> dict:
             try:

@@ -33,6 +33,7 @@ from pipeline.inputs import (
     equal_hashes,
     expand_braces,
     id_problem,
+    input_file,
     llava_record,
 )
 from recipes.imageops import BadImage
@@ -87,21 +88,12 @@ class ParquetFiles(Source):
             raise DatasetError(f"--data-path {pattern!r} names no parquet file")
         with ThreadPoolExecutor(threads) as pool:
             self.listings = list(pool.map(self._listing, urls))
-        counts = np.array([x["rows"] for x in self.listings], dtype=np.int64)
-        self.first = np.r_[0, np.cumsum(counts)]
-        self.records_in_input = int(self.first[-1])
-        self.num_samples = min(self.records_in_input, limit) if limit is not None else self.records_in_input
-        if self.num_samples == 0:
-            raise DatasetError(f"--data-path {pattern!r}: the parquet files hold no row")
+        self.count([x["rows"] for x in self.listings], limit, "the parquet files hold no row")
         self._refuse_duplicate_ids()
 
     def _listing(self, url: str) -> dict:
-        loc, name = _location_of(url)
-        try:
-            info = loc.fs.info(loc.path(name))
-        except FileNotFoundError:
-            raise DatasetError(f"input parquet not found: {url} (of --data-path {self.pattern!r})") from None
-        etag = None if loc.local else (info.get("ETag") or info.get("etag"))
+        """The file's listing, from this machine's cache when the file has not changed, else listed now."""
+        loc, name, info, etag = input_file(url, "parquet", self.pattern)
 
         def listed() -> dict:
             try:
