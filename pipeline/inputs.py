@@ -217,6 +217,21 @@ class Source:
             raise DatasetError(f"--data-path {self.pattern!r}: {empty}")
 
 
+def refuse_repeated_ids(source: Source, sizes: list[int], id_of, way_out: str) -> None:
+    """Two samples under one id would be one sample to every reader: an input of several files (`source.listings`,
+    `sizes` records each, `id_of(file, position)`) whose kept samples repeat an id is refused, naming the first id
+    and both files, as a JSON listing's duplicates are (by 64-bit hashes of the ids; a collision is told apart by
+    the ids themselves)."""
+    where = [(k, pos) for k, n in enumerate(sizes) for pos in range(n)][:source.num_samples]
+    hashes = np.fromiter((_id_hash(id_of(k, pos)) for k, pos in where), dtype=np.uint64, count=len(where))
+    pairs = [(a, b) for a, b in equal_hashes(hashes) if id_of(*where[a]) == id_of(*where[b])]
+    if pairs:
+        (ka, _), (kb, _) = where[pairs[0][0]], where[pairs[0][1]]
+        raise DatasetError(f"--data-path {source.pattern!r}: {len(pairs)} id(s) occur twice, the first "
+                           f"{id_of(*where[pairs[0][0]])!r} in {source.listings[ka]['url']} and in "
+                           f"{source.listings[kb]['url']}; ids must be unique: {way_out}")
+
+
 def input_file(url: str, kind: str, pattern: str) -> tuple[Location, str, dict, str | None]:
     """(its location, its name, its filesystem info, its ETag on object storage) of one input file; DatasetError
     naming it when it is not there or cannot be reached."""
@@ -441,19 +456,8 @@ class TarShards(Source):
         return f"{self.prefixes[k]}/{key}" if self.prefixes[k] else key
 
     def _refuse_duplicate_keys(self) -> None:
-        """Two samples under one id would be one sample to every reader: refused, naming both tars, as a JSON
-        listing's duplicates are (by 64-bit hashes of the ids; a collision is told apart by the ids themselves)."""
-        n = self.num_samples
-        where = [(k, pos) for k in range(len(self.listings)) for pos in range(len(self.listings[k]["samples"]))][:n]
-        hashes = np.fromiter((_id_hash(self._key(k, pos)) for k, pos in where), dtype=np.uint64, count=n)
-        pairs = [(a, b) for a, b in equal_hashes(hashes) if self._key(*where[a]) == self._key(*where[b])]
-        if not pairs:
-            return
-        (ka, _), (kb, _) = where[pairs[0][0]], where[pairs[0][1]]
-        raise DatasetError(
-            f"--data-path {self.pattern!r}: {len(pairs)} sample key(s) occur twice, the first "
-            f"{self._key(*where[pairs[0][0]])!r} in {self.listings[ka]['url']} and in {self.listings[kb]['url']}; ids "
-            f"must be unique: pass --id-prefix tar to prefix each id with its tar's path (docs/extraction.md)")
+        refuse_repeated_ids(self, [len(x["samples"]) for x in self.listings], self._key,
+                            "pass --id-prefix tar to prefix each id with its tar's path (docs/extraction.md)")
 
     def records(self, start: int, stop: int) -> list[Record]:
         out = []

@@ -27,14 +27,13 @@ from pipeline.inputs import (
     DatasetError,
     Record,
     Source,
-    _id_hash,
     _location_of,
     cached_input,
-    equal_hashes,
     expand_braces,
     id_problem,
     input_file,
     llava_record,
+    refuse_repeated_ids,
 )
 from recipes.imageops import BadImage
 
@@ -124,14 +123,7 @@ class ParquetFiles(Source):
         return given if given is not None else f"{PurePosixPath(x['url']).stem}/{row:09d}"
 
     def _refuse_duplicate_ids(self) -> None:
-        where = [(k, row) for k, x in enumerate(self.listings) for row in range(x["rows"])][:self.num_samples]
-        hashes = np.fromiter((_id_hash(self._id(k, r)) for k, r in where), dtype=np.uint64, count=len(where))
-        pairs = [(a, b) for a, b in equal_hashes(hashes) if self._id(*where[a]) == self._id(*where[b])]
-        if pairs:
-            (ka, _), (kb, _) = where[pairs[0][0]], where[pairs[0][1]]
-            raise DatasetError(f"--data-path {self.pattern!r}: {len(pairs)} id(s) occur twice, the first "
-                               f"{self._id(*where[pairs[0][0]])!r} in {self.listings[ka]['url']} and in "
-                               f"{self.listings[kb]['url']}; ids must be unique (--id-column names another column)")
+        refuse_repeated_ids(self, [x["rows"] for x in self.listings], self._id, "--id-column names another column")
 
     def records(self, start: int, stop: int) -> list[Record]:
         out = []
