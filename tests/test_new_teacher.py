@@ -36,32 +36,48 @@ def four_task_store(tmp_path_factory, trainer_dataset, hf_manifest):
                            teachers_yaml=True)
 
 
-def test_the_stored_dino_targets_are_transformers_own_features(four_task_store, hf_manifest, trainer_dataset):
-    """Each valid sample's stored dino target is DINOv2's last_hidden_state without its class and register tokens,
-    computed here with transformers on the recipe's pixels, to the store's fp16."""
+def check_targets(url, manifest, task, dataset, own) -> int:
+    """Each valid sample's stored `task` target equals `own(model output)` for the recipe's pixels, computed here
+    with transformers, within fp16's rounding of the fp32 value; returns how many were checked."""
+    from PIL import Image
     from transformers import AutoModel
 
-    s = store.Store(four_task_store)
-    assert s.tasks == list(FOUR) and s.manifest.tasks["dino"].shape == (576, 32)
-    spec = load_manifest(hf_manifest).teachers["dino"]
-    model = AutoModel.from_pretrained(Path(hf_manifest).parent / "dino").eval()
+    s = store.Store(url)
+    spec = load_manifest(manifest).teachers[task]
+    model = AutoModel.from_pretrained(Path(manifest).parent / task).eval()
     mean, std = torch.tensor(spec.preprocess.mean).view(1, 3, 1, 1), torch.tensor(spec.preprocess.std).view(1, 3, 1, 1)
-    from PIL import Image
-
     checked = 0
-    for r in json.loads(Path(trainer_dataset[0]).read_text()):
+    for r in json.loads(Path(dataset[0]).read_text()):
         sample = s.get(r["id"])
-        if not sample["valid"]["dino"]:
+        if not sample["valid"][task]:
             continue
-        with Image.open(Path(trainer_dataset[1]) / r["image"]) as img:
+        with Image.open(Path(dataset[1]) / r["image"]) as img:
             pixels = preprocess(spec, img.convert("RGB"))
         x = (torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0 - mean) / std
         with torch.no_grad():
-            want = model(pixel_values=x).last_hidden_state[0, 1 + 4:]
-        got = torch.as_tensor(np.asarray(sample["targets"]["dino"], dtype=np.float32))
-        torch.testing.assert_close(got, want, rtol=2 ** -11, atol=1e-5)  # within fp16's rounding of the fp32 value
+            want = own(model(pixel_values=x, output_hidden_states=True))[0]
+        got = torch.as_tensor(np.asarray(sample["targets"][task], dtype=np.float32))
+        torch.testing.assert_close(got, want, rtol=2 ** -11, atol=1e-5)
         checked += 1
-    assert checked >= 20
+    return checked
+
+
+def test_the_stored_dino_targets_are_transformers_own_features(four_task_store, hf_manifest, trainer_dataset):
+    """DINOv2's last_hidden_state without its class and 4 register tokens."""
+    s = store.Store(four_task_store)
+    assert s.tasks == list(FOUR) and s.manifest.tasks["dino"].shape == (576, 32)
+    n = check_targets(four_task_store, hf_manifest, "dino", trainer_dataset, lambda out: out.last_hidden_state[:, 5:])
+    assert n >= 20
+
+
+def test_a_store_of_a_tiny_siglip_teacher(tmp_path, hf_manifest, trainer_dataset):
+    """A second store, from the tiny SigLIP vision tower: its second-to-last layer's 196 patch tokens (no class
+    token)."""
+    from support.reference import reference_store
+
+    url = reference_store(tmp_path / "siglip", trainer_dataset, hf_manifest, tasks=("siglip",), teachers_yaml=True)
+    assert store.Store(url).manifest.tasks["siglip"].shape == (196, 32)
+    assert check_targets(url, hf_manifest, "siglip", trainer_dataset, lambda out: out.hidden_states[-2]) >= 20
 
 
 @pytest.mark.parametrize("tasks", ["[gen,depth,seg,dino]", "[dino]"])
