@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     state = trained_state_bytes(model)
     log(f"trained state per rank: {state['total']:,} bytes (parameters {state['parameters']:,} + gradients "
         f"{state['gradients']:,} + AdamW {state['optimizer']:,}), sharding {cfg.model.sharding}"
-        + (f" over {world} ranks" if run.sharded else " (whole on every rank)" if world > 1 else ""))
+        + (f" over {world} ranks" if run.sharded else " (whole on every rank)" if world > 1 else
+           " (one process: nothing to split)" if cfg.model.sharding == "fsdp" else ""))
     log(f"data: {stream.num_samples:,} usable samples per epoch, global batch {cfg.optim.global_batch_size} = "
         f"{stream.accum} x {cfg.optim.micro_batch_size} x {world} processes, {run.total_steps} steps")
     if run.held_out:
