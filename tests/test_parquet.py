@@ -14,7 +14,8 @@ from helpers import extract, extraction_args
 from PIL import Image
 
 import store
-from pipeline.inputs import DatasetError, open_source
+from pipeline.extract.plan import open_source
+from pipeline.inputs import DatasetError
 from support.reference import reference_store
 
 BROKEN = set(range(5, 1000, 37))  # bytes that are no image

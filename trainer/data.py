@@ -139,3 +139,14 @@ def worker_init(parent: int, worker_id: int) -> None:
     passes functools.partial(worker_init, os.getpid())): a trainer killed by SIGTERM or SIGKILL never leaves a
     worker behind, even one still starting."""
     die_with_parent(parent)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The tensors the model reads, on the device (non-blocking from pinned memory), plus where the micro-batch
+    sits in its global batch."""
+    out = {k: batch[k].to(device, non_blocking=True)
+           for k in ("pixels", "has_image", "prefix_ids", "text_ids", "text_mask", "text_labels") if k in batch}
+    out["targets"] = {t: x.to(device, non_blocking=True) for t, x in batch["targets"].items()}
+    out["valid"] = {t: v.to(device, non_blocking=True) for t, v in batch["valid"].items()}
+    out["row_offset"] = batch["row_offset"]
+    return out

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from store import TargetStream
+from trainer.data import to_device
 from trainer.loss import step_negatives
 
 
@@ -39,8 +40,6 @@ class HeldOut:
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device, autocast) -> dict[str, float]:
         """{term: mean over the held-out micro-batches} (every rank gets the same figures)."""
-        from trainer.loop import to_device
-
         sums: dict[str, torch.Tensor] = {}
         for i in range(self.rounds):
             counted = i < len(self.mine)

@@ -20,7 +20,7 @@ from store import loader, refuse_inside_store
 from trainer.build import PTRun, Trainable
 from trainer.checkpoint import Checkpointer, CheckpointError, PlainRNG, TorchRNG, latest
 from trainer.config import saved
-from trainer.data import die_with_parent, worker_init
+from trainer.data import die_with_parent, to_device, worker_init
 from trainer.errors import USER_ERRORS, TrainerError
 from trainer.runlog import RunLog
 from trainer.sharding import OptimizerState, clip_sharded
@@ -127,17 +127,6 @@ def check_usable(step: int, micro: list[dict]) -> None:
         raise TrainerError(f"step {step + 1}: none of this process's {unusable} samples has an image the "
                            f"trainer can use ({first}), though extraction decoded them: is the image "
                            f"decoder (Pillow) of this machine another than the store's?")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The tensors the model reads, on the device (non-blocking from pinned memory), plus where the micro-batch
-    sits in its global batch."""
-    out = {k: batch[k].to(device, non_blocking=True)
-           for k in ("pixels", "has_image", "prefix_ids", "text_ids", "text_mask", "text_labels") if k in batch}
-    out["targets"] = {t: x.to(device, non_blocking=True) for t, x in batch["targets"].items()}
-    out["valid"] = {t: v.to(device, non_blocking=True) for t, v in batch["valid"].items()}
-    out["row_offset"] = batch["row_offset"]
-    return out
 
 
 def clip_gradients(params, max_norm: float | None) -> torch.Tensor:
