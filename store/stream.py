@@ -2,8 +2,12 @@
 any filesystem, resumable in O(1) and elastic.
 
     global position -> (rank, micro-batch, DataLoader worker) by fixed arithmetic
-    -> table rows -> coalesced byte ranges of the tars (one request per contiguous run; concurrent on S3)
+    -> table rows -> coalesced byte ranges of the tars (one request per contiguous run; concurrent on S3), of
+       the members a row needs: its json and image, and the tasks the stream reads (store.index's task columns)
     -> raw samples (keys checked against the order) -> decode -> map_fn -> collate_fn -> one micro-batch
+
+Several stores (`store_or_path` a list, `weights` their shares) are one table and one order (store.order
+`mix_tables`); each row knows its store, which reads it, and each sample carries it ("store").
 
 Global batch k is positions [k*G, (k+1)*G). It is cut into G / m micro-batches of m positions; rank r of W
 takes micro-batches r*A .. (r+1)*A - 1 (A = G / (m*W), its gradient-accumulation steps), and DataLoader worker
