@@ -30,7 +30,7 @@ def run(s: Settings) -> int:
     for w in plan.source.warnings():
         print(w, flush=True)
     manifest = load_manifest(s.teachers_manifest, fidelity=s.fidelity)
-    s.tasks = list(manifest.teachers) if s.tasks is None else ordered_tasks(s.tasks)
+    s.tasks = s.task_list()  # --tasks, or every teacher of the manifest
     manifest.select(s.tasks)
     existing = preflight.existing_store(s.store_shape, plan, manifest)
     for w in image_library_warnings(existing and existing.manifest, image_libraries(), "the driver"):

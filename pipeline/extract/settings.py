@@ -51,15 +51,22 @@ class Settings:
     caption_column: str | None = None
     id_column: str | None = None
 
+    def task_list(self) -> list[str]:
+        """The tasks asked, in the canonical order: --tasks, or (None) every teacher of the manifest."""
+        from recipes.manifest import load_manifest, ordered_tasks
+
+        if self.tasks is None:
+            return list(load_manifest(self.teachers_manifest, fidelity=self.fidelity).teachers)
+        return ordered_tasks(self.tasks)
 
     @property
     def store_shape(self) -> StoreShape:
-        return StoreShape(self.output, tuple(self.tasks), self.shard_size, tuple(self.formats), self.encoding,
+        return StoreShape(self.output, tuple(self.task_list()), self.shard_size, tuple(self.formats), self.encoding,
                           self.zarr_compression)
 
     @property
     def cluster_ask(self) -> ClusterAsk:
-        return ClusterAsk(tuple(self.tasks), self.actors, self.gpus_per_actor, self.cpus_per_actor, self.decode_cpus,
+        return ClusterAsk(tuple(self.task_list()), self.actors, self.gpus_per_actor, self.cpus_per_actor, self.decode_cpus,
                           self.dtype, self.torch_threads, self.batch_size, self.prefetch, self.max_writers,
                           self.resize_on)
 
