@@ -35,7 +35,7 @@ def _rank_main(rank: int, world: int, port: int, sharding: str, over: dict, work
     import torch.distributed as dist
 
     from benchmarks import vlora_step
-    from trainer.build import trainable
+    from trainer.build import PTRun, trainable
     from trainer.loop import train_step
     from trainer.sharding import local, shard_trained, trained_state_bytes
 
@@ -51,7 +51,7 @@ def _rank_main(rank: int, world: int, port: int, sharding: str, over: dict, work
     run = trainable(cfg, model, device, torch.float32, total_steps=10)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not sharded else model
     if sharded:
-        run = type("Run", (), {**vars(run), "sharded": sharded, "trainable": run.trainable})()
+        run = PTRun(**vars(run), sharded=sharded)
     batch = vlora_step.batch_for(layout, 1, 8, shapes, [], device)
     train_step(run, [batch], net)  # AdamW's moments exist after a step
     net(batch)[0].backward()  # and the gradients after a backward (the step sets them to None)

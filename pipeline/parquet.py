@@ -212,9 +212,12 @@ def read_images(ats: list[tuple]) -> list:
     groups: dict[tuple, list[int]] = {}
     for k, (_, url, g, _, column) in enumerate(ats):
         groups.setdefault((url, g, column), []).append(k)
+    files: dict[str, object] = {}
     for (url, g, column), ks in groups.items():
         try:
-            values = _open(url).read_row_group(g, columns=[column]).column(0).to_pylist()
+            if url not in files:
+                files[url] = _open(url)
+            values = files[url].read_row_group(g, columns=[column]).column(0).to_pylist()
         except Exception as e:  # the file gone or changed since its listing
             for k in ks:
                 out[k] = BadImage(f"image unreadable in {url} (row group {g}): {type(e).__name__}: {str(e)[:200]}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from recipes.manifest import TeacherSpec
 from teachers.base import Teacher
-from teachers.weights import WeightsNotFound, _source, _wrap, load_model
+from teachers.weights import load_auto_config, load_model, tensors_sha256
 
 TOKENS = ("patch", "cls", "all")
 
@@ -83,19 +83,7 @@ class HFVisionTeacher(Teacher):
     def load(cls, spec: TeacherSpec, device="cpu", dtype=torch.float32):
         """AutoConfig from the weights (a model that needs its own code is refused), its vision part built and
         filled from the checkpoint (a full vision-language checkpoint: its vision tensors, under their prefix)."""
-        from transformers import AutoConfig
-
-        from teachers.weights import tensors_sha256
-
-        src, kw = _source(spec.weights, spec.task)
-        try:
-            config = AutoConfig.from_pretrained(src, trust_remote_code=False, **kw)
-        except (OSError, ValueError) as e:
-            if "custom code" in str(e) or "trust_remote_code" in str(e):
-                raise WeightsNotFound(f"teacher '{spec.task}': {spec.weights.describe()} needs its own model code "
-                                      f"(trust_remote_code), which olaf never runs: choose a model transformers "
-                                      f"has (hf_vision loads it with AutoModel)") from None
-            raise _wrap(spec.weights, spec.task, e) from None
+        config = load_auto_config(spec.weights, spec.task)
         model_cls, sub = cls.module_config(config, spec)
         part = sub is not config
         model = load_model(model_cls, sub, spec.weights, spec.task, _vision_prefix(model_cls) if part else "", part)
@@ -161,5 +149,3 @@ def _vision_prefix(model_cls) -> str:
     already start there (SAM's vision encoder)."""
     return {"SamVisionModel": "vision_encoder."}.get(model_cls.__name__, "")
 
-
-__all__ = ["HFVisionTeacher", "WeightsNotFound", "parse_feature", "vision_class"]

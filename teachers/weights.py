@@ -75,6 +75,22 @@ def load_config(config_cls, ref: WeightsRef, task: str):
     return config_cls.from_dict(config_dict)
 
 
+def load_auto_config(ref: WeightsRef, task: str):
+    """The checkpoint's config, whatever its class (transformers' AutoConfig); a model that needs its own code is
+    refused: olaf never runs a checkpoint's code (trust_remote_code)."""
+    from transformers import AutoConfig
+
+    src, kw = _source(ref, task)
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=False, **kw)
+    except (OSError, ValueError) as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise WeightsNotFound(f"teacher '{task}': {ref.describe()} needs its own model code (trust_remote_code), "
+                                  f"which olaf never runs: choose a model transformers has (hf_vision loads it with "
+                                  f"AutoModel)") from None
+        raise _wrap(ref, task, e) from None
+
+
 def load_model(model_cls, config, ref: WeightsRef, task: str, prefix: str = "", part: bool = False):
     """`model_cls` built from `config` and filled from the checkpoint tensors under `prefix`; `part`: the checkpoint
     holds more than this module (a vision-language model's vision part) even without a prefix.

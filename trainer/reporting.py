@@ -36,7 +36,7 @@ class TensorBoard:
 class WandB:
     name = "wandb"
 
-    def __init__(self, out: Path, project: str, config: dict, step: int):
+    def __init__(self, out: Path, project: str, config: dict):
         import wandb
 
         id_file = out / "wandb-run-id"
@@ -44,7 +44,6 @@ class WandB:
         self.run = wandb.init(project=project, name=out.resolve().name, id=run_id, resume="allow", dir=str(out),
                               config=config, settings=wandb.Settings(console="off", silent=True))
         id_file.write_text(run_id + "\n")
-        self.start = step
 
     def scalars(self, figures: dict, step: int) -> None:
         self.run.log(figures, step=step)
@@ -56,12 +55,12 @@ class WandB:
         wandb.teardown()  # its process-wide state goes too: a later run in this process starts from the environment
 
 
-def open_reporters(names: list[str], out: Path, project: str, config: dict, step: int, log) -> list:
+def open_reporters(names: list[str], out: Path, project: str, config: dict, log) -> list:
     """The reporters of `names` that start; each that does not is one line (why, and that the run goes on)."""
     out_list = []
     for name in names:
         try:
-            out_list.append(TensorBoard(out) if name == "tensorboard" else WandB(out, project, config, step))
+            out_list.append(TensorBoard(out) if name == "tensorboard" else WandB(out, project, config))
         except ImportError as e:
             extra = "pip install 'olaf[wandb]'" if name == "wandb" else "pip install tensorboard"
             log(f"note: {name} is not installed ({e.name}): no {name} logs for this run ({extra}); logs/*.jsonl "

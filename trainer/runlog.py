@@ -43,7 +43,7 @@ class RunLog:
         self.samples_file = open(self.logs / "samples.jsonl", "a")  # noqa: SIM115  (closed in close())
         names = [n for n in self.cfg.run.report_to if n != "tensorboard" or self.cfg.run.tensorboard]
         config = {**saved(self.cfg), "stores": self.stream.mix_info}
-        self.reporters = open_reporters(names, out, self.cfg.run.wandb_project, config, step, log)
+        self.reporters = open_reporters(names, out, self.cfg.run.wandb_project, config, log)
 
     def _reset(self) -> None:
         self.t0 = time.perf_counter()
